@@ -1,0 +1,384 @@
+"""The job configuration: one dataclass per section, every field typed, defaulted and documented.
+
+The docstring right under a field is what ``--help`` prints for it. ``Literal`` types list the
+valid choices; the loader checks them before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class Job:
+    dump_folder: str = "./outputs"
+    """Root of all run folders; a run writes into ``<dump_folder>/<name>/``."""
+
+    name: str = "run"
+    """Run name: the run folder under ``dump_folder``."""
+
+    description: str = ""
+    """Free text saved with the run."""
+
+    seed: int = 0
+    """Seed for weight init, data order and every RNG; the same seed gives the same run."""
+
+    custom_import: list[str] = field(default_factory=list)
+    """Python modules (dotted names or ``.py`` paths) imported before anything is built, so that
+    they can register their own families, activations or data sources."""
+
+    deterministic: bool = False
+    """Ask PyTorch for deterministic algorithms (slower on GPU)."""
+
+
+@dataclass
+class Model:
+    name: str = "clt"
+    """Registered family: ``clt``, ``plt`` (and whatever ``job.custom_import`` registers)."""
+
+    activation: str = "jumprelu"
+    """Activation function: ``relu``, ``jumprelu``, ``topk``, ``batchtopk`` (or a registered one)."""
+
+    features_per_layer: int = 4096
+    """Dictionary features per layer (F)."""
+
+    k: int = 32
+    """Active features per token and layer for ``topk`` / ``batchtopk`` (BatchTopK keeps k·B per
+    layer, or k·B·L across layers)."""
+
+    batchtopk_scope: Literal["layer", "all"] = "layer"
+    """BatchTopK selection per layer (``layer``) or jointly across all layers (``all``)."""
+
+    jumprelu_threshold_init: float = 0.03
+    """Initial JumpReLU threshold θ (in standardized pre-activation units)."""
+
+    jumprelu_bandwidth: float = 0.1
+    """Width ε of the rectangle kernel used by JumpReLU's straight-through estimator."""
+
+    threshold_ema_decay: float = 0.99
+    """EMA decay of the TopK/BatchTopK inference threshold (the smallest selected pre-activation)."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the dictionary's parameters (the optimizer keeps fp32 master weights via FSDP
+    mixed precision on GPU)."""
+
+    decoder_init_norm: float = 0.0
+    """Norm of each feature's initial decoder row; 0 picks the family default."""
+
+    tied_init: bool = True
+    """Initialize the encoder as the transpose of the decoder."""
+
+
+@dataclass
+class Loss:
+    lambda_sparsity: float = 1e-3
+    """Coefficient λ of the sparsity term (final value, reached after the warm-up)."""
+
+    sparsity: Literal["tanh", "l1", "none"] = "tanh"
+    """Sparsity penalty: Σ tanh(c·a·‖W_dec‖), plain decoder-norm weighted L1, or none (TopK)."""
+
+    tanh_c: float = 4.0
+    """Scale c inside the tanh penalty."""
+
+    decoder_norm: Literal["concat", "sum"] = "concat"
+    """How a CLT feature's decoder norm is taken over its targets: norm of the concatenation, or
+    sum of per-target norms."""
+
+    lambda_warmup_steps: int = 0
+    """Steps over which λ ramps linearly from 0 to ``lambda_sparsity``."""
+
+    lambda_preact: float = 0.0
+    """Coefficient of the pre-activation loss Σ ReLU(θ − h)·‖W_dec‖ that revives dead features."""
+
+    auxk_alpha: float = 0.0
+    """Coefficient of the AuxK loss (0 disables it)."""
+
+    auxk_k: int = 512
+    """Dead features used by AuxK per token."""
+
+    dead_after_tokens: int = 10_000_000
+    """A feature that has not fired for this many tokens counts as dead."""
+
+
+@dataclass
+class Data:
+    source: str = "stream"
+    """Where activations come from: ``stream`` (LLM forward on text), ``cache`` (activation cache
+    on disk), ``synthetic`` (random, for benchmarks)."""
+
+    model_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """LLM to read activations from: a hub name or a local folder (``gguf:PATH`` loads a GGUF file,
+    converted once into a cached safetensors folder)."""
+
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """LLM dtype: ``auto`` is bf16 on GPU and fp32 on CPU."""
+
+    dataset: str = "shakespeare"
+    """Text: a Hugging Face dataset name (streamed), a local file, folder or glob (txt, jsonl,
+    parquet), or ``shakespeare`` for the plays the demo package ships."""
+
+    dataset_config: str = ""
+    """Hugging Face dataset config name, if it has several."""
+
+    dataset_split: str = "train"
+    """Dataset split to read."""
+
+    text_field: str = "text"
+    """Column / JSON key holding the text."""
+
+    seq_len: int = 128
+    """Tokens per context window (including the BOS token, which is never trained on)."""
+
+    hook_in: Literal["resid_mid", "mlp_in", "mlp_out", "resid_post"] = "resid_mid"
+    """Hook point read as the dictionary's input."""
+
+    hook_out: Literal["resid_mid", "mlp_in", "mlp_out", "resid_post"] = "mlp_out"
+    """Hook point read as the dictionary's target."""
+
+    layers: list[int] = field(default_factory=list)
+    """LLM layers the dictionary covers (empty: all); the forward stops after the last one."""
+
+    llm_batch_size: int = 8
+    """Contexts per LLM forward."""
+
+    buffer_tokens: int = 65_536
+    """Activation rows the shuffle buffer holds; each refill is shuffled and drained."""
+
+    buffer_passes: int = 1
+    """Times each refill is drained (reshuffled each time) before the next: >1 reuses extracted
+    activations, trading freshness for speed when extraction is the bottleneck."""
+
+    buffer_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the shuffle buffer lives: ``auto`` is the training device."""
+
+    num_workers: int = 0
+    """DataLoader worker processes for tokenization."""
+
+    cache_dir: str = ""
+    """Activation cache folder for ``source = "cache"``."""
+
+    synthetic_n_layers: int = 4
+    """``synthetic`` source: layers."""
+
+    synthetic_d_model: int = 256
+    """``synthetic`` source: width."""
+
+
+@dataclass
+class Standardize:
+    inputs: Literal["none", "scalar", "per_dim"] = "none"
+    """Standardize inputs per layer by a scalar or per dimension."""
+
+    targets: Literal["none", "scalar", "per_dim"] = "none"
+    """Standardize targets per layer by a scalar or per dimension."""
+
+    estimate_tokens: int = 65_536
+    """Tokens used to estimate the statistics before step 1."""
+
+
+@dataclass
+class Training:
+    steps: int = 1000
+    """Optimizer steps."""
+
+    batch_size: int = 4096
+    """Tokens (activation rows) per optimizer step."""
+
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (``batch_size`` is split between them)."""
+
+    max_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype of the dictionary's forward: ``auto`` is bf16 on GPU and fp32 on CPU."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Training device; ``auto`` picks CUDA when available."""
+
+    compile: bool = False
+    """``torch.compile`` the dictionary's forward."""
+
+
+@dataclass
+class Optimizer:
+    name: Literal["adamw", "adam"] = "adamw"
+    """Optimizer."""
+
+    lr: float = 2e-4
+    """Peak learning rate."""
+
+    beta1: float = 0.9
+    """Adam β1."""
+
+    beta2: float = 0.999
+    """Adam β2."""
+
+    eps: float = 1e-8
+    """Adam ε."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+
+    fused: Literal["auto", "true", "false"] = "auto"
+    """Fused AdamW kernel (``auto``: on wherever supported)."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 0
+    """Linear warm-up steps from ``warmup_start_factor``·lr."""
+
+    warmup_start_factor: float = 0.0
+    """Learning-rate factor at step 0 of the warm-up."""
+
+    decay_type: Literal["constant", "linear", "cosine"] = "linear"
+    """Shape of the decay that ends the run."""
+
+    decay_ratio: float = 0.2
+    """Fraction of the steps spent decaying at the end (warmup-stable-decay); 1.0 decays throughout."""
+
+    min_lr_factor: float = 0.0
+    """Learning-rate factor reached at the last step."""
+
+
+@dataclass
+class Parallelism:
+    dp_replicate: int = 1
+    """Data-parallel replicas (HSDP's outer dimension)."""
+
+    dp_shard: int = -1
+    """FSDP shard degree; -1 takes every rank left over after ``dp_replicate`` and ``tp``."""
+
+    tp: int = 1
+    """Tensor-parallel degree: features are sharded over it."""
+
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
+    """FSDP2 reshard policy after forward."""
+
+    mixed_precision_param: Literal["float32", "bfloat16"] = "bfloat16"
+    """FSDP2 parameter dtype during compute on GPU."""
+
+    mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
+    """FSDP2 gradient reduction dtype."""
+
+    timeout_s: int = 600
+    """Collective timeout in seconds."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = True
+    """Save distributed checkpoints and resume from the latest complete one."""
+
+    folder: str = "checkpoints"
+    """Checkpoint folder inside the run folder."""
+
+    interval: int = 500
+    """Save every this many steps (and at the end)."""
+
+    keep_latest_k: int = 3
+    """Complete checkpoints to keep (0 keeps all)."""
+
+    async_mode: Literal["disabled", "async"] = "disabled"
+    """Write checkpoints in a background thread."""
+
+    load_step: int = -1
+    """Step to resume from; -1 takes the latest complete checkpoint."""
+
+    fresh_start: bool = False
+    """Ignore existing checkpoints and start from step 0."""
+
+    export: bool = True
+    """Write the native export (``export/``) at the end of the run."""
+
+    export_circuit_tracer: bool = False
+    """Also write a circuit-tracer folder (``circuit_tracer/``) at the end."""
+
+    export_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of exported weights."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Log every this many steps."""
+
+    enable_tensorboard: bool = True
+    """Write TensorBoard events under ``tb/``."""
+
+    save_jsonl: bool = True
+    """Append one JSON object per logged step to ``metrics.jsonl``."""
+
+    per_layer: bool = True
+    """Include per-layer lists (FVU, L0) in the logged metrics."""
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = False
+    """Record ``torch.profiler`` traces."""
+
+    profile_freq: int = 100
+    """Record a window every this many steps."""
+
+    profile_active: int = 3
+    """Steps recorded in each window."""
+
+    profile_warmup: int = 1
+    """Profiler warm-up steps before each window."""
+
+    save_traces_folder: str = "profile_traces"
+    """Trace folder inside the run folder."""
+
+    enable_memory_snapshot: bool = False
+    """Dump a CUDA memory snapshot (pickle for pytorch.org/memory_viz) every ``profile_freq`` steps."""
+
+    save_memory_snapshot_folder: str = "memory_snapshot"
+    """Memory snapshot folder inside the run folder."""
+
+
+@dataclass
+class Kernels:
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    """Kernel implementation: Triton where a GPU is present (``auto``), or the torch fallback."""
+
+    sparse_density_threshold: float = 0.05
+    """Above this fraction of active features the decoder runs dense."""
+
+
+@dataclass
+class Eval:
+    every: int = 0
+    """Evaluate the replacement model every this many steps (0: only at the end, if enabled)."""
+
+    enable: bool = False
+    """Run the replacement-model evaluation at the end of training."""
+
+    dataset: str = ""
+    """Held-out text (defaults to ``data.dataset`` with a different split / skip)."""
+
+    tokens: int = 16_384
+    """Tokens evaluated."""
+
+    batch_size: int = 8
+    """Contexts per evaluation forward."""
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    loss: Loss = field(default_factory=Loss)
+    data: Data = field(default_factory=Data)
+    standardize: Standardize = field(default_factory=Standardize)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
+    kernels: Kernels = field(default_factory=Kernels)
+    eval: Eval = field(default_factory=Eval)
