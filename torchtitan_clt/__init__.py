@@ -1,0 +1,24 @@
+"""torchtitan_clt: a TorchTitan-style trainer for crosslayer transcoders, transcoders and SAEs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from torchtitan_clt.protocols.transcoder import Transcoder
+
+
+def load_pretrained(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transcoder:
+    """Load a native export folder (``outputs/<job>/export``) as a ``Transcoder`` in eval mode.
+
+    ``model.encode(x)`` / ``model.decode(acts)`` / ``model(x)`` take and give raw activations,
+    ``x  # [N, n_layers, d_in]``. Imports torch lazily so that ``import torchtitan_clt`` stays light.
+    """
+    from torchtitan_clt.checkpoint.export import load_pretrained as _load
+
+    return _load(path, device=device, dtype=dtype)
+
+
+__all__ = ["load_pretrained"]

@@ -167,10 +167,10 @@ class Data:
 
 @dataclass
 class Standardize:
-    inputs: Literal["none", "scalar", "per_dim"] = "none"
+    inputs: Literal["none", "scalar", "per_dim"] = "scalar"
     """Standardize inputs per layer by a scalar or per dimension."""
 
-    targets: Literal["none", "scalar", "per_dim"] = "none"
+    targets: Literal["none", "scalar", "per_dim"] = "scalar"
     """Standardize targets per layer by a scalar or per dimension."""
 
     estimate_tokens: int = 65_536

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Launch training through torchrun, one node or many.
+#   ./run_train.sh                                  the CPU demo (train_configs/demo_smollm2_clt.toml)
+#   ./run_train.sh --config FILE [--section.field=value ...]
+#   NGPU=8 NNODES=4 NODE_RANK=0 MASTER_ADDR=host0 ./run_train.sh --config train_configs/clt_8b.toml
+# Environment: NGPU (processes per node, default 1), NNODES (default 1), NODE_RANK (default 0),
+# MASTER_ADDR / MASTER_PORT (rendezvous, default localhost:29500), RDZV_ID (job id for rendezvous),
+# PYTHON (interpreter; default .venv/bin/python when present).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-}
+if [[ -z $PYTHON ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if ! "$PYTHON" -c "import torchtitan_clt" 2>/dev/null; then
+  echo "torchtitan_clt is not installed for $PYTHON: run scripts/setup.sh first." >&2
+  exit 1
+fi
+
+args=("$@")
+has_config=0
+for a in "${args[@]+"${args[@]}"}"; do
+  case $a in --config|--config=*|--help|-h) has_config=1;; esac
+done
+[[ $has_config == 1 ]] || args=(--config "${CONFIG_FILE:-train_configs/demo_smollm2_clt.toml}" "${args[@]+"${args[@]}"}")
+
+NGPU=${NGPU:-1}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+if [[ $NNODES == 1 ]]; then
+  rdzv=(--standalone)
+else
+  rdzv=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d
+        --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-torchtitan_clt}")
+fi
+
+export PYTHONUNBUFFERED=1
+exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NGPU" "${rdzv[@]}" \
+  --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
+  -m torchtitan_clt.train "${args[@]}"

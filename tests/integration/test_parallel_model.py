@@ -1,0 +1,170 @@
+"""parallelize_fn alone (no trainer): a CLT / PLT on a gloo mesh trains like one process.
+
+Each layout runs as ``torchrun --standalone`` on this file. Every rank builds the sharded model on
+the meta device (parallelize -> to_empty -> init_weights, the trainer's order) *and* a one-process
+reference with the same seed; both take 6 AdamW steps on the same global batches (the sharded model
+on its data-parallel slice). The losses of each step and the final whole weights must agree.
+
+Tolerance: 2e-5 relative on losses and 1e-4 absolute on weights (after 6 Adam steps of lr 1e-2),
+from fp32 reordering only (the tp partial sums and the FSDP gradient average add in a different
+order than one matmul); a wrong reduction (a missing or doubled all-reduce, a local BatchTopK) is
+off by O(1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[2]
+
+LAYOUTS = {  # name: (nproc, dp_replicate, dp_shard, tp)
+    "dp2": (2, 1, 2, 1),
+    "tp2": (2, 1, 1, 2),
+    "dp2xtp2": (4, 1, 2, 2),
+    "hsdp2x2": (4, 2, 2, 1),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_layout(tmp_path: Path, layout: str, family: str, activation: str, scope: str = "all") -> dict:
+    nproc, *_ = LAYOUTS[layout]
+    out = tmp_path / f"{layout}_{family}_{activation}.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+        str(HERE), layout, family, activation, scope, str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+CASES = [
+    ("dp2xtp2", "clt", "batchtopk", "all"),
+    ("dp2xtp2", "clt", "jumprelu", "all"),
+    ("tp2", "clt", "batchtopk", "layer"),
+    ("tp2", "clt", "topk", "all"),
+    ("dp2", "plt", "batchtopk", "layer"),
+    ("hsdp2x2", "clt", "relu", "all"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,family,activation,scope", CASES)
+def test_sharded_training_matches_one_process(tmp_path, layout, family, activation, scope):
+    res = _run_layout(tmp_path, layout, family, activation, scope)
+    ref, got = res["ref_losses"], res["losses"]
+    assert len(got) == len(ref) == STEPS
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), f"step {step}: {a} vs one-process {b}"
+    assert res["max_weight_diff"] < 1e-4, res
+    assert res["weights_moved"] > 1e-3  # the comparison is not between two untouched inits
+    if activation in ("batchtopk", "topk"):
+        assert res["threshold_diff"] < 1e-5, res
+
+
+# ---------------------------------------------------------------------------------------------
+# worker (runs under torchrun)
+
+STEPS = 6
+L, D, F, B, K = 3, 8, 16, 24, 3
+
+
+def _worker(layout: str, family: str, activation: str, scope: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from torchtitan_clt.config import JobConfig
+    from torchtitan_clt.distributed import init_distributed
+    from torchtitan_clt.distributed.tensor_parallel import TPLossFn, tp_group_of
+    from torchtitan_clt.distributed.utils import clip_grad_norm_
+    from torchtitan_clt.models import build_loss_fn
+    from torchtitan_clt.protocols import model_registry
+    from torchtitan_clt.protocols.transcoder import TranscoderArgs
+
+    _, R, S, T = LAYOUTS[layout]
+    cfg = JobConfig()
+    cfg.training.device = "cpu"
+    cfg.parallelism.dp_replicate, cfg.parallelism.dp_shard, cfg.parallelism.tp = R, S, T
+    cfg.model.name, cfg.model.activation, cfg.model.k, cfg.model.batchtopk_scope = family, activation, K, scope
+    cfg.loss.lambda_sparsity = 0.01
+    dims = init_distributed(cfg)
+    args = TranscoderArgs(
+        family=family, n_layers=L, d_in=D, d_out=D, features_per_layer=F, activation=activation, k=K,
+        batchtopk_scope=scope, jumprelu_threshold_init=0.05, jumprelu_bandwidth=0.5,
+    )  # fmt: skip
+    spec = model_registry.get(family)
+    ref = spec.build_fn(args)
+    ref.init_weights(seed=7)
+    with torch.device("meta"):
+        model = spec.build_fn(args)
+    model = spec.parallelize_fn(model, dims, cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=7)
+
+    loss_fn = build_loss_fn(cfg)
+    tp_loss_fn = TPLossFn(loss_fn, tp_group_of(model))
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(L, D, D, generator=gen) / D**0.5
+    losses, ref_losses = [], []
+    n_local = B // dims.dp_degree
+    lo = dims.dp_rank * n_local
+    for step in range(STEPS):
+        x = torch.randn(B, L, D, generator=gen)
+        y = torch.einsum("bld,lde->ble", torch.relu(x), mix)
+        out_ref = ref.forward_std(x)
+        loss_ref, _ = loss_fn(ref, out_ref, y, step)
+        opt_ref.zero_grad()
+        loss_ref.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt_ref.step()
+        ref_losses.append(loss_ref.item())
+
+        out = model.forward_std(x[lo : lo + n_local])
+        loss, terms = tp_loss_fn(model, out, y[lo : lo + n_local], step)
+        opt.zero_grad()
+        loss.backward()
+        clip_grad_norm_(list(model.parameters()), 1.0)
+        opt.step()
+        t = loss.detach().clone()
+        dist.all_reduce(t)  # tp ranks hold the same value; mean over all ranks = mean over dp
+        losses.append(t.item() / dist.get_world_size())
+
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
+    init = spec.build_fn(args)
+    init.init_weights(seed=7)
+    ref_sd, init_sd = dict(ref.named_parameters()), dict(init.named_parameters())
+    max_diff = max((full[n] - ref_sd[n]).abs().max().item() for n in ref_sd)
+    moved = max((ref_sd[n] - init_sd[n]).abs().max().item() for n in ref_sd)
+    thr_diff = 0.0
+    if isinstance(getattr(ref.activation, "threshold", None), torch.Tensor):
+        thr_diff = (model.activation.threshold - ref.activation.threshold).abs().max().item()
+    if dist.get_rank() == 0:
+        Path(out).write_text(
+            json.dumps(
+                {"losses": losses, "ref_losses": ref_losses, "max_weight_diff": max_diff,
+                 "weights_moved": moved, "threshold_diff": thr_diff}
+            )
+        )  # fmt: skip
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:6])

@@ -1,0 +1,136 @@
+"""The trainer end to end from the command line: runs, artifacts, bad input, user extensions."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchtitan_clt
+from torchtitan_clt.train import main
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG = str(ROOT / "train_configs" / "debug_model.toml")
+CUSTOM = str(Path(__file__).with_name("custom_family.py"))
+
+
+def _run(tmp_path, *overrides, config=DEBUG):
+    return main(["--config", config, f"--job.dump_folder={tmp_path}", *overrides])
+
+
+def _metrics(tmp_path, name):
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_debug_run_trains_logs_and_exports(tmp_path):
+    assert _run(tmp_path, "--training.steps=40", "--checkpoint.enable=false") == 0
+    run = tmp_path / "debug_model"
+    rows = _metrics(tmp_path, "debug_model")
+    assert rows[0]["step"] == 1 and rows[-1]["step"] == 40
+    for key in ("loss", "loss_recon", "loss_sparsity", "fvu", "l0", "dead_frac", "lr", "tokens_per_s", "tokens"):
+        assert key in rows[-1], key
+    assert len(rows[-1]["fvu_per_layer"]) == 4 and len(rows[-1]["l0_per_layer"]) == 4
+    assert rows[-1]["fvu"] < rows[0]["fvu"], "training should reduce FVU"
+    assert rows[-1]["tokens"] == 40 * 256
+    assert (run / "config.toml").is_file()
+    assert any((run / "tb").iterdir())
+    # The export reloads through the public API and reproduces the trained model in raw units.
+    model = torchtitan_clt.load_pretrained(run / "export")
+    x = torch.randn(5, 4, 64)
+    y = model(x)
+    assert y.shape == (5, 4, 64) and torch.isfinite(y).all()
+    acts = model.encode(x)
+    assert acts.shape == (5, 4, 128)
+    torch.testing.assert_close(model.decode(acts), y)
+
+
+def test_resolved_config_reloads(tmp_path):
+    assert _run(tmp_path, "--training.steps=2", "--model.k=7", "--checkpoint.enable=false") == 0
+    from torchtitan_clt.config import load_config
+
+    cfg = load_config(["--config", str(tmp_path / "debug_model" / "config.toml")])
+    assert cfg.model.k == 7 and cfg.training.steps == 2
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model.features=3"], "Unknown field in [model] 'features'"),
+        (["--modle.k=3"], "Unknown config section 'modle'"),
+        (["--training.steps=ten"], "training.steps expects an integer"),
+        (["--model.batchtopk_scope=everything"], "choose one of 'layer', 'all'"),
+        (["--model.name=nosuch"], "model.name = 'nosuch' is not a registered model family"),
+        (["--model.activation=nosuch"], "model.activation = 'nosuch'"),
+        (["--data.dataset=/no/such/file.txt"], "/no/such/file.txt"),
+        (["--data.layers=0,9"], "9"),
+    ],
+)
+def test_bad_input_stops_with_a_message(tmp_path, caplog, capsys, args, needle):
+    assert _run(tmp_path, *args) == 2
+    out = caplog.text + capsys.readouterr().err
+    assert needle in out, out
+    # Nothing was trained: no metrics were written.
+    assert not (tmp_path / "debug_model" / "metrics.jsonl").exists()
+
+
+def test_missing_config_file(tmp_path, caplog):
+    assert main(["--config", str(tmp_path / "nope.toml")]) == 2
+    assert "does not exist" in caplog.text
+
+
+def test_nan_loss_stops_with_step_and_term(tmp_path, caplog):
+    rc = _run(
+        tmp_path,
+        f"--job.custom_import={CUSTOM}",
+        "--data.source=toy_nan",
+        "--training.steps=10",
+        "--checkpoint.enable=false",
+    )
+    assert rc == 3
+    assert "Non-finite loss at step 4" in caplog.text and "recon" in caplog.text
+
+
+def test_user_family_activation_and_source_from_config(tmp_path):
+    rc = _run(
+        tmp_path,
+        f"--job.custom_import={CUSTOM}",
+        "--model.name=tied_sae",
+        "--model.activation=squared_relu",
+        "--model.features_per_layer=32",
+        "--data.source=toy",
+        "--training.steps=60",
+        "--training.batch_size=64",
+        "--loss.lambda_sparsity=0",
+        "--optimizer.lr=3e-3",
+        "--checkpoint.enable=false",
+        "--checkpoint.export=false",
+    )
+    assert rc == 0
+    rows = _metrics(tmp_path, "debug_model")
+    assert rows[-1]["fvu"] < 0.5 * rows[0]["fvu"]
+
+
+def test_help_lists_every_field():
+    out = subprocess.run(
+        [sys.executable, "-m", "torchtitan_clt.train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    import dataclasses
+
+    from torchtitan_clt.config.job_config import JobConfig
+
+    for sec in dataclasses.fields(JobConfig):
+        for f in dataclasses.fields(getattr(JobConfig(), sec.name)):
+            assert f"--{sec.name}.{f.name} " in out
+    assert "Features per layer" in out or "features per layer" in out
+
+
+def test_run_train_sh_launches_through_torchrun(tmp_path):
+    proc = subprocess.run(
+        ["./run_train.sh", "--config", DEBUG, f"--job.dump_folder={tmp_path}", "--training.steps=5",
+         "--checkpoint.enable=false", "--checkpoint.export=false"],
+        cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(_metrics(tmp_path, "debug_model")) >= 2

@@ -1,0 +1,143 @@
+"""Native export: ``model.safetensors`` + ``config.json``, standardization folded into the weights.
+
+The exported model takes and gives raw activations (its standardization buffers are identity).
+``load_pretrained(folder)`` rebuilds it for any registered family, in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.models.common import full_tensor
+from torchtitan_clt.protocols.registry import model_registry
+from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, dtype_name
+
+FORMAT = "torchtitan_clt.native"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def _unwrap(model: torch.nn.Module) -> Transcoder:
+    # torch.compile wraps the module; its state_dict keys gain an "_orig_mod." prefix.
+    model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, Transcoder):
+        raise TypeError(f"expected a Transcoder, got {type(model).__name__}.")
+    return model
+
+
+def _is_rank0() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def folded_cpu_copy(model: torch.nn.Module) -> Transcoder:
+    """An fp32 CPU copy of ``model`` with standardization folded, in eval mode; ``model`` is left
+    untouched. Sharded (DTensor) state is gathered, so call it on every rank."""
+    model = _unwrap(model)
+    state = {}
+    for name, value in model.state_dict().items():
+        value = full_tensor(value).detach().to("cpu")
+        state[name] = value.float() if value.is_floating_point() else value
+    args = TranscoderArgs.from_dict(model.args.to_dict())
+    args.dtype = "float32"
+    copy = model_registry.get(args.family).build_fn(args)
+    copy.load_state_dict(state)
+    copy.fold_standardization()
+    return copy.eval()
+
+
+def activation_info(model: Transcoder) -> dict[str, Any]:
+    act = model.activation
+    return {
+        "name": model.args.activation,
+        "class": type(act).__name__,
+        # True: in eval mode it is exactly JumpReLU(θ = activation.feature_thresholds()) [L, F].
+        "jumprelu_equivalent": bool(getattr(act, "jumprelu_equivalent", False)),
+        "k": model.args.k,
+        "batchtopk_scope": model.args.batchtopk_scope,
+    }
+
+
+def export_native(
+    model: torch.nn.Module,
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path | None:
+    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder on rank 0
+    (None elsewhere: only rank 0 writes, but every rank must call it to gather sharded weights)."""
+    copy = folded_cpu_copy(model)
+    if not _is_rank0():
+        return None
+    copy.to(dtype)
+    args = TranscoderArgs.from_dict(copy.args.to_dict())
+    args.dtype = dtype_name(dtype)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in copy.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": args.family,
+        "standardization": "folded",
+        "dtype": args.dtype,
+        "model_name": args.model_name,
+        "hook_in": args.hook_in,
+        "hook_out": args.hook_out,
+        "layers": list(args.layers),
+        "activation": activation_info(copy),
+        "args": args.to_dict(),
+        "meta": extra_meta or {},
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def load_pretrained(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transcoder:
+    """Load a native export (any registered family) in eval mode; takes and gives raw units."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a folder; give the native export folder (outputs/<job>/export, "
+            "written at the end of training when checkpoint.export = true)."
+        )
+    for fname in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / fname).is_file():
+            raise FileNotFoundError(
+                f"{folder / fname} is missing: {folder} is not a complete native export "
+                f"(it needs {CONFIG_FILE} and {WEIGHTS_FILE})."
+            )
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(
+            f"{folder / CONFIG_FILE} is not a {FORMAT} config (format={config.get('format')!r})."
+        )
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{folder} has format_version {config['format_version']}; this torchtitan_clt reads up "
+            f"to {FORMAT_VERSION}: upgrade torchtitan_clt."
+        )
+    args = TranscoderArgs.from_dict(config["args"])
+    if args.family not in model_registry:
+        raise ConfigError(
+            f"{folder / CONFIG_FILE} names family {args.family!r}, which is not registered "
+            f"(known: {', '.join(model_registry.names())}). If it is your own family, import the "
+            "module that registers it before calling load_pretrained."
+        )
+    if dtype is not None:
+        args.dtype = dtype_name(dtype)
+    with torch.device("meta"):
+        model = model_registry.get(args.family).build_fn(args)
+    model.to_empty(device=device)
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return model.eval()

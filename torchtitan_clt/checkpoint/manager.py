@@ -1,0 +1,434 @@
+"""``CheckpointManager``: distributed checkpoints on ``torch.distributed.checkpoint`` (DCP).
+
+Layout: ``<run>/<checkpoint.folder>/step-N/`` holding
+- the DCP files (``.metadata``, ``__R_0.distcp``) of the *resharded* states: ``model`` and
+  ``optimizer`` (and any state whose state_dict holds a DTensor), so a different mesh can load them;
+- ``states/<key>.pt``: every other state (data position, trainer step, lr scheduler, metrics, RNG)
+  pickled whole with ``torch.save``. Python objects of any shape survive, and a template is not
+  needed to load them. If the ranks' copies are identical (the data position is global, counters
+  are all-reduced) one file is written; if not, one per rank (``<key>.rank<R>.pt``), and such a
+  state can only resume on the same number of ranks (RNG states excepted: a warning);
+- ``meta.json``: step, world size, which keys went where, the model's ``TranscoderArgs``.
+
+A checkpoint is complete only when fully written: everything goes into ``step-N.tmp/``, which rank
+0 renames to ``step-N/`` after every rank finished (DCP's save ends with a gather, so rank 0's save
+returning means all ranks' files are written). A ``.tmp`` left by a killed process is skipped with
+a warning and removed by the next save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.tools.logging import logger
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment,misc]
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+META_FILE = "meta.json"
+STATES_DIR = "states"
+# Keys always saved through DCP (resharded on load); others go through DCP too if they hold DTensors.
+DCP_KEYS = ("model", "optimizer")
+# Per-rank states that may be dropped (with a warning) when resuming on a different world size.
+RANK_LOCAL_OK = ("rng",)
+# Test hook: seconds to sleep after the files are written, before the checkpoint is marked complete.
+SLEEP_ENV = "TCLT_CKPT_TEST_SLEEP_BEFORE_COMMIT"
+
+
+# --- Stateful wrappers ---------------------------------------------------------------------------
+class ModelWrapper(Stateful):
+    """The model's state through ``get_model_state_dict`` / ``set_model_state_dict``: sharded
+    (DTensor) entries stay sharded on save and reshard to the current mesh on load."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
+
+
+class OptimizerWrapper(Stateful):
+    """One optimizer over ``model``, keyed by parameter FQN (not by position), so it reshards and
+    survives a changed parameter order. Use the trainer's container instead if it has one."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+class RNGState(Stateful):
+    """Python, CPU and CUDA generator states of this process (per rank)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        sd: dict[str, Any] = {"python": random.getstate(), "cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            sd["cuda"] = torch.cuda.get_rng_state_all()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        import random
+
+        random.setstate(state_dict["python"])
+        torch.set_rng_state(state_dict["cpu"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            states = state_dict["cuda"]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+            else:
+                logger.warning("checkpoint: CUDA RNG saved for %d devices, %d present; not restored",
+                               len(states), torch.cuda.device_count())
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def _barrier() -> None:
+    if _dist_on():
+        dist.barrier()
+
+
+def _has_dtensor(obj: Any) -> bool:
+    if isinstance(obj, DTensor):  # type: ignore[arg-type]
+        return True
+    if isinstance(obj, dict):
+        return any(_has_dtensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_dtensor(v) for v in obj)
+    return False
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors to CPU (so the pickled bytes do not depend on the rank's device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _future_of(result: Any) -> Future:
+    # torch >= 2.8 may return an AsyncSaveResponse wrapping the upload future.
+    return getattr(result, "upload_completion", result)
+
+
+def list_checkpoints(folder: str | Path) -> tuple[list[int], list[int]]:
+    """(complete steps, incomplete steps) in ``folder``, each sorted ascending."""
+    folder = Path(folder)
+    done, partial = [], []
+    if not folder.is_dir():
+        return done, partial
+    for p in folder.iterdir():
+        if m := STEP_DIR.match(p.name):
+            # Renamed only when complete; meta.json guards against a half-copied folder.
+            (done if (p / META_FILE).is_file() and (p / ".metadata").is_file() else partial).append(
+                int(m.group(1))
+            )
+        elif m := TMP_DIR.match(p.name):
+            partial.append(int(m.group(1)))
+    return sorted(done), sorted(partial)
+
+
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"step-{step}"
+
+
+# --- the manager ---------------------------------------------------------------------------------
+class CheckpointManager:
+    """Saves and loads ``states`` (name -> Stateful) under ``<run_folder>/<checkpoint.folder>``.
+
+    ``save(step)`` is called after every optimizer step; it writes at ``checkpoint.interval``, at
+    ``training.steps`` and when forced. ``load()`` restores the latest complete checkpoint (or
+    ``checkpoint.load_step``) and returns its step, or None when starting fresh. Every rank calls
+    both, at the same steps (they are collectives)."""
+
+    def __init__(
+        self,
+        run_folder: str | Path,
+        job_config: Any,
+        states: dict[str, Stateful],
+        parallel_dims: Any = None,
+    ):
+        self.cfg = job_config.checkpoint
+        self.last_step = int(job_config.training.steps)
+        self.folder = Path(run_folder) / self.cfg.folder
+        self.states = dict(states)
+        self.parallel_dims = parallel_dims
+        self.enabled = bool(self.cfg.enable)
+        for key, st in self.states.items():
+            if not (hasattr(st, "state_dict") and hasattr(st, "load_state_dict")):
+                raise TypeError(f"checkpoint state {key!r} ({type(st).__name__}) is not Stateful: "
+                                "give it state_dict() and load_state_dict().")
+        self._pending: Future | None = None
+        self._pending_step: int | None = None
+        self._last_saved: int | None = None
+        self._async_pg = None
+        if self.enabled and self.cfg.async_mode == "async" and _dist_on():
+            # A separate gloo group, so the background save's collectives never interleave with
+            # the training collectives on the default group.
+            self._async_pg = dist.new_group(backend="gloo")
+
+    # ---- save -----------------------------------------------------------------------------------
+    def should_save(self, step: int, force: bool = False) -> bool:
+        if not self.enabled or step == self._last_saved:
+            return False
+        interval = self.cfg.interval
+        return force or step == self.last_step or (interval > 0 and step % interval == 0)
+
+    def save(self, step: int, force: bool = False) -> bool:
+        """Write a checkpoint of ``step`` if it is due (or ``force``); returns whether it did."""
+        if not self.should_save(step, force):
+            return False
+        self.wait()  # one save in flight at a time
+        t0 = time.perf_counter()
+        tmp = self.folder / f"step-{step}.tmp"
+        if _rank() == 0:
+            self._remove_stale_tmp()
+            tmp.mkdir(parents=True, exist_ok=False)
+        _barrier()
+
+        dcp_sd, blobs = self._split_states()
+        meta = self._write_blobs(tmp, blobs)
+        meta.update(step=step, world_size=_world(), dcp_keys=sorted(dcp_sd),
+                    time=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
+                    model_args=self._model_args())
+        if _rank() == 0:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+
+        if self.cfg.async_mode == "async":
+            fut = _future_of(dcp.async_save(dcp_sd, checkpoint_id=str(tmp),
+                                            process_group=self._async_pg))
+            if _rank() == 0:
+                # Rank 0 commits from the writer thread; ``wait`` waits for the commit, not
+                # just for the write.
+                committed: Future = Future()
+                fut.add_done_callback(lambda f, s=step: self._commit_if_ok(f, s, committed))
+                fut = committed
+            self._pending, self._pending_step = fut, step
+            logger.info("checkpoint: step %d staged in %.2fs, writing in the background",
+                        step, time.perf_counter() - t0)
+        else:
+            dcp.save(dcp_sd, checkpoint_id=str(tmp))
+            if _rank() == 0:
+                self._commit(step)
+            _barrier()
+            logger.info("checkpoint: saved step %d to %s in %.2fs", step,
+                        checkpoint_path(self.folder, step), time.perf_counter() - t0)
+        self._last_saved = step
+        return True
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is written and committed."""
+        if self._pending is None:
+            return
+        fut, step = self._pending, self._pending_step
+        self._pending = self._pending_step = None
+        fut.result()  # re-raises a failed write
+        _barrier()
+        logger.info("checkpoint: background save of step %d finished", step)
+
+    def close(self) -> None:
+        self.wait()
+
+    def _split_states(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        dcp_sd, blobs = {}, {}
+        for key, st in self.states.items():
+            sd = st.state_dict()
+            if key in DCP_KEYS or _has_dtensor(sd):
+                dcp_sd[key] = sd
+            else:
+                blobs[key] = sd
+        return dcp_sd, blobs
+
+    def _write_blobs(self, tmp: Path, blobs: dict[str, Any]) -> dict[str, Any]:
+        (tmp / STATES_DIR).mkdir(exist_ok=True)  # every rank may need it; exist_ok: shared FS
+        per_rank, shared = [], []
+        for key, sd in blobs.items():
+            buf = io.BytesIO()
+            torch.save(_to_cpu(sd), buf)
+            data = buf.getvalue()
+            digest = hashlib.sha256(data).hexdigest()
+            same = True
+            if _world() > 1:
+                digests: list[str] = [""] * _world()
+                dist.all_gather_object(digests, digest)
+                same = len(set(digests)) == 1
+            if same:
+                shared.append(key)
+                if _rank() == 0:
+                    (tmp / STATES_DIR / f"{key}.pt").write_bytes(data)
+            else:
+                per_rank.append(key)
+                (tmp / STATES_DIR / f"{key}.rank{_rank()}.pt").write_bytes(data)
+        return {"shared_keys": shared, "per_rank_keys": per_rank}
+
+    def _model_args(self) -> dict[str, Any] | None:
+        st = self.states.get("model")
+        model = getattr(st, "model", None)
+        model = getattr(model, "_orig_mod", model)
+        args = getattr(model, "args", None)
+        return args.to_dict() if hasattr(args, "to_dict") else None
+
+    def _commit_if_ok(self, fut: Future, step: int, committed: Future) -> None:
+        try:
+            if fut.exception() is not None:
+                logger.error("checkpoint: background save of step %d failed: %s; it stays "
+                             "incomplete and will be skipped", step, fut.exception())
+                committed.set_exception(fut.exception())
+                return
+            self._commit(step)
+            committed.set_result(step)
+        except BaseException as e:  # noqa: BLE001 - surfaced by wait()
+            committed.set_exception(e)
+
+    def _commit(self, step: int) -> None:
+        """Rank 0, after every rank wrote: rename ``step-N.tmp`` to ``step-N``, then retention."""
+        delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
+        if delay > 0:  # test hook: a window in which the process can be killed mid-save
+            logger.warning("checkpoint: %s=%s, sleeping before the commit", SLEEP_ENV, delay)
+            time.sleep(delay)
+        tmp, final = self.folder / f"step-{step}.tmp", checkpoint_path(self.folder, step)
+        old = None
+        if final.exists():  # the same step saved again (e.g. after --checkpoint.load_step)
+            old = final.with_name(f"step-{step}.replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._retain()
+
+    def _retain(self) -> None:
+        k = self.cfg.keep_latest_k
+        if k <= 0:
+            return
+        done, _ = list_checkpoints(self.folder)
+        for step in done[: max(0, len(done) - max(k, 1))]:  # never the newest complete one
+            shutil.rmtree(checkpoint_path(self.folder, step), ignore_errors=True)
+            logger.info("checkpoint: removed step %d (keep_latest_k=%d)", step, k)
+
+    def _remove_stale_tmp(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for p in self.folder.iterdir():
+            if TMP_DIR.match(p.name) or p.name.endswith(".replaced"):
+                logger.warning("checkpoint: removing incomplete checkpoint %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ---- load -----------------------------------------------------------------------------------
+    def load(self, step: int = -1) -> int | None:
+        """Restore every state from ``step`` (-1: ``checkpoint.load_step``, and if that is -1 the
+        latest complete checkpoint). Returns the step loaded, or None when starting fresh."""
+        if not self.enabled:
+            return None
+        done, partial = list_checkpoints(self.folder)
+        if self.cfg.fresh_start:
+            if done and _rank() == 0:
+                aside = self.folder.with_name(f"{self.folder.name}.before_fresh_start.{int(time.time())}")
+                logger.warning("checkpoint.fresh_start: moving existing checkpoints %s aside to %s",
+                               self.folder, aside)
+                self.folder.rename(aside)
+            _barrier()
+            return None
+        for s in partial:
+            logger.warning("checkpoint: step %d in %s is incomplete (interrupted while saving); "
+                           "skipping it", s, self.folder)
+        if step == -1:
+            step = self.cfg.load_step
+        if step == -1:
+            if not done:
+                logger.info("checkpoint: none found in %s, starting from step 0", self.folder)
+                return None
+            step = done[-1]
+        elif step not in done:
+            raise ConfigError(
+                f"checkpoint.load_step={step}: no complete checkpoint of that step in {self.folder} "
+                f"(complete: {done or 'none'}); pick one of them or -1 for the latest."
+            )
+        self._load_from(checkpoint_path(self.folder, step))
+        self._last_saved = step
+        return step
+
+    def _load_from(self, path: Path) -> None:
+        t0 = time.perf_counter()
+        meta = json.loads((path / META_FILE).read_text())
+        same_world = meta["world_size"] == _world()
+        dcp_keys = [k for k in self.states if k in meta["dcp_keys"]]
+        missing = [k for k in self.states
+                   if k not in meta["dcp_keys"] + meta["shared_keys"] + meta["per_rank_keys"]]
+        if missing:
+            raise ConfigError(
+                f"checkpoint {path} has no state for {missing} (it holds {sorted(meta['dcp_keys'] + meta['shared_keys'] + meta['per_rank_keys'])}); "
+                "it was written by a different setup: start fresh with --checkpoint.fresh_start=true."
+            )
+        if dcp_keys:
+            # dcp.load calls state_dict() of each Stateful for the template, loads into it in
+            # place (resharding to the current mesh), then calls load_state_dict().
+            dcp.load({k: self.states[k] for k in dcp_keys}, checkpoint_id=str(path))
+        for key in self.states:
+            if key in meta["shared_keys"]:
+                file = path / STATES_DIR / f"{key}.pt"
+            elif key in meta["per_rank_keys"]:
+                if not same_world:
+                    msg = (f"checkpoint state {key!r} differed between the {meta['world_size']} ranks "
+                           f"that saved it, so it cannot resume on {_world()} ranks")
+                    if key in RANK_LOCAL_OK:
+                        logger.warning("%s; keeping this process's current %s", msg, key)
+                        continue
+                    raise ConfigError(msg + ": resume with the same number of ranks, or start fresh.")
+                file = path / STATES_DIR / f"{key}.rank{_rank()}.pt"
+            else:
+                continue
+            sd = torch.load(io.BytesIO(file.read_bytes()), map_location="cpu", weights_only=False)
+            self.states[key].load_state_dict(sd)
+        logger.info("checkpoint: loaded step %d from %s in %.2fs (saved on %d ranks)",
+                    meta["step"], path, time.perf_counter() - t0, meta["world_size"])

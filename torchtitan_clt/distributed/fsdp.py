@@ -1,0 +1,55 @@
+"""FSDP2 (``fully_shard``) over the data-parallel mesh, composable with tensor parallelism."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+# Methods other than ``forward`` that read parameters: FSDP must gather them around each call.
+FSDP_FORWARD_METHODS = ("forward_std", "encode", "decode", "decoder_norms")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def mixed_precision_policy(job_config, device_type: str) -> MixedPrecisionPolicy | None:
+    """bf16 compute params / fp32 reduction on GPU per config; no policy on CPU (fp32 throughout)."""
+    if device_type != "cuda":
+        return None
+    p = job_config.parallelism
+    if job_config.training.mixed_precision == "fp32":
+        return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(
+        param_dtype=_DTYPES[p.mixed_precision_param], reduce_dtype=_DTYPES[p.mixed_precision_reduce]
+    )
+
+
+def reshard_after_forward(policy: str, dp_mesh: DeviceMesh) -> bool:
+    """``always`` frees the gathered params after forward (re-gathered in backward), ``never``
+    keeps them; ``default`` keeps them (the dictionary is one unit: its backward follows at once)."""
+    return policy == "always"
+
+
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    mp_policy: MixedPrecisionPolicy | None,
+    reshard_policy: str = "default",
+    extra_units: list[nn.Module] | None = None,
+) -> nn.Module:
+    """``fully_shard`` ``model`` (and first each module in ``extra_units``) over ``dp_mesh``.
+
+    ``dp_mesh`` is 1-D (FSDP) or 2-D ``(dp_replicate, dp_shard)`` (HSDP: sharded inside a replica
+    group, all-reduced across them).
+    """
+    kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward(reshard_policy, dp_mesh)}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for unit in extra_units or []:
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+    for name in FSDP_FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return model

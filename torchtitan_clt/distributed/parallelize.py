@@ -1,0 +1,45 @@
+"""The shared body of the families' ``parallelize_fn``: TP, distributed activation, then FSDP2.
+
+A family passes only its tensor-parallel plan (which axis of each parameter is the feature axis);
+the order is TorchTitan's: tensor parallelism first (parameters become tp DTensors), then FSDP2
+wraps those over the data-parallel mesh.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+
+from torchtitan_clt.distributed.fsdp import apply_fsdp, mixed_precision_policy
+from torchtitan_clt.distributed.parallel_dims import ParallelDims
+from torchtitan_clt.distributed.tensor_parallel import apply_tp
+from torchtitan_clt.distributed.topk import distribute_activation
+from torchtitan_clt.distributed.utils import device_type_for
+from torchtitan_clt.tools.logging import logger
+
+
+def parallelize_transcoder(
+    model: nn.Module, parallel_dims: ParallelDims, job_config, tp_plan: dict[str, int | None]
+) -> nn.Module:
+    """Apply the mesh to a (meta-device) transcoder; a no-op in a single process."""
+    if not parallel_dims.distributed:
+        return model
+    tp_group = None
+    if parallel_dims.tp_enabled:
+        apply_tp(model, parallel_dims.get_mesh("tp"), tp_plan)
+        tp_group = parallel_dims.get_group("tp")
+    # BatchTopK selects over the global batch and all features: every rank holds a different part
+    # of [B, L, F], so the whole world takes part. TopK needs only the tp group.
+    activation = getattr(model, "activation", None)
+    if activation is not None:
+        distribute_activation(activation, dist.group.WORLD, parallel_dims.dp_degree, tp_group)
+    if parallel_dims.fsdp_enabled:
+        p = job_config.parallelism
+        mp = mixed_precision_policy(job_config, device_type_for(job_config))
+        apply_fsdp(model, parallel_dims.get_mesh("fsdp"), mp, p.fsdp_reshard_after_forward)
+    logger.info(
+        f"parallelized {type(model).__name__}: tp={parallel_dims.tp}, "
+        f"fsdp={'HSDP' if parallel_dims.hsdp_enabled else 'FSDP' if parallel_dims.fsdp_enabled else 'off'}"
+        f" over dp={parallel_dims.dp_degree}"
+    )
+    return model

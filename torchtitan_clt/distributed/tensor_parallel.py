@@ -1,0 +1,165 @@
+"""Tensor (feature) parallelism for transcoders, applied from outside the model.
+
+Features are sharded over the tp mesh: every parameter with a feature axis (encoder rows, encoder
+bias, thresholds, decoder rows) becomes a ``DTensor`` sharded on that axis; the rest (the output
+bias ``b_dec``) is replicated. Parameters stay DTensors, so FSDP2 composes with them and the
+distributed checkpoint holds whole tensors whatever the mesh.
+
+The model code is written for one device and runs unchanged on each rank's *local* shards: the
+public methods are wrapped so that, for the duration of the call, each DTensor parameter is
+replaced by its local tensor (``to_local``, whose backward routes the gradient into the DTensor).
+A rank's decoder then yields a partial sum over its features; ``decode_std`` is wrapped to sum the
+partials over tp (identity backward: every rank then holds the same ŷ and computes the same loss)
+and to add the bias once, after the sum.
+
+What each rank sees, hence what callers reduce:
+- ``y_hat``: whole and identical on every tp rank;
+- ``pre_acts`` / ``acts`` ``[B, L, F/tp]`` and ``dec_norms`` ``[L, F/tp]``: this rank's features.
+  A loss term that sums over features is a partial sum: its gradient is already right (each
+  feature's term depends on that feature only), its logged value must be summed over tp
+  (``TPLossFn`` does both); feature counts (L0, dead features) are summed over tp.
+- ``encode`` returns the local feature shard and ``decode`` accepts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from torchtitan_clt.distributed.collectives import all_reduce_detached, sum_partials
+
+# Methods run on local shards. forward_std / encode / decode / forward are the entry points;
+# the inner ones are wrapped too so a direct call also works (the swap is re-entrant).
+LOCAL_METHODS = ("forward_std", "encode", "decode", "forward", "pre_acts", "decoder_norms", "decode_std")
+
+
+def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    path, _, name = fqn.rpartition(".")
+    return (model.get_submodule(path) if path else model), name
+
+
+def placement_for(fqn: str, plan: dict[str, int | None]) -> int | None:
+    """Shard dim of parameter ``fqn`` from ``plan`` (regex -> dim, ``None`` = replicate)."""
+    for pattern, dim in plan.items():
+        if re.fullmatch(pattern, fqn):
+            return dim
+    raise ValueError(
+        f"tensor-parallel plan has no entry for parameter {fqn!r}; add it to the family's "
+        "parallelize plan (a feature axis to shard, or None to replicate)."
+    )
+
+
+@contextlib.contextmanager
+def local_params(model: nn.Module) -> Iterator[None]:
+    """Within the block, every DTensor parameter of ``model`` reads as its local tensor."""
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if isinstance(p, DTensor):
+                swapped.append((mod, name, p))
+                # A view with a grad_fn into the DTensor parameter: the gradient flows back to it.
+                mod._parameters[name] = p.to_local()
+    try:
+        yield
+    finally:
+        for mod, name, p in reversed(swapped):
+            mod._parameters[name] = p
+
+
+def _local_method(model: nn.Module, fn) -> Any:
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with local_params(model):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _decode_std_reduced(model: nn.Module, fn, tp_group, bias_name: str):
+    """decode_std on local features with a zero bias, partials summed over tp, then the bias."""
+
+    @functools.wraps(fn)
+    def run(acts: torch.Tensor) -> torch.Tensor:
+        with local_params(model):
+            mod, name = _owner(model, bias_name)
+            bias = mod._parameters[name]
+            mod._parameters[name] = torch.zeros_like(bias).detach()
+            try:
+                y = fn(acts)
+            finally:
+                mod._parameters[name] = bias
+            return sum_partials(y, tp_group) + bias.to(y.dtype)
+
+    return run
+
+
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | None], bias_name: str = "b_dec"
+) -> nn.Module:
+    """Shard ``model``'s parameters over ``tp_mesh`` per ``plan`` and wrap its methods (see module doc).
+
+    Works on a meta-device model (before ``to_empty`` / ``init_weights``).
+    """
+    for fqn, p in list(model.named_parameters()):
+        dim = placement_for(fqn, plan)
+        if dim is not None and p.shape[dim] % tp_mesh.size() != 0:
+            raise ValueError(
+                f"{fqn} has {p.shape[dim]} features on dim {dim}, not divisible by tp = {tp_mesh.size()}; "
+                "pick model.features_per_layer divisible by parallelism.tp."
+            )
+        placements = [Shard(dim)] if dim is not None else [Replicate()]
+        mod, name = _owner(model, fqn)
+        dt = distribute_tensor(p.data, tp_mesh, placements)
+        mod.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+    tp_group = tp_mesh.get_group()
+    for name in LOCAL_METHODS:
+        fn = getattr(model, name)
+        if name == "decode_std":
+            setattr(model, name, _decode_std_reduced(model, fn, tp_group, bias_name))
+        else:
+            setattr(model, name, _local_method(model, fn))
+    model._tp_group = tp_group  # read by TPLossFn and metrics helpers
+    return model
+
+
+def tp_group_of(model: nn.Module):
+    """The tp process group ``apply_tp`` used, or ``None`` when the model is not tensor-parallel."""
+    return getattr(model, "_tp_group", None)
+
+
+class TPLossFn:
+    """Wraps ``loss_fn(model, out, y, step) -> (loss, terms)`` for a tensor-parallel model.
+
+    Terms named in ``feature_partial`` are sums over features, so each tp rank holds a partial sum:
+    their logged values are summed over tp, and the returned loss gets the missing part as a
+    detached constant, so its *value* is the full loss on every rank while its gradient stays the
+    local one (already correct, see the module docstring).
+    """
+
+    def __init__(self, loss_fn, tp_group, feature_partial: tuple[str, ...] = ("sparsity", "preact")):
+        self.loss_fn, self.tp_group, self.feature_partial = loss_fn, tp_group, feature_partial
+
+    def __getattr__(self, name: str) -> Any:  # expose the wrapped fn's attributes (terms, ...)
+        return getattr(self.__dict__["loss_fn"], name)
+
+    def __call__(self, model, out, y, step: int):
+        loss, terms = self.loss_fn(model, out, y, step)
+        if self.tp_group is None:
+            return loss, terms
+        weights = {t.name: t.weight(step) for t in getattr(self.loss_fn, "terms", [])}
+        missing = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        terms = dict(terms)
+        for name in self.feature_partial:
+            if name in terms:
+                local = terms[name]
+                full = all_reduce_detached(local, self.tp_group)
+                terms[name] = full
+                missing = missing + weights.get(name, 1.0) * (full - local).to(loss.dtype)
+        return loss + missing.detach(), terms

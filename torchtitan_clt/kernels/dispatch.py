@@ -1,0 +1,178 @@
+"""One dispatch point per kernel op: Triton or the torch fallback (see ``backend.py``).
+
+Every op takes ``backend=None`` (use the configured ``--kernels.backend``) or an explicit
+``"auto" | "torch" | "triton"``. Both implementations compute the same function and are tested
+against each other and against a float64 dense reference (tests/unit/test_kernels*.py).
+
+Sparse layout: ``idx [N, G, K]`` int64 feature ids (-1 = padding, ids ascending in a row) and
+``vals [N, G, K]`` (0 at padding), G = layers; K is the widest row. ``vals`` carries autograd
+straight through to the selected pre-activations only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from torchtitan_clt.kernels import decode as _dec
+from torchtitan_clt.kernels import select_torch as _sel_torch
+from torchtitan_clt.kernels.backend import options, resolve_backend
+
+SCOPES = ("layer", "all")
+
+
+def _gather_vals(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # straight-through: d vals / d h is 1 at the selected entries, 0 elsewhere (gather's backward)
+    vals = h.gather(-1, idx.clamp(min=0))
+    return torch.where(idx >= 0, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
+
+
+# --------------------------------------------------------------------------- selection
+def topk_select(h: torch.Tensor, k: int, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK per row: ``h [N, M]`` -> ``(vals [N, k], idx [N, k])``; order within a row unspecified.
+    ``vals`` are the raw pre-activations (apply ReLU after if the activation wants it)."""
+    if not 0 <= k <= h.shape[-1]:
+        raise ValueError(f"topk k={k} must lie in [0, {h.shape[-1]}] (features per row)")
+    if resolve_backend(h, backend) == "triton" and k > 0 and h.shape[0] > 0:
+        from torchtitan_clt.kernels import select_triton
+
+        idx = select_triton.topk_select(h.detach(), k)
+        return _gather_vals(h, idx), idx
+    return _sel_torch.topk_select(h, k)
+
+
+def batchtopk_threshold(h: torch.Tensor, k_total: int, scope: str = "layer",
+                        backend: str | None = None) -> torch.Tensor:
+    """``h [N, L, F]`` -> ``tau [L]`` fp32, the ``k_total``-th largest value of each layer
+    (``scope="layer"``) or of all layers jointly (``"all"``, repeated L times). +inf if k_total<=0.
+    Found by selection (radix select on the float bits / quickselect), never a full sort."""
+    if scope not in SCOPES:
+        raise ValueError(f"batchtopk scope {scope!r}: use one of {SCOPES}")
+    n, n_layers, f = h.shape
+    if resolve_backend(h, backend) != "triton" or k_total <= 0 or h.numel() == 0:
+        return _sel_torch.batchtopk_threshold(h.detach(), k_total, scope)
+    from torchtitan_clt.kernels import select_triton
+
+    h = h.detach()
+    if scope == "layer":
+        kth = torch.full((n_layers,), min(k_total, n * f), dtype=torch.long, device=h.device)
+        tau, _ = select_triton.radix_kth_largest(h, kth)  # groups = layers, over [N, F]
+        return tau
+    hp = h.permute(1, 0, 2)
+    # one group over every element; a [L, N, F]-stored tensor (the encoder's bmm output) is not copied
+    h3 = hp.reshape(n_layers, 1, n * f) if hp.is_contiguous() else h.contiguous().reshape(n, 1, n_layers * f)
+    kth = torch.full((1,), min(k_total, h.numel()), dtype=torch.long, device=h.device)
+    tau, _ = select_triton.radix_kth_largest(h3, kth)
+    return tau.expand(n_layers).contiguous()
+
+
+def compact(h: torch.Tensor, tau: torch.Tensor, mode: str = "positive",
+            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep entries of ``h [N, G, M]`` by threshold ``tau [G]``: ``mode="positive"`` keeps
+    ``h >= tau and h > 0``, ``"ge"`` keeps ``h >= tau``, ``"nonzero"`` keeps ``h != 0`` (turns dense
+    activations into the sparse layout). Returns ``(idx, vals)`` ``[N, G, K]``."""
+    if mode not in _sel_torch.MODES:
+        raise ValueError(f"compaction mode {mode!r}: use one of {_sel_torch.MODES}")
+    tau = tau.to(h.device)
+    if resolve_backend(h, backend) == "triton" and h.numel() > 0:
+        from torchtitan_clt.kernels import select_triton
+
+        idx = select_triton.compact(h.detach(), tau, mode)
+    else:
+        idx = _sel_torch.compact(h.detach(), tau, mode)
+    return idx, _gather_vals(h, idx)
+
+
+def batchtopk_select(h: torch.Tensor, k: int, scope: str = "layer", positive: bool = True,
+                     backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchTopK: ``h [N, L, F]`` -> ``(idx, vals [N, L, K], tau [L])``. Keeps the ``k*N`` largest
+    per layer (``scope="layer"``) or ``k*N*L`` over all layers (``"all"``); entries equal to the
+    threshold are all kept. ``positive``: also drop entries <= 0 (BatchTopK of ReLU(h))."""
+    n, n_layers, _ = h.shape
+    k_total = k * n * (n_layers if scope == "all" else 1)
+    tau = batchtopk_threshold(h, k_total, scope, backend)
+    idx, vals = compact(h, tau, "positive" if positive else "ge", backend)
+    return idx, vals, tau
+
+
+# --------------------------------------------------------------------------- decoding
+def _dense_by_density(idx: torch.Tensor, n_features: int, density_threshold: float | None) -> bool:
+    thr = options().sparse_density_threshold if density_threshold is None else density_threshold
+    # K / F bounds the active fraction from above without a host sync
+    return n_features > 0 and idx.shape[-1] / n_features > thr
+
+
+def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor, backend: str | None = None,
+                  density_threshold: float | None = None) -> torch.Tensor:
+    """``out [N, D] = sum_j vals[n, j] * w[idx[n, j]]`` (fp32 accumulation), ``idx/vals [N, K]``,
+    ``w [F, D]``. Differentiable in ``vals`` and ``w``. Runs dense above the density threshold."""
+    if _dense_by_density(idx, w.shape[0], density_threshold):
+        return _dec.decode_dense(idx, vals, w)
+    if resolve_backend(w, backend) == "triton":
+        return _dec.SparseDecodeTriton.apply(idx, vals, w)
+    return _dec.decode_torch(idx, vals, w)
+
+
+def sparse_grad_weight(idx: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, n_features: int,
+                       dtype: torch.dtype = torch.float32, backend: str | None = None) -> torch.Tensor:
+    """``[F, D]``: sparse outer products ``sum vals[n, j] * g[n]`` into rows ``idx[n, j]`` (the
+    weight gradient of ``sparse_decode``; also the sparse encoder's weight gradient, ``g = x``)."""
+    if resolve_backend(g, backend) == "triton":
+        from torchtitan_clt.kernels import decode_triton
+
+        return decode_triton.decode_grad_weight(idx, vals, g, n_features, dtype)
+    return _dec.grad_weight_torch(idx, vals, g, n_features, dtype)
+
+
+def clt_sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w_dec: Sequence[torch.Tensor],
+                      b_dec: torch.Tensor, backend: str | None = None,
+                      density_threshold: float | None = None) -> torch.Tensor:
+    """CLT decoder: ``y_hat[:, t] = b_dec[t] + sum_{s<=t} W_dec,s[:, t-s]^T a_s``.
+
+    ``idx, vals [N, L, K]`` (source layer s = ``idx[:, s]``), ``w_dec[s] [F, L-s, d]`` (feature-major:
+    one feature's whole write is one row of the view ``[F, (L-s)*d]``), ``b_dec [L, d]``.
+    Returns ``[N, L, d]`` (fp32 when weights are bf16). Differentiable in vals, w_dec and b_dec."""
+    n, n_layers, _ = idx.shape
+    if len(w_dec) != n_layers:
+        raise ValueError(f"clt_sparse_decode: {len(w_dec)} decoder tensors for {n_layers} layers")
+    n_features = w_dec[0].shape[0]
+    dense = _dense_by_density(idx, n_features, density_threshold)
+    if not dense and resolve_backend(w_dec[0], backend) == "triton":
+        return _dec.CLTSparseDecodeTriton.apply(idx, vals, b_dec, *w_dec)
+    d = b_dec.shape[-1]
+    decode_one = _dec.decode_dense if dense else _dec.decode_torch
+    parts = [b_dec.expand(n, n_layers, d)]
+    for s, w in enumerate(w_dec):
+        contrib = decode_one(idx[:, s], vals[:, s], w.reshape(n_features, -1)).view(n, n_layers - s, d)
+        parts.append(torch.nn.functional.pad(contrib, (0, 0, s, 0)) if s else contrib)
+    out = parts[0].to(parts[-1].dtype) if len(parts) > 1 else parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+def plt_sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor,
+                      backend: str | None = None, density_threshold: float | None = None) -> torch.Tensor:
+    """PLT / SAE decoder: ``y_hat[:, l] = b_dec[l] + W_dec[l]^T a_l``; ``idx, vals [N, L, K]``,
+    ``w_dec [L, F, d]``, ``b_dec [L, d]`` -> ``[N, L, d]``."""
+    outs = [sparse_decode(idx[:, l], vals[:, l], w_dec[l], backend, density_threshold)
+            for l in range(w_dec.shape[0])]
+    return torch.stack(outs, 1) + b_dec
+
+
+def decoder_row_norms(w: torch.Tensor) -> torch.Tensor:
+    """``w [F, ...]`` -> ``[F]`` norms of each feature's whole decoder row (CLT: concatenated over
+    its targets), O(F*D) once per step; gather them at active entries, no dense [N, F] pass."""
+    return w.reshape(w.shape[0], -1).float().norm(dim=1)
+
+
+def tanh_sparsity_sparse(idx: torch.Tensor, vals: torch.Tensor, norms: torch.Tensor,
+                         c: float = 1.0) -> torch.Tensor:
+    """``sum over active entries of tanh(c * a * ||W_dec,i||)`` per layer: ``idx/vals [N, L, K]``,
+    ``norms [L, F]`` -> ``[L]`` (sum over tokens and features; divide by N for a mean)."""
+    valid = idx >= 0
+    n_of = norms.gather(1, idx.clamp(min=0).permute(1, 0, 2).reshape(norms.shape[0], -1))
+    n_of = n_of.view(idx.shape[1], idx.shape[0], idx.shape[2]).permute(1, 0, 2)  # [N, L, K]
+    terms = torch.tanh(c * vals.float() * n_of) * valid
+    return terms.sum(dim=(0, 2))

@@ -1,0 +1,216 @@
+"""Activation functions: ``ReLU``, ``JumpReLU``, ``TopK``, ``BatchTopK``.
+
+Each is built as ``cls(args: TranscoderArgs)`` and maps pre-activations ``h  # [B, L, F]`` to
+activations of the same shape. Every one also offers, for export and for losses:
+- ``init_weights()``: reset its parameters / buffers (after ``to_empty``);
+- ``feature_thresholds()``: θ  # [L, F] in pre-activation units (0 for ReLU);
+- ``jumprelu_equivalent``: whether, in eval mode, it *is* JumpReLU(θ = feature_thresholds()),
+  so a circuit-tracer export reproduces it exactly (TopK's threshold is only an approximation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from torchtitan_clt.models.common import copy_full_, new_param
+from torchtitan_clt.protocols.registry import activation_registry
+from torchtitan_clt.protocols.transcoder import TranscoderArgs, parse_dtype
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """Rectangle kernel K(u) = 1[|u| < 1/2] (unit width, unit area)."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """a = h · H(h − θ), with the straight-through estimator of Rajamanoharan et al. 2024
+    ("Jumping Ahead", eq. 11):  ∂a/∂h = H(h − θ),  ∂a/∂θ = −(θ/ε) · K((h − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(h, theta)
+        ctx.eps = eps
+        return h * (h > theta).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_h = g * (h > theta).to(g.dtype)
+        hf, tf = h.float(), theta.float()
+        grad_theta = -(tf / eps) * rectangle((hf - tf) / eps) * g.float()
+        return grad_h, grad_theta.sum_to_size(theta.shape).to(theta.dtype), None
+
+
+class _StepFn(torch.autograd.Function):
+    """H(h − θ) for an L0 penalty: ∂/∂h = 0, ∂/∂θ = −(1/ε) · K((h − θ)/ε) (same paper, eq. 12)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(h, theta)
+        ctx.eps = eps
+        return (h > theta).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h, theta = ctx.saved_tensors
+        eps = ctx.eps
+        hf, tf = h.float(), theta.float()
+        grad_theta = -(1.0 / eps) * rectangle((hf - tf) / eps) * g.float()
+        return torch.zeros_like(h), grad_theta.sum_to_size(theta.shape).to(theta.dtype), None
+
+
+def jumprelu(h: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _JumpReLUFn.apply(h, theta, bandwidth)
+
+
+def step(h: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _StepFn.apply(h, theta, bandwidth)
+
+
+class ReLU(nn.Module):
+    jumprelu_equivalent = True
+
+    def __init__(self, args: TranscoderArgs):
+        super().__init__()
+        self.n_layers, self.n_features = args.n_layers, args.features_per_layer
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.relu(h)
+
+    def init_weights(self) -> None:
+        pass
+
+    def feature_thresholds(self) -> torch.Tensor:
+        return torch.zeros(self.n_layers, self.n_features)
+
+
+class JumpReLU(nn.Module):
+    """a = h · 1[h > θ], θ = exp(log_threshold)  # [L, F], trained through the STE above."""
+
+    jumprelu_equivalent = True
+
+    def __init__(self, args: TranscoderArgs):
+        super().__init__()
+        if args.jumprelu_threshold_init <= 0 or args.jumprelu_bandwidth <= 0:
+            raise ValueError(
+                "model.jumprelu_threshold_init and model.jumprelu_bandwidth must be > 0 "
+                f"(got {args.jumprelu_threshold_init}, {args.jumprelu_bandwidth})."
+            )
+        self.threshold_init = args.jumprelu_threshold_init
+        self.bandwidth = args.jumprelu_bandwidth
+        self.log_threshold = new_param(args.n_layers, args.features_per_layer, dtype=parse_dtype(args.dtype))
+
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return jumprelu(h, self.threshold(), self.bandwidth)
+
+    def init_weights(self) -> None:
+        full = torch.full(tuple(self.log_threshold.shape), math.log(self.threshold_init))
+        copy_full_(self.log_threshold, full)
+
+    def feature_thresholds(self) -> torch.Tensor:
+        return self.threshold().detach()
+
+
+class _ThresholdTracker(nn.Module):
+    """EMA of the smallest selected positive activation per layer: ``threshold  # [L]``.
+
+    A layer's first observation sets it; ``threshold_updates  # [L]`` counts observations.
+    Under data parallelism each rank tracks its own; the trainer should average them before export.
+    """
+
+    def __init__(self, args: TranscoderArgs):
+        super().__init__()
+        self.k = args.k
+        self.decay = args.threshold_ema_decay
+        self.n_layers, self.n_features = args.n_layers, args.features_per_layer
+        if self.k < 1:
+            raise ValueError(f"model.k must be >= 1 for {args.activation} (got {self.k}).")
+        self.register_buffer("threshold", torch.zeros(args.n_layers, dtype=torch.float32))
+        self.register_buffer("threshold_updates", torch.zeros(args.n_layers, dtype=torch.int64))
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.threshold.zero_()
+            self.threshold_updates.zero_()
+
+    @torch.no_grad()
+    def _observe(self, min_pos: torch.Tensor) -> None:
+        """min_pos  # [L]: smallest selected positive value per layer (inf: none this batch)."""
+        obs = min_pos.float().to(self.threshold.device)
+        seen = torch.isfinite(obs)
+        first = self.threshold_updates == 0
+        ema = self.decay * self.threshold + (1.0 - self.decay) * obs
+        new = torch.where(first, obs, ema)
+        self.threshold.copy_(torch.where(seen, new, self.threshold))
+        self.threshold_updates.add_(seen.to(self.threshold_updates.dtype))
+
+    def feature_thresholds(self) -> torch.Tensor:
+        return self.threshold[:, None].expand(self.n_layers, self.n_features).clone()
+
+
+def _min_positive(vals: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    inf = torch.tensor(float("inf"), dtype=vals.dtype, device=vals.device)
+    return torch.where(vals > 0, vals, inf).amin(dim=dims)
+
+
+class TopK(_ThresholdTracker):
+    """Per token and layer keep the k largest positive pre-activations. Eval mode stays TopK; the
+    tracked threshold only serves a JumpReLU conversion (circuit-tracer export)."""
+
+    jumprelu_equivalent = False
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        k = min(self.k, h.shape[-1])
+        vals, idx = h.topk(k, dim=-1, sorted=False)  # [B, L, k]
+        vals = torch.relu(vals)
+        if self.training:
+            self._observe(_min_positive(vals.detach(), (0, 2)))
+        return torch.zeros_like(h).scatter(-1, idx, vals)
+
+
+class BatchTopK(_ThresholdTracker):
+    """Keep the k·B largest positive pre-activations of each layer over the batch (scope
+    ``layer``) or the k·B·L largest across all layers (scope ``all``; one shared threshold).
+    Gradients reach the selected pre-activations only. In eval mode it is JumpReLU with the
+    tracked threshold, so a token's features do not depend on the rest of its batch."""
+
+    jumprelu_equivalent = True
+
+    def __init__(self, args: TranscoderArgs):
+        super().__init__(args)
+        if args.batchtopk_scope not in ("layer", "all"):
+            raise ValueError(
+                f"model.batchtopk_scope must be 'layer' or 'all' (got {args.batchtopk_scope!r})."
+            )
+        self.scope = args.batchtopk_scope
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            thr = self.threshold.to(h.dtype)[:, None]  # [L, 1]
+            return h * (h > thr).to(h.dtype)
+        B, L, F = h.shape
+        if self.scope == "layer":
+            flat = h.transpose(0, 1).reshape(L, B * F)  # [L, B*F]
+            vals, idx = flat.topk(min(self.k * B, B * F), dim=-1, sorted=False)
+            vals = torch.relu(vals)
+            self._observe(_min_positive(vals.detach(), (1,)))
+            out = torch.zeros_like(flat).scatter(-1, idx, vals)
+            return out.reshape(L, B, F).transpose(0, 1)
+        flat = h.reshape(-1)  # [B*L*F]
+        vals, idx = flat.topk(min(self.k * B * L, flat.numel()), sorted=False)
+        vals = torch.relu(vals)
+        self._observe(_min_positive(vals.detach(), (0,)).expand(L))
+        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(B, L, F)
+
+
+activation_registry.register("relu", ReLU)
+activation_registry.register("jumprelu", JumpReLU)
+activation_registry.register("topk", TopK)
+activation_registry.register("batchtopk", BatchTopK)

@@ -1,0 +1,86 @@
+"""Crosslayer transcoder (CLT): ŷ_t = Σ_{s≤t} W_dec,s→t a_s + b_dec,t.
+
+Decoder storage is feature-major per source layer: ``W_dec[s]  # [F, L−s, d_out]`` (parameter
+``W_dec.{s}``), so one active feature's whole write to every later layer is one contiguous row.
+Encoders are per layer, as in the PLT: ``W_enc  # [L, F, d_in]``, ``b_enc  # [L, F]``;
+``b_dec  # [L, d_out]`` is the bias of each target layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from torchtitan_clt.models.common import (
+    LayerwiseTranscoder,
+    chunked_rows,
+    copy_full_,
+    new_param,
+    normalize_rows,
+    uniform,
+)
+from torchtitan_clt.models.plt.model import check_norm_mode
+from torchtitan_clt.protocols.transcoder import TranscoderArgs, parse_dtype
+
+
+class CrossLayerTranscoder(LayerwiseTranscoder):
+    def __init__(self, args: TranscoderArgs):
+        super().__init__(args)
+        L, F, d = args.n_layers, args.features_per_layer, args.d_out
+        dtype = parse_dtype(args.dtype)
+        self.W_dec = nn.ParameterList([new_param(F, L - s, d, dtype=dtype) for s in range(L)])
+
+    def _decode_source(self, s: int, acts_s: torch.Tensor) -> torch.Tensor:
+        """What source layer s writes: acts_s  # [B, F] -> [B, L−s, d_out] (no bias).
+        The one place a sparse decoding path needs to plug in."""
+        W = self.W_dec[s]  # [F, L−s, d]
+        return (acts_s.to(W.dtype) @ W.reshape(W.shape[0], -1)).view(acts_s.shape[0], *W.shape[1:])
+
+    def decode_std(self, acts: torch.Tensor) -> torch.Tensor:
+        B, L = acts.shape[0], self.args.n_layers
+        y = self.b_dec.expand(B, L, self.args.d_out).clone()  # [B, L, d]
+        for s in range(L):
+            y[:, s:] += self._decode_source(s, acts[:, s])
+        return y
+
+    def decoder_norms(self, mode: str = "concat") -> torch.Tensor:
+        check_norm_mode(mode)
+        if mode == "concat":
+            norms = [torch.linalg.vector_norm(W, dim=(1, 2)) for W in self.W_dec]
+        else:
+            norms = [torch.linalg.vector_norm(W, dim=2).sum(dim=1) for W in self.W_dec]
+        return torch.stack(norms)  # [L, F]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Decoder blocks W_dec,s→t ~ U(±1/sqrt(L·d_out)) (Ameisen et al. 2025, "Circuit
+        Tracing", methods); with model.decoder_init_norm > 0 each feature's whole row (all its
+        targets) is then scaled to that norm. Tied encoder: W_enc,s = the source's own block
+        W_dec,s→s (its first target)."""
+        a = self.args
+        L, F, d = a.n_layers, a.features_per_layer, a.d_out
+        bound = 1.0 / math.sqrt(L * d)
+        own_blocks = []
+        for s in range(L):
+            W = chunked_rows(seed, f"W_dec.{s}", (F, L - s, d), lambda g, sh: uniform(g, sh, bound))
+            if a.decoder_init_norm > 0:
+                W = normalize_rows(W, a.decoder_init_norm)
+            copy_full_(self.W_dec[s], W)
+            own_blocks.append(W[:, 0].clone())
+            del W
+        copy_full_(self.b_dec, torch.zeros(L, d))
+        self._init_encoder(seed, lambda i: own_blocks[i])
+        self._finish_init()
+
+    @torch.no_grad()
+    def _fold_into_weights(self, in_mean, in_scale, out_mean, out_scale) -> None:
+        self._fold_encoder(in_mean, in_scale)
+        for s, W in enumerate(self.W_dec):
+            W.copy_((W.float() * out_scale[s:][None]).to(W.dtype))  # targets s..L-1
+        self.b_dec.copy_((self.b_dec.float() * out_scale + out_mean).to(self.b_dec.dtype))
+
+
+def build_clt(args: TranscoderArgs) -> CrossLayerTranscoder:
+    return CrossLayerTranscoder(args)

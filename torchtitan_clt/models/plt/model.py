@@ -1,0 +1,75 @@
+"""Per-layer transcoder (PLT): layer l reads x_l and writes ŷ_l = W_dec,l a_l + b_dec,l.
+
+Parameters: ``W_enc  # [L, F, d_in]``, ``b_enc  # [L, F]``, ``W_dec  # [L, F, d_out]``,
+``b_dec  # [L, d_out]`` and the activation's own (e.g. ``activation.log_threshold``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchtitan_clt.models.common import (
+    LayerwiseTranscoder,
+    chunked_rows,
+    copy_full_,
+    new_param,
+    random_directions,
+)
+from torchtitan_clt.protocols.transcoder import TranscoderArgs, parse_dtype
+
+# Decoder rows start as random directions of norm 0.1 with W_enc = W_decᵀ (Anthropic's
+# "Circuits Updates – April 2024" SAE recipe), when model.decoder_init_norm = 0.
+PLT_DECODER_INIT_NORM = 0.1
+
+
+def check_norm_mode(mode: str) -> None:
+    if mode not in ("concat", "sum"):
+        raise ValueError(f"decoder norm mode must be 'concat' or 'sum' (got {mode!r}).")
+
+
+class PerLayerTranscoder(LayerwiseTranscoder):
+    def __init__(self, args: TranscoderArgs):
+        super().__init__(args)
+        self.W_dec = new_param(
+            args.n_layers, args.features_per_layer, args.d_out, dtype=parse_dtype(args.dtype)
+        )
+
+    def decode_std(self, acts: torch.Tensor) -> torch.Tensor:
+        acts = acts.to(self.W_dec.dtype)
+        # [L, B, F] @ [L, F, d] -> [L, B, d]
+        y = torch.bmm(acts.transpose(0, 1), self.W_dec).transpose(0, 1)
+        return y + self.b_dec
+
+    def decoder_norms(self, mode: str = "concat") -> torch.Tensor:
+        check_norm_mode(mode)  # one target per feature: both modes agree
+        return torch.linalg.vector_norm(self.W_dec, dim=-1)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        a = self.args
+        norm = a.decoder_init_norm or PLT_DECODER_INIT_NORM
+        W_dec = torch.stack(
+            [
+                chunked_rows(
+                    seed,
+                    f"W_dec.{i}",
+                    (a.features_per_layer, a.d_out),
+                    lambda g, s: random_directions(g, s, norm),
+                )
+                for i in range(a.n_layers)
+            ]
+        )
+        copy_full_(self.W_dec, W_dec)
+        copy_full_(self.b_dec, torch.zeros(a.n_layers, a.d_out))
+        self._init_encoder(seed, lambda i: W_dec[i])
+        self._finish_init()
+
+    @torch.no_grad()
+    def _fold_into_weights(self, in_mean, in_scale, out_mean, out_scale) -> None:
+        self._fold_encoder(in_mean, in_scale)
+        self.W_dec.copy_((self.W_dec.float() * out_scale[:, None, :]).to(self.W_dec.dtype))
+        self.b_dec.copy_((self.b_dec.float() * out_scale + out_mean).to(self.b_dec.dtype))
+
+
+def build_plt(args: TranscoderArgs) -> PerLayerTranscoder:
+    return PerLayerTranscoder(args)

@@ -1,0 +1,20 @@
+"""``parallelize_plt``: features sharded over tp, then FSDP2 over dp (see distributed/)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from torchtitan_clt.distributed.parallelize import parallelize_transcoder
+
+# Parameter (regex) -> feature axis sharded over tp; None: replicated.
+PLT_TP_PLAN: dict[str, int | None] = {
+    r"W_enc": 1,  # [L, F, d_in]
+    r"b_enc": 1,  # [L, F]
+    r"W_dec": 1,  # [L, F, d_out]
+    r"activation\.log_threshold": 1,  # [L, F] (JumpReLU)
+    r"b_dec": None,  # [L, d_out]: added once, after the decoder's partial sums are reduced
+}
+
+
+def parallelize_plt(model: nn.Module, parallel_dims, job_config) -> nn.Module:
+    return parallelize_transcoder(model, parallel_dims, job_config, PLT_TP_PLAN)

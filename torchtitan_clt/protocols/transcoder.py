@@ -1,0 +1,258 @@
+"""The dictionary interface: ``TranscoderArgs``, ``TranscoderOutput`` and the ``Transcoder`` base.
+
+A transcoder reads ``x  # [batch, n_layers, d_in]`` and writes ``y_hat  # [batch, n_layers, d_out]``.
+Training runs in standardized units (``forward_std``); the public API (``encode`` / ``decode`` /
+``forward``) takes and gives raw activations, applying the standardization buffers around the
+standardized path. ``fold_standardization`` moves those buffers into the weights (export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {', '.join(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in _DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(_DTYPES)}.")
+
+
+def _needs_decoder_norms(loss_cfg: Any) -> bool:
+    return loss_cfg.sparsity != "none" or loss_cfg.lambda_preact > 0
+
+
+@dataclass
+class TranscoderArgs:
+    """What a family's ``build_fn`` receives; saved whole in every export."""
+
+    family: str = "clt"
+    """Registered family name (``model.name``)."""
+    n_layers: int = 1
+    """Layers covered (L): the dictionary's layer axis, in the order of ``layers``."""
+    d_in: int = 1
+    """Width of the input hook."""
+    d_out: int = 1
+    """Width of the target hook."""
+    features_per_layer: int = 1
+    """Features per layer (F)."""
+    activation: str = "jumprelu"
+    """Registered activation name."""
+    k: int = 32
+    """TopK / BatchTopK: active features per token and layer."""
+    batchtopk_scope: str = "layer"
+    """BatchTopK selection per ``layer`` or across ``all`` layers jointly."""
+    jumprelu_threshold_init: float = 0.03
+    """Initial JumpReLU threshold θ."""
+    jumprelu_bandwidth: float = 0.1
+    """Rectangle-kernel width ε of JumpReLU's straight-through estimator."""
+    threshold_ema_decay: float = 0.99
+    """EMA decay of the TopK / BatchTopK inference threshold."""
+    decoder_init_norm: float = 0.0
+    """Initial norm of each feature's decoder row (0: family default)."""
+    tied_init: bool = True
+    """Initialize the encoder from the decoder."""
+    dtype: str = "float32"
+    """Parameter dtype."""
+    decoder_norm: str = "concat"
+    """How ``forward_std`` takes a feature's decoder norm over its targets (``concat`` / ``sum``,
+    or ``none``: not at all). Set from ``loss.decoder_norm`` so that the norm is taken inside
+    forward, where sharded (FSDP) parameters are whole; ``none`` when no loss term needs it."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Family-specific settings."""
+    model_name: str = ""
+    """LLM the dictionary was trained on."""
+    hook_in: str = "resid_mid"
+    """Input hook point name."""
+    hook_out: str = "mlp_out"
+    """Target hook point name."""
+    layers: list[int] = field(default_factory=list)
+    """LLM layer index of each of the L dictionary layers."""
+
+    @classmethod
+    def from_job_config(
+        cls,
+        cfg: Any,
+        n_layers: int,
+        d_in: int,
+        d_out: int,
+        layers: list[int],
+        model_name: str,
+        hook_in: str,
+        hook_out: str,
+    ) -> TranscoderArgs:
+        m = cfg.model
+        return cls(
+            family=m.name,
+            n_layers=n_layers,
+            d_in=d_in,
+            d_out=d_out,
+            features_per_layer=m.features_per_layer,
+            activation=m.activation,
+            k=m.k,
+            batchtopk_scope=m.batchtopk_scope,
+            jumprelu_threshold_init=m.jumprelu_threshold_init,
+            jumprelu_bandwidth=m.jumprelu_bandwidth,
+            threshold_ema_decay=m.threshold_ema_decay,
+            decoder_init_norm=m.decoder_init_norm,
+            tied_init=m.tied_init,
+            dtype=m.dtype,
+            decoder_norm=cfg.loss.decoder_norm if _needs_decoder_norms(cfg.loss) else "none",
+            model_name=model_name,
+            hook_in=hook_in,
+            hook_out=hook_out,
+            layers=list(layers),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TranscoderArgs:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"TranscoderArgs: unknown field(s) {unknown}; the file was written by a newer "
+                "torchtitan_clt, upgrade to read it."
+            )
+        return cls(**d)
+
+
+@dataclass
+class TranscoderOutput:
+    pre_acts: torch.Tensor  # [B, L, F] standardized units
+    acts: torch.Tensor  # [B, L, F]
+    y_hat: torch.Tensor  # [B, L, d_out] standardized units
+    dec_norms: torch.Tensor | None = None  # [L, F], mode args.decoder_norm, taken inside forward
+
+
+class Transcoder(nn.Module):
+    """Base class: standardization buffers, the raw-unit public API, and the training path.
+
+    Subclasses set ``self.activation`` (an activation module) and implement ``pre_acts``,
+    ``decode_std``, ``decoder_norms``, ``init_weights`` and ``_fold_into_weights``.
+    """
+
+    def __init__(self, args: TranscoderArgs):
+        super().__init__()
+        self.args = args
+        L = args.n_layers
+        # Buffers stay fp32 whatever the parameter dtype: they are statistics, not weights.
+        self.register_buffer("in_mean", torch.zeros(L, args.d_in, dtype=torch.float32))
+        self.register_buffer("in_scale", torch.ones(L, args.d_in, dtype=torch.float32))
+        self.register_buffer("out_mean", torch.zeros(L, args.d_out, dtype=torch.float32))
+        self.register_buffer("out_scale", torch.ones(L, args.d_out, dtype=torch.float32))
+
+    # --- standardization -------------------------------------------------------------------
+    def reset_standardization(self) -> None:
+        with torch.no_grad():
+            self.in_mean.zero_()
+            self.in_scale.fill_(1.0)
+            self.out_mean.zero_()
+            self.out_scale.fill_(1.0)
+
+    def set_standardization(
+        self,
+        in_mean: torch.Tensor,
+        in_scale: torch.Tensor,
+        out_mean: torch.Tensor,
+        out_scale: torch.Tensor,
+    ) -> None:
+        """Set per-layer statistics; each broadcasts to [L, d] (a [L, 1] scale is a scalar one)."""
+        with torch.no_grad():
+            for name, value in (
+                ("in_mean", in_mean),
+                ("in_scale", in_scale),
+                ("out_mean", out_mean),
+                ("out_scale", out_scale),
+            ):
+                buf = getattr(self, name)
+                value = torch.as_tensor(value, dtype=buf.dtype).to(buf.device)
+                if name.endswith("scale") and not bool((value > 0).all()):
+                    raise ValueError(
+                        f"{name} must be positive everywhere (got min {value.min().item():.3g}); "
+                        "clamp the estimated std from below, e.g. std.clamp_min(1e-6)."
+                    )
+                buf.copy_(value.expand_as(buf))
+
+    def standardize_in(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.in_mean) / self.in_scale
+
+    def standardize_out(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.out_mean) / self.out_scale
+
+    def unstandardize_out(self, ys: torch.Tensor) -> torch.Tensor:
+        return ys * self.out_scale + self.out_mean
+
+    @torch.no_grad()
+    def fold_standardization(self) -> None:
+        """Fold the buffers into the weights: raw in -> raw out is unchanged, buffers become identity.
+
+        Encoder: h = W (x - μ)/σ + b = (W/σ) x + (b - (W/σ)·μ). Decoder: y = σ' (W a + b) + μ'
+        = (W σ') a + (σ' b + μ'). Pre-activations, hence thresholds, do not change.
+        """
+        self._fold_into_weights(
+            self.in_mean.float(), self.in_scale.float(), self.out_mean.float(), self.out_scale.float()
+        )
+        self.reset_standardization()
+
+    # --- public API (raw units) ------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x  # [N, L, d_in] raw -> acts  # [N, L, F]"""
+        return self.activation(self.pre_acts(self.standardize_in(x)))
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """acts  # [N, L, F] -> y_hat  # [N, L, d_out] raw"""
+        return self.unstandardize_out(self.decode_std(acts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # --- training path (standardized units) ------------------------------------------------
+    def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
+        h = self.pre_acts(xs)
+        a = self.activation(h)
+        return TranscoderOutput(
+            pre_acts=h,
+            acts=a,
+            y_hat=self.decode_std(a),
+            dec_norms=None
+            if self.args.decoder_norm == "none"
+            else self.decoder_norms(self.args.decoder_norm),
+        )
+
+    # --- family hooks ----------------------------------------------------------------------
+    def pre_acts(self, xs: torch.Tensor) -> torch.Tensor:
+        """xs  # [B, L, d_in] standardized -> h  # [B, L, F]"""
+        raise NotImplementedError
+
+    def decode_std(self, acts: torch.Tensor) -> torch.Tensor:
+        """acts  # [B, L, F] -> y_hat  # [B, L, d_out] standardized"""
+        raise NotImplementedError
+
+    def decoder_norms(self, mode: str = "concat") -> torch.Tensor:
+        """Per-feature decoder norm  # [L, F]; ``mode`` is ``concat`` or ``sum`` over targets."""
+        raise NotImplementedError
+
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init from ``seed``: the same weights on any device and mesh."""
+        raise NotImplementedError
+
+    def _fold_into_weights(
+        self, in_mean: torch.Tensor, in_scale: torch.Tensor, out_mean: torch.Tensor, out_scale: torch.Tensor
+    ) -> None:
+        raise NotImplementedError

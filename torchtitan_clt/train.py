@@ -1,0 +1,345 @@
+"""The trainer: builds every part from the config and runs the loop.
+
+text -> tokens -> LLM activations -> shuffle buffer -> batch -> dictionary -> loss -> step.
+Run through ``./run_train.sh`` (torchrun), or ``python -m torchtitan_clt.train`` in one process.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from torchtitan_clt.components.lr_scheduler import build_lr_scheduler
+from torchtitan_clt.components.optimizer import build_optimizer, clip_grad_norm_
+from torchtitan_clt.components.standardization import estimate_standardization
+from torchtitan_clt.config import ConfigError, JobConfig, help_text, load_config, to_toml
+from torchtitan_clt.data.source import SourceContext
+from torchtitan_clt.distributed.utils import check_config_consistent, init_distributed
+from torchtitan_clt.metrics.logger import MetricsLogger
+from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
+from torchtitan_clt.models.losses import build_loss_fn
+from torchtitan_clt.protocols import (
+    activation_registry,
+    data_source_registry,
+    get_model_spec,
+    import_custom_modules,
+)
+from torchtitan_clt.protocols.transcoder import TranscoderArgs
+from torchtitan_clt.tools.logging import init_logger, logger
+from torchtitan_clt.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+from torchtitan_clt.tools.utils import device_from_config, set_determinism
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and the cause."""
+
+
+class TrainState:
+    """The trainer's own progress, checkpointed like everything else."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.tokens = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step = int(sd["step"])
+        self.tokens = int(sd["tokens"])
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        import_custom_modules(cfg.job.custom_import)
+        # Names are checked before anything expensive is built.
+        self.spec = get_model_spec(cfg.model.name)
+        activation_registry.get(cfg.model.activation)
+        if self.spec.activations is not None and cfg.model.activation not in self.spec.activations:
+            raise ConfigError(
+                f"model.activation = {cfg.model.activation!r} does not work with model.name = "
+                f"{cfg.model.name!r}: choose one of {', '.join(self.spec.activations)}."
+            )
+        build_source = data_source_registry.get(cfg.data.source)
+
+        self.parallel_dims = pd = init_distributed(cfg)
+        check_config_consistent(cfg)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.device = device_from_config(cfg)
+        set_determinism(cfg.job.seed, cfg.job.deterministic)
+
+        self.run_folder = Path(cfg.job.dump_folder) / cfg.job.name
+        if self.rank == 0:
+            self.run_folder.mkdir(parents=True, exist_ok=True)
+            (self.run_folder / "config.toml").write_text(to_toml(cfg))
+
+        t = cfg.training
+        denom = pd.dp_degree * t.grad_accum_steps
+        if t.batch_size % denom:
+            raise ConfigError(
+                f"training.batch_size ({t.batch_size}) must be divisible by data-parallel degree × "
+                f"training.grad_accum_steps ({pd.dp_degree} × {t.grad_accum_steps})."
+            )
+        self.micro_batch = t.batch_size // denom
+
+        tp_mesh = pd.get_optional_mesh("tp")
+        self.source = build_source(
+            cfg,
+            SourceContext(
+                device=self.device,
+                dp_rank=pd.dp_rank,
+                dp_degree=pd.dp_degree,
+                tp_group=tp_mesh.get_group() if tp_mesh is not None else None,
+                seed=cfg.job.seed,
+            ),
+        )
+        src = self.source
+        self.model_args = TranscoderArgs.from_job_config(
+            cfg,
+            n_layers=src.n_layers,
+            d_in=src.d_in,
+            d_out=src.d_out,
+            layers=list(src.layers),
+            model_name=src.model_name,
+            hook_in=src.hook_in,
+            hook_out=src.hook_out,
+        )
+        with torch.device("meta"):
+            model = self.spec.build_fn(self.model_args)
+        if self.spec.parallelize_fn is not None and pd.world_size > 1:
+            model = self.spec.parallelize_fn(model, pd, cfg)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            model.init_weights(cfg.job.seed)
+        self.model = model
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info(
+            f"{cfg.model.name} ({cfg.model.activation}): {src.n_layers} layers × "
+            f"{cfg.model.features_per_layer} features, d_in {src.d_in}, d_out {src.d_out}, "
+            f"{n_params / 1e6:.1f} M parameters, device {self.device}, mesh {pd}"
+        )
+
+        self.forward = torch.compile(model.forward_std) if t.compile else model.forward_std
+        self.loss_fn = build_loss_fn(cfg)
+        self.optimizers = build_optimizer(model, cfg)
+        self.lr_schedulers = build_lr_scheduler(self.optimizers, cfg, t.steps)
+        self.train_state = TrainState()
+        dp_mesh = pd.get_optional_mesh("dp")
+        self.dp_group = dp_mesh.get_group() if dp_mesh is not None else None
+        self.dead = DeadFeatureTracker(
+            src.n_layers,
+            cfg.model.features_per_layer,
+            cfg.loss.dead_after_tokens,
+            device=self.device,
+            group=self.dp_group,
+        )
+        self.autocast_dtype = _autocast_dtype(cfg, self.device)
+
+        self.checkpointer = None
+        if cfg.checkpoint.enable:
+            from torchtitan_clt.checkpoint.manager import CheckpointManager, ModelWrapper
+
+            self.checkpointer = CheckpointManager(
+                self.run_folder,
+                cfg,
+                {
+                    "model": ModelWrapper(model),
+                    "optimizer": self.optimizers,
+                    "lr_scheduler": self.lr_schedulers,
+                    "data": self.source,
+                    "train_state": self.train_state,
+                    "dead_features": self.dead,
+                },
+                parallel_dims=pd,
+            )
+            resumed = self.checkpointer.load()
+            if resumed is not None:
+                logger.info(f"Resumed from step {self.train_state.step} ({self.train_state.tokens} tokens)")
+        if self.train_state.step == 0:
+            self._standardize()
+        ts = self.train_state
+        self.metrics = MetricsLogger(
+            self.run_folder, cfg, self.rank, device=self.device, start_step=ts.step, start_tokens=ts.tokens
+        )
+
+    def _standardize(self) -> None:
+        s = self.cfg.standardize
+        if s.inputs == "none" and s.targets == "none":
+            return
+        per_rank = max(1, s.estimate_tokens // self.parallel_dims.dp_degree)
+        logger.info(f"Estimating standardization ({s.inputs} / {s.targets}) on {s.estimate_tokens} tokens")
+        stats = estimate_standardization(
+            self.source.next_batch, per_rank, self.micro_batch, s.inputs, s.targets, self.dp_group
+        )
+        self.model.set_standardization(*stats)
+
+    def _micro_step(self, step: int, fvu: FVUAccumulator | None, l0_sum: list) -> torch.Tensor:
+        t0 = time.perf_counter()
+        x, y = self.source.next_batch(self.micro_batch)  # [B, L, d_in], [B, L, d_out] raw
+        self.data_wait_s += time.perf_counter() - t0
+        m = self.model
+        xs, ys = m.standardize_in(x), m.standardize_out(y)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.forward(xs)
+            loss, terms = self.loss_fn(m, out, ys, step)
+        if not torch.isfinite(loss):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            raise TrainingError(
+                f"Non-finite loss at step {step}: {loss.item()} (non-finite terms: {', '.join(bad) or 'none'}; "
+                f"terms {({k: float(v) for k, v in terms.items()})}). Lower optimizer.lr, raise "
+                "training.max_norm clipping, or check the data for NaNs. Weights were not updated."
+            )
+        (loss / self.cfg.training.grad_accum_steps).backward()
+        acts = out.acts.detach()
+        self.dead.update(acts, x.shape[0])
+        if fvu is not None:
+            with torch.no_grad():
+                y_hat = m.unstandardize_out(out.y_hat.detach().float())
+                fvu.update(y, y_hat)
+                l0_sum.append(l0_per_layer(acts))
+        for k, v in terms.items():
+            self.term_sums[k] = self.term_sums.get(k, 0.0) + v.detach().float()
+        return loss.detach()
+
+    def train_step(self, step: int, fvu: FVUAccumulator | None = None):
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns (mean loss, grad
+        norm, per-micro-batch L0 lists when ``fvu`` is given)."""
+        t = self.cfg.training
+        l0_sum: list = []
+        self.term_sums: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(t.grad_accum_steps):
+            loss_sum += self._micro_step(step, fvu, l0_sum)
+        grad_norm = clip_grad_norm_(self.model.parameters(), t.max_norm)
+        self.optimizers.step()
+        self.lr_schedulers.step()
+        self.optimizers.zero_grad()
+        return loss_sum / t.grad_accum_steps, grad_norm, l0_sum
+
+    def train(self) -> dict:
+        cfg, ts = self.cfg, self.train_state
+        t = cfg.training
+        last: dict = {}
+        logger.info(
+            f"Training {t.steps} steps of {t.batch_size} tokens (micro-batch {self.micro_batch} × "
+            f"{t.grad_accum_steps} accumulation × {self.parallel_dims.dp_degree} data-parallel)"
+        )
+        t_window = time.perf_counter()
+        self.data_wait_s = 0.0
+        with maybe_enable_profiling(cfg, self.run_folder, ts.step) as profiler, maybe_enable_memory_snapshot(
+            cfg, self.run_folder, ts.step
+        ) as mem_snapshot:
+            while ts.step < t.steps:
+                ts.step += 1
+                step = ts.step
+                log_now = step % cfg.metrics.log_freq == 0 or step == t.steps or step == 1
+                fvu = FVUAccumulator() if log_now else None
+                loss, grad_norm, l0_sum = self.train_step(step, fvu)
+                ts.tokens += t.batch_size
+                if log_now:
+                    elapsed = time.perf_counter() - t_window
+                    last = self._log(step, loss, grad_norm, fvu, l0_sum, self.data_wait_s, elapsed)
+                    t_window, self.data_wait_s = time.perf_counter(), 0.0
+                if self.checkpointer is not None:
+                    self.checkpointer.save(step, last_step=step == t.steps)
+                if profiler is not None:
+                    profiler.step()
+                if mem_snapshot is not None:
+                    mem_snapshot.step()
+        self._finish()
+        return last
+
+    def _log(self, step, loss, grad_norm, fvu, l0_sum, data_wait_s, elapsed) -> dict:
+        n = self.cfg.training.grad_accum_steps
+        scalars = {"loss": loss, **{k: v / n for k, v in self.term_sums.items()}}
+        l0_layers = torch.stack(l0_sum).mean(0)  # [L]
+        if self.dp_group is not None:
+            for v in (*scalars.values(), l0_layers):
+                dist.all_reduce(v, group=self.dp_group)
+                v /= self.parallel_dims.dp_degree
+        fvu_layers = fvu.compute(self.dp_group)  # [L], exact over all ranks' rows
+        loss = scalars.pop("loss")
+        metrics = {
+            "tokens": self.train_state.tokens,
+            "loss": float(loss),
+            "terms": {k: float(v) for k, v in scalars.items()},
+            "fvu_per_layer": [round(float(v), 5) for v in fvu_layers],
+            "l0_per_layer": [round(float(v), 3) for v in l0_layers],
+            "dead_frac": float(self.dead.dead_fraction()),
+            "lr": self.lr_schedulers.get_last_lr(),
+            "grad_norm": float(grad_norm),
+            "data_wait_frac": data_wait_s / max(elapsed, 1e-9),
+        }
+        return self.metrics.log(step, metrics) or metrics
+
+    def _finish(self) -> None:
+        cfg = self.cfg
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if cfg.checkpoint.export or cfg.checkpoint.export_circuit_tracer:
+            plain = self._gather_plain_model()
+            if plain is not None:
+                from torchtitan_clt.checkpoint.export import export_native
+
+                dtype = getattr(torch, cfg.checkpoint.export_dtype)
+                if cfg.checkpoint.export:
+                    export_native(plain, self.run_folder / "export", dtype=dtype)
+                    logger.info(f"Exported to {self.run_folder / 'export'}")
+                if cfg.checkpoint.export_circuit_tracer:
+                    from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
+
+                    export_circuit_tracer(plain, self.run_folder / "circuit_tracer", dtype=dtype)
+                    logger.info(f"Exported circuit-tracer folder to {self.run_folder / 'circuit_tracer'}")
+        self.metrics.close()
+        self.source.close()
+
+    def _gather_plain_model(self):
+        """A single-device copy of the (possibly sharded) model on rank 0; None elsewhere."""
+        if not dist.is_initialized() or self.parallel_dims.world_size == 1:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        plain = self.spec.build_fn(self.model_args)
+        plain.load_state_dict(sd)
+        return plain
+
+
+def _autocast_dtype(cfg: JobConfig, device: torch.device):
+    mp = cfg.training.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return 0
+    init_logger()
+    try:
+        cfg = load_config(argv)
+        trainer = Trainer(cfg)
+        trainer.train()
+    except ConfigError as e:
+        logger.error(f"Config error: {e}")
+        return 2
+    except TrainingError as e:
+        logger.error(str(e))
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
