@@ -231,6 +231,7 @@ class Trainer:
         )
         t_window = time.perf_counter()
         self.data_wait_s = 0.0
+        self.metrics.reset_timer(ts.step, ts.tokens)
         with maybe_enable_profiling(cfg, self.run_folder, ts.step) as profiler, maybe_enable_memory_snapshot(
             cfg, self.run_folder, ts.step
         ) as mem_snapshot:

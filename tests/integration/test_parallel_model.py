@@ -39,13 +39,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_layout(tmp_path: Path, layout: str, family: str, activation: str, scope: str = "all") -> dict:
+def _run_layout(tmp_path: Path, layout: str, cases: list[tuple[str, str, str]]) -> list[dict]:
+    """One torchrun launch per layout; the workers train every case in turn on the same mesh."""
     nproc, *_ = LAYOUTS[layout]
-    out = tmp_path / f"{layout}_{family}_{activation}.json"
+    out = tmp_path / f"{layout}.json"
+    spec = ",".join(":".join(c) for c in cases)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-        str(HERE), layout, family, activation, scope, str(out),
+        str(HERE), layout, spec, str(out),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
@@ -53,28 +55,25 @@ def _run_layout(tmp_path: Path, layout: str, family: str, activation: str, scope
     return json.loads(out.read_text())
 
 
-CASES = [
-    ("dp2xtp2", "clt", "batchtopk", "all"),
-    ("dp2xtp2", "clt", "jumprelu", "all"),
-    ("tp2", "clt", "batchtopk", "layer"),
-    ("tp2", "clt", "topk", "all"),
-    ("dp2", "plt", "batchtopk", "layer"),
-    ("hsdp2x2", "clt", "relu", "all"),
-]
+CASES = {  # layout: [(family, activation, batchtopk scope)]
+    "dp2xtp2": [("clt", "batchtopk", "all"), ("clt", "jumprelu", "all"), ("clt", "topk", "all")],
+    "tp2": [("clt", "batchtopk", "layer"), ("plt", "jumprelu", "all")],
+    "hsdp2x2": [("clt", "relu", "all"), ("plt", "batchtopk", "layer")],
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,family,activation,scope", CASES)
-def test_sharded_training_matches_one_process(tmp_path, layout, family, activation, scope):
-    res = _run_layout(tmp_path, layout, family, activation, scope)
-    ref, got = res["ref_losses"], res["losses"]
-    assert len(got) == len(ref) == STEPS
-    for step, (a, b) in enumerate(zip(got, ref)):
-        assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), f"step {step}: {a} vs one-process {b}"
-    assert res["max_weight_diff"] < 1e-4, res
-    assert res["weights_moved"] > 1e-3  # the comparison is not between two untouched inits
-    if activation in ("batchtopk", "topk"):
-        assert res["threshold_diff"] < 1e-5, res
+@pytest.mark.parametrize("layout", list(CASES))
+def test_sharded_training_matches_one_process(tmp_path, layout):
+    for case, res in zip(CASES[layout], _run_layout(tmp_path, layout, CASES[layout])):
+        ref, got = res["ref_losses"], res["losses"]
+        assert len(got) == len(ref) == STEPS
+        for step, (a, b) in enumerate(zip(got, ref)):
+            assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), f"{case} step {step}: {a} vs one-process {b}"
+        assert res["max_weight_diff"] < 1e-4, (case, res)
+        assert res["weights_moved"] > 1e-3, (case, res)  # not a comparison of two untouched inits
+        if case[1] in ("batchtopk", "topk"):
+            assert res["threshold_diff"] < 1e-5, (case, res)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,26 +83,43 @@ STEPS = 6
 L, D, F, B, K = 3, 8, 16, 24, 3
 
 
-def _worker(layout: str, family: str, activation: str, scope: str, out: str) -> None:
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+def _parallelize_fns():
+    from torchtitan_clt.models.clt.parallelize import parallelize_clt
+    from torchtitan_clt.models.plt.parallelize import parallelize_plt
 
+    return {"clt": parallelize_clt, "plt": parallelize_plt}
+
+
+def _worker(layout: str, cases: str, out_path: str) -> None:
     from torchtitan_clt.config import JobConfig
     from torchtitan_clt.distributed import init_distributed
-    from torchtitan_clt.distributed.tensor_parallel import TPLossFn, tp_group_of
-    from torchtitan_clt.distributed.utils import clip_grad_norm_
-    from torchtitan_clt.models import build_loss_fn
-    from torchtitan_clt.protocols import model_registry
-    from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
     _, R, S, T = LAYOUTS[layout]
     cfg = JobConfig()
     cfg.training.device = "cpu"
     cfg.parallelism.dp_replicate, cfg.parallelism.dp_shard, cfg.parallelism.tp = R, S, T
+    dims = init_distributed(cfg)
+    results = [_train_case(cfg, dims, *case.split(":")) for case in cases.split(",")]
+    if dims.rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def _train_case(cfg, dims, family: str, activation: str, scope: str) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from torchtitan_clt.distributed.tensor_parallel import TPLossFn
+    from torchtitan_clt.distributed.utils import clip_grad_norm_
+    from torchtitan_clt.models import build_loss_fn
+    from torchtitan_clt.protocols import model_registry
+    from torchtitan_clt.protocols.transcoder import TranscoderArgs
+
     cfg.model.name, cfg.model.activation, cfg.model.k, cfg.model.batchtopk_scope = family, activation, K, scope
     cfg.loss.lambda_sparsity = 0.01
-    dims = init_distributed(cfg)
     args = TranscoderArgs(
         family=family, n_layers=L, d_in=D, d_out=D, features_per_layer=F, activation=activation, k=K,
         batchtopk_scope=scope, jumprelu_threshold_init=0.05, jumprelu_bandwidth=0.5,
@@ -113,12 +129,12 @@ def _worker(layout: str, family: str, activation: str, scope: str, out: str) -> 
     ref.init_weights(seed=7)
     with torch.device("meta"):
         model = spec.build_fn(args)
-    model = spec.parallelize_fn(model, dims, cfg)
+    model = (spec.parallelize_fn or _parallelize_fns()[family])(model, dims, cfg)
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
 
     loss_fn = build_loss_fn(cfg)
-    tp_loss_fn = TPLossFn(loss_fn, tp_group_of(model))
+    tp_loss_fn = TPLossFn(loss_fn)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
@@ -138,6 +154,8 @@ def _worker(layout: str, family: str, activation: str, scope: str, out: str) -> 
         ref_losses.append(loss_ref.item())
 
         out = model.forward_std(x[lo : lo + n_local])
+        if dims.tp_enabled:
+            assert isinstance(out.acts, DTensor) and out.acts.shape == (n_local, L, F)
         loss, terms = tp_loss_fn(model, out, y[lo : lo + n_local], step)
         opt.zero_grad()
         loss.backward()
@@ -156,15 +174,9 @@ def _worker(layout: str, family: str, activation: str, scope: str, out: str) -> 
     thr_diff = 0.0
     if isinstance(getattr(ref.activation, "threshold", None), torch.Tensor):
         thr_diff = (model.activation.threshold - ref.activation.threshold).abs().max().item()
-    if dist.get_rank() == 0:
-        Path(out).write_text(
-            json.dumps(
-                {"losses": losses, "ref_losses": ref_losses, "max_weight_diff": max_diff,
-                 "weights_moved": moved, "threshold_diff": thr_diff}
-            )
-        )  # fmt: skip
-    dist.destroy_process_group()
+    return {"losses": losses, "ref_losses": ref_losses, "max_weight_diff": max_diff,
+            "weights_moved": moved, "threshold_diff": thr_diff}  # fmt: skip
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:6])
+    _worker(*sys.argv[1:4])

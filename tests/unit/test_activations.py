@@ -142,6 +142,10 @@ def test_batchtopk_all_scope_by_hand():
     assert torch.allclose(act.threshold, torch.tensor([0.3, 0.3]))
     with pytest.raises(ValueError, match="batchtopk_scope"):
         BatchTopK(_args(2, 3, k=1, batchtopk_scope="token"))
+    with pytest.raises(ValueError, match="threshold_ema_decay"):
+        BatchTopK(_args(2, 3, k=1, threshold_ema_decay=1.0))
+    with pytest.raises(ValueError, match="model.k"):
+        TopK(_args(2, 3, k=0))
 
 
 def test_batchtopk_k_larger_than_batch():

@@ -53,8 +53,12 @@ def make(tmp_path, **ckpt):
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = Counter()
-    states = {"model": ModelWrapper(model), "optimizer": OptimizerWrapper(model, opt),
-              "data": data, "rng": RNGState()}
+    states = {
+        "model": ModelWrapper(model),
+        "optimizer": OptimizerWrapper(model, opt),
+        "data": data,
+        "rng": RNGState(),
+    }
     return CheckpointManager(tmp_path, cfg, states), model, opt, data
 
 
@@ -71,10 +75,16 @@ def train_step(model, opt, data, step):
 
 
 def snapshot(model, opt, data):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {i: {n: t.clone() for n, t in opt.state[p].items()}
-             for i, p in enumerate(model.parameters()) if p in opt.state},
-            json.dumps(data.pos), data.t.clone())
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {
+            i: {n: t.clone() for n, t in opt.state[p].items()}
+            for i, p in enumerate(model.parameters())
+            if p in opt.state
+        },
+        json.dumps(data.pos),
+        data.t.clone(),
+    )
 
 
 def assert_same(a, b):
@@ -228,8 +238,9 @@ def test_sigkill_during_save_resumes_from_previous(tmp_path):
     """A process killed (SIGKILL) while step 4 is being written: the next start loads step 2."""
     script = SCRIPT.format(tests=str(Path(__file__).parent), run=str(tmp_path), env=SLEEP_ENV)
     env = {k: v for k, v in os.environ.items() if k != SLEEP_ENV}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     folder = tmp_path / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and not (folder / "step-4.tmp" / ".metadata").exists():

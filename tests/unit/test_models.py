@@ -238,3 +238,64 @@ def test_gradients_reach_every_parameter(family):
     (out.y_hat.pow(2).sum() + out.acts.sum()).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None, name
+
+
+def _sharded_init_worker(rank: int, world: int, store_path: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from torchtitan_clt.checkpoint.export import export_native, load_pretrained
+    from torchtitan_clt.models.common import _local_index, copy_full_
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        # copy_full_ writes this rank's slice: same local shard as distribute_tensor, uneven sizes too
+        mesh1 = init_device_mesh("cpu", (2,))
+        mesh2 = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "tp"))
+        full = torch.arange(105.0).view(5, 3, 7)
+        for mesh, placements in [
+            (mesh1, [Shard(0)]),
+            (mesh1, [Shard(1)]),
+            (mesh1, [Shard(-1)]),
+            (mesh1, [Replicate()]),
+            (mesh2, [Shard(0), Shard(0)]),
+            (mesh2, [Shard(1), Shard(2)]),
+        ]:
+            p = torch.nn.Parameter(distribute_tensor(torch.zeros(5, 3, 7), mesh, placements))
+            assert _local_index(p) is not None
+            copy_full_(p, full)
+            assert torch.equal(p.to_local(), distribute_tensor(full, mesh, placements).to_local())
+        # FSDP2 on a meta-built model: the same weights as a one-process init
+        for family in ("clt", "plt"):
+            args = _args(family, F=5, act="jumprelu")
+            ref = model_registry.get(family).build_fn(args)
+            ref.init_weights(7)
+            with torch.device("meta"):
+                m = model_registry.get(family).build_fn(args)
+            fully_shard(m, mesh=mesh1)
+            m.to_empty(device="cpu")
+            m.init_weights(7)
+            for name, p in m.named_parameters():
+                assert isinstance(p, DTensor), name
+                assert torch.equal(p.full_tensor(), ref.get_parameter(name)), name
+            # the export gathers the shards on every rank; rank 0 alone writes
+            folder = f"{store_path}-export-{family}"
+            written = export_native(m, folder)
+            assert (written is not None) == (rank == 0)
+            dist.barrier()
+            x = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(load_pretrained(folder)(x), ref.eval()(x))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_init_matches_single_process(tmp_path):
+    """Two gloo ranks: DTensor / FSDP2 parameters get the one-process weights, and export them."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("needs torch.distributed")
+    mp.spawn(_sharded_init_worker, args=(2, str(tmp_path / "store")), nprocs=2)

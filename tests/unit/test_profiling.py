@@ -30,6 +30,7 @@ def _loop(prof, start, stop):
         prof.step()
 
 
+@pytest.mark.filterwarnings("ignore:Warning. Profiler clears events")
 def test_profiler_writes_chrome_trace_on_cpu(tmp_path):
     cfg = _cfg(enable_profiling=True, profile_freq=3, profile_warmup=1, profile_active=1)
     with maybe_enable_profiling(cfg, tmp_path, global_step=0) as prof:

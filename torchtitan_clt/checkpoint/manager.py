@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
+
+# DCP warns on every call made without a process group; one process is a supported setup here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
@@ -111,8 +115,11 @@ class RNGState(Stateful):
             if len(states) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states)
             else:
-                logger.warning("checkpoint: CUDA RNG saved for %d devices, %d present; not restored",
-                               len(states), torch.cuda.device_count())
+                logger.warning(
+                    "checkpoint: CUDA RNG saved for %d devices, %d present; not restored",
+                    len(states),
+                    torch.cuda.device_count(),
+                )
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -206,8 +213,10 @@ class CheckpointManager:
         self.enabled = bool(self.cfg.enable)
         for key, st in self.states.items():
             if not (hasattr(st, "state_dict") and hasattr(st, "load_state_dict")):
-                raise TypeError(f"checkpoint state {key!r} ({type(st).__name__}) is not Stateful: "
-                                "give it state_dict() and load_state_dict().")
+                raise TypeError(
+                    f"checkpoint state {key!r} ({type(st).__name__}) is not Stateful: "
+                    "give it state_dict() and load_state_dict()."
+                )
         self._pending: Future | None = None
         self._pending_step: int | None = None
         self._last_saved: int | None = None
@@ -224,9 +233,10 @@ class CheckpointManager:
         interval = self.cfg.interval
         return force or step == self.last_step or (interval > 0 and step % interval == 0)
 
-    def save(self, step: int, force: bool = False) -> bool:
-        """Write a checkpoint of ``step`` if it is due (or ``force``); returns whether it did."""
-        if not self.should_save(step, force):
+    def save(self, step: int, force: bool = False, last_step: bool = False) -> bool:
+        """Write a checkpoint of ``step`` if it is due (interval, ``training.steps``, ``force`` or
+        ``last_step``); returns whether it did. Call it after the step's state is final."""
+        if not self.should_save(step, force or last_step):
             return False
         self.wait()  # one save in flight at a time
         t0 = time.perf_counter()
@@ -238,15 +248,23 @@ class CheckpointManager:
 
         dcp_sd, blobs = self._split_states()
         meta = self._write_blobs(tmp, blobs)
-        meta.update(step=step, world_size=_world(), dcp_keys=sorted(dcp_sd),
-                    time=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
-                    model_args=self._model_args())
+        meta.update(
+            step=step,
+            world_size=_world(),
+            dcp_keys=sorted(dcp_sd),
+            time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            torch=torch.__version__,
+            model_args=self._model_args(),
+        )
         if _rank() == 0:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
 
         if self.cfg.async_mode == "async":
-            fut = _future_of(dcp.async_save(dcp_sd, checkpoint_id=str(tmp),
-                                            process_group=self._async_pg))
+            fut = _future_of(
+                dcp.async_save(
+                    dcp_sd, checkpoint_id=str(tmp), process_group=self._async_pg, no_dist=not _dist_on()
+                )
+            )
             if _rank() == 0:
                 # Rank 0 commits from the writer thread; ``wait`` waits for the commit, not
                 # just for the write.
@@ -254,15 +272,22 @@ class CheckpointManager:
                 fut.add_done_callback(lambda f, s=step: self._commit_if_ok(f, s, committed))
                 fut = committed
             self._pending, self._pending_step = fut, step
-            logger.info("checkpoint: step %d staged in %.2fs, writing in the background",
-                        step, time.perf_counter() - t0)
+            logger.info(
+                "checkpoint: step %d staged in %.2fs, writing in the background",
+                step,
+                time.perf_counter() - t0,
+            )
         else:
-            dcp.save(dcp_sd, checkpoint_id=str(tmp))
+            dcp.save(dcp_sd, checkpoint_id=str(tmp), no_dist=not _dist_on())
             if _rank() == 0:
                 self._commit(step)
             _barrier()
-            logger.info("checkpoint: saved step %d to %s in %.2fs", step,
-                        checkpoint_path(self.folder, step), time.perf_counter() - t0)
+            logger.info(
+                "checkpoint: saved step %d to %s in %.2fs",
+                step,
+                checkpoint_path(self.folder, step),
+                time.perf_counter() - t0,
+            )
         self._last_saved = step
         return True
 
@@ -321,8 +346,12 @@ class CheckpointManager:
     def _commit_if_ok(self, fut: Future, step: int, committed: Future) -> None:
         try:
             if fut.exception() is not None:
-                logger.error("checkpoint: background save of step %d failed: %s; it stays "
-                             "incomplete and will be skipped", step, fut.exception())
+                logger.error(
+                    "checkpoint: background save of step %d failed: %s; it stays "
+                    "incomplete and will be skipped",
+                    step,
+                    fut.exception(),
+                )
                 committed.set_exception(fut.exception())
                 return
             self._commit(step)
@@ -332,7 +361,9 @@ class CheckpointManager:
 
     def _commit(self, step: int) -> None:
         """Rank 0, after every rank wrote: rename ``step-N.tmp`` to ``step-N``, then retention."""
-        delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
+        # "SECONDS" sleeps before every commit, "SECONDS@STEP" only before that step's.
+        spec = os.environ.get(SLEEP_ENV, "").split("@")
+        delay = float(spec[0] or 0) if len(spec) == 1 or int(spec[1]) == step else 0.0
         if delay > 0:  # test hook: a window in which the process can be killed mid-save
             logger.warning("checkpoint: %s=%s, sleeping before the commit", SLEEP_ENV, delay)
             time.sleep(delay)
@@ -374,14 +405,18 @@ class CheckpointManager:
         if self.cfg.fresh_start:
             if done and _rank() == 0:
                 aside = self.folder.with_name(f"{self.folder.name}.before_fresh_start.{int(time.time())}")
-                logger.warning("checkpoint.fresh_start: moving existing checkpoints %s aside to %s",
-                               self.folder, aside)
+                logger.warning(
+                    "checkpoint.fresh_start: moving existing checkpoints %s aside to %s", self.folder, aside
+                )
                 self.folder.rename(aside)
             _barrier()
             return None
         for s in partial:
-            logger.warning("checkpoint: step %d in %s is incomplete (interrupted while saving); "
-                           "skipping it", s, self.folder)
+            logger.warning(
+                "checkpoint: step %d in %s is incomplete (interrupted while saving); skipping it",
+                s,
+                self.folder,
+            )
         if step == -1:
             step = self.cfg.load_step
         if step == -1:
@@ -403,8 +438,9 @@ class CheckpointManager:
         meta = json.loads((path / META_FILE).read_text())
         same_world = meta["world_size"] == _world()
         dcp_keys = [k for k in self.states if k in meta["dcp_keys"]]
-        missing = [k for k in self.states
-                   if k not in meta["dcp_keys"] + meta["shared_keys"] + meta["per_rank_keys"]]
+        missing = [
+            k for k in self.states if k not in meta["dcp_keys"] + meta["shared_keys"] + meta["per_rank_keys"]
+        ]
         if missing:
             raise ConfigError(
                 f"checkpoint {path} has no state for {missing} (it holds {sorted(meta['dcp_keys'] + meta['shared_keys'] + meta['per_rank_keys'])}); "
@@ -413,14 +449,29 @@ class CheckpointManager:
         if dcp_keys:
             # dcp.load calls state_dict() of each Stateful for the template, loads into it in
             # place (resharding to the current mesh), then calls load_state_dict().
-            dcp.load({k: self.states[k] for k in dcp_keys}, checkpoint_id=str(path))
+            dcp.load({k: self.states[k] for k in dcp_keys}, checkpoint_id=str(path), no_dist=not _dist_on())
         for key in self.states:
             if key in meta["shared_keys"]:
                 file = path / STATES_DIR / f"{key}.pt"
             elif key in meta["per_rank_keys"]:
+                if not same_world and hasattr(self.states[key], "load_state_dict_from_ranks"):
+                    # The state knows how to merge every old rank's copy (e.g. per-rank data
+                    # positions re-split over the new ranks).
+                    sds = [
+                        torch.load(
+                            io.BytesIO((path / STATES_DIR / f"{key}.rank{r}.pt").read_bytes()),
+                            map_location="cpu",
+                            weights_only=False,
+                        )
+                        for r in range(meta["world_size"])
+                    ]
+                    self.states[key].load_state_dict_from_ranks(sds)
+                    continue
                 if not same_world:
-                    msg = (f"checkpoint state {key!r} differed between the {meta['world_size']} ranks "
-                           f"that saved it, so it cannot resume on {_world()} ranks")
+                    msg = (
+                        f"checkpoint state {key!r} differed between the {meta['world_size']} ranks "
+                        f"that saved it, so it cannot resume on {_world()} ranks"
+                    )
                     if key in RANK_LOCAL_OK:
                         logger.warning("%s; keeping this process's current %s", msg, key)
                         continue
@@ -430,5 +481,65 @@ class CheckpointManager:
                 continue
             sd = torch.load(io.BytesIO(file.read_bytes()), map_location="cpu", weights_only=False)
             self.states[key].load_state_dict(sd)
-        logger.info("checkpoint: loaded step %d from %s in %.2fs (saved on %d ranks)",
-                    meta["step"], path, time.perf_counter() - t0, meta["world_size"])
+        logger.info(
+            "checkpoint: loaded step %d from %s in %.2fs (saved on %d ranks)",
+            meta["step"],
+            path,
+            time.perf_counter() - t0,
+            meta["world_size"],
+        )
+
+
+# --- offline use (export, eval) ------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Path | None]:
+    """(checkpoint folder, run folder or None) from a ``step-N`` folder or a run folder (latest
+    complete step, or ``step``)."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        if step is not None and json.loads((path / META_FILE).read_text())["step"] != step:
+            raise ValueError(f"{path} holds step {json.loads((path / META_FILE).read_text())['step']}, not {step}.")
+        run = path.parent.parent
+        return path, run if (run / "config.toml").is_file() else None
+    if TMP_DIR.match(path.name):
+        raise ValueError(f"{path} is an incomplete checkpoint (the save was interrupted); use another step.")
+    if not (path / "config.toml").is_file():
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint (step-N folder with {META_FILE}) nor a run folder (with config.toml)."
+        )
+    from torchtitan_clt.config.manager import load_config
+
+    cfg = load_config(["--config", str(path / "config.toml")], check=False)
+    folder = path / cfg.checkpoint.folder
+    done, _ = list_checkpoints(folder)
+    if not done:
+        raise FileNotFoundError(f"{folder} holds no complete checkpoint.")
+    if step is None:
+        step = done[-1]
+    if step not in done:
+        raise ValueError(f"no complete checkpoint of step {step} in {folder} (complete: {done}).")
+    return checkpoint_path(folder, step), path
+
+
+def load_model_from_checkpoint(path: str | Path, step: int | None = None, device: str | torch.device = "cpu"):
+    """Rebuild the model saved in a checkpoint (any mesh) in one process: returns (model in eval
+    mode, its meta.json). Families of ``job.custom_import`` are imported from the run's config."""
+    from torchtitan_clt.protocols import import_custom_modules
+    from torchtitan_clt.protocols.registry import model_registry
+    from torchtitan_clt.protocols.transcoder import TranscoderArgs
+
+    ckpt, run = resolve_checkpoint(path, step)
+    meta = json.loads((ckpt / META_FILE).read_text())
+    if run is not None:
+        from torchtitan_clt.config.manager import load_config
+
+        import_custom_modules(load_config(["--config", str(run / "config.toml")], check=False).job.custom_import)
+    import torchtitan_clt.models  # noqa: F401  (registers the built-in families)
+
+    if not meta.get("model_args"):
+        raise ValueError(f"{ckpt / META_FILE} has no model_args (the model was not saved through ModelWrapper).")
+    args = TranscoderArgs.from_dict(meta["model_args"])
+    with torch.device("meta"):
+        model = model_registry.get(args.family).build_fn(args)
+    model.to_empty(device=device)
+    dcp.load({"model": ModelWrapper(model)}, checkpoint_id=str(ckpt), no_dist=not _dist_on())
+    return model.eval(), meta

@@ -94,12 +94,12 @@ def _fix_gguf_special_tokens(tokenizer: Any, source: Path) -> None:
 
 def prepare_gguf(spec: str) -> Path:
     """Convert a GGUF file once into a cached safetensors folder; return that folder (idempotent)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     source = resolve_gguf(spec)
     folder = cache_root() / source.stem
     if _cache_valid(folder, source):
         return folder
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     logger.info("Converting %s to safetensors in %s (once; ~30 s)", source, folder)
     model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
                                                  dtype=torch.float32)

@@ -12,18 +12,21 @@ A rank's decoder then yields a partial sum over its features; ``decode_std`` is 
 partials over tp (identity backward: every rank then holds the same ŷ and computes the same loss)
 and to add the bias once, after the sum.
 
-What each rank sees, hence what callers reduce:
-- ``y_hat``: whole and identical on every tp rank;
-- ``pre_acts`` / ``acts`` ``[B, L, F/tp]`` and ``dec_norms`` ``[L, F/tp]``: this rank's features.
-  A loss term that sums over features is a partial sum: its gradient is already right (each
-  feature's term depends on that feature only), its logged value must be summed over tp
-  (``TPLossFn`` does both); feature counts (L0, dead features) are summed over tp.
-- ``encode`` returns the local feature shard and ``decode`` accepts it.
+What callers get back:
+- ``forward_std``: ``y_hat`` whole and identical on every tp rank (a plain tensor); ``pre_acts`` /
+  ``acts`` ``[B, L, F]`` and ``dec_norms`` ``[L, F]`` as DTensors sharded on the feature axis, so
+  metrics reduce them with DTensor ops (``(acts != 0).sum(-1)`` is a partial sum, ``full_tensor()``
+  gathers) and nothing dense is gathered unless asked for.
+- The loss runs on the local shards (``TPLossFn``): a term that sums over features is then a
+  partial sum whose gradient is already right (each feature's term depends on that feature
+  only); its logged value is summed over tp.
+- ``encode`` returns a feature-sharded DTensor; ``decode`` takes one (or this rank's local shard).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import re
 from typing import Any, Iterator
@@ -34,6 +37,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from torchtitan_clt.distributed.collectives import all_reduce_detached, sum_partials
+from torchtitan_clt.protocols.transcoder import TranscoderOutput
 
 # Methods run on local shards. forward_std / encode / decode / forward are the entry points;
 # the inner ones are wrapped too so a direct call also works (the swap is re-entrant).
@@ -82,11 +86,48 @@ def _local_method(model: nn.Module, fn) -> Any:
     return run
 
 
+def _to_local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sharded(t, mesh: DeviceMesh, dim: int):
+    """A local feature shard as a DTensor (no communication); ``None`` stays ``None``."""
+    if t is None or isinstance(t, DTensor):
+        return t
+    return DTensor.from_local(t, mesh, [Shard(dim)], run_check=False)
+
+
+def _forward_std_sharded(model: nn.Module, fn, tp_mesh: DeviceMesh):
+    @functools.wraps(fn)
+    def run(xs: torch.Tensor) -> TranscoderOutput:
+        with local_params(model):
+            out = fn(xs)
+        return dataclasses.replace(
+            out,
+            pre_acts=_sharded(out.pre_acts, tp_mesh, out.pre_acts.dim() - 1),
+            acts=_sharded(out.acts, tp_mesh, out.acts.dim() - 1),
+            dec_norms=_sharded(out.dec_norms, tp_mesh, 1),
+        )
+
+    return run
+
+
+def _encode_sharded(model: nn.Module, fn, tp_mesh: DeviceMesh):
+    @functools.wraps(fn)
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with local_params(model):
+            acts = fn(x)
+        return _sharded(acts, tp_mesh, acts.dim() - 1)
+
+    return run
+
+
 def _decode_std_reduced(model: nn.Module, fn, tp_group, bias_name: str):
     """decode_std on local features with a zero bias, partials summed over tp, then the bias."""
 
     @functools.wraps(fn)
     def run(acts: torch.Tensor) -> torch.Tensor:
+        acts = _to_local(acts)
         with local_params(model):
             mod, name = _owner(model, bias_name)
             bias = mod._parameters[name]
@@ -122,9 +163,14 @@ def apply_tp(
     for name in LOCAL_METHODS:
         fn = getattr(model, name)
         if name == "decode_std":
-            setattr(model, name, _decode_std_reduced(model, fn, tp_group, bias_name))
-        else:
-            setattr(model, name, _local_method(model, fn))
+            wrapped = _decode_std_reduced(model, fn, tp_group, bias_name)
+        elif name == "forward_std":
+            wrapped = _forward_std_sharded(model, fn, tp_mesh)
+        elif name == "encode":
+            wrapped = _encode_sharded(model, fn, tp_mesh)
+        else:  # decode / forward give whole outputs; inner methods called directly stay local
+            wrapped = _local_method(model, fn)
+        setattr(model, name, wrapped)
     model._tp_group = tp_group  # read by TPLossFn and metrics helpers
     return model
 
@@ -135,31 +181,36 @@ def tp_group_of(model: nn.Module):
 
 
 class TPLossFn:
-    """Wraps ``loss_fn(model, out, y, step) -> (loss, terms)`` for a tensor-parallel model.
+    """Wraps ``loss_fn(model, out, y, step) -> (loss, terms)`` so it works on any mesh.
 
-    Terms named in ``feature_partial`` are sums over features, so each tp rank holds a partial sum:
-    their logged values are summed over tp, and the returned loss gets the missing part as a
-    detached constant, so its *value* is the full loss on every rank while its gradient stays the
-    local one (already correct, see the module docstring).
+    A no-op unless ``model`` is tensor-parallel (``apply_tp``). Then the loss runs on the local
+    feature shards of ``out``; terms named in ``feature_partial`` are sums over features, so each
+    tp rank holds a partial sum: their logged values are summed over tp, and the returned loss gets
+    the missing part as a detached constant, so its *value* is the full loss on every rank while its
+    gradient stays the local one (already correct, see the module docstring).
     """
 
-    def __init__(self, loss_fn, tp_group, feature_partial: tuple[str, ...] = ("sparsity", "preact")):
-        self.loss_fn, self.tp_group, self.feature_partial = loss_fn, tp_group, feature_partial
+    def __init__(self, loss_fn, feature_partial: tuple[str, ...] = ("sparsity", "preact")):
+        self.loss_fn, self.feature_partial = loss_fn, feature_partial
 
     def __getattr__(self, name: str) -> Any:  # expose the wrapped fn's attributes (terms, ...)
         return getattr(self.__dict__["loss_fn"], name)
 
     def __call__(self, model, out, y, step: int):
-        loss, terms = self.loss_fn(model, out, y, step)
-        if self.tp_group is None:
-            return loss, terms
+        tp_group = tp_group_of(model)
+        if tp_group is None:
+            return self.loss_fn(model, out, y, step)
+        local = dataclasses.replace(
+            out, pre_acts=_to_local(out.pre_acts), acts=_to_local(out.acts), dec_norms=_to_local(out.dec_norms)
+        )
+        loss, terms = self.loss_fn(model, local, y, step)
         weights = {t.name: t.weight(step) for t in getattr(self.loss_fn, "terms", [])}
         missing = torch.zeros((), dtype=loss.dtype, device=loss.device)
         terms = dict(terms)
         for name in self.feature_partial:
             if name in terms:
-                local = terms[name]
-                full = all_reduce_detached(local, self.tp_group)
+                part = terms[name]
+                full = all_reduce_detached(part, tp_group)
                 terms[name] = full
-                missing = missing + weights.get(name, 1.0) * (full - local).to(loss.dtype)
+                missing = missing + weights.get(name, 1.0) * (full - part).to(loss.dtype)
         return loss + missing.detach(), terms

@@ -59,16 +59,17 @@ class DistBatchTopK(BatchTopK):
 
 
 class DistTopK(TopK):
-    """TopK per token and layer over features split across the tp ``group``."""
+    """TopK per token and layer over features split across ``tp_group``; the inference threshold
+    (smallest kept value per layer) is taken over the global batch (``group``, all ranks)."""
 
     def setup(self, group, batch_scale: int = 1, tp_group=None) -> DistTopK:
-        self.group = tp_group
+        self.group, self.tp_group = group, tp_group
         return self
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, L, F = h.shape
         hd = h.detach().float()
-        thr = global_kth_largest(hd.reshape(B * L, F), self.k, self.group).view(B, L, 1)
+        thr = global_kth_largest(hd.reshape(B * L, F), self.k, self.tp_group).view(B, L, 1)
         if self.training:
             min_pos = _all_min(_min_positive_kept(hd, thr, (0, 2)), self.group)
             self._observe(min_pos)

@@ -19,8 +19,12 @@ def topk_select(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, idx
 
 
+def _tau_dtype(h: torch.Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
 def batchtopk_threshold(h: torch.Tensor, k_total: int, scope: str = "layer") -> torch.Tensor:
-    """``h [N, L, F]`` -> ``tau [L]`` fp32: the k_total-th largest value per layer (``layer``) or over
+    """``h [N, L, F]`` -> ``tau [L]`` (fp32; fp64 for fp64 input): the k_total-th largest value per layer (``layer``) or over
     all layers jointly (``all``, the same value repeated). Uses quickselect (``kthvalue``), no sort."""
     n, n_layers, f = h.shape
     if scope == "layer":
@@ -31,9 +35,9 @@ def batchtopk_threshold(h: torch.Tensor, k_total: int, scope: str = "layer") -> 
         raise ValueError(f"batchtopk scope {scope!r}: use 'layer' or 'all'")
     size = flat.shape[1]
     if k_total <= 0 or size == 0:
-        return torch.full((n_layers,), float("inf"), device=h.device)
+        return torch.full((n_layers,), float("inf"), dtype=_tau_dtype(h), device=h.device)
     k_total = min(int(k_total), size)
-    tau = flat.kthvalue(size - k_total + 1, dim=1).values.float()  # [L] or [1]
+    tau = flat.kthvalue(size - k_total + 1, dim=1).values.to(_tau_dtype(h))  # [L] or [1]
     return tau.expand(n_layers).contiguous()
 
 

@@ -122,7 +122,8 @@ class _ThresholdTracker(nn.Module):
     """EMA of the smallest selected positive activation per layer: ``threshold  # [L]``.
 
     A layer's first observation sets it; ``threshold_updates  # [L]`` counts observations.
-    Under data parallelism each rank tracks its own; the trainer should average them before export.
+    Observations are taken on this process's batch; the subclasses in distributed/topk.py reduce
+    them over ranks so that every rank tracks the same threshold.
     """
 
     def __init__(self, args: TranscoderArgs):
@@ -132,6 +133,8 @@ class _ThresholdTracker(nn.Module):
         self.n_layers, self.n_features = args.n_layers, args.features_per_layer
         if self.k < 1:
             raise ValueError(f"model.k must be >= 1 for {args.activation} (got {self.k}).")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"model.threshold_ema_decay must be in [0, 1) (got {self.decay}).")
         self.register_buffer("threshold", torch.zeros(args.n_layers, dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.zeros(args.n_layers, dtype=torch.int64))
 

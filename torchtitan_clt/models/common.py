@@ -18,23 +18,52 @@ from torchtitan_clt.protocols.registry import activation_registry
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, parse_dtype
 
 try:  # public since torch 2.4
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
-    distribute_tensor = None  # type: ignore[assignment]
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def _local_index(dst: torch.Tensor) -> tuple[slice, ...] | None:
+    """This rank's slice of the full tensor behind DTensor ``dst``, for plain ``Shard`` /
+    ``Replicate`` placements (DTensor's chunking: ceil-sized chunks, the last ones short or empty);
+    None for anything else (e.g. FSDP2's strided shards), which takes the generic path."""
+    coord = dst.device_mesh.get_coordinate()
+    if coord is None:
+        return None
+    starts, sizes = [0] * dst.dim(), list(dst.shape)
+    for mesh_dim, p in enumerate(dst.placements):
+        if type(p) is Replicate:
+            continue
+        if type(p) is not Shard:
+            return None
+        d = p.dim % dst.dim()
+        n, r = dst.device_mesh.size(mesh_dim), coord[mesh_dim]
+        chunk = -(-sizes[d] // n)
+        lo = min(r * chunk, sizes[d])
+        starts[d] += lo
+        sizes[d] = min(lo + chunk, sizes[d]) - lo
+    index = tuple(slice(a, a + n) for a, n in zip(starts, sizes))
+    return index if tuple(sizes) == tuple(dst.to_local().shape) else None
+
+
 @torch.no_grad()
 def copy_full_(dst: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full (unsharded) CPU tensor into ``dst``, a plain tensor or a DTensor shard."""
+    """Copy a full (unsharded) CPU tensor into ``dst``, a plain tensor or a DTensor.
+
+    For a DTensor only this rank's slice goes to the device when the placements allow it, so a
+    parameter never needs its whole size in device memory."""
     if is_dtensor(dst):
-        mesh = dst.device_mesh
-        full = full.to(device=dst.to_local().device, dtype=dst.dtype)
-        dst.copy_(distribute_tensor(full, mesh, dst.placements))
+        local = dst.to_local()
+        index = _local_index(dst)
+        if index is not None:
+            local.copy_(full[index].to(device=local.device, dtype=local.dtype))
+        else:
+            full = full.to(device=local.device, dtype=dst.dtype)
+            dst.copy_(distribute_tensor(full, dst.device_mesh, dst.placements))
     else:
         dst.copy_(full.to(device=dst.device, dtype=dst.dtype))
 
@@ -82,6 +111,11 @@ def normalize_rows(w: torch.Tensor, norm: float) -> torch.Tensor:
 def random_directions(gen: torch.Generator, shape: tuple[int, ...], norm: float) -> torch.Tensor:
     """Isotropic random rows (dims after the first together) of norm ``norm``."""
     return normalize_rows(torch.randn(shape, generator=gen, dtype=torch.float32), norm)
+
+
+def check_norm_mode(mode: str) -> None:
+    if mode not in ("concat", "sum"):
+        raise ValueError(f"decoder norm mode must be 'concat' or 'sum' (got {mode!r}).")
 
 
 def new_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:

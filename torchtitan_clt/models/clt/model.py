@@ -15,13 +15,13 @@ from torch import nn
 
 from torchtitan_clt.models.common import (
     LayerwiseTranscoder,
+    check_norm_mode,
     chunked_rows,
     copy_full_,
     new_param,
     normalize_rows,
     uniform,
 )
-from torchtitan_clt.models.plt.model import check_norm_mode
 from torchtitan_clt.protocols.transcoder import TranscoderArgs, parse_dtype
 
 

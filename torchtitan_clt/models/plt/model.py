@@ -10,6 +10,7 @@ import torch
 
 from torchtitan_clt.models.common import (
     LayerwiseTranscoder,
+    check_norm_mode,
     chunked_rows,
     copy_full_,
     new_param,
@@ -20,11 +21,6 @@ from torchtitan_clt.protocols.transcoder import TranscoderArgs, parse_dtype
 # Decoder rows start as random directions of norm 0.1 with W_enc = W_decᵀ (Anthropic's
 # "Circuits Updates – April 2024" SAE recipe), when model.decoder_init_norm = 0.
 PLT_DECODER_INIT_NORM = 0.1
-
-
-def check_norm_mode(mode: str) -> None:
-    if mode not in ("concat", "sum"):
-        raise ValueError(f"decoder norm mode must be 'concat' or 'sum' (got {mode!r}).")
 
 
 class PerLayerTranscoder(LayerwiseTranscoder):

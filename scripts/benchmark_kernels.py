@@ -1,0 +1,242 @@
+"""Kernel suite: each op against the dense PyTorch way and the torch fallback; a whole CLT step
+sparse vs dense. JSON out; nothing here is asserted by tests.
+
+  .venv/bin/python scripts/benchmark_kernels.py --device cpu --out benchmarks/results/kernels_cpu.json
+  python scripts/benchmark_kernels.py --device cuda --out $OUT/kernels_gpu.json     # on a GPU
+
+GPU rows carry the floor: ``bytes / measured copy bandwidth`` for memory-bound ops and ``FLOPs /
+measured bf16 matmul rate`` for the step; ``floor_ratio = time / floor`` (1.0 = at the floor).
+On CPU the Triton path only runs in the interpreter, so CPU rows time the torch fallback and the
+dense way, plus the CPU step comparison (F=8192/layer, L=12, d=768, k=32 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torchtitan_clt.kernels import dispatch  # noqa: E402
+from torchtitan_clt.kernels.backend import has_triton  # noqa: E402
+from torchtitan_clt.kernels.sparse_step import clt_dense_loss, clt_sparse_loss  # noqa: E402
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, dev: torch.device, reps: int, warmup: int = 1) -> float:
+    """Median seconds per call (host clock around synchronized calls; CUDA: events)."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ceilings(dev: torch.device) -> dict:
+    """Measured copy bandwidth (read + write bytes / s) and bf16 matmul FLOP/s on this device."""
+    if dev.type != "cuda":
+        return {}
+    x = torch.empty(1 << 28, dtype=torch.float32, device=dev).uniform_()  # 1 GiB
+    y = torch.empty_like(x)
+    t = timeit(lambda: y.copy_(x), dev, 10, 3)
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    tm = timeit(lambda: a @ b, dev, 10, 3)
+    del x, y
+    return {"copy_bytes_per_s": 2 * 4 * (1 << 28) / t, "bf16_matmul_flop_per_s": 2 * n**3 / tm}
+
+
+def row(name: str, impl: str, t: float, nbytes: float = 0.0, flops: float = 0.0, ceil: dict | None = None,
+        **extra) -> dict:
+    r = {"op": name, "impl": impl, "ms": t * 1e3, **extra}
+    if nbytes:
+        r["GB_per_s"] = nbytes / t / 1e9
+    if flops:
+        r["TFLOP_per_s"] = flops / t / 1e12
+    if ceil and nbytes:
+        r["floor_ratio_bw"] = t / (nbytes / ceil["copy_bytes_per_s"])
+    if ceil and flops:
+        r["floor_ratio_flops"] = t / (flops / ceil["bf16_matmul_flop_per_s"])
+    print(json.dumps(r), flush=True)
+    return r
+
+
+def impls(dev: torch.device) -> list[str]:
+    return ["torch", "triton"] if (dev.type == "cuda" and has_triton()) else ["torch"]
+
+
+def bench_select(dev, n, n_layers, f, k, reps, ceil) -> list[dict]:
+    out = []
+    h = torch.randn(n, n_layers, f, device=dev)
+    nbytes = h.numel() * h.element_size()
+    shape = {"N": n, "L": n_layers, "F": f, "k": k}
+    h2 = h.view(n * n_layers, f)
+    out.append(row("topk", "dense_torch.topk", timeit(lambda: torch.topk(h2, k, dim=-1), dev, reps), nbytes,
+                   ceil=ceil, **shape))
+    for b in impls(dev):
+        out.append(row("topk", b, timeit(lambda b=b: dispatch.topk_select(h2, k, backend=b), dev, reps), nbytes,
+                       ceil=ceil, **shape))
+    flat = h.transpose(0, 1).reshape(n_layers, -1)
+    out.append(row("batchtopk_threshold", "dense_topk_flat",
+                   timeit(lambda: torch.topk(flat, k * n, dim=-1), dev, reps), nbytes, ceil=ceil, **shape))
+    for b in impls(dev):
+        out.append(row("batchtopk_threshold", b,
+                       timeit(lambda b=b: dispatch.batchtopk_threshold(h, k * n, "layer", backend=b), dev, reps),
+                       4 * nbytes, ceil=ceil, **shape))  # radix: 4 passes over h
+        out.append(row("batchtopk_select", b,
+                       timeit(lambda b=b: dispatch.batchtopk_select(h, k, "layer", backend=b), dev, reps),
+                       6 * nbytes, ceil=ceil, **shape))  # 4 radix + count + compact
+    return out
+
+
+def bench_decode(dev, n, f, dim, k, reps, ceil, dtype) -> list[dict]:
+    out = []
+    w = (torch.randn(f, dim, device=dev) / dim**0.5).to(dtype).requires_grad_(True)
+    idx = torch.stack([torch.randperm(f, device=dev)[:k] for _ in range(n)]).sort(-1).values
+    vals = torch.rand(n, k, device=dev, requires_grad=True)
+    g = torch.randn(n, dim, device=dev)
+    es = w.element_size()
+    uniq = int(torch.unique(idx).numel())
+    fwd_bytes = uniq * dim * es + n * dim * 4 + idx.numel() * 12  # active rows once, out, idx+vals
+    shape = {"N": n, "F": f, "D": dim, "k": k, "dtype": str(dtype).replace("torch.", ""), "unique_rows": uniq}
+    acts = torch.zeros(n, f, device=dev).scatter(1, idx, vals.detach()).to(dtype)
+    out.append(row("decode_fwd", "dense_matmul", timeit(lambda: acts @ w, dev, reps),
+                   flops=2 * n * f * dim, ceil=ceil, **shape))
+    for b in impls(dev):
+        def fwd(b=b):
+            with torch.no_grad():
+                return dispatch.sparse_decode(idx, vals, w, backend=b, density_threshold=1.0)
+
+        def fwd_bwd(b=b):
+            o = dispatch.sparse_decode(idx, vals, w, backend=b, density_threshold=1.0)
+            torch.autograd.grad(o, (vals, w), g)
+
+        out.append(row("decode_fwd", b, timeit(fwd, dev, reps), fwd_bytes, ceil=ceil, **shape))
+        # bwd: active rows again (grad vals) + grad W written whole (dense grad) + grad_out read twice
+        fb_bytes = fwd_bytes + uniq * dim * es + f * dim * es + 2 * n * dim * 4
+        out.append(row("decode_fwd_bwd", b, timeit(fwd_bwd, dev, reps), fb_bytes, ceil=ceil, **shape))
+    return out
+
+
+def make_clt(dev, n_layers, f, d, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dtype).requires_grad_(True)
+
+    w_enc = rnd(n_layers, f, d, scale=d**-0.5)
+    b_enc = rnd(n_layers, f, scale=0.0)
+    w_dec = [rnd(f, n_layers - s, d, scale=(f * n_layers) ** -0.5) for s in range(n_layers)]
+    b_dec = rnd(n_layers, d, scale=0.0)
+    return [w_enc, b_enc, *w_dec, b_dec]
+
+
+def bench_step(dev, n, n_layers, f, d, k, reps, ceil, dtype, which=("sparse", "dense")) -> list[dict]:
+    """Whole CLT step (forward, backward, fused AdamW) with BatchTopK, sparse vs dense decoder."""
+    params = make_clt(dev, n_layers, f, d, dtype)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    x = torch.randn(n, n_layers, d, device=dev, dtype=dtype)
+    y = torch.randn(n, n_layers, d, device=dev, dtype=dtype)
+    span = n_layers * (n_layers + 1) // 2
+    useful = 2 * n * n_layers * f * d + 3 * 2 * n * k * span * d + 2 * 2 * n * n_layers * k * d
+    dense_flops = 3 * 2 * n * n_layers * f * d + 3 * 2 * n * f * span * d
+    shape = {"N": n, "L": n_layers, "F": f, "d": d, "k": k, "dtype": str(dtype).replace("torch.", ""),
+             "params_M": sum(p.numel() for p in params) / 1e6}
+    out = []
+
+    def step(kind):
+        opt.zero_grad(set_to_none=True)
+        args = (x, y, params[0], params[1], params[2:-1], params[-1], k, "layer")
+        loss, _ = clt_sparse_loss(*args) if kind == "sparse" else clt_dense_loss(*args)
+        loss.backward()
+        opt.step()
+
+    for kind in which:
+        t = timeit(lambda kind=kind: step(kind), dev, reps)
+        out.append(row("clt_step", kind, t, flops=useful if kind == "sparse" else dense_flops, ceil=ceil,
+                       useful_TFLOP_per_s=useful / t / 1e12, **shape))
+    t_opt = timeit(lambda: opt.step(), dev, reps)
+    out.append(row("clt_step", "adamw_fused_only", t_opt, **shape))
+    by = {r["impl"]: r["ms"] for r in out}
+    if "sparse" in by and "dense" in by:
+        out.append({"op": "clt_step", "impl": "dense_over_sparse", "ratio": by["dense"] / by["sparse"], **shape})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="few sizes, few repetitions")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions per timing (0: by device)")
+    ap.add_argument("--step-batch", type=int, default=512, help="tokens per CPU CLT step")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["select", "decode", "step"])
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    ceil = ceilings(dev)
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor()})",
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "ceilings": ceil,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": []}
+    rows = result["rows"]
+    gpu = dev.type == "cuda"
+    reps = args.reps or (20 if gpu else 3) // (2 if args.quick else 1)
+    if gpu:
+        sel = [(4096, 16, 16384, 32)] if args.quick else [(4096, 16, 16384, 32), (4096, 26, 16384, 64),
+                                                          (2048, 32, 65536, 128)]
+        dec = [(4096, 16384, 16 * 2048, 32)] if args.quick else [
+            (4096, 16384, 16 * 2048, 16), (4096, 16384, 26 * 2304, 32), (4096, 65536, 16 * 2048, 64),
+            (4096, 16384, 32 * 4096, 128), (4096, 65536, 2304, 128)]
+        steps = [(4096, 16, 16384, 2048, 32)] if args.quick else [(4096, 16, 16384, 2048, 32),
+                                                                  (2048, 26, 16384, 2304, 64)]
+        dtype = torch.bfloat16
+    else:
+        sel = [(256, 4, 4096, 32)] if args.quick else [(512, 12, 8192, 32)]
+        dec = [(256, 4096, 4 * 768, 32)] if args.quick else [(512, 8192, 12 * 768, 32), (512, 8192, 768, 32)]
+        steps = [(128, 4, 2048, 768, 32)] if args.quick else [(args.step_batch, 12, 8192, 768, 32)]
+        dtype = torch.float32
+    if "select" not in args.skip:
+        for n, n_layers, f, k in sel:
+            rows += bench_select(dev, n, n_layers, f, k, reps, ceil)
+    if "decode" not in args.skip:
+        for n, f, dim, k in dec:
+            rows += bench_decode(dev, n, f, dim, k, reps, ceil, dtype)
+    if "step" not in args.skip:
+        for n, n_layers, f, d, k in steps:
+            rows += bench_step(dev, n, n_layers, f, d, k, max(2, reps), ceil, dtype)
+            if gpu:
+                torch.cuda.empty_cache()
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""circuit-tracer export and import (the folders its ``load_clt`` / ``load_transcoder_set`` read).
+
+CLT folder: per source layer l, ``W_enc_{l}.safetensors`` holding ``W_enc_{l}  # [F, d]``,
+``b_enc_{l}  # [F]``, ``b_dec_{l}  # [d]`` (the bias of target layer l) and, for JumpReLU,
+``threshold_{l}  # [F]`` (θ itself, not log θ); ``W_dec_{l}.safetensors`` holding
+``W_dec_{l}  # [F, L−l, d]``. PLT set: ``layer_{l}.safetensors`` with ``W_enc  # [F, d]``,
+``W_dec  # [F, d]``, ``b_enc  # [F]``, ``b_dec  # [d]`` and ``activation_function.threshold  # [F]``.
+Both carry ``config.yaml``: ``model_kind``, ``model_name``, ``feature_input_hook``,
+``feature_output_hook`` (circuit-tracer's TransformerLens hook names).
+
+circuit-tracer runs features as ReLU or JumpReLU on raw activations, over every layer of the LLM
+from 0. So the export folds standardization into the weights, turns TopK / BatchTopK into JumpReLU
+with their tracked inference threshold, and refuses what it cannot represent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from torchtitan_clt.models.activations import ReLU, TopK
+from torchtitan_clt.models.clt.model import CrossLayerTranscoder
+from torchtitan_clt.models.plt.model import PerLayerTranscoder
+from torchtitan_clt.protocols.registry import model_registry
+from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, dtype_name
+
+CONFIG_FILE = "config.yaml"
+CLT_KIND = "cross_layer_transcoder"
+PLT_KIND = "transcoder_set"
+# Our hook points -> circuit-tracer's (TransformerLens) names.
+HOOK_NAMES = {
+    "resid_mid": "hook_resid_mid",
+    "mlp_in": "mlp.hook_in",
+    "mlp_out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",
+}
+# What circuit-tracer's replacement model can read features from / write them to.
+INPUT_HOOKS = ("resid_mid", "mlp_in")
+OUTPUT_HOOKS = ("mlp_out",)
+
+
+class CircuitTracerExportError(ValueError):
+    """The model cannot be represented in circuit-tracer's format; the message says why."""
+
+
+def _unwrap(model: torch.nn.Module) -> Transcoder:
+    return getattr(model, "_orig_mod", model)
+
+
+def _is_rank0() -> bool:
+    d = torch.distributed
+    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+
+
+def check_exportable(model: torch.nn.Module, llm_n_layers: int | None = None) -> str:
+    """Return the circuit-tracer ``model_kind`` for ``model`` or raise CircuitTracerExportError."""
+    model = _unwrap(model)
+    args: TranscoderArgs = model.args
+    what = f"model.name={args.family!r}, activation={args.activation!r}"
+    if args.family == "sae" or args.hook_in == args.hook_out:
+        raise CircuitTracerExportError(
+            f"{what} reads and writes the same hook ({args.hook_in}): an SAE is not a transcoder, "
+            "and circuit-tracer only loads transcoders (MLP input -> MLP output). Use the native "
+            "export (load_pretrained) instead."
+        )
+    if isinstance(model, CrossLayerTranscoder):
+        kind = CLT_KIND
+    elif isinstance(model, PerLayerTranscoder):
+        kind = PLT_KIND
+    else:
+        raise CircuitTracerExportError(
+            f"{what}: circuit-tracer represents crosslayer transcoders and per-layer transcoder "
+            f"sets only, not a {type(model).__name__}. Use the native export instead."
+        )
+    if args.hook_in not in INPUT_HOOKS or args.hook_out not in OUTPUT_HOOKS:
+        raise CircuitTracerExportError(
+            f"{what} maps {args.hook_in} -> {args.hook_out}; circuit-tracer's replacement model "
+            f"reads features at {' or '.join(INPUT_HOOKS)} and writes them at {OUTPUT_HOOKS[0]}. "
+            "Train with data.hook_in = 'resid_mid' (or 'mlp_in') and data.hook_out = 'mlp_out'."
+        )
+    L = args.n_layers
+    layers = list(args.layers) or list(range(L))
+    n_llm = llm_n_layers if llm_n_layers is not None else args.extra.get("llm_n_layers")
+    if layers != list(range(L)) or (n_llm is not None and int(n_llm) != L):
+        raise CircuitTracerExportError(
+            f"{what} covers LLM layers {layers}"
+            + (f" of {n_llm}" if n_llm is not None else "")
+            + "; a circuit-tracer transcoder covers every layer of its LLM, counted from 0 (its "
+            "layer count is the number of files). Train with data.layers = [] (all layers)."
+        )
+    if args.d_in != args.d_out:
+        raise CircuitTracerExportError(
+            f"{what}: d_in {args.d_in} != d_out {args.d_out}; circuit-tracer uses one d_model for both."
+        )
+    act = model.activation
+    if not hasattr(act, "feature_thresholds"):
+        raise CircuitTracerExportError(
+            f"{what}: activation {type(act).__name__} has no JumpReLU form (feature_thresholds); "
+            "circuit-tracer loads ReLU and JumpReLU only."
+        )
+    updates = getattr(act, "threshold_updates", None)
+    if updates is not None and bool((updates == 0).any()):
+        raise CircuitTracerExportError(
+            f"{what}: the inference threshold of layer(s) {(updates == 0).nonzero().flatten().tolist()} "
+            "was never estimated (it is tracked while training); train some steps before exporting."
+        )
+    return kind
+
+
+def thresholds_for_export(model: Transcoder) -> torch.Tensor | None:
+    """θ  # [L, F] of the JumpReLU that stands in for the model's activation; None for ReLU."""
+    act = model.activation
+    if isinstance(act, ReLU):
+        return None
+    if isinstance(act, TopK) or not getattr(act, "jumprelu_equivalent", False):
+        warnings.warn(
+            f"{type(act).__name__} exported as JumpReLU with its tracked inference threshold: "
+            "an approximation (the number of active features per token is no longer fixed).",
+            stacklevel=3,
+        )
+    theta = act.feature_thresholds().detach().float().cpu()
+    if bool((theta < 0).any()):
+        raise CircuitTracerExportError("negative JumpReLU thresholds cannot be exported.")
+    return theta
+
+
+def _yaml_dump(config: dict[str, Any]) -> str:
+    # JSON scalars are valid YAML; flat keys only, so no YAML library is needed to write it.
+    return "".join(f"{k}: {json.dumps(v)}\n" for k, v in config.items())
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    text = (Path(folder) / CONFIG_FILE).read_text()
+    try:
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    except ImportError:
+        out = {}
+        for line in text.splitlines():
+            if line.strip() and not line.lstrip().startswith("#") and ":" in line:
+                k, v = line.split(":", 1)
+                v = v.strip()
+                try:
+                    out[k.strip()] = json.loads(v)
+                except json.JSONDecodeError:
+                    out[k.strip()] = v.strip("'\"")
+        return out
+
+
+def export_circuit_tracer(
+    model: torch.nn.Module,
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    llm_n_layers: int | None = None,
+) -> Path | None:
+    """Write ``model`` as a circuit-tracer folder; returns it on rank 0 (None elsewhere; every rank
+    must call it when the model is sharded). The model is left untouched."""
+    from torchtitan_clt.checkpoint.export import folded_cpu_copy
+
+    kind = check_exportable(model, llm_n_layers)
+    copy = folded_cpu_copy(model)  # fp32, standardization folded, eval mode
+    if not _is_rank0():
+        return None
+    theta = thresholds_for_export(copy)  # pre-activations do not change when folding, so θ neither
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in (
+        list(folder.glob("W_enc_*.safetensors"))
+        + list(folder.glob("W_dec_*.safetensors"))
+        + list(folder.glob("layer_*.safetensors"))
+    ):
+        stale.unlink()  # a previous export with more layers must not leave files behind
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(dtype).contiguous()
+
+    a = copy.args
+    with torch.no_grad():
+        for i in range(a.n_layers):
+            if kind == CLT_KIND:
+                enc = {
+                    f"W_enc_{i}": t(copy.W_enc[i]),
+                    f"b_enc_{i}": t(copy.b_enc[i]),
+                    f"b_dec_{i}": t(copy.b_dec[i]),
+                }
+                if theta is not None:
+                    enc[f"threshold_{i}"] = t(theta[i])
+                save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
+                save_file({f"W_dec_{i}": t(copy.W_dec[i])}, str(folder / f"W_dec_{i}.safetensors"))
+            else:
+                sd = {
+                    "W_enc": t(copy.W_enc[i]),
+                    "W_dec": t(copy.W_dec[i]),
+                    "b_enc": t(copy.b_enc[i]),
+                    "b_dec": t(copy.b_dec[i]),
+                }
+                if theta is not None:
+                    sd["activation_function.threshold"] = t(theta[i])
+                save_file(sd, str(folder / f"layer_{i}.safetensors"))
+    config = {
+        "model_kind": kind,
+        "model_name": a.model_name,
+        "feature_input_hook": HOOK_NAMES[a.hook_in],
+        "feature_output_hook": HOOK_NAMES[a.hook_out],
+        # Extra keys, ignored by circuit-tracer: where the folder came from.
+        "exported_by": "torchtitan_clt",
+        "trained_activation": a.activation,
+        "dtype": dtype_name(dtype),
+    }
+    (folder / CONFIG_FILE).write_text(_yaml_dump(config))
+    return folder
+
+
+# --- import --------------------------------------------------------------------------------------
+def _layer_files(folder: Path, pattern: str) -> list[Path]:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)): p for p in folder.iterdir() if (m := rx.match(p.name))}
+    if not found or sorted(found) != list(range(len(found))):
+        raise FileNotFoundError(
+            f"{folder}: expected files {pattern} numbered 0..L-1, found layers {sorted(found)}."
+        )
+    return [found[i] for i in range(len(found))]
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_circuit_tracer(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transcoder:
+    """A circuit-tracer CLT or PLT-set folder as our ``Transcoder`` (JumpReLU or ReLU), eval mode."""
+    folder = Path(folder)
+    config = read_config(folder)
+    kind = config.get("model_kind")
+    back = {v: k for k, v in HOOK_NAMES.items()}
+    hooks = (
+        config.get("feature_input_hook", "hook_resid_mid"),
+        config.get("feature_output_hook", "hook_mlp_out"),
+    )
+    if any(h not in back for h in hooks):
+        raise ValueError(
+            f"{folder / CONFIG_FILE}: hooks {hooks} have no torchtitan_clt hook point "
+            f"(known: {', '.join(back)})."
+        )
+    if kind == CLT_KIND:
+        enc = [_read(p) for p in _layer_files(folder, r"^W_enc_(\d+)\.safetensors$")]
+        L = len(enc)
+        W_enc = torch.stack([enc[i][f"W_enc_{i}"] for i in range(L)])  # [L, F, d]
+        b_enc = torch.stack([enc[i][f"b_enc_{i}"] for i in range(L)])
+        b_dec = torch.stack([enc[i][f"b_dec_{i}"] for i in range(L)])
+        theta = (
+            torch.stack([enc[i][f"threshold_{i}"].reshape(-1) for i in range(L)])
+            if "threshold_0" in enc[0]
+            else None
+        )
+        W_dec = {f"W_dec.{i}": _read(folder / f"W_dec_{i}.safetensors")[f"W_dec_{i}"] for i in range(L)}
+        family = "clt"
+    elif kind == PLT_KIND:
+        layers = [_read(p) for p in _layer_files(folder, r"^layer_(\d+)\.safetensors$")]
+        if "W_skip" in layers[0]:
+            raise ValueError(f"{folder}: transcoders with skip connections (W_skip) are not supported.")
+        L = len(layers)
+        W_enc = torch.stack([s["W_enc"] for s in layers])
+        b_enc = torch.stack([s["b_enc"] for s in layers])
+        b_dec = torch.stack([s["b_dec"] for s in layers])
+        key = "activation_function.threshold"
+        theta = torch.stack([s[key].reshape(-1) for s in layers]) if key in layers[0] else None
+        W_dec = {"W_dec": torch.stack([s["W_dec"] for s in layers])}
+        family = "plt"
+    else:
+        raise ValueError(f"{folder / CONFIG_FILE}: model_kind {kind!r} is not {CLT_KIND!r} or {PLT_KIND!r}.")
+    if theta is not None and bool((theta < 0).any()):
+        raise ValueError(f"{folder}: negative JumpReLU thresholds cannot be represented (θ = exp(log θ)).")
+    F, d = W_enc.shape[1], W_enc.shape[2]
+    args = TranscoderArgs(
+        family=family,
+        n_layers=L,
+        d_in=d,
+        d_out=d,
+        features_per_layer=F,
+        activation="relu" if theta is None else "jumprelu",
+        dtype=dtype_name(dtype or W_enc.dtype),
+        model_name=str(config.get("model_name", "")),
+        hook_in=back[hooks[0]],
+        hook_out=back[hooks[1]],
+        layers=list(range(L)),
+    )
+    with torch.device("meta"):
+        model = model_registry.get(family).build_fn(args)
+    model.to_empty(device=device)
+    model.reset_standardization()
+    sd = dict(model.state_dict())
+    sd.update({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, **W_dec})
+    if theta is not None:
+        # θ = 0 gives log θ = -inf, whose exp is 0 again: JumpReLU(0) is ReLU, exactly.
+        sd["activation.log_threshold"] = theta.float().log()
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def is_circuit_tracer_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return (
+        (p / CONFIG_FILE).is_file()
+        and not (p / "config.json").is_file()
+        and (any(p.glob("W_enc_*.safetensors")) or any(p.glob("layer_*.safetensors")))
+    )

@@ -1,0 +1,136 @@
+"""A self-contained sparse CLT training step: dense encoder matmul -> BatchTopK select -> sparse
+decode -> losses on the sparse values. Also the same step with a dense decoder, for comparison.
+
+Sparse path cost per token: encoder ``2*L*F*d`` FLOPs (forward only; its backward is sparse) plus
+``k * sum_s (L-s) * d`` for the decoder, instead of ``F * sum_s (L-s) * d`` per pass for a dense
+decoder. The dense pre-activations ``h`` live only inside the encoder's forward: backward needs
+``x``, the indices and the weights, never ``h``.
+
+To wire into a CLT model: call ``clt_sparse_forward(xs, W_enc, b_enc, W_dec_list, b_dec, k, scope)``
+from its ``forward_std`` (standardized units) with the model's own parameters; use ``out.y_hat``
+as the reconstruction and ``out.idx / out.vals`` (``[B, L, K]``) for the sparsity terms and L0;
+``out.to_dense(F)`` gives the ``[B, L, F]`` activations where a dense tensor is really needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from torchtitan_clt.kernels import dispatch
+
+
+class SparseEncodeBatchTopK(torch.autograd.Function):
+    """``x [N, L, d]``, ``W_enc [L, F, d]``, ``b_enc [L, F]`` -> ``(idx, vals [N, L, K], tau [L])``.
+
+    Forward: ``h = W_enc x + b_enc`` (one batched matmul, stored ``[L, N, F]``), BatchTopK select.
+    Backward (straight-through to the selected pre-activations): ``grad W_enc[l]`` as sparse outer
+    products ``grad_vals x`` grouped by feature, ``grad b_enc`` by scatter-add, ``grad x`` (if
+    asked) as a sparse decode through ``W_enc``; never a dense ``[N, L, F]`` gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, k, scope, positive, backend):
+        h = torch.baddbmm(b_enc.unsqueeze(1).to(x.dtype), x.transpose(0, 1), w_enc.transpose(1, 2).to(x.dtype))
+        idx, vals, tau = dispatch.batchtopk_select(h.permute(1, 0, 2), k, scope, positive, backend)
+        del h
+        ctx.save_for_backward(x, w_enc, idx)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(idx, tau)
+        return idx, vals, tau
+
+    @staticmethod
+    def backward(ctx, _g_idx, g_vals, _g_tau):
+        x, w_enc, idx = ctx.saved_tensors
+        n, n_layers, _ = idx.shape
+        n_features = w_enc.shape[1]
+        valid = idx >= 0
+        g_vals = torch.where(valid, g_vals, torch.zeros((), dtype=g_vals.dtype, device=g_vals.device))
+        g_x = g_w = g_b = None
+        if ctx.needs_input_grad[1]:
+            g_w = torch.stack([
+                dispatch.sparse_grad_weight(idx[:, l], g_vals[:, l], x[:, l], n_features, w_enc.dtype,
+                                            ctx.backend)
+                for l in range(n_layers)
+            ])
+        if ctx.needs_input_grad[2]:
+            g_b = torch.zeros((n_layers, n_features), dtype=torch.float32, device=idx.device)
+            g_b.scatter_add_(1, idx.clamp(min=0).transpose(0, 1).reshape(n_layers, -1),
+                             g_vals.float().transpose(0, 1).reshape(n_layers, -1))
+        if ctx.needs_input_grad[0]:
+            g_x = torch.stack([
+                dispatch.sparse_decode(idx[:, l], g_vals[:, l], w_enc[l], ctx.backend, density_threshold=1.0)
+                for l in range(n_layers)
+            ], 1).to(x.dtype)
+            g_b = g_b.to(w_enc.dtype)
+        return g_x, g_w, g_b, None, None, None, None
+
+
+@dataclass
+class SparseCLTOutput:
+    idx: torch.Tensor  # [N, L, K] int64 feature ids, -1 = padding
+    vals: torch.Tensor  # [N, L, K] selected pre-activations (0 at padding), differentiable
+    tau: torch.Tensor  # [L] this batch's BatchTopK thresholds (for the inference JumpReLU estimate)
+    y_hat: torch.Tensor  # [N, L, d] reconstruction
+
+    def to_dense(self, n_features: int) -> torch.Tensor:
+        """``[N, L, F]`` activations (differentiable through ``vals``)."""
+        n, n_layers, _ = self.idx.shape
+        dense = torch.zeros((n, n_layers, n_features), dtype=self.vals.dtype, device=self.vals.device)
+        return dense.scatter_add(2, self.idx.clamp(min=0), self.vals)
+
+    def l0(self) -> torch.Tensor:
+        """``[L]`` mean active features per token."""
+        return (self.idx >= 0).sum(dim=(0, 2)).float() / max(self.idx.shape[0], 1)
+
+
+def clt_sparse_forward(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
+                       w_dec: Sequence[torch.Tensor], b_dec: torch.Tensor, k: int, scope: str = "layer",
+                       positive: bool = True, backend: str | None = None,
+                       density_threshold: float | None = None) -> SparseCLTOutput:
+    """CLT forward with BatchTopK, sparse end to end. ``x [N, L, d_in]``, ``w_enc [L, F, d_in]``,
+    ``b_enc [L, F]``, ``w_dec[s] [F, L-s, d_out]``, ``b_dec [L, d_out]``."""
+    idx, vals, tau = SparseEncodeBatchTopK.apply(x, w_enc, b_enc, k, scope, positive, backend)
+    y_hat = dispatch.clt_sparse_decode(idx, vals, w_dec, b_dec, backend, density_threshold)
+    return SparseCLTOutput(idx, vals, tau, y_hat)
+
+
+def _losses(y_hat, y, sparsity, n):
+    recon = (y_hat.float() - y.float()).pow(2).sum(dim=(1, 2)).mean()
+    loss = recon + sparsity / max(n, 1)
+    return loss, {"recon": recon.detach(), "sparsity": (sparsity / max(n, 1)).detach()}
+
+
+def clt_sparse_loss(x, y, w_enc, b_enc, w_dec, b_dec, k: int, scope: str = "layer",
+                    lambda_sparsity: float = 0.0, tanh_c: float = 1.0, backend: str | None = None,
+                    density_threshold: float | None = None):
+    """``(loss, terms)``: squared error summed over layers and dims, mean over tokens, plus
+    ``lambda * sum tanh(c * a * ||W_dec,i||) / N`` over the active entries only."""
+    out = clt_sparse_forward(x, w_enc, b_enc, w_dec, b_dec, k, scope, True, backend, density_threshold)
+    sparsity = torch.zeros((), device=x.device)
+    if lambda_sparsity:
+        norms = torch.stack([dispatch.decoder_row_norms(w) for w in w_dec])  # [L, F]
+        sparsity = lambda_sparsity * dispatch.tanh_sparsity_sparse(out.idx, out.vals, norms, tanh_c).sum()
+    return _losses(out.y_hat, y, sparsity, x.shape[0])
+
+
+def clt_dense_loss(x, y, w_enc, b_enc, w_dec, b_dec, k: int, scope: str = "layer",
+                   lambda_sparsity: float = 0.0, tanh_c: float = 1.0):
+    """The same step with dense activations ``[N, L, F]`` and a dense (matmul) decoder: the
+    baseline the sparse step is measured against, and its reference in tests."""
+    n, n_layers, _ = x.shape
+    n_features = w_enc.shape[1]
+    h = torch.baddbmm(b_enc.unsqueeze(1), x.transpose(0, 1), w_enc.transpose(1, 2)).permute(1, 0, 2)
+    k_total = k * n * (n_layers if scope == "all" else 1)
+    tau = dispatch.batchtopk_threshold(h, k_total, scope, backend="torch")
+    acts = h * ((h >= tau[None, :, None]) & (h > 0))  # straight-through to the kept entries
+    y_hat = b_dec.expand(n, n_layers, b_dec.shape[-1])
+    for s, w in enumerate(w_dec):
+        contrib = (acts[:, s] @ w.reshape(n_features, -1)).view(n, n_layers - s, -1)
+        y_hat = y_hat + torch.nn.functional.pad(contrib, (0, 0, s, 0))
+    sparsity = torch.zeros((), device=x.device)
+    if lambda_sparsity:
+        norms = torch.stack([dispatch.decoder_row_norms(w) for w in w_dec])  # [L, F]
+        sparsity = lambda_sparsity * torch.tanh(tanh_c * acts * norms[None]).sum()
+    return _losses(y_hat, y, sparsity, n)
