@@ -35,8 +35,10 @@ def main() -> None:
         if args.load or not args.model_path.startswith("gguf:"):
             model, tok = load_llm(args.model_path)
             n = sum(p.numel() for p in model.parameters())
-            print(f"loaded {type(model).__name__}: {n / 1e6:.1f} M parameters, vocab {len(tok)} "
-                  f"({time.perf_counter() - t0:.1f} s)")
+            print(
+                f"loaded {type(model).__name__}: {n / 1e6:.1f} M parameters, vocab {len(tok)} "
+                f"({time.perf_counter() - t0:.1f} s)"
+            )
     except ConfigError as e:
         sys.exit(f"error: {e}")
 

@@ -15,7 +15,11 @@ import torch.distributed as dist
 
 from torchtitan_clt.components.lr_scheduler import build_lr_scheduler
 from torchtitan_clt.components.optimizer import build_optimizer, clip_grad_norm_
-from torchtitan_clt.components.standardization import estimate_standardization
+from torchtitan_clt.components.standardization import (
+    estimate_standardization,
+    init_b_dec_from_mean,
+    resolve_b_dec_init,
+)
 from torchtitan_clt.config import ConfigError, JobConfig, help_text, load_config, to_toml
 from torchtitan_clt.data.source import SourceContext
 from torchtitan_clt.distributed.utils import check_config_consistent, init_distributed
@@ -116,6 +120,8 @@ class Trainer:
         model.to_empty(device=self.device)
         with torch.no_grad():
             model.init_weights(cfg.job.seed)
+            # Buffers come out of to_empty uninitialized; a family's init need not know about them.
+            model.reset_standardization()
         self.model = model
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(
@@ -125,7 +131,6 @@ class Trainer:
         )
 
         self.forward = torch.compile(model.forward_std) if t.compile else model.forward_std
-        self.loss_fn = build_loss_fn(cfg)
         self.optimizers = build_optimizer(model, cfg)
         self.lr_schedulers = build_lr_scheduler(self.optimizers, cfg, t.steps)
         self.train_state = TrainState()
@@ -138,6 +143,7 @@ class Trainer:
             device=self.device,
             group=self.dp_group,
         )
+        self.loss_fn = build_loss_fn(cfg, dead_features=self.dead)  # AuxK reads dead_mask()
         self.autocast_dtype = _autocast_dtype(cfg, self.device)
 
         self.checkpointer = None
@@ -169,14 +175,22 @@ class Trainer:
 
     def _standardize(self) -> None:
         s = self.cfg.standardize
-        if s.inputs == "none" and s.targets == "none":
+        b_dec_mean = resolve_b_dec_init(self.cfg) == "mean"
+        if s.inputs == "none" and s.targets == "none" and not b_dec_mean:
             return
         per_rank = max(1, s.estimate_tokens // self.parallel_dims.dp_degree)
         logger.info(f"Estimating standardization ({s.inputs} / {s.targets}) on {s.estimate_tokens} tokens")
         stats = estimate_standardization(
             self.source.next_batch, per_rank, self.micro_batch, s.inputs, s.targets, self.dp_group
         )
+        if not all(torch.isfinite(t).all() for t in stats):
+            raise TrainingError(
+                "Non-finite activations while estimating standardization: the data source gives NaN "
+                "or inf values (check the LLM's dtype, e.g. --data.model_dtype=float32, and the data)."
+            )
         self.model.set_standardization(*stats)
+        if b_dec_mean:
+            init_b_dec_from_mean(self.model, stats.target_mean)
 
     def _micro_step(self, step: int, fvu: FVUAccumulator | None, l0_sum: list) -> torch.Tensor:
         t0 = time.perf_counter()

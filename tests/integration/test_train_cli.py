@@ -47,7 +47,7 @@ def test_debug_run_trains_logs_and_exports(tmp_path):
 
 
 def test_resolved_config_reloads(tmp_path):
-    assert _run(tmp_path, "--training.steps=2", "--model.k=7", "--checkpoint.enable=false") == 0
+    assert _run(tmp_path, "--training.steps=2", "--lr_scheduler.warmup_steps=0", "--model.k=7", "--checkpoint.enable=false") == 0
     from torchtitan_clt.config import load_config
 
     cfg = load_config(["--config", str(tmp_path / "debug_model" / "config.toml")])
@@ -85,11 +85,19 @@ def test_nan_loss_stops_with_step_and_term(tmp_path, caplog):
         tmp_path,
         f"--job.custom_import={CUSTOM}",
         "--data.source=toy_nan",
+        "--standardize.inputs=none",
+        "--standardize.targets=none",
         "--training.steps=10",
         "--checkpoint.enable=false",
     )
     assert rc == 3
     assert "Non-finite loss at step 4" in caplog.text and "recon" in caplog.text
+
+
+def test_nan_activations_during_standardization_stop_cleanly(tmp_path, caplog):
+    rc = _run(tmp_path, f"--job.custom_import={CUSTOM}", "--data.source=toy_nan", "--checkpoint.enable=false")
+    assert rc == 3
+    assert "Non-finite activations while estimating standardization" in caplog.text
 
 
 def test_user_family_activation_and_source_from_config(tmp_path):
@@ -100,7 +108,9 @@ def test_user_family_activation_and_source_from_config(tmp_path):
         "--model.activation=squared_relu",
         "--model.features_per_layer=32",
         "--data.source=toy",
-        "--training.steps=60",
+        "--standardize.inputs=none",
+        "--standardize.targets=none",
+        "--training.steps=150",
         "--training.batch_size=64",
         "--loss.lambda_sparsity=0",
         "--optimizer.lr=3e-3",

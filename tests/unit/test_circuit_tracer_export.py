@@ -214,3 +214,14 @@ def test_export_does_not_touch_the_model(tmp_path):
         export_circuit_tracer(model, tmp_path / "ct")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_load_pretrained_reads_circuit_tracer_folders(tmp_path):
+    import torchtitan_clt
+
+    model = build("plt", "relu")
+    out = export_circuit_tracer(model, tmp_path / "ct")
+    back = torchtitan_clt.load_pretrained(out)
+    assert back.args.family == "plt" and back.args.activation == "relu" and not back.training
+    x = fresh_x(seed=3)
+    torch.testing.assert_close(ours(back, x)[1], ours(model, x)[1], atol=1e-4, rtol=1e-4)

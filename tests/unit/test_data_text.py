@@ -39,7 +39,11 @@ def test_jsonl_txt_parquet_glob_folder(tmp_path):
     assert by_folder == by_glob
 
     datasets.Dataset.from_dict({"content": ["p0", "p1", "p2"]}).to_parquet(str(tmp_path / "d.parquet"))
-    assert _read(TextSpec(str(tmp_path / "d.parquet"), text_field="content")) == [(0, "p0"), (1, "p1"), (2, "p2")]
+    assert _read(TextSpec(str(tmp_path / "d.parquet"), text_field="content")) == [
+        (0, "p0"),
+        (1, "p1"),
+        (2, "p2"),
+    ]
 
 
 def test_saved_dataset_folder(tmp_path):

@@ -45,8 +45,8 @@ def test_bos_falls_back_to_eos(tmp_path, tok):
         bos_token_id = None
         eos_token_id = 7
 
-        def __call__(self, text, **kw):
-            return {"input_ids": [ord(ch) for ch in text]}
+        def __call__(self, texts, **kw):
+            return {"input_ids": [[ord(ch) for ch in t] for t in texts]}
 
     ds = PackedTokens(TextSpec(_jsonl(tmp_path / "d.jsonl", ["xy"])), NoBos(), seq_len=4)
     assert next(iter(ds)).tolist() == [7, ord("x"), ord("y"), 7]
@@ -55,8 +55,15 @@ def test_bos_falls_back_to_eos(tmp_path, tok):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_state_round_trip(tok, workers):
     # Shakespeare paragraphs, two ranks; save after a few batches, resume in a fresh loader.
-    kw = dict(spec=TextSpec("shakespeare"), tokenizer=tok, seq_len=48, batch_size=3,
-              dp_rank=1, dp_degree=2, num_workers=workers)
+    kw = dict(
+        spec=TextSpec("shakespeare"),
+        tokenizer=tok,
+        seq_len=48,
+        batch_size=3,
+        dp_rank=1,
+        dp_degree=2,
+        num_workers=workers,
+    )
     dl = build_token_loader(**kw)
     it = iter(dl)
     for _ in range(5):
@@ -72,6 +79,8 @@ def test_loader_state_round_trip(tok, workers):
 
 
 def test_ranks_read_different_windows(tok):
-    first = [next(iter(build_token_loader(TextSpec("shakespeare"), tok, 32, 4, dp_rank=r, dp_degree=2)))
-             for r in range(2)]
+    first = [
+        next(iter(build_token_loader(TextSpec("shakespeare"), tok, 32, 4, dp_rank=r, dp_degree=2)))
+        for r in range(2)
+    ]
     assert not torch.equal(first[0], first[1])

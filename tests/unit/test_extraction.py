@@ -19,8 +19,10 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: load_llm(str(ASSETS / name), "float32", "cpu")[0] for name in
-            ("tiny_llama", "tiny_gpt2", "tiny_gemma2", "tiny_qwen3")}
+    return {
+        name: load_llm(str(ASSETS / name), "float32", "cpu")[0]
+        for name in ("tiny_llama", "tiny_gpt2", "tiny_gemma2", "tiny_qwen3")
+    }
 
 
 def _tokens(b=2, t=9, seed=0):
@@ -47,7 +49,8 @@ def _reference(model, tokens):
     handles = []
     for i, layer in enumerate(layers):
         mod = {"gpt2": lambda m: m.attn.c_proj, "gemma2": lambda m: m.post_attention_layernorm}.get(
-            kind, lambda m: m.self_attn.o_proj)(layer)
+            kind, lambda m: m.self_attn.o_proj
+        )(layer)
         handles.append(mod.register_forward_hook(lambda m, a, o, i=i: attn_out.__setitem__(i, o)))
     with torch.no_grad():
         hs = model(input_ids=tokens, output_hidden_states=True).hidden_states
@@ -73,7 +76,9 @@ def _reference(model, tokens):
             norm = layer.post_attention_layernorm
             mlp_in = _rms(mid, norm.weight, norm.variance_epsilon)
             m = layer.mlp
-            mlp_out = (F.silu(mlp_in @ m.gate_proj.weight.T) * (mlp_in @ m.up_proj.weight.T)) @ m.down_proj.weight.T
+            mlp_out = (
+                F.silu(mlp_in @ m.gate_proj.weight.T) * (mlp_in @ m.up_proj.weight.T)
+            ) @ m.down_proj.weight.T
         post = mid + mlp_out
         if i + 1 < len(layers):  # the last hidden state has the final norm applied
             torch.testing.assert_close(post, hs[i + 1], atol=1e-5, rtol=1e-5)

@@ -248,3 +248,21 @@ def test_plt_sparse_decode_vs_float64(backend):
     gw, = torch.autograd.grad(out.sum(), w_dec)
     gw_ref = torch.einsum("nlf,nld->lfd", _dense(idx, vals.detach().double(), f), torch.ones(n, n_layers, d).double())
     assert _rel(gw, gw_ref) < 1e-6
+
+
+def test_sparse_decode_unsorted_ids_and_all_padding(backend):
+    g = torch.Generator().manual_seed(12)
+    n, k, f, d = 5, 4, 30, 7
+    idx = torch.stack([torch.randperm(f, generator=g)[:k] for _ in range(n)])  # unsorted (torch.topk order)
+    idx[2, 1:] = -1
+    vals = torch.randn(n, k, generator=g, requires_grad=True)
+    w = torch.randn(f, d, generator=g, requires_grad=True)
+    out = dispatch.sparse_decode(idx, vals, w, backend=backend, density_threshold=1.0)
+    gv, gw = torch.autograd.grad(out, (vals, w), torch.ones(n, d))
+    v64, w64 = vals.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref = _dense(idx, v64, f) @ w64
+    rv, rw = torch.autograd.grad(ref, (v64, w64), torch.ones(n, d).double())
+    assert _rel(out, ref) < 1e-6 and _rel(gw, rw) < 1e-6 and _rel(gv * (idx >= 0), rv * (idx >= 0)) < 1e-6
+    empty = torch.full((3, 2), -1)
+    z = dispatch.sparse_decode(empty, torch.zeros(3, 2), w, backend=backend, density_threshold=1.0)
+    assert z.shape == (3, d) and (z == 0).all()

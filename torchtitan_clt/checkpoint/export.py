@@ -111,6 +111,10 @@ def load_pretrained(
             f"{folder} is not a folder; give the native export folder (outputs/<job>/export, "
             "written at the end of training when checkpoint.export = true)."
         )
+    if (folder / "config.yaml").is_file() and not (folder / CONFIG_FILE).is_file():
+        from torchtitan_clt.checkpoint.circuit_tracer import load_circuit_tracer  # a circuit-tracer folder
+
+        return load_circuit_tracer(folder, device=device, dtype=dtype)
     for fname in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / fname).is_file():
             raise FileNotFoundError(

@@ -18,6 +18,7 @@ a warning and removed by the next save.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -49,9 +50,6 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
-
-# DCP warns on every call made without a process group; one process is a supported setup here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
@@ -140,6 +138,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _quiet_dcp():
+    # DCP warns on every call without a process group; one process is a supported setup here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
+
+
 def _has_dtensor(obj: Any) -> bool:
     if isinstance(obj, DTensor):  # type: ignore[arg-type]
         return True
@@ -220,11 +228,11 @@ class CheckpointManager:
         self._pending: Future | None = None
         self._pending_step: int | None = None
         self._last_saved: int | None = None
-        self._async_pg = None
-        if self.enabled and self.cfg.async_mode == "async" and _dist_on():
-            # A separate gloo group, so the background save's collectives never interleave with
-            # the training collectives on the default group.
-            self._async_pg = dist.new_group(backend="gloo")
+        self._gloo = None
+        if self.enabled and _dist_on():
+            # A CPU group of our own: the background save's collectives never interleave with the
+            # training ones on the default (maybe NCCL) group, and small objects need no GPU.
+            self._gloo = dist.new_group(backend="gloo")
 
     # ---- save -----------------------------------------------------------------------------------
     def should_save(self, step: int, force: bool = False) -> bool:
@@ -262,7 +270,7 @@ class CheckpointManager:
         if self.cfg.async_mode == "async":
             fut = _future_of(
                 dcp.async_save(
-                    dcp_sd, checkpoint_id=str(tmp), process_group=self._async_pg, no_dist=not _dist_on()
+                    dcp_sd, checkpoint_id=str(tmp), process_group=self._gloo, no_dist=not _dist_on()
                 )
             )
             if _rank() == 0:
@@ -278,7 +286,8 @@ class CheckpointManager:
                 time.perf_counter() - t0,
             )
         else:
-            dcp.save(dcp_sd, checkpoint_id=str(tmp), no_dist=not _dist_on())
+            with _quiet_dcp():
+                dcp.save(dcp_sd, checkpoint_id=str(tmp), no_dist=not _dist_on())
             if _rank() == 0:
                 self._commit(step)
             _barrier()
@@ -325,7 +334,7 @@ class CheckpointManager:
             same = True
             if _world() > 1:
                 digests: list[str] = [""] * _world()
-                dist.all_gather_object(digests, digest)
+                dist.all_gather_object(digests, digest, group=self._gloo)
                 same = len(set(digests)) == 1
             if same:
                 shared.append(key)
@@ -449,7 +458,10 @@ class CheckpointManager:
         if dcp_keys:
             # dcp.load calls state_dict() of each Stateful for the template, loads into it in
             # place (resharding to the current mesh), then calls load_state_dict().
-            dcp.load({k: self.states[k] for k in dcp_keys}, checkpoint_id=str(path), no_dist=not _dist_on())
+            with _quiet_dcp():
+                dcp.load(
+                    {k: self.states[k] for k in dcp_keys}, checkpoint_id=str(path), no_dist=not _dist_on()
+                )
         for key in self.states:
             if key in meta["shared_keys"]:
                 file = path / STATES_DIR / f"{key}.pt"
@@ -497,7 +509,9 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path,
     path = Path(path)
     if (path / META_FILE).is_file():
         if step is not None and json.loads((path / META_FILE).read_text())["step"] != step:
-            raise ValueError(f"{path} holds step {json.loads((path / META_FILE).read_text())['step']}, not {step}.")
+            raise ValueError(
+                f"{path} holds step {json.loads((path / META_FILE).read_text())['step']}, not {step}."
+            )
         run = path.parent.parent
         return path, run if (run / "config.toml").is_file() else None
     if TMP_DIR.match(path.name):
@@ -532,14 +546,19 @@ def load_model_from_checkpoint(path: str | Path, step: int | None = None, device
     if run is not None:
         from torchtitan_clt.config.manager import load_config
 
-        import_custom_modules(load_config(["--config", str(run / "config.toml")], check=False).job.custom_import)
+        import_custom_modules(
+            load_config(["--config", str(run / "config.toml")], check=False).job.custom_import
+        )
     import torchtitan_clt.models  # noqa: F401  (registers the built-in families)
 
     if not meta.get("model_args"):
-        raise ValueError(f"{ckpt / META_FILE} has no model_args (the model was not saved through ModelWrapper).")
+        raise ValueError(
+            f"{ckpt / META_FILE} has no model_args (the model was not saved through ModelWrapper)."
+        )
     args = TranscoderArgs.from_dict(meta["model_args"])
     with torch.device("meta"):
         model = model_registry.get(args.family).build_fn(args)
     model.to_empty(device=device)
-    dcp.load({"model": ModelWrapper(model)}, checkpoint_id=str(ckpt), no_dist=not _dist_on())
+    with _quiet_dcp():
+        dcp.load({"model": ModelWrapper(model)}, checkpoint_id=str(ckpt), no_dist=not _dist_on())
     return model.eval(), meta

@@ -49,9 +49,16 @@ class StatsAccumulator:
         raise ValueError(f"unknown standardization mode {mode!r}")
 
 
+class Standardization(tuple):
+    """(in_mean, in_scale, out_mean, out_scale), each [L, d]: what ``set_standardization`` takes.
+    ``target_mean  # [L, d_out]`` is the raw target mean whatever the mode (for ``b_dec`` init)."""
+
+    target_mean: torch.Tensor
+
+
 def estimate_standardization(
     next_batch, n_tokens: int, batch_size: int, mode_in: str, mode_out: str, group=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Standardization:
     """Read ``n_tokens`` rows through ``next_batch(batch_size) -> (x, y)``; return
     (in_mean, in_scale, out_mean, out_scale), each [L, d] float32 on the batches' device."""
     acc_x, acc_y = StatsAccumulator(), StatsAccumulator()
@@ -65,4 +72,24 @@ def estimate_standardization(
     acc_y.all_reduce(group)
     in_mean, in_scale = acc_x.mean_scale(mode_in)
     out_mean, out_scale = acc_y.mean_scale(mode_out)
-    return tuple(t.float() for t in (in_mean, in_scale, out_mean, out_scale))  # type: ignore[return-value]
+    stats = Standardization(t.float() for t in (in_mean, in_scale, out_mean, out_scale))
+    stats.target_mean = acc_y.mean_scale("per_dim")[0].float()
+    return stats
+
+
+def resolve_b_dec_init(job_config) -> str:
+    """``model.b_dec_init`` with ``auto`` resolved: ``mean`` for an SAE, ``zero`` otherwise."""
+    choice = job_config.model.b_dec_init
+    if choice == "auto":
+        return "mean" if job_config.model.name == "sae" else "zero"
+    return choice
+
+
+@torch.no_grad()
+def init_b_dec_from_mean(model, target_mean: torch.Tensor) -> None:
+    """Set the output bias to the target mean (raw ``target_mean  # [L, d_out]``), in the model's
+    standardized units: 0 when the targets are centered, the mean itself when they are not."""
+    from torchtitan_clt.models.common import copy_full_
+
+    b = model.standardize_out(target_mean.to(model.out_mean.device).float())
+    copy_full_(model.b_dec, b.detach().cpu())

@@ -35,7 +35,8 @@ class Job:
 @dataclass
 class Model:
     name: str = "clt"
-    """Registered family: ``clt``, ``plt`` (and whatever ``job.custom_import`` registers)."""
+    """Registered family: ``clt``, ``plt``, ``sae``, ``molt``, ``matryoshka_clt`` (and whatever
+    ``job.custom_import`` registers)."""
 
     activation: str = "jumprelu"
     """Activation function: ``relu``, ``jumprelu``, ``topk``, ``batchtopk`` (or a registered one)."""
@@ -69,6 +70,23 @@ class Model:
     tied_init: bool = True
     """Initialize the encoder as the transpose of the decoder."""
 
+    b_dec_init: Literal["auto", "zero", "mean"] = "auto"
+    """Initial output bias: ``zero``, or ``mean`` (the target mean, estimated with the
+    standardization statistics before step 1; in standardized units it is 0 when targets are
+    centered). ``auto``: ``mean`` for ``sae``, ``zero`` for the other families."""
+
+    molt_ranks: list[int] = field(default_factory=lambda: [512, 256, 128, 64, 32])
+    """``molt``: rank of each group of transforms, largest first."""
+
+    molt_counts: list[int] = field(default_factory=list)
+    """``molt``: transforms per group (summing to ``features_per_layer``). Empty: counts double
+    from group to group (N, 2N, 4N, ...), N = features_per_layer // (2^groups − 1), the last group
+    taking the remainder."""
+
+    matryoshka_prefixes: list[int] = field(default_factory=list)
+    """``matryoshka_clt``: nested feature-prefix sizes m_1 < ... < m_G (features_per_layer is
+    appended when missing). Empty: F/16, F/8, F/4, F/2, F."""
+
 
 @dataclass
 class Loss:
@@ -90,6 +108,9 @@ class Loss:
 
     lambda_preact: float = 0.0
     """Coefficient of the pre-activation loss Σ ReLU(θ − h)·‖W_dec‖ that revives dead features."""
+
+    lambda_preact_warmup_steps: int = 0
+    """Steps over which the pre-activation coefficient ramps linearly from 0 to ``lambda_preact``."""
 
     auxk_alpha: float = 0.0
     """Coefficient of the AuxK loss (0 disables it)."""

@@ -173,6 +173,10 @@ def validate(cfg: JobConfig) -> None:
     need(all(layer >= 0 for layer in d.layers), f"data.layers must be non-negative, got {d.layers}.")
     need(len(set(d.layers)) == len(d.layers), f"data.layers has duplicates: {d.layers}.")
     need(0 <= cfg.lr_scheduler.decay_ratio <= 1, "lr_scheduler.decay_ratio must be in [0, 1].")
+    need(
+        cfg.lr_scheduler.warmup_steps <= t.steps,
+        f"lr_scheduler.warmup_steps ({cfg.lr_scheduler.warmup_steps}) exceeds training.steps ({t.steps}): lower it.",
+    )
     need(cfg.optimizer.lr > 0, "optimizer.lr must be positive.")
     need(cfg.metrics.log_freq > 0, "metrics.log_freq must be positive.")
     need(cfg.checkpoint.interval > 0, "checkpoint.interval must be positive.")

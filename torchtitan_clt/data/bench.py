@@ -51,8 +51,9 @@ def bench_extraction(
     The three forwards are timed in interleaved rounds after a warm-up and the best round of each
     is kept, so a busy machine disturbs the comparison less.
     """
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     t0 = time.perf_counter()
     model, tok = load_llm(model_path, dtype, dev)
     load_s = time.perf_counter() - t0
@@ -78,8 +79,11 @@ def bench_extraction(
         finally:
             blocks.extend(keep[len(blocks) :])
 
-    fns = {"extraction": extractor, "bare_truncated_forward": bare,
-           "full_forward": lambda b: model(input_ids=b, use_cache=False)}
+    fns = {
+        "extraction": extractor,
+        "bare_truncated_forward": bare,
+        "full_forward": lambda b: model(input_ids=b, use_cache=False),
+    }
     best = {k: float("inf") for k in fns}
     with torch.no_grad():
         for fn in fns.values():

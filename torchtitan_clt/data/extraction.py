@@ -53,12 +53,15 @@ class ActivationExtractor:
                 raise _StopForward
 
         if kind == "input":
+
             def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 capture(args[0] if args else next(iter(kwargs.values())))
+
             return pre_hook
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             capture(output_tensor(out))
+
         return hook
 
     @torch.no_grad()

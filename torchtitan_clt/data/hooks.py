@@ -75,8 +75,14 @@ def family(model: nn.Module) -> str:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks, wherever this architecture keeps it."""
     family(model)
-    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers",
-                 "transformer.h", "layers", "h"):
+    for path in (
+        "model.layers",
+        "model.language_model.layers",
+        "language_model.model.layers",
+        "transformer.h",
+        "layers",
+        "h",
+    ):
         obj: Any = model
         for part in path.split("."):
             obj = getattr(obj, part, None)

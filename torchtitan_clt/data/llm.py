@@ -28,8 +28,12 @@ from torchtitan_clt.config.manager import ConfigError
 logger = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 1234  # weights of a config-only model: fixed so every rank and run agree
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,7 +54,7 @@ def cache_root() -> Path:
 
 def resolve_gguf(spec: str) -> Path:
     """``gguf:`` target -> file: a path, or ``<package>/<file>`` inside an installed package."""
-    target = spec[len("gguf:"):] if spec.startswith("gguf:") else spec
+    target = spec[len("gguf:") :] if spec.startswith("gguf:") else spec
     path = Path(os.path.expanduser(target))
     if path.is_file():
         return path
@@ -101,8 +105,9 @@ def prepare_gguf(spec: str) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     logger.info("Converting %s to safetensors in %s (once; ~30 s)", source, folder)
-    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source.parent), gguf_file=source.name, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     _fix_gguf_special_tokens(tokenizer, source)
     # save_pretrained refuses a GGUF-loaded model: rebuild it from a plain config and copy the weights.
@@ -159,7 +164,9 @@ def load_llm(
     if folder is not None and not any((folder / f).is_file() for f in _WEIGHT_FILES):
         logger.warning(
             "%s has no weights: building a RANDOM model from its config.json (seed %d). Fine for "
-            "tests and debugging; activations mean nothing.", folder, RANDOM_INIT_SEED,
+            "tests and debugging; activations mean nothing.",
+            folder,
+            RANDOM_INIT_SEED,
         )
         config = AutoConfig.from_pretrained(folder)
         with torch.random.fork_rng(devices=[]):

@@ -117,8 +117,13 @@ class StreamSource(ActivationSource):
         self.tp_group = ctx.tp_group
         reader, readers = ctx.dp_rank * self.tp_size + self.tp_rank, ctx.dp_degree * self.tp_size
         self.loader = build_token_loader(
-            text_spec(job_config), tokenizer, d.seq_len, d.llm_batch_size,
-            dp_rank=reader, dp_degree=readers, num_workers=d.num_workers,
+            text_spec(job_config),
+            tokenizer,
+            d.seq_len,
+            d.llm_batch_size,
+            dp_rank=reader,
+            dp_degree=readers,
+            num_workers=d.num_workers,
         )
         llm_dtype = next(llm.parameters()).dtype
         self.extractor = ActivationExtractor(llm, d.hook_in, d.hook_out, self.layers, dtype=llm_dtype)
@@ -129,14 +134,22 @@ class StreamSource(ActivationSource):
         rows = d.buffer_tokens * self.n_layers * (self.d_in + self.d_out) * llm_dtype.itemsize
         logger.info(
             "stream source: %s, layers %s, %s -> %s, buffer %d rows (%.2f GiB on %s)",
-            self.model_name, self.layers, self.hook_in, self.hook_out, d.buffer_tokens,
-            rows / 2**30, buffer_device,
+            self.model_name,
+            self.layers,
+            self.hook_in,
+            self.hook_out,
+            d.buffer_tokens,
+            rows / 2**30,
+            buffer_device,
         )
 
     def _extract(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.extractor(tokens)  # [B*(T-1), L, d] each
         if self.tp_size > 1:
-            x, y = _all_gather_rows(x, self.tp_group, self.tp_size), _all_gather_rows(y, self.tp_group, self.tp_size)
+            x, y = (
+                _all_gather_rows(x, self.tp_group, self.tp_size),
+                _all_gather_rows(y, self.tp_group, self.tp_size),
+            )
         return x, y
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +193,12 @@ def build_eval_token_loader(
     if not held_out:
         spec = TextSpec(other, "", spec.split, spec.text_field)
     return build_token_loader(
-        spec, tokenizer, job_config.data.seq_len, batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
-        held_out=held_out, loop=False,
+        spec,
+        tokenizer,
+        job_config.data.seq_len,
+        batch_size,
+        dp_rank=dp_rank,
+        dp_degree=dp_degree,
+        held_out=held_out,
+        loop=False,
     )

@@ -70,9 +70,7 @@ def local_files(name: str) -> list[str] | None:
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
-        files = sorted(
-            str(p) for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS
-        )
+        files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS)
         if not files:
             raise ConfigError(
                 f"data.dataset = {name!r}: the folder holds no .txt / .jsonl / .json / .parquet files."
@@ -197,7 +195,9 @@ class DocumentStream:
             logger.warning(
                 "Text position saved with %s shards, resuming on %s: continuing from document %s "
                 "(approximate: a few documents near the boundary may repeat or be skipped).",
-                sd["num_shards"], self.num_shards, self.index,
+                sd["num_shards"],
+                self.num_shards,
+                self.index,
             )
 
     def __iter__(self) -> Iterator[tuple[int, str]]:

@@ -17,6 +17,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_clt.data.text import DocumentStream, TextSpec
 
+TOKENIZE_CHUNK = 64  # documents per tokenizer call
+
 
 def special_ids(tokenizer: Any) -> tuple[int, int]:
     """(bos, eos) ids; BOS falls back to EOS (GPT-2 style tokenizers have only EOS)."""
@@ -63,15 +65,36 @@ class PackedTokens(IterableDataset):
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
         self.docs.set_shard(self.dp_rank * n + w, self.dp_degree * n)
 
-    def _tokenize(self, text: str) -> list[int]:
-        if not text.strip():
-            return []
-        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) + [self.eos]
+    def _documents(self) -> Iterator[tuple[dict, list[int]]]:
+        """``(stream state before the document, its tokens + EOS)``, tokenized in chunks.
+
+        One tokenizer call per chunk of documents lets a fast tokenizer use its own threads.
+        """
+        docs = iter(self.docs)
+        while True:
+            states, texts = [], []
+            for _ in range(TOKENIZE_CHUNK):
+                states.append(self.docs.state_dict())
+                try:
+                    texts.append(next(docs)[1])
+                except StopIteration:
+                    states.pop()
+                    break
+            if not texts:
+                return
+            keep = [i for i, t in enumerate(texts) if t.strip()]  # blank documents add nothing
+            ids = self.tokenizer([texts[i] for i in keep], add_special_tokens=False, verbose=False)
+            tokens: list[list[int]] = [[] for _ in texts]
+            for i, seq in zip(keep, ids["input_ids"]):
+                tokens[i] = list(seq) + [self.eos]
+            yield from zip(states, tokens)
+            if len(texts) < TOKENIZE_CHUNK:
+                return
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self._set_shard()
         self.docs.load_state_dict(self._doc_state)
-        docs = iter(self.docs)
+        docs = self._documents()
         tokens: list[int] = []
         pos = 0
         skip = self._offset  # a resumed document is re-read and its packed tokens skipped
@@ -79,12 +102,11 @@ class PackedTokens(IterableDataset):
             window = [self.bos]
             while len(window) < self.seq_len:
                 if pos >= len(tokens):
-                    self._doc_state = self.docs.state_dict()
                     try:
-                        _, text = next(docs)
+                        self._doc_state, tokens = next(docs)
                     except StopIteration:
                         return  # finite stream (held-out): the partial window is dropped
-                    tokens, pos, skip = self._tokenize(text), skip, 0
+                    pos, skip = skip, 0
                     continue
                 take = min(self.seq_len - len(window), len(tokens) - pos)
                 window.extend(tokens[pos : pos + take])

@@ -7,6 +7,8 @@ products at active entries only) and ``W`` (sparse outer products); padding gets
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -19,15 +21,85 @@ def out_dtype(vals: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- torch fallback
-def decode_torch(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``embedding_bag(mode="sum", per_sample_weights=vals)``; autograd gives both gradients."""
-    n, k = idx.shape
-    if k == 0:
-        return (vals.sum() * 0 + w.sum() * 0).to(out_dtype(vals, w)).expand(n, w.shape[1]).clone()
+def _csr(idx: torch.Tensor, vals: torch.Tensor):
+    """Padded ``[N, K]`` -> the valid entries in row order: ``(valid [N, K], rows [E], feats [E],
+    vals [E], row_offsets [N+1])`` (one host sync on CUDA, none on CPU that matters)."""
     valid = idx >= 0
-    weights = torch.where(valid, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
-    out = F.embedding_bag(idx.clamp(min=0), w, per_sample_weights=weights.to(w.dtype), mode="sum")
-    return out.to(out_dtype(vals, w))
+    counts = valid.sum(1)
+    offsets = torch.zeros(idx.shape[0] + 1, dtype=torch.long, device=idx.device)
+    offsets[1:] = counts.cumsum(0)
+    rows = torch.repeat_interleave(torch.arange(idx.shape[0], device=idx.device), counts)
+    return valid, rows, idx[valid], vals[valid], offsets
+
+
+def _bags_by_feature(feats: torch.Tensor, rows: torch.Tensor, v: torch.Tensor, n_features: int):
+    """Entries regrouped by feature: ``(rows_sorted, vals_sorted, feature_offsets [F])``."""
+    order = torch.argsort(feats, stable=True)
+    offsets = torch.searchsorted(feats[order], torch.arange(n_features, device=feats.device))
+    return rows[order], v[order], offsets
+
+
+def grad_weight_torch(idx: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, n_features: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[F, D]``: sum over entries of ``vals[n, j] * g[n]`` into row ``idx[n, j]``. One
+    ``embedding_bag`` over ``g`` with one bag per feature (empty bags give the zero rows)."""
+    _, rows, feats, v, _ = _csr(idx, vals)
+    g = g.contiguous()
+    if feats.numel() == 0:
+        return torch.zeros((n_features, g.shape[1]), dtype=dtype, device=g.device)
+    rows_s, v_s, offsets = _bags_by_feature(feats, rows, v, n_features)
+    out = F.embedding_bag(rows_s, g, offsets, mode="sum", per_sample_weights=v_s.to(g.dtype))
+    return out.to(dtype)
+
+
+def grad_vals_torch(idx: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[N, K]``: ``w[idx[n, j]] . g[n]`` at the valid entries only (a sampled matmul), 0 at padding."""
+    valid, rows, feats, _, offsets = _csr(idx, idx)
+    out = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
+    if feats.numel() == 0:
+        return out
+    if g.device.type == "cpu" and g.dtype == w.dtype and g.dtype in (torch.float32, torch.float64):
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(offsets, feats, torch.zeros(feats.numel(), dtype=g.dtype),
+                                              (idx.shape[0], w.shape[0]), check_invariants=False)
+            dots = torch.sparse.sampled_addmm(pattern, g, w.T, beta=0.0).values()
+    else:  # chunked gather-dot (bounded [chunk, D] temporaries)
+        chunk = max(1, _TORCH_CHUNK_ELEMS // max(w.shape[1], 1))
+        dots = torch.cat([(w[feats[c:c + chunk]].float() * g[rows[c:c + chunk]].float()).sum(-1)
+                          for c in range(0, feats.numel(), chunk)])
+    out[valid] = dots.float()
+    return out
+
+
+class SparseDecodeTorch(torch.autograd.Function):
+    """Torch fallback: ``embedding_bag(mode="sum", per_sample_weights=vals)`` over the valid
+    entries (padding skipped, not multiplied by zero); backward by a sampled matmul (grad vals) and
+    an ``embedding_bag`` over ``grad_out`` grouped by feature (grad W)."""
+
+    @staticmethod
+    def forward(ctx, idx, vals, w):
+        _, _, feats, v, offsets = _csr(idx, vals)
+        ctx.save_for_backward(idx, vals, w)
+        dt = out_dtype(vals, w)
+        if feats.numel() == 0:
+            return torch.zeros((idx.shape[0], w.shape[1]), dtype=dt, device=w.device)
+        out = F.embedding_bag(feats, w, offsets[:-1], mode="sum", per_sample_weights=v.to(w.dtype))
+        return out.to(dt)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        idx, vals, w = ctx.saved_tensors
+        g_vals = g_w = None
+        if ctx.needs_input_grad[1]:
+            g_vals = grad_vals_torch(idx, w, grad_out.to(w.dtype)).to(vals.dtype)
+        if ctx.needs_input_grad[2]:
+            g_w = grad_weight_torch(idx, vals, grad_out, w.shape[0], w.dtype)
+        return None, g_vals, g_w
+
+
+def decode_torch(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return SparseDecodeTorch.apply(idx, vals, w)
 
 
 def decode_dense(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -40,23 +112,6 @@ def decode_dense(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> torc
     acts = torch.zeros((n, w.shape[0]), dtype=dt, device=vals.device)
     acts = acts.scatter_add(1, idx.clamp(min=0), weights)  # differentiable w.r.t. weights
     return acts @ w.to(dt)
-
-
-def grad_weight_torch(idx: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, n_features: int,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[F, D]``: sum over entries of ``vals[n, j] * g[n]`` into row ``idx[n, j]`` (index_add)."""
-    n, k = idx.shape
-    d = g.shape[1]
-    gw = torch.zeros((n_features, d), dtype=torch.float32, device=g.device)
-    valid = idx >= 0
-    rows = torch.arange(n, device=g.device)[:, None].expand(n, k)[valid]
-    feats = idx[valid]
-    v = vals[valid].float()
-    chunk = max(1, _TORCH_CHUNK_ELEMS // max(d, 1))
-    for c in range(0, feats.numel(), chunk):
-        sl = slice(c, c + chunk)
-        gw.index_add_(0, feats[sl], g[rows[sl]].float() * v[sl, None])
-    return gw.to(dtype)
 
 
 # --------------------------------------------------------------------------- Triton autograd

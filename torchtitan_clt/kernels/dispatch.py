@@ -89,6 +89,11 @@ def batchtopk_select(h: torch.Tensor, k: int, scope: str = "layer", positive: bo
     """BatchTopK: ``h [N, L, F]`` -> ``(idx, vals [N, L, K], tau [L])``. Keeps the ``k*N`` largest
     per layer (``scope="layer"``) or ``k*N*L`` over all layers (``"all"``); entries equal to the
     threshold are all kept. ``positive``: also drop entries <= 0 (BatchTopK of ReLU(h))."""
+    if scope not in SCOPES:
+        raise ValueError(f"batchtopk scope {scope!r}: use one of {SCOPES}")
+    if resolve_backend(h, backend) == "torch":
+        idx, tau = _sel_torch.batchtopk_select(h.detach(), k, scope, positive)
+        return idx, _gather_vals(h, idx), tau
     n, n_layers, _ = h.shape
     k_total = k * n * (n_layers if scope == "all" else 1)
     tau = batchtopk_threshold(h, k_total, scope, backend)

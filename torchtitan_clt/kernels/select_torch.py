@@ -23,22 +23,63 @@ def _tau_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
-def batchtopk_threshold(h: torch.Tensor, k_total: int, scope: str = "layer") -> torch.Tensor:
-    """``h [N, L, F]`` -> ``tau [L]`` (fp32; fp64 for fp64 input): the k_total-th largest value per layer (``layer``) or over
-    all layers jointly (``all``, the same value repeated). Uses quickselect (``kthvalue``), no sort."""
-    n, n_layers, f = h.shape
+def _groups(t: torch.Tensor, scope: str) -> torch.Tensor:
+    # [N, L, M] -> [L, N*M] (per layer) or [1, N*L*M] (all layers jointly)
     if scope == "layer":
-        flat = h.transpose(0, 1).reshape(n_layers, n * f)  # [L, N*F]
-    elif scope == "all":
-        flat = h.reshape(1, -1)  # [1, N*L*F]
-    else:
-        raise ValueError(f"batchtopk scope {scope!r}: use 'layer' or 'all'")
-    size = flat.shape[1]
-    if k_total <= 0 or size == 0:
+        return t.transpose(0, 1).reshape(t.shape[1], -1)
+    if scope == "all":
+        return t.reshape(1, -1)
+    raise ValueError(f"batchtopk scope {scope!r}: use 'layer' or 'all'")
+
+
+def _threshold_with_candidates(h: torch.Tensor, k_total: int, scope: str, k_row: int):
+    """``(tau [L], cand_vals, cand_idx [N, L, c])``: the exact k_total-th largest per group, found
+    among each row's top-c candidates (one ``topk`` pass over h, parallel over rows, then a
+    quickselect over N*c candidates). Exact when no row is cut off at or above tau (its smallest
+    candidate is below tau): then every element >= tau is a candidate. Otherwise c grows (up to F,
+    where it is trivially exact)."""
+    n, n_layers, f = h.shape
+    c = min(f, max(k_row, 1))
+    while True:
+        cand_v, cand_i = torch.topk(h, c, dim=-1, sorted=False)  # [N, L, c]
+        groups = _groups(cand_v, scope)
+        kk = min(k_total, groups.shape[1])
+        tau = groups.kthvalue(groups.shape[1] - kk + 1, dim=1).values.to(_tau_dtype(h))
+        tau = tau.expand(n_layers)
+        if c == f or bool((cand_v.amin(-1) < tau.to(h.dtype)[None, :]).all()):
+            return tau.contiguous(), cand_v, cand_i
+        c = min(f, 4 * c)
+
+
+def batchtopk_threshold(h: torch.Tensor, k_total: int, scope: str = "layer", k_row: int = 0) -> torch.Tensor:
+    """``h [N, L, F]`` -> ``tau [L]`` (fp32; fp64 for fp64 input): the k_total-th largest value per
+    layer (``layer``) or over all layers jointly (``all``, the same value repeated). Selection
+    (per-row topk candidates + quickselect), never a full sort. ``k_row``: first guess of how many
+    entries one row can hold (default 4x the mean)."""
+    n, n_layers, f = h.shape
+    _groups(h[:0], scope)  # validates scope
+    if k_total <= 0 or h.numel() == 0:
         return torch.full((n_layers,), float("inf"), dtype=_tau_dtype(h), device=h.device)
-    k_total = min(int(k_total), size)
-    tau = flat.kthvalue(size - k_total + 1, dim=1).values.to(_tau_dtype(h))  # [L] or [1]
-    return tau.expand(n_layers).contiguous()
+    per_row = k_total // (n * (n_layers if scope == "all" else 1)) + 1
+    return _threshold_with_candidates(h, int(k_total), scope, k_row or 4 * per_row)[0]
+
+
+def batchtopk_select(h: torch.Tensor, k: int, scope: str = "layer", positive: bool = True):
+    """``h [N, L, F]`` -> ``(idx [N, L, K], tau [L])``: BatchTopK (k*N per layer or k*N*L in all),
+    ties at tau all kept, ``positive`` drops entries <= 0. The compaction works on the candidates
+    only (no second pass over h)."""
+    n, n_layers, f = h.shape
+    k_total = k * n * (n_layers if scope == "all" else 1)
+    if k_total <= 0 or h.numel() == 0:
+        tau = batchtopk_threshold(h, 0, scope)
+        return torch.full((n, n_layers, 0), -1, dtype=torch.long, device=h.device), tau
+    tau, cand_v, cand_i = _threshold_with_candidates(h, k_total, scope, 4 * k + 1)
+    keep = cand_v >= tau.to(h.dtype)[None, :, None]
+    if positive:
+        keep &= cand_v > 0
+    width = int(keep.sum(-1).max())
+    ids = torch.where(keep, cand_i, f).sort(-1).values[..., :width]  # kept ids ascending, then f's
+    return ids.masked_fill_(ids == f, -1), tau
 
 
 def _keep_mask(h: torch.Tensor, tau: torch.Tensor, mode: str) -> torch.Tensor:

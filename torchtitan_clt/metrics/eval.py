@@ -200,7 +200,7 @@ def _hooks(llm: nn.Module, registrations: list[tuple[int, str, Any]]):
 
 def _keep_bos(orig: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """``new  # [B, T, d]`` with position 0 taken from ``orig``, in ``orig``'s dtype."""
-    new = new.to(orig.dtype).clone()
+    new = new.to(orig.device, orig.dtype).clone()
     new[:, 0] = orig[:, 0]
     return new
 

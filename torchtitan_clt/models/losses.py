@@ -31,6 +31,45 @@ def l1_sparsity(acts: torch.Tensor, dec_norms: torch.Tensor) -> torch.Tensor:
     return (acts.float() * dec_norms.float()).sum(dim=(-2, -1)).mean()
 
 
+def matryoshka_reconstruction_loss(y_hats: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """The mean over nested prefixes of each prefix's reconstruction loss (Bussmann et al. 2025).
+    With one prefix it is ``reconstruction_loss``."""
+    return torch.stack([reconstruction_loss(y_hat, y) for y_hat in y_hats]).mean()
+
+
+def preact_loss(pre_acts: torch.Tensor, thresholds: torch.Tensor, dec_norms: torch.Tensor) -> torch.Tensor:
+    """Σ_{l,i} ReLU(θ_{l,i} − h_{l,i}) · ‖W_dec,l,i‖, averaged over tokens (Anthropic, "Circuits
+    Updates – January 2025"): pulls every pre-activation below its threshold up, so features that
+    never fire get a gradient. pre_acts [B, L, F]; thresholds [L, F] (0 for ReLU, detached);
+    dec_norms [L, F]."""
+    gap = torch.relu(thresholds.to(pre_acts.device).float() - pre_acts.float())
+    return (gap * dec_norms.float()).sum(dim=(-2, -1)).mean()
+
+
+def auxk_loss(
+    model: Transcoder, out: TranscoderOutput, y: torch.Tensor, dead: torch.Tensor, k_aux: int
+) -> torch.Tensor:
+    """AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", A.2): per token and
+    layer the k_aux largest pre-activations of dead features reconstruct the detached residual
+    e = y − ŷ; returns ‖e − ê‖² / ‖e − ē‖² (sums over tokens, layers and dimensions; ē the batch
+    mean of e). ê is the decoder without its bias. dead [L, F] bool; 0 when nothing is dead."""
+    h = out.pre_acts
+    dead = dead.to(h.device)
+    n_dead = int(dead.sum(-1).max()) if dead.numel() else 0
+    if n_dead == 0 or k_aux <= 0:
+        return h.float().sum() * 0.0  # keeps the graph (and FSDP's hooks) the same shape
+    e = (y.float() - out.y_hat.detach().float()).detach()  # [B, L, d]
+    masked = h.masked_fill(~dead, float("-inf"))
+    vals, idx = masked.topk(min(k_aux, n_dead), dim=-1)  # [B, L, k]
+    a_aux = torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
+    xs = out.xs
+    e_hat = model.decode_std_with(a_aux, xs).float()
+    zero = torch.zeros_like(h[:1])
+    e_hat = e_hat - model.decode_std_with(zero, None if xs is None else xs[:1]).float()
+    denom = (e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    return (e - e_hat).pow(2).sum() / denom
+
+
 def lambda_at(step: int, final: float, warmup_steps: int) -> float:
     """λ(step): linear from 0 at step 0 to ``final`` at ``warmup_steps``, constant after."""
     if warmup_steps <= 0:
@@ -83,14 +122,29 @@ class LossFn:
         return loss, logged
 
 
-def build_loss_fn(job_config: Any) -> LossFn:
+def _thresholds(model: Transcoder, like: torch.Tensor) -> torch.Tensor:
+    """θ [L, F] of the model's activation (0 for ReLU), detached, on ``like``'s device."""
+    act = model.activation
+    theta = act.feature_thresholds() if hasattr(act, "feature_thresholds") else torch.zeros(like.shape[-2:])
+    return theta.detach().to(device=like.device, dtype=torch.float32)
+
+
+def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
+    """Terms from ``job_config.loss``: ``recon`` (Matryoshka: averaged over prefixes), ``sparsity``
+    (tanh / L1, λ warm-up), ``preact`` (λ_P, warm-up), ``auxk`` (α). AuxK reads the dead features
+    from ``dead_features.dead_mask()  # [L, F]`` (the trainer's DeadFeatureTracker)."""
     lc = job_config.loss
-    terms = [
-        LossTerm("recon", lambda model, out, y, step: reconstruction_loss(out.y_hat, y), lambda step: 1.0)
-    ]
+
+    def recon(model: Transcoder, out: TranscoderOutput, y: torch.Tensor, step: int) -> torch.Tensor:
+        if out.y_hat_prefixes is not None:
+            return matryoshka_reconstruction_loss(out.y_hat_prefixes, y)
+        return reconstruction_loss(out.y_hat, y)
+
+    terms = [LossTerm("recon", recon, lambda step: 1.0)]
     weight_names = {}
+    mode = lc.decoder_norm
     if lc.sparsity != "none":
-        mode, c = lc.decoder_norm, lc.tanh_c
+        c = lc.tanh_c
 
         def sparsity(model: Transcoder, out: TranscoderOutput, y: torch.Tensor, step: int) -> torch.Tensor:
             norms = decoder_norms_of(model, out, mode)
@@ -104,4 +158,27 @@ def build_loss_fn(job_config: Any) -> LossFn:
             )
         )
         weight_names["sparsity"] = "lambda"
+    if lc.lambda_preact > 0:
+
+        def preact(model: Transcoder, out: TranscoderOutput, y: torch.Tensor, step: int) -> torch.Tensor:
+            return preact_loss(out.pre_acts, _thresholds(model, out.pre_acts), decoder_norms_of(model, out, mode))
+
+        terms.append(
+            LossTerm(
+                "preact",
+                preact,
+                lambda step: lambda_at(step, lc.lambda_preact, lc.lambda_preact_warmup_steps),
+            )
+        )
+    if lc.auxk_alpha > 0:
+        if dead_features is None:
+            raise ValueError(
+                "loss.auxk_alpha > 0 needs the dead-feature tracker: build_loss_fn(cfg, dead_features=tracker)."
+            )
+        k_aux = lc.auxk_k
+
+        def auxk(model: Transcoder, out: TranscoderOutput, y: torch.Tensor, step: int) -> torch.Tensor:
+            return auxk_loss(model, out, y, dead_features.dead_mask(), k_aux)
+
+        terms.append(LossTerm("auxk", auxk, lambda step: lc.auxk_alpha))
     return LossFn(terms, weight_names)

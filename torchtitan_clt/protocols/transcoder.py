@@ -35,6 +35,18 @@ def _needs_decoder_norms(loss_cfg: Any) -> bool:
     return loss_cfg.sparsity != "none" or loss_cfg.lambda_preact > 0
 
 
+def family_fields(model_cfg: Any) -> dict[str, Any]:
+    """The [model] fields that belong to one family, named ``<family's first word>_...``
+    (``molt_ranks`` for ``molt``, ``matryoshka_prefixes`` for ``matryoshka_clt``): they travel in
+    ``TranscoderArgs.extra`` so that an export rebuilds the same model."""
+    prefix = model_cfg.name.split("_")[0] + "_"
+    return {
+        f.name: getattr(model_cfg, f.name)
+        for f in dataclasses.fields(model_cfg)
+        if f.name.startswith(prefix)
+    }
+
+
 @dataclass
 class TranscoderArgs:
     """What a family's ``build_fn`` receives; saved whole in every export."""
@@ -111,6 +123,7 @@ class TranscoderArgs:
             tied_init=m.tied_init,
             dtype=m.dtype,
             decoder_norm=cfg.loss.decoder_norm if _needs_decoder_norms(cfg.loss) else "none",
+            extra=family_fields(m),
             model_name=model_name,
             hook_in=hook_in,
             hook_out=hook_out,
@@ -138,6 +151,12 @@ class TranscoderOutput:
     acts: torch.Tensor  # [B, L, F]
     y_hat: torch.Tensor  # [B, L, d_out] standardized units
     dec_norms: torch.Tensor | None = None  # [L, F], mode args.decoder_norm, taken inside forward
+    y_hat_prefixes: list[torch.Tensor] | None = None
+    """Matryoshka: the reconstruction from each nested feature prefix, each [B, L, d_out]
+    standardized (the last one is ``y_hat``); the reconstruction loss averages over them."""
+    xs: torch.Tensor | None = None
+    """The standardized input [B, L, d_in], for families whose decoder reads it (MOLT): a loss
+    term that decodes other activations (AuxK) passes it to ``decode_std``."""
 
 
 class Transcoder(nn.Module):
@@ -241,8 +260,21 @@ class Transcoder(nn.Module):
         raise NotImplementedError
 
     def decode_std(self, acts: torch.Tensor) -> torch.Tensor:
-        """acts  # [B, L, F] -> y_hat  # [B, L, d_out] standardized"""
+        """acts  # [B, L, F] -> y_hat  # [B, L, d_out] standardized. (A family whose decoder
+        also reads the input, MOLT, takes ``decode_std(acts, xs)`` and sets
+        ``decode_needs_input = True``.)"""
         raise NotImplementedError
+
+    decode_needs_input = False
+    """True when ``decode_std`` needs the standardized input as a second argument (MOLT)."""
+
+    def decode_std_with(self, acts: torch.Tensor, xs: torch.Tensor | None) -> torch.Tensor:
+        """``decode_std`` for any family: passes ``xs`` only to those that read it."""
+        if self.decode_needs_input:
+            if xs is None:
+                raise ValueError(f"{type(self).__name__} decodes from the input too: pass xs.")
+            return self.decode_std(acts, xs)
+        return self.decode_std(acts)
 
     def decoder_norms(self, mode: str = "concat") -> torch.Tensor:
         """Per-feature decoder norm  # [L, F]; ``mode`` is ``concat`` or ``sum`` over targets."""

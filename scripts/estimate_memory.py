@@ -1,0 +1,238 @@
+"""Will a config fit? Per-GPU memory and FLOPs per token, before launching anything.
+
+    .venv/bin/python scripts/estimate_memory.py train_configs/clt_8b.toml --ngpu 32
+    .venv/bin/python scripts/estimate_memory.py train_configs/clt_8b.toml --sweep 8,16,32,64 \\
+        --model.features_per_layer=16384
+
+The dictionary is built on the meta device through the model registry (its real parameters, no
+memory used) and sharded on paper the way ``parallelize_fn`` shards it: feature axes over tp (the
+family's tensor-parallel plan), then everything over the FSDP shard degree. The LLM is built on
+the meta device from its config (a local folder, the Hugging Face cache, or the built-in table
+below for well-known models, so no network is needed). Estimates, not measurements: the
+activation count is a conservative number of live [batch, layers, features] tensors; compare with
+``--profiling.enable_memory_snapshot`` on a short real run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torchtitan_clt.config import load_config  # noqa: E402
+from torchtitan_clt.distributed.parallel_dims import ParallelDims  # noqa: E402
+from torchtitan_clt.protocols import model_registry  # noqa: E402
+from torchtitan_clt.protocols.transcoder import TranscoderArgs  # noqa: E402
+
+GiB = 2**30
+# Configs of well-known LLMs, so that the estimate works offline (values from their config.json).
+KNOWN_LLMS = {
+    "meta-llama/Llama-3.1-8B": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+    ),
+    "meta-llama/Llama-3.2-1B": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+    ),
+    "google/gemma-2-2b": dict(
+        model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+    ),
+}  # fmt: skip
+# Live tensors of shape [micro-batch, L, F/tp] at the peak of forward+backward (pre-activations,
+# activations, the loss's fp32 products, their gradients); fp32 each. Conservative.
+LIVE_FEATURE_TENSORS = 6
+H100_GIB = 79.0
+
+
+def llm_config(model_path: str):
+    from transformers import AutoConfig
+
+    if model_path in KNOWN_LLMS:
+        kw = dict(KNOWN_LLMS[model_path])
+        return AutoConfig.for_model(kw.pop("model_type"), **kw)
+    try:
+        return AutoConfig.from_pretrained(model_path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means: we cannot know it offline
+        raise SystemExit(
+            f"Cannot read the config of {model_path!r} offline ({e}); give a local folder, download it "
+            f"once, or add it to KNOWN_LLMS in {__file__}."
+        ) from None
+
+
+def llm_stats(cfg) -> dict:
+    """Parameters, layers and widths of the LLM (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    conf = llm_config(cfg.data.model_path)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(conf)
+    n_params = sum(p.numel() for p in llm.parameters())
+    n_layers = conf.num_hidden_layers
+    layers = list(cfg.data.layers) or list(range(n_layers))
+    return {
+        "params": n_params,
+        "n_layers": n_layers,
+        "layers": layers,
+        "d_model": conf.hidden_size,
+        "intermediate": getattr(conf, "intermediate_size", 4 * conf.hidden_size),
+        # Forward stops after the last hooked layer: that fraction of the block FLOPs.
+        "used_frac": (max(layers) + 1) / n_layers,
+    }
+
+
+def tp_plan(family: str) -> dict[str, int | None]:
+    """The family's tensor-parallel plan, when its parallelize module declares one."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"torchtitan_clt.models.{family}.parallelize")
+    except ModuleNotFoundError:
+        return {}
+    plans = [v for k, v in vars(mod).items() if k.endswith("TP_PLAN")]
+    return plans[0] if plans else {}
+
+
+def sharded_numel(model: torch.nn.Module, plan: dict, tp: int, fsdp: int) -> tuple[int, int]:
+    """(parameters held per GPU, parameters of this GPU's tp shard before FSDP)."""
+    from torchtitan_clt.distributed.tensor_parallel import placement_for
+
+    per_gpu = tp_local = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if plan and tp > 1:
+            try:
+                if placement_for(name, plan) is not None:
+                    n //= tp
+            except ValueError:
+                pass
+        tp_local += n
+        per_gpu += -(-n // fsdp)
+    return per_gpu, tp_local
+
+
+def estimate(cfg, ngpu: int) -> dict:
+    p = cfg.parallelism
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, ngpu)
+    m, d, t = cfg.model, cfg.data, cfg.training
+    if d.source == "synthetic":
+        llm = None
+        L, d_model = d.synthetic_n_layers, d.synthetic_d_model
+    else:
+        llm = llm_stats(cfg)
+        L, d_model = len(llm["layers"]), llm["d_model"]
+    F, k, tp = m.features_per_layer, m.k, dims.tp
+    args = TranscoderArgs.from_job_config(cfg, L, d_model, d_model, list(range(L)), d.model_path, d.hook_in, d.hook_out)
+    with torch.device("meta"):
+        model = model_registry.get(m.name).build_fn(args)
+    n_params = sum(q.numel() for q in model.parameters())
+    per_gpu, tp_local = sharded_numel(model, tp_plan(m.name), tp, dims.dp_shard)
+    gpu = torch.cuda.is_available() or t.device != "cpu"
+    compute_bytes = 2 if (gpu and t.mixed_precision != "fp32") else 4
+    B = t.batch_size // (dims.dp_degree * t.grad_accum_steps)  # micro-batch rows per GPU
+    rows = {}
+    rows["dictionary params (fp32, sharded)"] = 4 * per_gpu
+    rows["gradients (fp32, sharded)"] = 4 * per_gpu
+    rows["AdamW m, v (fp32)"] = 8 * per_gpu
+    if dims.fsdp_enabled:
+        # FSDP gathers this GPU's tp shard for forward/backward, and holds unsharded grads until
+        # the reduce-scatter: one dictionary unit, so the whole tp shard at once.
+        rows["FSDP gathered params + grads"] = 2 * compute_bytes * tp_local
+    elif compute_bytes == 2:
+        rows["autocast bf16 weight copies"] = 2 * tp_local
+    rows[f"activations [B={B}, L, F/tp] x{LIVE_FEATURE_TENSORS}"] = LIVE_FEATURE_TENSORS * 4 * B * L * (F // tp)
+    rows["batch x, y, y_hat, grad (fp32)"] = 4 * 4 * B * L * d_model
+    llm_bytes = 2 if gpu else 4
+    if llm is not None:
+        rows["LLM weights (bf16)" if gpu else "LLM weights (fp32)"] = llm_bytes * llm["params"]
+        ctx_tokens = d.llm_batch_size * d.seq_len
+        # Per hooked layer, inputs and targets kept; per layer transient: residual, attention
+        # in/out, the MLP's gate/up/act intermediates.
+        rows["LLM forward activations"] = llm_bytes * ctx_tokens * (
+            2 * L * d_model + 6 * d_model + 3 * llm["intermediate"]
+        )
+        buf_dev = d.buffer_device if d.buffer_device != "auto" else ("cuda" if gpu else "cpu")
+        buf = d.buffer_tokens * L * 2 * d_model * llm_bytes
+        if buf_dev == "cuda":
+            rows["shuffle buffer (on GPU)"] = buf
+    total = sum(rows.values())
+    # FLOPs per training token (multiply-add = 2). Weight gradients double the forward; inputs
+    # need no gradient, so the encoder costs 2x its forward and the decoder 3x (dacts + dW).
+    n_pairs = L * (L + 1) // 2 if m.name.startswith("clt") or m.name.startswith("matryoshka") else L
+    enc = 2 * L * F * d_model
+    dec_dense = 2 * F * d_model * n_pairs
+    dec_sparse = 2 * k * d_model * n_pairs
+    flops = {
+        "encoder fwd": enc,
+        "decoder fwd (dense)": dec_dense,
+        "decoder fwd (sparse, k active/layer)": dec_sparse,
+        "train step, sparse decoder (fwd+bwd)": 2 * enc + 3 * dec_sparse,
+        "train step, dense decoder (fwd+bwd)": 2 * enc + 3 * dec_dense,
+    }
+    if llm is not None:
+        flops["LLM extraction (fwd, truncated)"] = 2 * llm["params"] * llm["used_frac"]
+    return {
+        "dims": dims, "n_params": n_params, "per_gpu": per_gpu, "rows": rows, "total": total,
+        "flops": flops, "L": L, "d": d_model, "F": F, "B": B, "llm": llm,
+        "buffer_cpu": (d.buffer_tokens * L * 2 * d_model * llm_bytes) if llm is not None else 0,
+    }  # fmt: skip
+
+
+def report(cfg, est: dict) -> str:
+    dims = est["dims"]
+    out = [
+        f"{cfg.model.name} / {cfg.model.activation}: L={est['L']} d={est['d']} F={est['F']} "
+        f"({est['L'] * est['F'] / 1e6:.2f} M features), {est['n_params'] / 1e9:.2f} B parameters",
+        f"mesh: {dims}, micro-batch {est['B']} rows per GPU",
+        "",
+        f"{'per GPU':<44}{'GiB':>10}",
+    ]
+    for name, b in est["rows"].items():
+        out.append(f"  {name:<42}{b / GiB:>10.2f}")
+    out.append(f"  {'total':<42}{est['total'] / GiB:>10.2f}")
+    verdict = "fits" if est["total"] / GiB <= H100_GIB else "does NOT fit"
+    out.append(f"  -> {verdict} on an 80 GB H100 (~{H100_GIB:.0f} GiB usable)")
+    if est["llm"] is not None and cfg.data.buffer_device == "cpu":
+        out.append(f"  (shuffle buffer on host RAM: {est['buffer_cpu'] / GiB:.1f} GiB per rank)")
+    out += ["", f"{'FLOPs per token':<44}{'GFLOP':>10}"]
+    for name, f in est["flops"].items():
+        out.append(f"  {name:<42}{f / 1e9:>10.2f}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--ngpu", type=int, default=0, help="total GPUs (world size); default: the mesh's product or 8")
+    ap.add_argument("--sweep", default="", help="comma list of GPU counts to compare, e.g. 8,16,32,64")
+    ns, overrides = ap.parse_known_args(argv)
+    cfg = load_config(["--config", ns.config, *overrides])
+    p = cfg.parallelism
+    ngpu = ns.ngpu or (p.dp_replicate * p.dp_shard * p.tp if p.dp_shard > 0 else max(8, p.dp_replicate * p.tp))
+    print(report(cfg, estimate(cfg, ngpu)))
+    if ns.sweep:
+        print(f"\n{'GPUs':>6}{'GiB per GPU':>14}  fits H100-80GB")
+        for n in [int(v) for v in ns.sweep.split(",")]:
+            # Fewer GPUs than the config's tp: shard features over all of them instead.
+            sweep_cfg = copy.deepcopy(cfg)
+            sp = sweep_cfg.parallelism
+            if n % (sp.dp_replicate * sp.tp):
+                sp.dp_replicate, sp.dp_shard, sp.tp = 1, -1, min(sp.tp, n)
+            try:
+                e = estimate(sweep_cfg, n)
+            except Exception as err:  # noqa: BLE001 - a layout that cannot be built
+                print(f"{n:>6}  {err}")
+                continue
+            fits = "yes" if e["total"] / GiB <= H100_GIB else "no"
+            print(f"{n:>6}{e['total'] / GiB:>14.1f}  {fits:<4} ({e['dims']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Multi-node training under SLURM: one task per node, each running ./run_train.sh (torchrun with
+# NGPU processes); node 0 hosts the c10d rendezvous.
+#   sbatch --nodes=4 scripts/slurm_train.sh --config train_configs/clt_8b.toml [--section.field=value ...]
+# Environment: NGPU (GPUs per node, default: SLURM_GPUS_ON_NODE or 8), MASTER_PORT (default 29500),
+# PYTHON (interpreter, as for run_train.sh). Run it from the repository root (sbatch keeps the cwd).
+#SBATCH --job-name=torchtitan_clt
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --exclusive
+#SBATCH --output=slurm-%x-%j.out
+set -euo pipefail
+
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  echo "scripts/slurm_train.sh is meant for sbatch (sbatch --nodes=N scripts/slurm_train.sh --config FILE);" \
+       "on one machine use ./run_train.sh." >&2
+  exit 1
+fi
+ROOT=${SLURM_SUBMIT_DIR:-$(pwd)}
+if [[ ! -x $ROOT/run_train.sh ]]; then
+  echo "run_train.sh not found in $ROOT: submit from the repository root." >&2
+  exit 1
+fi
+
+export NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+export NGPU=${NGPU:-${SLURM_GPUS_ON_NODE:-8}}
+export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+export MASTER_PORT=${MASTER_PORT:-29500}
+export RDZV_ID=${RDZV_ID:-$SLURM_JOB_ID}
+# NCCL: fail fast instead of hanging when a rank dies; the collective timeout is parallelism.timeout_s.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+
+echo "torchtitan_clt: $NNODES nodes × $NGPU GPUs, rendezvous $MASTER_ADDR:$MASTER_PORT (job $SLURM_JOB_ID)"
+# One srun task per node; SLURM_NODEID is that node's rank.
+srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+  bash -c 'NODE_RANK=$SLURM_NODEID exec "'"$ROOT"'/run_train.sh" "$@"' _ "$@"

@@ -1,0 +1,63 @@
+"""Tensor-parallel group: each rank extracts its own contexts; the group sees identical batches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _cfg():
+    from torchtitan_clt.config import JobConfig
+
+    cfg = JobConfig()
+    d = cfg.data
+    d.model_path, d.dataset = str(ASSETS / "tiny_llama"), str(ASSETS / "tiny_text.txt")
+    d.seq_len, d.llm_batch_size, d.layers, d.buffer_tokens = 8, 2, [1], 20
+    return cfg
+
+
+def _worker(rank: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rdv", rank=rank, world_size=2)
+    try:
+        from torchtitan_clt.data import SourceContext, build_stream_source
+
+        src = build_stream_source(_cfg(), SourceContext(tp_group=dist.group.WORLD, seed=1))
+        batches = [src.next_batch(16) for _ in range(3)]
+        torch.save(batches, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tp_group_gets_identical_batches_from_shared_extraction(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for (x0, y0), (x1, y1) in zip(r0, r1):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+    # The rows come from both readers' contexts (text sharded over the two TP ranks).
+    from torchtitan_clt.data import ActivationExtractor, load_llm
+    from torchtitan_clt.data.text import TextSpec
+    from torchtitan_clt.data.tokenize import build_token_loader
+
+    cfg = _cfg()
+    llm, tok = load_llm(cfg.data.model_path)
+    ext = ActivationExtractor(llm, "resid_mid", "mlp_out", [1])
+    per_reader = []
+    for reader in range(2):
+        loader = build_token_loader(TextSpec(cfg.data.dataset), tok, 8, 2, dp_rank=reader, dp_degree=2)
+        per_reader.append(torch.cat([ext(b)[0] for _, b in zip(range(2), loader)]).flatten(1))
+    served = torch.cat([x for x, _ in r0]).flatten(1)
+    for rows in per_reader:
+        hits = (served[:, None] - rows[None]).abs().amax(-1) < 1e-5  # [served, reader rows]
+        assert hits.any(0).sum() > 0  # each reader contributed rows
+    allrows = torch.cat(per_reader)
+    assert ((served[:, None] - allrows[None]).abs().amax(-1) < 1e-5).any(1).all()

@@ -1,0 +1,261 @@
+"""Replacement-model evaluation against hand computations and independent references.
+
+- next-token metrics on a 2-prediction toy worked out by hand;
+- an exact transcoder (encode = identity, decode = the LLM's own MLP) gives ΔCE 0, CE recovered 1,
+  KL 0, top-1 agreement 1 (Llama: bias-free MLP; GPT-2: MLP with biases);
+- a zero PLT gives exactly the zero-ablation numbers (closed and open loop);
+- a random CLT's closed loop equals a fixed-point reference built from the CLT's own forward;
+- a one-layer dictionary's closed loop equals its open loop; an SAE splices at its own hook.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchtitan_clt.models  # noqa: F401  (registers the families)
+from torchtitan_clt.data.extraction import ActivationExtractor
+from torchtitan_clt.data.hooks import decoder_layers, hook_module, output_tensor
+from torchtitan_clt.data.llm import load_llm
+from torchtitan_clt.metrics.eval import (
+    NextTokenSums,
+    SpliceSpec,
+    ce_recovered,
+    compute_baselines,
+    evaluate_replacement,
+    forward_replaced,
+    headline,
+    hook_out_means,
+)
+from torchtitan_clt.protocols import model_registry
+from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_llm(str(ASSETS / "tiny_llama"), "float32", "cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_llm(str(ASSETS / "tiny_gpt2"), "float32", "cpu")[0]
+
+
+def _batches(n=2, b=2, t=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tok = torch.randint(3, 259, (b, t), generator=g)
+        tok[:, 0] = 0  # BOS
+        out.append(tok)
+    return out
+
+
+class ExactMLP(Transcoder):
+    """Features = the MLP's input itself; decode = the LLM's own MLP of layer l (test only)."""
+
+    def __init__(self, llm, layers, hook_in="mlp_in", hook_out="mlp_out", identity=False):
+        d = llm.get_input_embeddings().embedding_dim
+        args = TranscoderArgs(family="exact", n_layers=len(layers), d_in=d, d_out=d,
+                              features_per_layer=d, hook_in=hook_in, hook_out=hook_out,
+                              layers=list(layers))
+        super().__init__(args)
+        blocks = decoder_layers(llm)
+        # identity=True: decode is the identity (an exact SAE of its own hook).
+        # .forward, not __call__: the evaluation hooks on these modules must not fire inside decode.
+        self.fns = [(lambda a: a) if identity else blocks[layer].mlp.forward for layer in layers]
+
+    def encode(self, x):
+        return x.clone()
+
+    def decode(self, acts):
+        return torch.stack([fn(acts[:, i]) for i, fn in enumerate(self.fns)], dim=1)
+
+
+def _build(family, layers, d=64, F_=32, seed=0, act="relu", zero=False, **kw):
+    args = TranscoderArgs(family=family, n_layers=len(layers), d_in=d, d_out=d, features_per_layer=F_,
+                          activation=act, layers=list(layers), **kw)
+    m = model_registry.get(family).build_fn(args)
+    m.init_weights(seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for p in m.parameters():
+            if zero:
+                p.zero_()
+            elif p.dim() >= 2:
+                p.mul_(3.0)  # writes large enough to move the logits
+        if not zero:
+            m.b_enc.copy_(0.2 * torch.randn(m.b_enc.shape, generator=g))
+            m.b_dec.copy_(0.1 * torch.randn(m.b_dec.shape, generator=g))
+    return m.eval()
+
+
+# --- metrics by hand -----------------------------------------------------------------------------
+def test_next_token_metrics_by_hand():
+    # One row [BOS, a, b, c]: scored predictions are position 1 (-> token b=1) and 2 (-> c=0);
+    # position 0's prediction and the last position are not scored.
+    tokens = torch.tensor([[0, 2, 1, 0]])
+    clean = torch.full((1, 4, 3), 99.0)  # unscored positions: garbage that must not matter
+    other = torch.full((1, 4, 3), -99.0)
+    clean[0, 1] = torch.tensor([0.0, math.log(3.0), 0.0])  # p = [.2, .6, .2]
+    clean[0, 2] = torch.tensor([math.log(4.0), 0.0, 0.0])  # p = [2/3, 1/6, 1/6]
+    other[0, 1] = torch.tensor([0.0, 0.0, 0.0])  # q = [1/3]*3, argmax tie -> 0 (clean argmax 1)
+    other[0, 2] = torch.tensor([0.0, 0.0, math.log(2.0)])  # q = [.25, .25, .5], argmax 2 (clean 0)
+    s = NextTokenSums()
+    s.update(clean, other, tokens)
+    m = s.means()
+    ce_hand = (-math.log(1 / 3) - math.log(0.25)) / 2
+    p1, q1 = [0.2, 0.6, 0.2], [1 / 3] * 3
+    p2, q2 = [2 / 3, 1 / 6, 1 / 6], [0.25, 0.25, 0.5]
+    kl_hand = (sum(p * math.log(p / q) for p, q in zip(p1, q1))
+               + sum(p * math.log(p / q) for p, q in zip(p2, q2))) / 2
+    assert s.count == 2
+    assert m["ce"] == pytest.approx(ce_hand, rel=1e-6)
+    assert m["kl"] == pytest.approx(kl_hand, rel=1e-5)
+    assert m["top1_agreement"] == 0.0
+    s2 = NextTokenSums()
+    s2.update(clean, clean, tokens)
+    assert s2.means()["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert s2.means()["top1_agreement"] == 1.0
+    assert s2.means()["ce"] == pytest.approx((-math.log(0.6) - math.log(2 / 3)) / 2, rel=1e-6)
+    assert ce_recovered(3.0, 5.0, 1.0) == pytest.approx(0.5)
+    assert ce_recovered(5.0, 5.0, 1.0) == 0.0
+    assert math.isnan(ce_recovered(2.0, 1.0, 1.0))
+
+
+def test_clean_ce_and_means_match_independent_computations(llama):
+    batches = _batches()
+    spec = SpliceSpec([0, 2], "resid_mid", "mlp_out")
+    b = compute_baselines(llama, batches, spec, per_layer=False)
+    with torch.no_grad():
+        ce = torch.cat([F.cross_entropy(llama(input_ids=t).logits[:, 1:-1].reshape(-1, 320),
+                                        t[:, 2:].reshape(-1), reduction="none") for t in batches])
+    assert b.clean_ce == pytest.approx(ce.mean().item(), rel=1e-6)
+    ys = torch.cat([ActivationExtractor(llama, "resid_mid", "mlp_out", [0, 2])(t)[1] for t in batches])
+    means = hook_out_means(llama, batches, spec)
+    torch.testing.assert_close(means[0], ys[:, 0].mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(means[2], ys[:, 1].mean(0), rtol=1e-5, atol=1e-6)
+    # Ablating changes the predictions: the baselines are not trivially equal to clean.
+    assert b.zero["ce"] != pytest.approx(b.clean_ce, abs=1e-3)
+    assert b.zero["kl"] > 1e-4 and b.mean["kl"] > 1e-5
+
+
+# --- exact and zero dictionaries ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_exact_transcoder_recovers_everything(name, request):
+    llm = request.getfixturevalue(name)
+    tc = ExactMLP(llm, [0, 1, 2, 3])
+    r = evaluate_replacement(llm, tc, _batches())
+    for res in [r["closed_loop"]] + [{k: v[i] for k, v in r["open_loop"].items()} for i in range(4)]:
+        assert res["delta_ce"] == pytest.approx(0.0, abs=1e-5)
+        assert res["ce_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
+        assert res["ce_recovered_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert res["kl"] == pytest.approx(0.0, abs=1e-6)
+        assert res["top1_agreement"] == 1.0
+    assert r["tokens_scored"] == 2 * 2 * 10
+    assert r["zero_ablation"]["ce_recovered_zero"] == 0.0
+    assert r["mean_ablation"]["ce_recovered_mean"] == 0.0
+    assert r["closed_loop"]["ce"] == pytest.approx(r["ce_clean"], abs=1e-5)
+
+
+def test_zero_transcoder_gives_zero_ablation(llama):
+    tc = _build("plt", [0, 1, 2, 3], zero=True)
+    r = evaluate_replacement(llama, tc, _batches())
+    c, z = r["closed_loop"], r["zero_ablation"]
+    for k in ("ce", "kl", "top1_agreement"):
+        assert c[k] == pytest.approx(z[k], rel=1e-5, abs=1e-6)
+    assert c["ce_recovered_zero"] == pytest.approx(0.0, abs=1e-5)
+    o = r["open_loop"]
+    for i in range(4):
+        assert o["ce"][i] == pytest.approx(o["ce_zero_ablation"][i], rel=1e-5)
+        assert o["ce_recovered_zero"][i] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_exact_sae_spliced_at_its_own_hook(llama):
+    exact = ExactMLP(llama, [1, 3], hook_in="resid_post", hook_out="resid_post", identity=True)
+    r = evaluate_replacement(llama, exact, _batches(n=1), open_loop=False)
+    assert r["closed_loop"]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert r["closed_loop"]["top1_agreement"] == 1.0
+    zero = _build("plt", [1, 3], zero=True, hook_in="resid_post", hook_out="resid_post")
+    rz = evaluate_replacement(llama, zero, _batches(n=1), open_loop=False)
+    assert rz["closed_loop"]["ce"] == pytest.approx(rz["zero_ablation"]["ce"], rel=1e-6)
+    assert rz["zero_ablation"]["kl"] > 0.01
+
+
+# --- the CLT's closed loop against a fixed-point reference --------------------------------------
+def _reference_closed_loop(llm, clt, tokens):
+    """Layer by layer: run the LLM with the targets found so far spliced in, read the next input,
+    compute that layer's target with the CLT's own full forward. Then one final spliced forward."""
+    a = clt.args
+    L, d = a.n_layers, a.d_in
+    B, T = tokens.shape
+    X = torch.zeros(B * T, L, d)
+    y_fixed: dict[int, torch.Tensor] = {}
+
+    def run(capture_layer=None):
+        handles, store = [], {}
+        for i, layer in enumerate(a.layers):
+            mod_out, _ = hook_module(llm, layer, a.hook_out)
+            if i in y_fixed:
+                def post(m, args, out, i=i):
+                    t = output_tensor(out)
+                    new = y_fixed[i].view_as(t).clone()
+                    new[:, 0] = t[:, 0]  # BOS keeps its clean activation
+                    return new
+                handles.append(mod_out.register_forward_hook(post))
+        if capture_layer is not None:
+            mod_in, _ = hook_module(llm, a.layers[capture_layer], a.hook_in)
+            handles.append(mod_in.register_forward_pre_hook(lambda m, args: store.__setitem__("x", args[0])))
+        try:
+            with torch.no_grad():
+                logits = llm(input_ids=tokens, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, store.get("x")
+
+    for t in range(L):
+        _, x = run(capture_layer=t)
+        X[:, t] = x.reshape(-1, d)
+        with torch.no_grad():
+            y_fixed[t] = clt(X)[:, t]  # layers > t of X are still zero: they cannot reach target t
+    return run()[0]
+
+
+def test_clt_closed_loop_matches_fixed_point_reference(llama):
+    clt = _build("clt", [0, 1, 3], seed=3)
+    spec = SpliceSpec.of(clt, llama)
+    tokens = _batches(n=1, b=2, t=10, seed=5)[0]
+    got = forward_replaced(llama, tokens, clt, spec, [0, 1, 2], chunk_elements=7 * 3 * 64)  # chunked
+    ref = _reference_closed_loop(llama, clt, tokens)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        clean = llama(input_ids=tokens).logits
+    assert (got - clean)[:, 1:].abs().max() > 1e-2  # the splice did change something
+    torch.testing.assert_close(got[:, 0], clean[:, 0])  # ... but never at BOS
+
+
+def test_single_layer_dictionary_open_equals_closed(llama):
+    clt = _build("clt", [2], seed=1)
+    clt.train()
+    r = evaluate_replacement(llama, clt, _batches())
+    assert clt.training  # mode restored
+    for k, v in r["closed_loop"].items():
+        assert r["open_loop"][k][0] == pytest.approx(v, rel=1e-6, abs=1e-7)
+    assert r["closed_loop"]["kl"] > 1e-4  # a random dictionary is not exact
+    assert r["zero_ablation"]["ce"] == pytest.approx(r["open_loop"]["ce_zero_ablation"][0], rel=1e-6)
+    flat = headline(r)
+    assert flat["eval_kl"] == r["closed_loop"]["kl"]
+    assert flat["eval_open_ce_recovered_zero_per_layer"] == r["open_loop"]["ce_recovered_zero"]
+
+
+def test_bad_hook_order_is_refused(llama):
+    tc = _build("plt", [0], hook_in="resid_post", hook_out="mlp_out")
+    with pytest.raises(ValueError, match="comes after"):
+        SpliceSpec.of(tc, llama)

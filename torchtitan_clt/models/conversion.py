@@ -1,0 +1,198 @@
+"""TopK / BatchTopK -> JumpReLU: the form circuit-tracer (and any per-token consumer) can load.
+
+``to_jumprelu(model, batches=None, calibrate=True, thresholds="layer")`` returns a new model of the
+same weights whose activation is JumpReLU(θ), and a report. θ  # [L, F] comes from:
+- ``"layer"``: the per-layer threshold tracked during training (EMA of the smallest selected
+  pre-activation, ``activation.threshold``; Bussmann et al. 2024, "BatchTopK Sparse Autoencoders");
+- ``"feature"`` (needs ``batches``): per feature, the midpoint between the c-th and (c+1)-th largest
+  pre-activation on the batches, c the number of tokens the source model fires it on, so each
+  feature keeps its firing rate.
+With ``calibrate`` and ``batches``, each layer's θ is then scaled by one factor so that the layer's
+L0 on the batches equals the source model's (BatchTopK: its training-mode selection over each
+batch as given; TopK: k per token). The report holds L0 and FVU per layer before (source) and
+after (JumpReLU) on ``eval_batches`` (default: ``batches``); give held-out batches to measure
+generalization.
+
+Batches are raw activations: an iterable of ``(x, y)`` pairs (``x  # [N, L, d_in]``,
+``y  # [N, L, d_out]``) or of ``x`` alone (then FVU is measured against the source's output).
+Run it on a plain (unsharded) model, e.g. ``checkpoint.export.folded_cpu_copy(model)``; the
+pre-activations of the calibration batches are held in memory (a few thousand tokens suffice).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from torchtitan_clt.models.activations import BatchTopK, TopK
+from torchtitan_clt.protocols.registry import model_registry
+from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs
+
+# Families whose inference model is another family's (same parameters): the conversion's target.
+INFERENCE_FAMILY = {"matryoshka_clt": "clt"}
+
+
+def _batches(batches: Iterable | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    out = []
+    for b in batches or []:
+        x, y = (b[0], b[1]) if isinstance(b, (tuple, list)) else (b, None)
+        out.append((x, y))
+    return out
+
+
+def _decode_raw(model: Transcoder, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return model.unstandardize_out(model.decode_std_with(acts, model.standardize_in(x)))
+
+
+@torch.no_grad()
+def source_acts(model: Transcoder, h: torch.Tensor) -> torch.Tensor:
+    """What the model's activation selects from pre-activations h  # [N, L, F], as trained
+    (BatchTopK over the rows of h), without touching the model's tracked threshold."""
+    act = copy.deepcopy(model.activation)
+    act.train(isinstance(act, BatchTopK))
+    return act(h)
+
+
+@torch.no_grad()
+def _feature_thresholds(h: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
+    """θ [L, F]: per feature the midpoint between its c-th and (c+1)-th largest pre-activation
+    over the N rows of h  # [N, L, F], c = fired  # [L, F] counts; never below 0."""
+    N = h.shape[0]
+    srt = h.sort(dim=0, descending=True).values  # [N, L, F]
+    c = fired.long()
+    above = srt.gather(0, (c - 1).clamp(0, N - 1)[None])[0]  # c-th largest
+    below = srt.gather(0, c.clamp(0, N - 1)[None])[0]  # (c+1)-th largest
+    theta = torch.where(c == 0, srt[0], torch.where(c >= N, below, 0.5 * (above + below)))
+    return theta.clamp_min(0.0)
+
+
+@torch.no_grad()
+def _calibrate(h: torch.Tensor, theta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scale each layer's θ by one factor s_l so that Σ_{n,i} 1[h > s_l θ] = target[l] (counts)."""
+    out = theta.clone()
+    for layer in range(h.shape[1]):
+        hl, tl = h[:, layer], theta[layer]  # [N, F], [F]
+        pos = tl > 0
+        fixed = int((hl[:, ~pos] > 0).sum())  # θ = 0 features: their count does not move with s
+        want = int(target[layer]) - fixed
+        r = (hl[:, pos] / tl[pos]).flatten()
+        if want <= 0 or r.numel() == 0:
+            s = float(r.max()) if r.numel() else 1.0
+        elif want >= r.numel():
+            s = max(float(r.min()), 0.0)
+        else:
+            top = r.topk(want + 1).values
+            s = 0.5 * float(top[-2] + top[-1])
+        out[layer] = tl * max(s, 0.0)
+    return out
+
+
+def _jumprelu_model(src: Transcoder, theta: torch.Tensor) -> Transcoder:
+    d = src.args.to_dict()
+    d["activation"] = "jumprelu"
+    d["family"] = INFERENCE_FAMILY.get(d["family"], d["family"])
+    args = TranscoderArgs.from_dict(d)
+    device = next(src.parameters()).device
+    with torch.device("meta"):
+        new = model_registry.get(args.family).build_fn(args)
+    new.to_empty(device=device)
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith("activation.")}
+    param = new.activation.log_threshold
+    # θ = 0 gives log θ = −inf, whose exp is 0 again: JumpReLU(0) is ReLU, exactly.
+    state["activation.log_threshold"] = theta.to(device=device, dtype=torch.float32).log().to(param.dtype)
+    new.load_state_dict(state)
+    return new.train(src.training)
+
+
+@torch.no_grad()
+def evaluate(model: Transcoder, batches: Iterable, reference: Transcoder | None = None) -> dict[str, Any]:
+    """L0 and FVU per layer of ``model`` on raw ``batches``, with the activation as trained (see
+    ``source_acts``). FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² (raw units); y is ``reference``'s output when a
+    batch has no target."""
+    sse = tot = sum_y = sumsq = l0 = None
+    n = 0
+    for x, y in _batches(batches):
+        h = model.pre_acts(model.standardize_in(x))
+        a = source_acts(model, h) if isinstance(model.activation, (TopK, BatchTopK)) else model.activation(h)
+        y_hat = _decode_raw(model, a, x).double()
+        if y is None:
+            y = (reference or model).eval()(x)
+        y = y.double()
+        parts = ((y - y_hat).pow(2).sum((0, 2)), y.sum(0), y.pow(2).sum((0, 2)), (a != 0).sum((0, 2)).double())
+        if sse is None:
+            sse, sum_y, sumsq, l0 = parts
+        else:
+            sse, sum_y, sumsq, l0 = (p + q for p, q in zip((sse, sum_y, sumsq, l0), parts))
+        n += x.shape[0]
+    if n == 0:
+        return {}
+    tot = sumsq - sum_y.pow(2).sum(-1) / n
+    fvu = (sse / tot.clamp_min(1e-30)).tolist()
+    l0_layers = (l0 / n).tolist()
+    return {
+        "tokens": n,
+        "l0_per_layer": l0_layers,
+        "fvu_per_layer": fvu,
+        "l0": sum(l0_layers) / len(l0_layers),
+        "fvu": sum(fvu) / len(fvu),
+    }
+
+
+@torch.no_grad()
+def to_jumprelu(
+    model: Transcoder,
+    batches: Iterable | None = None,
+    calibrate: bool = True,
+    thresholds: str = "layer",
+    eval_batches: Iterable | None = None,
+) -> tuple[Transcoder, dict[str, Any]]:
+    """Convert a TopK / BatchTopK model to JumpReLU (see the module docstring). ReLU and JumpReLU
+    models come back unchanged. Returns (model, report); the input model is not modified."""
+    src: Transcoder = getattr(model, "_orig_mod", model)
+    act = src.activation
+    report: dict[str, Any] = {"source_activation": src.args.activation, "thresholds": thresholds}
+    if not isinstance(act, (TopK, BatchTopK)):
+        report.update(converted=False, reason="already ReLU / JumpReLU")
+        return src, report
+    if thresholds not in ("layer", "feature"):
+        raise ValueError(f"thresholds must be 'layer' or 'feature' (got {thresholds!r}).")
+    calib = _batches(batches)
+    if thresholds == "feature" and not calib:
+        raise ValueError("per-feature thresholds are estimated from activations: pass batches=[(x, y), ...].")
+    if thresholds == "layer" and not calib and bool((act.threshold_updates == 0).any()):
+        raise ValueError(
+            "the per-layer threshold was never tracked (it is estimated while training): train some "
+            "steps first, or pass batches to calibrate on."
+        )
+    theta = act.threshold.float()[:, None].expand(src.args.n_layers, src.args.features_per_layer).clone()
+    if calib:
+        h = torch.cat([src.pre_acts(src.standardize_in(x)) for x, _ in calib]).float()  # [N, L, F]
+        fired = torch.cat([source_acts(src, src.pre_acts(src.standardize_in(x))) != 0 for x, _ in calib])
+        if thresholds == "feature":
+            theta = _feature_thresholds(h, fired.sum(0))
+        if calibrate:
+            theta = _calibrate(h, theta.to(h.device), fired.sum((0, 2)))
+        del h, fired
+    new = _jumprelu_model(src, theta)
+    report.update(converted=True, calibrated=bool(calibrate and calib), family=new.args.family)
+    ev = eval_batches if eval_batches is not None else (calib or None)
+    if ev is not None:
+        ev = _batches(ev)
+        before, after = evaluate(src, ev), evaluate(new.eval(), ev, reference=src)
+        new.train(src.training)
+        report.update(
+            eval_tokens=before.get("tokens", 0),
+            l0_before=before.get("l0_per_layer"),
+            l0_after=after.get("l0_per_layer"),
+            fvu_before=before.get("fvu_per_layer"),
+            fvu_after=after.get("fvu_per_layer"),
+            l0_before_mean=before.get("l0", math.nan),
+            l0_after_mean=after.get("l0", math.nan),
+            fvu_before_mean=before.get("fvu", math.nan),
+            fvu_after_mean=after.get("fvu", math.nan),
+        )
+    return new, report

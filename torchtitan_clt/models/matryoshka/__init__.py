@@ -1,0 +1,20 @@
+from torchtitan_clt.models.matryoshka.model import (
+    MATRYOSHKA_ACTIVATIONS,
+    MatryoshkaCLT,
+    build_matryoshka_clt,
+    matryoshka_prefixes,
+)
+from torchtitan_clt.protocols.model_spec import ModelSpec, register_model_spec
+
+# parallelize_fn: models/matryoshka/parallelize.py (the distributed part; CLT's plan) plugs in here.
+register_model_spec(
+    ModelSpec(
+        name="matryoshka_clt",
+        build_fn=build_matryoshka_clt,
+        parallelize_fn=None,
+        activations=MATRYOSHKA_ACTIVATIONS,
+        description="Crosslayer transcoder trained so that nested feature prefixes each reconstruct.",
+    )
+)
+
+__all__ = ["MatryoshkaCLT", "build_matryoshka_clt", "matryoshka_prefixes"]

@@ -1,0 +1,81 @@
+"""Matryoshka crosslayer transcoder: a CLT whose nested feature prefixes m_1 < … < m_G = F must
+each reconstruct the targets on their own (Bussmann et al. 2025, "Learning Multi-Level Features
+with Matryoshka Sparse Autoencoders", applied to a CLT).
+
+The activations are the full model's (TopK / BatchTopK over all F features); the reconstruction
+from prefix m uses only features [0, m) of every layer. ``forward_std`` returns all G
+reconstructions (``TranscoderOutput.y_hat_prefixes``), built incrementally so that the G of them
+cost one full decode; the reconstruction loss averages over them. At inference it is a plain CLT
+(same parameters: ``W_enc  # [L, F, d_in]``, ``W_dec.{s}  # [F, L−s, d_out]``, ...).
+
+Defaults: those of the CLT (decoder U(±1/sqrt(L·d)), tied encoder, b_dec = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.models.clt.model import CrossLayerTranscoder
+from torchtitan_clt.protocols.transcoder import TranscoderArgs, TranscoderOutput
+
+MATRYOSHKA_ACTIVATIONS = ("topk", "batchtopk")
+
+
+def matryoshka_prefixes(args: TranscoderArgs) -> list[int]:
+    """The prefix sizes from ``args.extra["matryoshka_prefixes"]`` (empty: F/16, F/8, F/4, F/2, F),
+    strictly increasing, ending at F."""
+    F = args.features_per_layer
+    given = [int(m) for m in args.extra.get("matryoshka_prefixes", [])]
+    if not given:
+        return sorted({max(1, F // 2**i) for i in range(5)})
+    if any(m < 1 or m > F for m in given) or any(b <= a for a, b in zip(given, given[1:])):
+        raise ConfigError(
+            f"model.matryoshka_prefixes = {given} must be strictly increasing sizes in [1, "
+            f"features_per_layer = {F}], e.g. [{F // 8}, {F // 4}, {F // 2}, {F}]."
+        )
+    return given if given[-1] == F else [*given, F]
+
+
+class MatryoshkaCLT(CrossLayerTranscoder):
+    def __init__(self, args: TranscoderArgs):
+        super().__init__(args)
+        self.prefixes = matryoshka_prefixes(args)
+
+    def decode_prefixes_std(self, acts: torch.Tensor) -> list[torch.Tensor]:
+        """acts  # [B, L, F] -> [ŷ from features [0, m_g) for each g], each [B, L, d_out]."""
+        B, L, d = acts.shape[0], self.args.n_layers, self.args.d_out
+        y = self.b_dec.expand(B, L, d)
+        outs, lo = [], 0
+        for hi in self.prefixes:
+            delta = torch.zeros(B, L, d, dtype=y.dtype, device=acts.device)
+            for s in range(L):
+                W = self.W_dec[s][lo:hi]  # [hi−lo, L−s, d]: the rows of this prefix band
+                a = acts[:, s, lo:hi].to(W.dtype)
+                delta[:, s:] += (a @ W.reshape(hi - lo, -1)).view(B, L - s, d)
+            y = y + delta
+            outs.append(y)
+            lo = hi
+        return outs
+
+    def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
+        h = self.pre_acts(xs)
+        a = self.activation(h)
+        ys = self.decode_prefixes_std(a)
+        return TranscoderOutput(
+            pre_acts=h,
+            acts=a,
+            y_hat=ys[-1],
+            dec_norms=None if self.args.decoder_norm == "none" else self.decoder_norms(self.args.decoder_norm),
+            y_hat_prefixes=ys,
+        )
+
+
+def build_matryoshka_clt(args: TranscoderArgs) -> MatryoshkaCLT:
+    if args.activation not in MATRYOSHKA_ACTIVATIONS:
+        raise ConfigError(
+            f"model.name = 'matryoshka_clt' needs a fixed-budget activation (its nested prefixes "
+            f"compete for k active features): set model.activation to one of "
+            f"{', '.join(MATRYOSHKA_ACTIVATIONS)} (got {args.activation!r}), or use model.name = 'clt'."
+        )
+    return MatryoshkaCLT(args)
