@@ -128,7 +128,9 @@ def estimate(cfg, ngpu: int) -> dict:
         llm = llm_stats(cfg)
         L, d_model = len(llm["layers"]), llm["d_model"]
     F, k, tp = m.features_per_layer, m.k, dims.tp
-    args = TranscoderArgs.from_job_config(cfg, L, d_model, d_model, list(range(L)), d.model_path, d.hook_in, d.hook_out)
+    args = TranscoderArgs.from_job_config(
+        cfg, L, d_model, d_model, list(range(L)), d.model_path, d.hook_in, d.hook_out
+    )
     with torch.device("meta"):
         model = model_registry.get(m.name).build_fn(args)
     n_params = sum(q.numel() for q in model.parameters())
@@ -146,7 +148,9 @@ def estimate(cfg, ngpu: int) -> dict:
         rows["FSDP gathered params + grads"] = 2 * compute_bytes * tp_local
     elif compute_bytes == 2:
         rows["autocast bf16 weight copies"] = 2 * tp_local
-    rows[f"activations [B={B}, L, F/tp] x{LIVE_FEATURE_TENSORS}"] = LIVE_FEATURE_TENSORS * 4 * B * L * (F // tp)
+    rows[f"activations [B={B}, L, F/tp] x{LIVE_FEATURE_TENSORS}"] = (
+        LIVE_FEATURE_TENSORS * 4 * B * L * (F // tp)
+    )
     rows["batch x, y, y_hat, grad (fp32)"] = 4 * 4 * B * L * d_model
     llm_bytes = 2 if gpu else 4
     if llm is not None:
@@ -154,8 +158,8 @@ def estimate(cfg, ngpu: int) -> dict:
         ctx_tokens = d.llm_batch_size * d.seq_len
         # Per hooked layer, inputs and targets kept; per layer transient: residual, attention
         # in/out, the MLP's gate/up/act intermediates.
-        rows["LLM forward activations"] = llm_bytes * ctx_tokens * (
-            2 * L * d_model + 6 * d_model + 3 * llm["intermediate"]
+        rows["LLM forward activations"] = (
+            llm_bytes * ctx_tokens * (2 * L * d_model + 6 * d_model + 3 * llm["intermediate"])
         )
         buf_dev = d.buffer_device if d.buffer_device != "auto" else ("cuda" if gpu else "cpu")
         buf = d.buffer_tokens * L * 2 * d_model * llm_bytes
@@ -209,12 +213,16 @@ def report(cfg, est: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config")
-    ap.add_argument("--ngpu", type=int, default=0, help="total GPUs (world size); default: the mesh's product or 8")
+    ap.add_argument(
+        "--ngpu", type=int, default=0, help="total GPUs (world size); default: the mesh's product or 8"
+    )
     ap.add_argument("--sweep", default="", help="comma list of GPU counts to compare, e.g. 8,16,32,64")
     ns, overrides = ap.parse_known_args(argv)
     cfg = load_config(["--config", ns.config, *overrides])
     p = cfg.parallelism
-    ngpu = ns.ngpu or (p.dp_replicate * p.dp_shard * p.tp if p.dp_shard > 0 else max(8, p.dp_replicate * p.tp))
+    ngpu = ns.ngpu or (
+        p.dp_replicate * p.dp_shard * p.tp if p.dp_shard > 0 else max(8, p.dp_replicate * p.tp)
+    )
     print(report(cfg, estimate(cfg, ngpu)))
     if ns.sweep:
         print(f"\n{'GPUs':>6}{'GiB per GPU':>14}  fits H100-80GB")

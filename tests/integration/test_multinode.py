@@ -14,10 +14,9 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_parallel import ACTIVATIONS, BASE, ROOT, assert_same_training, run_training
+from test_parallel import ACTIVATIONS, BASE, ROOT, assert_same_training, reference_run
 
 MESH = ["--parallelism.dp_shard=1", "--parallelism.tp=2"]
 ACT = ACTIVATIONS["batchtopk_all"]
@@ -47,7 +46,7 @@ def _finish(procs, name) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return run_training(tmp_path_factory.mktemp("multinode_ref"), "ref", 1, BASE + ACT)
+    return reference_run(tmp_path_factory, "batchtopk_all")
 
 
 @pytest.mark.slow
@@ -58,7 +57,9 @@ def test_two_launchers_on_localhost_match_one_process(tmp_path, reference):
         subprocess.Popen(
             ["bash", str(ROOT / "run_train.sh"), *args],
             cwd=ROOT,
-            env=_env(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_ID="t2n"),
+            env=_env(
+                NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_ID="t2n"
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -76,7 +77,7 @@ def test_slurm_launcher_with_local_stand_ins(tmp_path, reference):
     # srun: one task per node, each with its SLURM_NODEID, run here in the background.
     (bin_dir / "srun").write_text(
         "#!/usr/bin/env bash\n"
-        'while [[ $1 == --* ]]; do shift; done\n'
+        "while [[ $1 == --* ]]; do shift; done\n"
         'pids=(); for ((i=0; i<SLURM_JOB_NUM_NODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done\n'
         'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n'
     )

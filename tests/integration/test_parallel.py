@@ -30,7 +30,7 @@ STEPS = 20
 
 BASE = [
     "--config", "train_configs/debug_model.toml",
-    "--job.custom_import", str(THIS) + ",/tmp/dist_proto/wire.py",
+    "--job.custom_import", str(THIS),
     "--data.source=dp_sliced_synthetic",
     "--data.synthetic_n_layers=3", "--data.synthetic_d_model=16",
     "--model.name=clt", "--model.features_per_layer=32", "--model.k=4",
@@ -57,7 +57,13 @@ LAYOUTS = {  # name: (NGPU, overrides)
 
 def run_training(folder: Path, name: str, ngpu: int, overrides: list[str], env_extra=None) -> Path:
     env = dict(os.environ, NGPU=str(ngpu), OMP_NUM_THREADS="1", PYTHON=sys.executable, **(env_extra or {}))
-    cmd = ["bash", str(ROOT / "run_train.sh"), f"--job.dump_folder={folder}", f"--job.name={name}", *overrides]
+    cmd = [
+        "bash",
+        str(ROOT / "run_train.sh"),
+        f"--job.dump_folder={folder}",
+        f"--job.name={name}",
+        *overrides,
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, f"{name} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return folder / name
@@ -86,10 +92,19 @@ def assert_same_training(run: Path, ref: Path) -> None:
         assert diff <= 1e-4, f"{k}: max |Δ| {diff} after {STEPS} steps"
 
 
+def reference_run(tmp_path_factory, activation: str) -> Path:
+    """The one-process run, made once per pytest session (test_multinode.py reuses it)."""
+    folder = tmp_path_factory.getbasetemp() / "parallel_references"
+    run = folder / f"ref_{activation}"
+    if not (run / "export" / "model.safetensors").is_file():
+        folder.mkdir(exist_ok=True)
+        run_training(folder, f"ref_{activation}", 1, BASE + ACTIVATIONS[activation])
+    return run
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("parallel_ref")
-    return {act: run_training(folder, f"ref_{act}", 1, BASE + extra) for act, extra in ACTIVATIONS.items()}
+    return {act: reference_run(tmp_path_factory, act) for act in ACTIVATIONS}
 
 
 @pytest.mark.slow
@@ -122,7 +137,9 @@ def _register_source() -> None:
 
         d = job_config.data
         # Every rank draws the global stream (as data-parallel rank 0 of 1) and keeps its rows.
-        inner = SyntheticSource(d.synthetic_n_layers, d.synthetic_d_model, dataclasses.replace(ctx, dp_rank=0, dp_degree=1))
+        inner = SyntheticSource(
+            d.synthetic_n_layers, d.synthetic_d_model, dataclasses.replace(ctx, dp_rank=0, dp_degree=1)
+        )
         return _Sliced(inner, ctx.dp_rank, ctx.dp_degree)
 
     data_source_registry.register("dp_sliced_synthetic", build)

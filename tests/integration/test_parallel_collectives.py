@@ -116,7 +116,9 @@ def _worker(out_path: str) -> None:
     # k-th largest over the 4 ranks' shards of each row, against sorting the whole rows.
     rank, world = dist.get_rank(), dist.get_world_size()
     errors, cases = [], 0
-    for seed, (G, n, k) in enumerate([(1, 10, 1), (3, 10, 17), (2, 10, 40), (2, 10, 41), (4, 3, 5), (1, 50, 100)]):
+    for seed, (G, n, k) in enumerate(
+        [(1, 10, 1), (3, 10, 17), (2, 10, 40), (2, 10, 41), (4, 3, 5), (1, 50, 100)]
+    ):
         g = torch.Generator().manual_seed(seed)
         full = torch.randn(G, world * n, generator=g)
         if seed == 4:  # skewed: every large value on one rank

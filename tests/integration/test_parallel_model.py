@@ -55,10 +55,18 @@ def _run_layout(tmp_path: Path, layout: str, cases: list[tuple[str, str, str]]) 
     return json.loads(out.read_text())
 
 
-CASES = {  # layout: [(family, activation, batchtopk scope)]
-    "dp2xtp2": [("clt", "batchtopk", "all"), ("clt", "jumprelu", "all"), ("clt", "topk", "all")],
-    "tp2": [("clt", "batchtopk", "layer"), ("plt", "jumprelu", "all")],
-    "hsdp2x2": [("clt", "relu", "all"), ("plt", "batchtopk", "layer")],
+CASES = {  # layout: [(family, activation, batchtopk scope, extra loss terms)]
+    "dp2xtp2": [
+        ("clt", "batchtopk", "all", "auxk"),
+        ("clt", "jumprelu", "all", "preact"),
+        ("clt", "topk", "all", ""),
+    ],
+    "tp2": [
+        ("clt", "batchtopk", "layer", ""),
+        ("plt", "jumprelu", "all", "preact+auxk"),
+        ("clt", "relu", "all", "preact"),
+    ],
+    "hsdp2x2": [("clt", "relu", "all", ""), ("plt", "batchtopk", "layer", "auxk")],
 }
 
 
@@ -107,19 +115,36 @@ def _worker(layout: str, cases: str, out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def _train_case(cfg, dims, family: str, activation: str, scope: str) -> dict:
+class _FixedDead:
+    """Stands in for the trainer's DeadFeatureTracker: a fixed dead mask [L, F]."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def dead_mask(self):
+        return self.mask
+
+
+def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str) -> dict:
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from torchtitan_clt.distributed.tensor_parallel import TPLossFn
+    from torchtitan_clt.distributed.loss import build_loss_fn_for_mesh
     from torchtitan_clt.distributed.utils import clip_grad_norm_
     from torchtitan_clt.models import build_loss_fn
     from torchtitan_clt.protocols import model_registry
     from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
-    cfg.model.name, cfg.model.activation, cfg.model.k, cfg.model.batchtopk_scope = family, activation, K, scope
+    cfg.model.name, cfg.model.activation, cfg.model.k, cfg.model.batchtopk_scope = (
+        family,
+        activation,
+        K,
+        scope,
+    )
     cfg.loss.lambda_sparsity = 0.01
+    cfg.loss.lambda_preact = 0.05 if "preact" in extra else 0.0
+    cfg.loss.auxk_alpha, cfg.loss.auxk_k = (0.5, 2) if "auxk" in extra else (0.0, 512)
     args = TranscoderArgs(
         family=family, n_layers=L, d_in=D, d_out=D, features_per_layer=F, activation=activation, k=K,
         batchtopk_scope=scope, jumprelu_threshold_init=0.05, jumprelu_bandwidth=0.5,
@@ -133,8 +158,9 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str) -> dict:
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
 
-    loss_fn = build_loss_fn(cfg)
-    tp_loss_fn = TPLossFn(loss_fn)
+    dead = _FixedDead(torch.arange(L * F).view(L, F) % 3 == 0)  # a third of the features
+    loss_fn = build_loss_fn(cfg, dead_features=dead)
+    tp_loss_fn = build_loss_fn_for_mesh(cfg, dims, dead_features=dead)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
@@ -157,6 +183,8 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str) -> dict:
         if dims.tp_enabled:
             assert isinstance(out.acts, DTensor) and out.acts.shape == (n_local, L, F)
         loss, terms = tp_loss_fn(model, out, y[lo : lo + n_local], step)
+        for name in extra.split("+") if extra else []:
+            assert name in terms and float(terms[name]) > 0, (name, terms)
         opt.zero_grad()
         loss.backward()
         clip_grad_norm_(list(model.parameters()), 1.0)
@@ -165,7 +193,9 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str) -> dict:
         dist.all_reduce(t)  # tp ranks hold the same value; mean over all ranks = mean over dp
         losses.append(t.item() / dist.get_world_size())
 
-    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
+    full = {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()
+    }
     init = spec.build_fn(args)
     init.init_weights(seed=7)
     ref_sd, init_sd = dict(ref.named_parameters()), dict(init.named_parameters())

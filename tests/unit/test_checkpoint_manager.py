@@ -257,3 +257,27 @@ def test_sigkill_during_save_resumes_from_previous(tmp_path):
     mgr, model, opt, data = make(tmp_path)
     assert mgr.load() == 2
     assert_same(snapshot(model_ref, opt_ref, data_ref), snapshot(model, opt, data))
+
+
+def test_different_model_is_refused_with_a_message(tmp_path):
+    import torchtitan_clt.models  # noqa: F401
+    from torchtitan_clt.protocols.registry import model_registry
+    from torchtitan_clt.protocols.transcoder import TranscoderArgs
+
+    def clt(F):
+        args = TranscoderArgs(family="clt", n_layers=2, d_in=4, d_out=4, features_per_layer=F)
+        m = model_registry.get("clt").build_fn(args)
+        m.init_weights(0)
+        return m
+
+    cfg = make(tmp_path)[0].cfg
+    job = JobConfig()
+    job.checkpoint = cfg
+    job.training.steps = 10
+    CheckpointManager(tmp_path, job, {"model": ModelWrapper(clt(8))}).save(2)
+    meta = json.loads((tmp_path / "checkpoints/step-2/meta.json").read_text())
+    assert meta["model_args"]["features_per_layer"] == 8
+    with pytest.raises(ConfigError, match="features_per_layer 8 .saved. vs 16"):
+        CheckpointManager(tmp_path, job, {"model": ModelWrapper(clt(16))}).load()
+    same = clt(8)
+    CheckpointManager(tmp_path, job, {"model": ModelWrapper(same)}).load()

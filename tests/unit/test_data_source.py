@@ -82,6 +82,23 @@ def test_dp_ranks_get_different_data():
     assert not (flat0[:, None] == flat1[None]).all(-1).any()  # no row in common
 
 
+def test_resume_on_more_ranks_from_all_old_states():
+    cfg = _cfg(buffer_passes=1)
+    old = [_build(cfg, dp_rank=r, dp_degree=2) for r in range(2)]
+    for src in old:
+        for _ in range(3):
+            src.next_batch(40)
+    sds = [src.state_dict() for src in old]
+    starts = [src.buffer._loader_state["dataset_state"]["docs"]["index"] for src in old]
+    new = _build(cfg, dp_rank=2, dp_degree=3)
+    new.load_state_dict_from_ranks(sds)
+    docs = new.loader.dataset.docs
+    assert docs.index == min(starts) and (docs.shard, docs.num_shards) == (2, 3)
+    x, _ = new.next_batch(40)
+    assert x.shape == (40, 2, 64)
+    assert new.loader.dataset.docs.index > min(starts)
+
+
 def test_stream_errors():
     with pytest.raises(ConfigError, match="4 layers"):
         _build(_cfg(layers=[1, 7]))

@@ -65,6 +65,15 @@ def test_hub_name_is_streamed(monkeypatch):
     assert calls == [("someorg/somedata", None, "validation", True)]
 
 
+def test_hub_failure_is_a_config_error(monkeypatch):
+    def offline(*a, **kw):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConfigError, match="data/mytext.*no network"):
+        _read(TextSpec("data/mytext"))
+
+
 def test_missing_paths_and_columns(tmp_path):
     with pytest.raises(ConfigError, match="nope.jsonl"):
         _read(TextSpec(str(tmp_path / "nope.jsonl")))

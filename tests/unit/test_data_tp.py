@@ -38,16 +38,12 @@ def _worker(rank: int, folder: str) -> None:
 
 @pytest.mark.slow
 def test_tp_group_gets_identical_batches_from_shared_extraction(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    for (x0, y0), (x1, y1) in zip(r0, r1):
-        assert torch.equal(x0, x1) and torch.equal(y0, y1)
-
-    # The rows come from both readers' contexts (text sharded over the two TP ranks).
     from torchtitan_clt.data import ActivationExtractor, load_llm
     from torchtitan_clt.data.text import TextSpec
     from torchtitan_clt.data.tokenize import build_token_loader
 
+    # What each of the two readers (the text sharded over the TP ranks) extracts on its own.
+    # Done first, so the forked workers inherit every imported module.
     cfg = _cfg()
     llm, tok = load_llm(cfg.data.model_path)
     ext = ActivationExtractor(llm, "resid_mid", "mlp_out", [1])
@@ -55,9 +51,14 @@ def test_tp_group_gets_identical_batches_from_shared_extraction(tmp_path):
     for reader in range(2):
         loader = build_token_loader(TextSpec(cfg.data.dataset), tok, 8, 2, dp_rank=reader, dp_degree=2)
         per_reader.append(torch.cat([ext(b)[0] for _, b in zip(range(2), loader)]).flatten(1))
+
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for (x0, y0), (x1, y1) in zip(r0, r1):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
     served = torch.cat([x for x, _ in r0]).flatten(1)
-    for rows in per_reader:
-        hits = (served[:, None] - rows[None]).abs().amax(-1) < 1e-5  # [served, reader rows]
-        assert hits.any(0).sum() > 0  # each reader contributed rows
-    allrows = torch.cat(per_reader)
+    for rows in per_reader:  # both readers contributed rows
+        assert ((served[:, None] - rows[None]).abs().amax(-1) < 1e-5).any(0).sum() > 0
+    allrows = torch.cat(per_reader)  # and every served row is one of theirs
     assert ((served[:, None] - allrows[None]).abs().amax(-1) < 1e-5).any(1).all()

@@ -21,6 +21,7 @@ import torchtitan_clt.models  # noqa: F401  (registers the families)
 from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.hooks import decoder_layers, hook_module, output_tensor
 from torchtitan_clt.data.llm import load_llm
+from torchtitan_clt.metrics import splice
 from torchtitan_clt.metrics.eval import (
     NextTokenSums,
     SpliceSpec,
@@ -30,6 +31,7 @@ from torchtitan_clt.metrics.eval import (
     forward_replaced,
     headline,
     hook_out_means,
+    is_cross_layer,
 )
 from torchtitan_clt.protocols import model_registry
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs
@@ -62,9 +64,16 @@ class ExactMLP(Transcoder):
 
     def __init__(self, llm, layers, hook_in="mlp_in", hook_out="mlp_out", identity=False):
         d = llm.get_input_embeddings().embedding_dim
-        args = TranscoderArgs(family="exact", n_layers=len(layers), d_in=d, d_out=d,
-                              features_per_layer=d, hook_in=hook_in, hook_out=hook_out,
-                              layers=list(layers))
+        args = TranscoderArgs(
+            family="exact",
+            n_layers=len(layers),
+            d_in=d,
+            d_out=d,
+            features_per_layer=d,
+            hook_in=hook_in,
+            hook_out=hook_out,
+            layers=list(layers),
+        )
         super().__init__(args)
         blocks = decoder_layers(llm)
         # identity=True: decode is the identity (an exact SAE of its own hook).
@@ -79,8 +88,16 @@ class ExactMLP(Transcoder):
 
 
 def _build(family, layers, d=64, F_=32, seed=0, act="relu", zero=False, **kw):
-    args = TranscoderArgs(family=family, n_layers=len(layers), d_in=d, d_out=d, features_per_layer=F_,
-                          activation=act, layers=list(layers), **kw)
+    args = TranscoderArgs(
+        family=family,
+        n_layers=len(layers),
+        d_in=d,
+        d_out=d,
+        features_per_layer=F_,
+        activation=act,
+        layers=list(layers),
+        **kw,
+    )
     m = model_registry.get(family).build_fn(args)
     m.init_weights(seed)
     g = torch.Generator().manual_seed(seed + 7)
@@ -93,6 +110,10 @@ def _build(family, layers, d=64, F_=32, seed=0, act="relu", zero=False, **kw):
         if not zero:
             m.b_enc.copy_(0.2 * torch.randn(m.b_enc.shape, generator=g))
             m.b_dec.copy_(0.1 * torch.randn(m.b_dec.shape, generator=g))
+    if not zero:  # standardization buffers in play: the fast paths must apply them too
+        L = len(layers)
+        m.set_standardization(0.1 * torch.randn(L, d, generator=g), 0.5 + torch.rand(L, 1, generator=g),
+                              0.1 * torch.randn(L, d, generator=g), 0.5 + torch.rand(L, d, generator=g))
     return m.eval()
 
 
@@ -113,8 +134,9 @@ def test_next_token_metrics_by_hand():
     ce_hand = (-math.log(1 / 3) - math.log(0.25)) / 2
     p1, q1 = [0.2, 0.6, 0.2], [1 / 3] * 3
     p2, q2 = [2 / 3, 1 / 6, 1 / 6], [0.25, 0.25, 0.5]
-    kl_hand = (sum(p * math.log(p / q) for p, q in zip(p1, q1))
-               + sum(p * math.log(p / q) for p, q in zip(p2, q2))) / 2
+    kl_hand = (
+        sum(p * math.log(p / q) for p, q in zip(p1, q1)) + sum(p * math.log(p / q) for p, q in zip(p2, q2))
+    ) / 2
     assert s.count == 2
     assert m["ce"] == pytest.approx(ce_hand, rel=1e-6)
     assert m["kl"] == pytest.approx(kl_hand, rel=1e-5)
@@ -134,8 +156,16 @@ def test_clean_ce_and_means_match_independent_computations(llama):
     spec = SpliceSpec([0, 2], "resid_mid", "mlp_out")
     b = compute_baselines(llama, batches, spec, per_layer=False)
     with torch.no_grad():
-        ce = torch.cat([F.cross_entropy(llama(input_ids=t).logits[:, 1:-1].reshape(-1, 320),
-                                        t[:, 2:].reshape(-1), reduction="none") for t in batches])
+        ce = torch.cat(
+            [
+                F.cross_entropy(
+                    llama(input_ids=t).logits[:, 1:-1].reshape(-1, 320),
+                    t[:, 2:].reshape(-1),
+                    reduction="none",
+                )
+                for t in batches
+            ]
+        )
     assert b.clean_ce == pytest.approx(ce.mean().item(), rel=1e-6)
     ys = torch.cat([ActivationExtractor(llama, "resid_mid", "mlp_out", [0, 2])(t)[1] for t in batches])
     means = hook_out_means(llama, batches, spec)
@@ -203,11 +233,13 @@ def _reference_closed_loop(llm, clt, tokens):
         for i, layer in enumerate(a.layers):
             mod_out, _ = hook_module(llm, layer, a.hook_out)
             if i in y_fixed:
+
                 def post(m, args, out, i=i):
                     t = output_tensor(out)
                     new = y_fixed[i].view_as(t).clone()
                     new[:, 0] = t[:, 0]  # BOS keeps its clean activation
                     return new
+
                 handles.append(mod_out.register_forward_hook(post))
         if capture_layer is not None:
             mod_in, _ = hook_module(llm, a.layers[capture_layer], a.hook_in)
@@ -228,8 +260,22 @@ def _reference_closed_loop(llm, clt, tokens):
     return run()[0]
 
 
-def test_clt_closed_loop_matches_fixed_point_reference(llama):
-    clt = _build("clt", [0, 1, 3], seed=3)
+FAMILIES = {
+    "clt": dict(act="relu"),
+    "matryoshka_clt": dict(act="topk", k=4),
+    "plt": dict(act="relu"),
+    "molt": dict(act="relu", extra={"molt_ranks": [4, 2]}),
+}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_closed_loop_matches_fixed_point_reference(llama, family, fast, monkeypatch):
+    monkeypatch.setattr(splice, "FAST_PATHS", fast)
+    clt = _build(family, [0, 1, 3], seed=3, **FAMILIES[family])
+    assert is_cross_layer(clt) == (family in ("clt", "matryoshka_clt"))
+    ops = splice._LayerOps(clt)
+    assert (ops.clt or ops.plt) == (fast and family != "molt")
     spec = SpliceSpec.of(clt, llama)
     tokens = _batches(n=1, b=2, t=10, seed=5)[0]
     got = forward_replaced(llama, tokens, clt, spec, [0, 1, 2], chunk_elements=7 * 3 * 64)  # chunked

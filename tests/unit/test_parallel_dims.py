@@ -35,7 +35,16 @@ def test_bad_degrees_name_the_fix(r, s, t, w, needle):
 def test_rank_layout_tp_innermost():
     d = ParallelDims(2, 2, 2, 8)
     # rank = (r * dp_shard + s) * tp + t, worked by hand for every rank
-    expect = {0: (0, 0, 0), 1: (0, 0, 1), 2: (0, 1, 0), 3: (0, 1, 1), 4: (1, 0, 0), 5: (1, 0, 1), 6: (1, 1, 0), 7: (1, 1, 1)}
+    expect = {
+        0: (0, 0, 0),
+        1: (0, 0, 1),
+        2: (0, 1, 0),
+        3: (0, 1, 1),
+        4: (1, 0, 0),
+        5: (1, 0, 1),
+        6: (1, 1, 0),
+        7: (1, 1, 1),
+    }
     for rank, coord in expect.items():
         assert d.coordinate(rank) == coord
 
@@ -83,3 +92,38 @@ def test_tp_plan_lookup_names_missing_params():
     assert placement_for("b_dec", plan) is None
     with pytest.raises(ValueError, match="no entry for parameter 'W_enc'"):
         placement_for("W_enc", plan)
+
+
+def _estimate_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "estimate_memory.py"
+    spec = importlib.util.spec_from_file_location("estimate_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_estimate_memory_counts_the_real_model_and_its_shards():
+    from torchtitan_clt.config import load_config
+
+    est_mod = _estimate_module()
+    L, d, F, k = 4, 8, 16, 3
+    cfg = load_config(
+        [
+            "--data.source=synthetic", f"--data.synthetic_n_layers={L}", f"--data.synthetic_d_model={d}",
+            f"--model.features_per_layer={F}", "--model.activation=jumprelu", f"--model.k={k}",
+            "--parallelism.tp=2", "--parallelism.dp_shard=-1", "--training.batch_size=64",
+        ]
+    )  # fmt: skip
+    est = est_mod.estimate(cfg, 4)  # tp 2 × dp_shard 2
+    # W_enc, b_enc, threshold (feature axis), W_dec.s [F, L-s, d] for s < L, b_dec [L, d]
+    featured = L * F * d + L * F + L * F + F * d * L * (L + 1) // 2
+    assert est["n_params"] == featured + L * d
+    # feature params split over tp then FSDP; b_dec only over FSDP
+    assert est["per_gpu"] == featured // 4 + L * d // 2
+    assert est["rows"]["AdamW m, v (fp32)"] == 8 * est["per_gpu"]
+    assert est["flops"]["encoder fwd"] == 2 * L * F * d
+    assert est["flops"]["decoder fwd (sparse, k active/layer)"] == 2 * k * d * L * (L + 1) // 2
+    assert "total" in est_mod.report(cfg, est)

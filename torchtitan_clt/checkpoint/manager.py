@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -51,6 +52,8 @@ try:
 except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
+# Older torch releases' async_save has no ``no_dist`` (it then infers it).
+_ASYNC_HAS_NO_DIST = "no_dist" in inspect.signature(dcp.async_save).parameters
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 META_FILE = "meta.json"
@@ -268,11 +271,11 @@ class CheckpointManager:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
 
         if self.cfg.async_mode == "async":
-            fut = _future_of(
-                dcp.async_save(
-                    dcp_sd, checkpoint_id=str(tmp), process_group=self._gloo, no_dist=not _dist_on()
+            kwargs = {"no_dist": True} if not _dist_on() and _ASYNC_HAS_NO_DIST else {}
+            with _quiet_dcp():
+                fut = _future_of(
+                    dcp.async_save(dcp_sd, checkpoint_id=str(tmp), process_group=self._gloo, **kwargs)
                 )
-            )
             if _rank() == 0:
                 # Rank 0 commits from the writer thread; ``wait`` waits for the commit, not
                 # just for the write.
@@ -351,6 +354,19 @@ class CheckpointManager:
         model = getattr(model, "_orig_mod", model)
         args = getattr(model, "args", None)
         return args.to_dict() if hasattr(args, "to_dict") else None
+
+    def _check_model_args(self, meta: dict[str, Any], path: Path) -> None:
+        saved, now = meta.get("model_args"), self._model_args()
+        if not saved or not now:
+            return
+        keys = ("family", "n_layers", "d_in", "d_out", "features_per_layer", "activation", "layers")
+        diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+        if diff:
+            raise ConfigError(
+                f"checkpoint {path} holds a different model: "
+                + ", ".join(f"{k} {a!r} (saved) vs {b!r} (this run)" for k, (a, b) in diff.items())
+                + "; resume with the run's own config, or start fresh with --checkpoint.fresh_start=true."
+            )
 
     def _commit_if_ok(self, fut: Future, step: int, committed: Future) -> None:
         try:
@@ -455,6 +471,7 @@ class CheckpointManager:
                 f"checkpoint {path} has no state for {missing} (it holds {sorted(meta['dcp_keys'] + meta['shared_keys'] + meta['per_rank_keys'])}); "
                 "it was written by a different setup: start fresh with --checkpoint.fresh_start=true."
             )
+        self._check_model_args(meta, path)
         if dcp_keys:
             # dcp.load calls state_dict() of each Stateful for the template, loads into it in
             # place (resharding to the current mesh), then calls load_state_dict().

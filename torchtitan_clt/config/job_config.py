@@ -386,6 +386,13 @@ class Eval:
     batch_size: int = 8
     """Contexts per evaluation forward."""
 
+    open_loop: bool = True
+    """Also evaluate each layer replaced alone (open loop; 3 LLM forwards per covered layer and
+    batch, the ablation baselines computed once per run)."""
+
+    dense_threshold: float = 0.1
+    """Feature statistics: a feature firing on more than this fraction of eval tokens is dense."""
+
 
 @dataclass
 class JobConfig:

@@ -3,6 +3,7 @@
 Importing this package registers the built-in sources in ``data_source_registry``.
 """
 
+from torchtitan_clt.data.cache import CacheSource, build_cache_source, write_activation_cache
 from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.hooks import HOOK_POINTS, d_model, hook_module, n_layers
 from torchtitan_clt.data.llm import load_llm
@@ -18,14 +19,17 @@ from torchtitan_clt.protocols.registry import data_source_registry
 
 data_source_registry.register("stream", build_stream_source)
 data_source_registry.register("synthetic", build_synthetic_source)
+data_source_registry.register("cache", build_cache_source)
 
 __all__ = [
     "HOOK_POINTS",
     "ActivationExtractor",
     "ActivationSource",
+    "CacheSource",
     "SourceContext",
     "StreamSource",
     "SyntheticSource",
+    "build_cache_source",
     "build_eval_token_loader",
     "build_stream_source",
     "build_synthetic_source",
@@ -33,4 +37,5 @@ __all__ = [
     "hook_module",
     "load_llm",
     "n_layers",
+    "write_activation_cache",
 ]

@@ -163,10 +163,51 @@ class StreamSource(ActivationSource):
         self._check_describe(sd.get("describe"))
         self.buffer.load_state_dict(sd["buffer"])
 
+    def load_state_dict_from_ranks(self, sds: list[dict[str, Any]]) -> None:
+        """Resume on a different number of ranks from every old rank's state (approximate).
+
+        The text position is global, so every new reader starts at the earliest refill start
+        among the old readers (no document is skipped; documents the old buffers held are read
+        again) with its own new share. The shuffle buffer starts fresh.
+        """
+        for sd in sds:
+            self._check_describe(sd.get("describe"))
+        positions = [
+            p for sd in sds if sd["buffer"]["started"] for p in _packer_states(sd["buffer"]["loader"])
+        ]
+        if not positions:
+            return
+        start = min(positions, key=lambda p: (p["docs"]["epoch"], p["docs"]["index"]))
+        docs = {k: v for k, v in start["docs"].items() if k in ("epoch", "index", "hf_state")}
+        logger.warning(
+            "Resuming the text stream from %d saved ranks at epoch %d, document %d (approximate: "
+            "documents in the old buffers are read again).",
+            len(sds),
+            docs["epoch"],
+            docs["index"],
+        )
+        dataset = self.loader.dataset
+        dataset.load_state_dict(
+            {
+                "docs": {**dataset.docs.state_dict(), **docs, "hf_state": docs.get("hf_state")},
+                "offset": 0,
+                "windows": 0,
+            }
+        )
+
     def close(self) -> None:
         self.buffer.x = self.buffer.y = None
         self.buffer._it = None
         self.llm = self.extractor = None  # type: ignore[assignment]
+
+
+def _packer_states(obj: Any) -> list[dict[str, Any]]:
+    """Every ``PackedTokens`` state inside a loader state (one per DataLoader worker)."""
+    if isinstance(obj, dict):
+        if "docs" in obj and "offset" in obj:
+            return [obj]
+        return [p for v in obj.values() for p in _packer_states(v)]
+    return []
 
 
 def _all_gather_rows(t: torch.Tensor, group: Any, size: int) -> torch.Tensor:

@@ -134,7 +134,13 @@ def open_dataset(spec: TextSpec) -> tuple[Any, str]:
     if files is not None:
         return _load_local(files, spec)
     # The real-use path: a hub dataset, streamed so that nothing is downloaded up front.
-    ds = datasets.load_dataset(name, spec.config or None, split=spec.split, streaming=True)
+    try:
+        ds = datasets.load_dataset(name, spec.config or None, split=spec.split, streaming=True)
+    except Exception as e:  # offline, typo, gated, bad split: say what was tried
+        raise ConfigError(
+            f"data.dataset = {name!r} is not a local file, folder or glob, and opening it as a Hugging "
+            f"Face dataset (config {spec.config or None!r}, split {spec.split!r}) failed: {e}"
+        ) from e
     return ds, spec.text_field
 
 
@@ -189,7 +195,7 @@ class DocumentStream:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
         self._hf_state = sd.get("hf_state")
-        if int(sd["num_shards"]) != self.num_shards:
+        if self.index > 0 and int(sd.get("num_shards", self.num_shards)) != self.num_shards:
             # The position is global, so a new shard count resumes near the same place; documents
             # the other old shards read just around it may be seen twice or skipped.
             logger.warning(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
+from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.distributed.fsdp import apply_fsdp, mixed_precision_policy
 from torchtitan_clt.distributed.parallel_dims import ParallelDims
 from torchtitan_clt.distributed.tensor_parallel import apply_tp
@@ -19,13 +20,21 @@ from torchtitan_clt.tools.logging import logger
 
 
 def parallelize_transcoder(
-    model: nn.Module, parallel_dims: ParallelDims, job_config, tp_plan: dict[str, int | None]
+    model: nn.Module, parallel_dims: ParallelDims, job_config, tp_plan: dict[str, int | None] | None
 ) -> nn.Module:
-    """Apply the mesh to a (meta-device) transcoder; a no-op in a single process."""
+    """Apply the mesh to a (meta-device) transcoder; a no-op in a single process.
+
+    ``tp_plan`` ``None``: the family has no tensor-parallel layout (data parallelism only).
+    """
     if not parallel_dims.distributed:
         return model
     tp_group = None
     if parallel_dims.tp_enabled:
+        if tp_plan is None:
+            raise ConfigError(
+                f"model.name = {job_config.model.name!r} does not support tensor parallelism yet: set "
+                "parallelism.tp = 1 and scale with parallelism.dp_shard / dp_replicate."
+            )
         apply_tp(model, parallel_dims.get_mesh("tp"), tp_plan)
         tp_group = parallel_dims.get_group("tp")
     # BatchTopK selects over the global batch and all features: every rank holds a different part

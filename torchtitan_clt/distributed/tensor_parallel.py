@@ -17,9 +17,7 @@ What callers get back:
   ``acts`` ``[B, L, F]`` and ``dec_norms`` ``[L, F]`` as DTensors sharded on the feature axis, so
   metrics reduce them with DTensor ops (``(acts != 0).sum(-1)`` is a partial sum, ``full_tensor()``
   gathers) and nothing dense is gathered unless asked for.
-- The loss runs on the local shards (``TPLossFn``): a term that sums over features is then a
-  partial sum whose gradient is already right (each feature's term depends on that feature
-  only); its logged value is summed over tp.
+- The loss runs on the local shards (``distributed/loss.py``, ``TPLossFn``).
 - ``encode`` returns a feature-sharded DTensor; ``decode`` takes one (or this rank's local shard).
 """
 
@@ -29,14 +27,15 @@ import contextlib
 import dataclasses
 import functools
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from torchtitan_clt.distributed.collectives import all_reduce_detached, sum_partials
+from torchtitan_clt.distributed.collectives import sum_partials
 from torchtitan_clt.protocols.transcoder import TranscoderOutput
 
 # Methods run on local shards. forward_std / encode / decode / forward are the entry points;
@@ -136,7 +135,9 @@ def _decode_std_reduced(model: nn.Module, fn, tp_group, bias_name: str):
                 y = fn(acts)
             finally:
                 mod._parameters[name] = bias
-            return sum_partials(y, tp_group) + bias.to(y.dtype)
+            # Summed in fp32: tp partials in bf16 (FSDP mixed precision) would lose precision.
+            y = sum_partials(y.float() if y.dtype in (torch.bfloat16, torch.float16) else y, tp_group)
+            return y + bias.to(y.dtype)
 
     return run
 
@@ -171,46 +172,14 @@ def apply_tp(
         else:  # decode / forward give whole outputs; inner methods called directly stay local
             wrapped = _local_method(model, fn)
         setattr(model, name, wrapped)
-    model._tp_group = tp_group  # read by TPLossFn and metrics helpers
+    model._tp_group = tp_group  # read by TPLossFn
+    # The activation reports per-feature thresholds (losses read them) for its local features.
+    act = getattr(model, "activation", None)
+    if act is not None and hasattr(act, "n_features"):
+        act.n_features //= tp_mesh.size()
     return model
 
 
 def tp_group_of(model: nn.Module):
     """The tp process group ``apply_tp`` used, or ``None`` when the model is not tensor-parallel."""
     return getattr(model, "_tp_group", None)
-
-
-class TPLossFn:
-    """Wraps ``loss_fn(model, out, y, step) -> (loss, terms)`` so it works on any mesh.
-
-    A no-op unless ``model`` is tensor-parallel (``apply_tp``). Then the loss runs on the local
-    feature shards of ``out``; terms named in ``feature_partial`` are sums over features, so each
-    tp rank holds a partial sum: their logged values are summed over tp, and the returned loss gets
-    the missing part as a detached constant, so its *value* is the full loss on every rank while its
-    gradient stays the local one (already correct, see the module docstring).
-    """
-
-    def __init__(self, loss_fn, feature_partial: tuple[str, ...] = ("sparsity", "preact")):
-        self.loss_fn, self.feature_partial = loss_fn, feature_partial
-
-    def __getattr__(self, name: str) -> Any:  # expose the wrapped fn's attributes (terms, ...)
-        return getattr(self.__dict__["loss_fn"], name)
-
-    def __call__(self, model, out, y, step: int):
-        tp_group = tp_group_of(model)
-        if tp_group is None:
-            return self.loss_fn(model, out, y, step)
-        local = dataclasses.replace(
-            out, pre_acts=_to_local(out.pre_acts), acts=_to_local(out.acts), dec_norms=_to_local(out.dec_norms)
-        )
-        loss, terms = self.loss_fn(model, local, y, step)
-        weights = {t.name: t.weight(step) for t in getattr(self.loss_fn, "terms", [])}
-        missing = torch.zeros((), dtype=loss.dtype, device=loss.device)
-        terms = dict(terms)
-        for name in self.feature_partial:
-            if name in terms:
-                part = terms[name]
-                full = all_reduce_detached(part, tp_group)
-                terms[name] = full
-                missing = missing + weights.get(name, 1.0) * (full - part).to(loss.dtype)
-        return loss + missing.detach(), terms

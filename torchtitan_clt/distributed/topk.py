@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from torchtitan_clt.distributed.collectives import global_kth_largest
-from torchtitan_clt.models.activations import BatchTopK, TopK, _min_positive
+from torchtitan_clt.models.activations import BatchTopK, TopK
 
 
 def _keep_at_least(h: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,9 @@ products at active entries only) and ``W`` (sparse outer products); padding gets
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-import torch.nn.functional as F
 
-# Entries per chunk in the torch grad-weight fallback: bounds its [chunk, D] temporary.
-_TORCH_CHUNK_ELEMS = 1 << 24
+from torchtitan_clt.kernels.layout_torch import Layout
 
 
 def out_dtype(vals: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -21,85 +17,93 @@ def out_dtype(vals: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- torch fallback
-def _csr(idx: torch.Tensor, vals: torch.Tensor):
-    """Padded ``[N, K]`` -> the valid entries in row order: ``(valid [N, K], rows [E], feats [E],
-    vals [E], row_offsets [N+1])`` (one host sync on CUDA, none on CPU that matters)."""
-    valid = idx >= 0
-    counts = valid.sum(1)
-    offsets = torch.zeros(idx.shape[0] + 1, dtype=torch.long, device=idx.device)
-    offsets[1:] = counts.cumsum(0)
-    rows = torch.repeat_interleave(torch.arange(idx.shape[0], device=idx.device), counts)
-    return valid, rows, idx[valid], vals[valid], offsets
-
-
-def _bags_by_feature(feats: torch.Tensor, rows: torch.Tensor, v: torch.Tensor, n_features: int):
-    """Entries regrouped by feature: ``(rows_sorted, vals_sorted, feature_offsets [F])``."""
-    order = torch.argsort(feats, stable=True)
-    offsets = torch.searchsorted(feats[order], torch.arange(n_features, device=feats.device))
-    return rows[order], v[order], offsets
-
-
-def grad_weight_torch(idx: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, n_features: int,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[F, D]``: sum over entries of ``vals[n, j] * g[n]`` into row ``idx[n, j]``. One
-    ``embedding_bag`` over ``g`` with one bag per feature (empty bags give the zero rows)."""
-    _, rows, feats, v, _ = _csr(idx, vals)
-    g = g.contiguous()
-    if feats.numel() == 0:
-        return torch.zeros((n_features, g.shape[1]), dtype=dtype, device=g.device)
-    rows_s, v_s, offsets = _bags_by_feature(feats, rows, v, n_features)
-    out = F.embedding_bag(rows_s, g, offsets, mode="sum", per_sample_weights=v_s.to(g.dtype))
-    return out.to(dtype)
-
-
-def grad_vals_torch(idx: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``[N, K]``: ``w[idx[n, j]] . g[n]`` at the valid entries only (a sampled matmul), 0 at padding."""
-    valid, rows, feats, _, offsets = _csr(idx, idx)
-    out = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
-    if feats.numel() == 0:
-        return out
-    if g.device.type == "cpu" and g.dtype == w.dtype and g.dtype in (torch.float32, torch.float64):
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(offsets, feats, torch.zeros(feats.numel(), dtype=g.dtype),
-                                              (idx.shape[0], w.shape[0]), check_invariants=False)
-            dots = torch.sparse.sampled_addmm(pattern, g, w.T, beta=0.0).values()
-    else:  # chunked gather-dot (bounded [chunk, D] temporaries)
-        chunk = max(1, _TORCH_CHUNK_ELEMS // max(w.shape[1], 1))
-        dots = torch.cat([(w[feats[c:c + chunk]].float() * g[rows[c:c + chunk]].float()).sum(-1)
-                          for c in range(0, feats.numel(), chunk)])
-    out[valid] = dots.float()
-    return out
-
-
 class SparseDecodeTorch(torch.autograd.Function):
     """Torch fallback: ``embedding_bag(mode="sum", per_sample_weights=vals)`` over the valid
     entries (padding skipped, not multiplied by zero); backward by a sampled matmul (grad vals) and
-    an ``embedding_bag`` over ``grad_out`` grouped by feature (grad W)."""
+    an ``embedding_bag`` over ``grad_out`` with one bag per feature (grad W)."""
 
     @staticmethod
     def forward(ctx, idx, vals, w):
-        _, _, feats, v, offsets = _csr(idx, vals)
-        ctx.save_for_backward(idx, vals, w)
-        dt = out_dtype(vals, w)
-        if feats.numel() == 0:
-            return torch.zeros((idx.shape[0], w.shape[1]), dtype=dt, device=w.device)
-        out = F.embedding_bag(feats, w, offsets[:-1], mode="sum", per_sample_weights=v.to(w.dtype))
-        return out.to(dt)
+        lay = Layout.build(idx[:, None], w.shape[0])
+        vals_e = lay.flat(vals[:, None])
+        ctx.save_for_backward(idx, vals_e, w)
+        ctx.lay = lay
+        return lay.decode(0, vals_e, w).to(out_dtype(vals, w))
 
     @staticmethod
     def backward(ctx, grad_out):
-        idx, vals, w = ctx.saved_tensors
+        idx, vals_e, w = ctx.saved_tensors
+        lay = ctx.lay
         g_vals = g_w = None
         if ctx.needs_input_grad[1]:
-            g_vals = grad_vals_torch(idx, w, grad_out.to(w.dtype)).to(vals.dtype)
+            g_e = lay.grad_vals(0, w, grad_out.to(w.dtype))
+            g_vals = lay.unflat(g_e, idx.shape[0], idx.shape[1])[:, 0].to(grad_out.dtype)
         if ctx.needs_input_grad[2]:
-            g_w = grad_weight_torch(idx, vals, grad_out, w.shape[0], w.dtype)
+            g_w = lay.grad_weight(0, vals_e, grad_out.to(w.dtype))
         return None, g_vals, g_w
+
+
+class CLTSparseDecodeTorch(torch.autograd.Function):
+    """Torch fallback of the CLT decoder (same contract as ``CLTSparseDecodeTriton``): the entry
+    lists are built once for all source layers; one ``embedding_bag`` per source layer."""
+
+    @staticmethod
+    def forward(ctx, idx, vals, b_dec, *w_list):
+        n, n_layers, k = idx.shape
+        d = b_dec.shape[-1]
+        lay = Layout.build(idx, w_list[0].shape[0])
+        vals_e = lay.flat(vals)
+        dt = torch.promote_types(out_dtype(vals, w_list[0]), b_dec.dtype)
+        out = b_dec.to(dt).expand(n, n_layers, d).contiguous()
+        flat = out.view(n, n_layers * d)
+        for s, w in enumerate(w_list):
+            flat[:, s * d:] += lay.decode(s, vals_e, w.reshape(w.shape[0], -1))
+        ctx.save_for_backward(idx, vals_e, *w_list)
+        ctx.lay, ctx.d, ctx.vals_dtype = lay, d, vals.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        idx, vals_e, *w_list = ctx.saved_tensors
+        lay, d = ctx.lay, ctx.d
+        n, n_layers, k = idx.shape
+        g = grad_out.contiguous().view(n, n_layers * d)
+        g_vals, g_ws, g_es = None, [], []
+        for s, w in enumerate(w_list):
+            w2 = w.reshape(w.shape[0], -1)
+            gs = g[:, s * d:].to(w.dtype)
+            if ctx.needs_input_grad[1]:
+                g_es.append(lay.grad_vals(s, w2, gs))
+            g_ws.append(lay.grad_weight(s, vals_e, gs).view_as(w) if ctx.needs_input_grad[3 + s] else None)
+        if ctx.needs_input_grad[1]:
+            g_vals = lay.unflat(torch.cat(g_es), n, k).to(ctx.vals_dtype)
+        g_b = grad_out.sum(0) if ctx.needs_input_grad[2] else None
+        return (None, g_vals, g_b, *g_ws)
 
 
 def decode_torch(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return SparseDecodeTorch.apply(idx, vals, w)
+
+
+def grad_weight_torch(idx: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, n_features: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[F, D]``: sum over entries of ``vals[n, j] * g[n]`` into row ``idx[n, j]``."""
+    lay = Layout.build(idx[:, None], n_features)
+    return lay.grad_weight(0, lay.flat(vals[:, None]), g).to(dtype)
+
+
+def encoder_grads_torch(idx: torch.Tensor, g_vals: torch.Tensor, x: torch.Tensor, n_features: int):
+    """Sparse encoder backward: ``(grad W_enc [L, F, d], grad b_enc [L, F])`` from the gradient at
+    the selected pre-activations ``g_vals [N, L, K]`` and the inputs ``x [N, L, d]``."""
+    n_layers = idx.shape[1]
+    lay = Layout.build(idx, n_features)
+    g_e = lay.flat(g_vals)
+    g_w = lay.grad_weight_all(g_e, x)
+    layer_of = torch.repeat_interleave(torch.arange(n_layers, device=x.device),
+                                       torch.tensor(lay.layer_start, device=x.device).diff())
+    g_b = torch.zeros(n_layers * n_features, dtype=torch.float32, device=x.device)
+    g_b.index_add_(0, layer_of * n_features + lay.feats, g_e.float())
+    return g_w, g_b.view(n_layers, n_features)
 
 
 def decode_dense(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

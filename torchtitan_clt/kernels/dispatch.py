@@ -130,6 +130,24 @@ def sparse_grad_weight(idx: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, n
     return _dec.grad_weight_torch(idx, vals, g, n_features, dtype)
 
 
+def sparse_encoder_grads(idx: torch.Tensor, g_vals: torch.Tensor, x: torch.Tensor, n_features: int,
+                         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``h = W_enc x + b_enc`` when only the selected entries of h get gradient:
+    ``idx, g_vals [N, L, K]``, ``x [N, L, d]`` -> ``(grad W_enc [L, F, d] fp32, grad b_enc [L, F])``,
+    sparse outer products grouped by feature (never a dense ``[N, L, F]`` gradient)."""
+    if resolve_backend(x, backend) != "triton":
+        return _dec.encoder_grads_torch(idx, g_vals, x, n_features)
+    from torchtitan_clt.kernels import decode_triton
+
+    n_layers = idx.shape[1]
+    g_w = torch.stack([decode_triton.decode_grad_weight(idx[:, li], g_vals[:, li], x[:, li], n_features)
+                       for li in range(n_layers)])
+    g_b = torch.zeros((n_layers, n_features), dtype=torch.float32, device=x.device)
+    g_b.scatter_add_(1, idx.clamp(min=0).transpose(0, 1).reshape(n_layers, -1),
+                     torch.where(idx >= 0, g_vals, 0).float().transpose(0, 1).reshape(n_layers, -1))
+    return g_w, g_b
+
+
 def clt_sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w_dec: Sequence[torch.Tensor],
                       b_dec: torch.Tensor, backend: str | None = None,
                       density_threshold: float | None = None) -> torch.Tensor:
@@ -143,17 +161,15 @@ def clt_sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w_dec: Sequence[tor
         raise ValueError(f"clt_sparse_decode: {len(w_dec)} decoder tensors for {n_layers} layers")
     n_features = w_dec[0].shape[0]
     dense = _dense_by_density(idx, n_features, density_threshold)
-    if not dense and resolve_backend(w_dec[0], backend) == "triton":
-        return _dec.CLTSparseDecodeTriton.apply(idx, vals, b_dec, *w_dec)
+    if not dense:
+        if resolve_backend(w_dec[0], backend) == "triton":
+            return _dec.CLTSparseDecodeTriton.apply(idx, vals, b_dec, *w_dec)
+        return _dec.CLTSparseDecodeTorch.apply(idx, vals, b_dec, *w_dec)
     d = b_dec.shape[-1]
-    decode_one = _dec.decode_dense if dense else _dec.decode_torch
-    parts = [b_dec.expand(n, n_layers, d)]
+    out = b_dec.expand(n, n_layers, d)
     for s, w in enumerate(w_dec):
-        contrib = decode_one(idx[:, s], vals[:, s], w.reshape(n_features, -1)).view(n, n_layers - s, d)
-        parts.append(torch.nn.functional.pad(contrib, (0, 0, s, 0)) if s else contrib)
-    out = parts[0].to(parts[-1].dtype) if len(parts) > 1 else parts[0]
-    for p in parts[1:]:
-        out = out + p
+        contrib = _dec.decode_dense(idx[:, s], vals[:, s], w.reshape(n_features, -1)).view(n, n_layers - s, d)
+        out = out + torch.nn.functional.pad(contrib, (0, 0, s, 0))
     return out
 
 
@@ -161,8 +177,8 @@ def plt_sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor
                       backend: str | None = None, density_threshold: float | None = None) -> torch.Tensor:
     """PLT / SAE decoder: ``y_hat[:, l] = b_dec[l] + W_dec[l]^T a_l``; ``idx, vals [N, L, K]``,
     ``w_dec [L, F, d]``, ``b_dec [L, d]`` -> ``[N, L, d]``."""
-    outs = [sparse_decode(idx[:, l], vals[:, l], w_dec[l], backend, density_threshold)
-            for l in range(w_dec.shape[0])]
+    outs = [sparse_decode(idx[:, li], vals[:, li], w_dec[li], backend, density_threshold)
+            for li in range(w_dec.shape[0])]
     return torch.stack(outs, 1) + b_dec
 
 

@@ -100,8 +100,8 @@ def _compact_kernel(h_ptr, tau_ptr, krem_ptr, idx_ptr, cnt_ptr, G, M, s_a, s_g, 
     tau = tl.load(tau_ptr + g)
     if EXACT:
         krem = tl.load(krem_ptr + g).to(tl.int32)
-    run = tl.zeros([], dtype=tl.int32)
-    run_eq = tl.zeros([], dtype=tl.int32)
+    run = a * 0  # int32 scalar tensors, so the loop-carried types are stable when compiled
+    run_eq = a * 0
     for m0 in range(0, M, BLOCK):
         offs = m0 + tl.arange(0, BLOCK)
         inb = offs < M

@@ -32,11 +32,12 @@ class SparseEncodeBatchTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, k, scope, positive, backend):
-        h = torch.baddbmm(b_enc.unsqueeze(1).to(x.dtype), x.transpose(0, 1), w_enc.transpose(1, 2).to(x.dtype))
+        xw = x.to(w_enc.dtype)  # an fp32 batch into bf16 weights: cast the batch, never the weights
+        h = torch.baddbmm(b_enc.unsqueeze(1).to(w_enc.dtype), xw.transpose(0, 1), w_enc.transpose(1, 2))
         idx, vals, tau = dispatch.batchtopk_select(h.permute(1, 0, 2), k, scope, positive, backend)
         del h
-        ctx.save_for_backward(x, w_enc, idx)
-        ctx.backend = backend
+        ctx.save_for_backward(xw, w_enc, idx)
+        ctx.backend, ctx.x_dtype = backend, x.dtype
         ctx.mark_non_differentiable(idx, tau)
         return idx, vals, tau
 
@@ -48,22 +49,14 @@ class SparseEncodeBatchTopK(torch.autograd.Function):
         valid = idx >= 0
         g_vals = torch.where(valid, g_vals, torch.zeros((), dtype=g_vals.dtype, device=g_vals.device))
         g_x = g_w = g_b = None
-        if ctx.needs_input_grad[1]:
-            g_w = torch.stack([
-                dispatch.sparse_grad_weight(idx[:, l], g_vals[:, l], x[:, l], n_features, w_enc.dtype,
-                                            ctx.backend)
-                for l in range(n_layers)
-            ])
-        if ctx.needs_input_grad[2]:
-            g_b = torch.zeros((n_layers, n_features), dtype=torch.float32, device=idx.device)
-            g_b.scatter_add_(1, idx.clamp(min=0).transpose(0, 1).reshape(n_layers, -1),
-                             g_vals.float().transpose(0, 1).reshape(n_layers, -1))
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            g_w, g_b = dispatch.sparse_encoder_grads(idx, g_vals, x, n_features, ctx.backend)
+            g_w, g_b = g_w.to(w_enc.dtype), g_b.to(w_enc.dtype)
         if ctx.needs_input_grad[0]:
             g_x = torch.stack([
-                dispatch.sparse_decode(idx[:, l], g_vals[:, l], w_enc[l], ctx.backend, density_threshold=1.0)
-                for l in range(n_layers)
-            ], 1).to(x.dtype)
-            g_b = g_b.to(w_enc.dtype)
+                dispatch.sparse_decode(idx[:, li], g_vals[:, li], w_enc[li], ctx.backend, density_threshold=1.0)
+                for li in range(n_layers)
+            ], 1).to(ctx.x_dtype)
         return g_x, g_w, g_b, None, None, None, None
 
 

@@ -20,27 +20,41 @@ never saw it, and every later token attends to it) and predictions made at it ar
 Metrics (DESIGN.md): CE, ΔCE = CE − CE_clean, CE recovered = (CE_abl − CE) / (CE_abl − CE_clean)
 for zero and mean ablation, KL(clean ‖ variant) and top-1 agreement with the clean model.
 
-Only the public ``Transcoder`` API is used (``encode`` / ``decode`` on ``[N, L, d]`` tensors with
-one layer filled). Source s's write is ``decode(A_s) − decode(0)`` with ``A_s`` holding only layer
-s's features: exact for decoders that are affine in the features (PLT, CLT, SAE) and for any
-decoder whose layer t reads only layer t's features. Cost: one full-width encode and decode per
-covered layer and forward, in token chunks of bounded size.
+The splicing itself (hooks, the layer-by-layer dictionary state) is in ``splice.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchtitan_clt.data.hooks import POINT_ORDER, check_layers, check_point, hook_module, output_tensor
+from torchtitan_clt.metrics.splice import (
+    DEFAULT_CHUNK_ELEMENTS,
+    SpliceSpec,
+    forward_ablated,
+    forward_replaced,
+    hook_out_means,
+    is_cross_layer,
+    logits_of,
+)
 
-# Elements of one [chunk, L, max(F, d)] temporary: bounds the memory of encode/decode calls.
-DEFAULT_CHUNK_ELEMENTS = 1 << 26
+__all__ = [
+    "Baselines",
+    "NextTokenSums",
+    "SpliceSpec",
+    "ce_recovered",
+    "compute_baselines",
+    "evaluate_replacement",
+    "forward_ablated",
+    "forward_replaced",
+    "headline",
+    "hook_out_means",
+    "is_cross_layer",
+]
 
 
 # --- next-token metrics -----------------------------------------------------------------------
@@ -102,185 +116,6 @@ def ce_recovered(ce: float, ce_ablation: float, ce_clean: float) -> float:
     return (ce_ablation - ce) / gap if abs(gap) > 1e-12 else float("nan")
 
 
-# --- splicing ---------------------------------------------------------------------------------
-@dataclass
-class SpliceSpec:
-    """Where a dictionary sits in the LLM: its LLM layers and hook points."""
-
-    layers: list[int]
-    hook_in: str
-    hook_out: str
-
-    @classmethod
-    def of(cls, transcoder: nn.Module, llm: nn.Module) -> SpliceSpec:
-        a = transcoder.args
-        layers = list(a.layers) or list(range(a.n_layers))
-        if len(layers) != a.n_layers:
-            raise ValueError(f"transcoder args.layers {layers} does not have n_layers = {a.n_layers} entries.")
-        check_point(a.hook_in)
-        check_point(a.hook_out)
-        if POINT_ORDER[a.hook_in] > POINT_ORDER[a.hook_out]:
-            raise ValueError(
-                f"hook_in {a.hook_in!r} comes after hook_out {a.hook_out!r} in a layer's forward: the "
-                "dictionary's output could not depend on its input. Check the export's hook points."
-            )
-        return cls(check_layers(llm, layers), a.hook_in, a.hook_out)
-
-
-class _Writes:
-    """One patched forward's dictionary state: the running sum of every source's write.
-
-    ``y  # [n, len(targets), d_out]``: Σ over the sources read so far of their write to each
-    target the forward replaces; ``base  # [L, d_out]`` is decode(0), the bias path."""
-
-    def __init__(self, transcoder: nn.Module, targets: list[int], chunk_elements: int):
-        self.tc = transcoder
-        a = transcoder.args
-        self.L, self.F, self.d_in = a.n_layers, a.features_per_layer, a.d_in
-        self.targets = targets
-        ref = next(iter(transcoder.parameters()), None)
-        self.device = ref.device if ref is not None else torch.device("cpu")
-        self.base = transcoder.decode(torch.zeros(1, self.L, self.F, device=self.device))[0].float()
-        self.chunk = max(1, chunk_elements // (self.L * max(self.F, a.d_in, a.d_out)))
-        self.y: torch.Tensor | None = None
-
-    def read(self, i: int, x: torch.Tensor) -> None:
-        """Dictionary layer i's input ``x  # [n, d_in]``: add source i's write to the targets."""
-        n = x.shape[0]
-        if self.y is None:
-            self.y = torch.zeros(n, len(self.targets), self.base.shape[-1], device=self.device)
-        x = x.to(self.device, torch.float32)
-        for r in range(0, n, self.chunk):
-            xc = x[r : r + self.chunk]
-            X = torch.zeros(xc.shape[0], self.L, self.d_in, device=self.device)
-            X[:, i] = xc
-            a = self.tc.encode(X)  # [c, L, F]; layer i depends on x_i only
-            A = torch.zeros_like(a)
-            A[:, i] = a[:, i]
-            write = self.tc.decode(A).float() - self.base  # [c, L, d_out]
-            self.y[r : r + self.chunk] += write[:, self.targets]
-
-    def output(self, i: int) -> torch.Tensor:
-        """Replacement at dictionary layer i  # [n, d_out]."""
-        if self.y is None:
-            raise RuntimeError(f"dictionary layer {i}: the target hook fired before any input hook.")
-        return self.y[:, self.targets.index(i)] + self.base[i]
-
-
-def _replace_output(out: Any, new: torch.Tensor) -> Any:
-    if isinstance(out, tuple):
-        return (new, *out[1:])
-    if isinstance(out, list):
-        return [new, *out[1:]]
-    return new
-
-
-@contextmanager
-def _hooks(llm: nn.Module, registrations: list[tuple[int, str, Any]]):
-    """Register (layer, point, fn) hooks: fn(tensor) for input points; fn(tensor) -> tensor | None
-    for output points (a tensor replaces the output). Removed on exit."""
-    handles = []
-    try:
-        for layer, point, fn in registrations:
-            module, kind = hook_module(llm, layer, point)
-            if kind == "input":
-                def pre(m, args, kwargs, fn=fn):
-                    fn(args[0] if args else next(iter(kwargs.values())))
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(m, args, out, fn=fn):
-                    new = fn(output_tensor(out))
-                    return None if new is None else _replace_output(out, new)
-                handles.append(module.register_forward_hook(post))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _keep_bos(orig: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``new  # [B, T, d]`` with position 0 taken from ``orig``, in ``orig``'s dtype."""
-    new = new.to(orig.device, orig.dtype).clone()
-    new[:, 0] = orig[:, 0]
-    return new
-
-
-def _logits(llm: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return llm(input_ids=tokens, use_cache=False).logits
-
-
-@torch.no_grad()
-def forward_ablated(
-    llm: nn.Module, tokens: torch.Tensor, spec: SpliceSpec, values: dict[int, torch.Tensor | None]
-) -> torch.Tensor:
-    """Logits with ``hook_out`` at LLM layer l set to ``values[l]  # [d]`` (None: zero), BOS kept."""
-    def make(value):
-        def fn(t):
-            fill = torch.zeros_like(t) if value is None else value.to(t.device, t.dtype).expand_as(t)
-            return _keep_bos(t, fill)
-        return fn
-
-    with _hooks(llm, [(layer, spec.hook_out, make(v)) for layer, v in values.items()]):
-        return _logits(llm, tokens)
-
-
-@torch.no_grad()
-def forward_replaced(
-    llm: nn.Module,
-    tokens: torch.Tensor,
-    transcoder: nn.Module,
-    spec: SpliceSpec,
-    replace: list[int],
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> torch.Tensor:
-    """Logits with ``hook_out`` replaced by the dictionary at dictionary layers ``replace`` (indices
-    into ``spec.layers``); inputs are read at every dictionary layer up to the last replaced one."""
-    state = _Writes(transcoder, sorted(replace), chunk_elements)
-    same_point = spec.hook_in == spec.hook_out
-    regs: list[tuple[int, str, Any]] = []
-    for i in range(max(replace) + 1):
-        layer = spec.layers[i]
-
-        def read(t, i=i):
-            state.read(i, t.reshape(-1, t.shape[-1]))
-
-        def write(t, i=i):
-            return _keep_bos(t, state.output(i).view(*t.shape[:-1], -1))
-
-        if same_point:  # SAE: one hook reads the clean value, then returns the reconstruction
-
-            def read_write(t, read=read, write=write, swap=i in replace):
-                read(t)
-                return write(t) if swap else None
-
-            regs.append((layer, spec.hook_out, read_write))
-        else:
-            regs.append((layer, spec.hook_in, read))
-            if i in replace:
-                regs.append((layer, spec.hook_out, write))
-    with _hooks(llm, regs):
-        return _logits(llm, tokens)
-
-
-@torch.no_grad()
-def hook_out_means(llm: nn.Module, batches: list[torch.Tensor], spec: SpliceSpec) -> dict[int, torch.Tensor]:
-    """Mean of ``hook_out`` over the non-BOS positions of ``batches``, per LLM layer  # [d] fp32."""
-    sums: dict[int, torch.Tensor] = {}
-    count = 0
-
-    def make(layer):
-        def fn(t):
-            s = t[:, 1:].float().sum((0, 1))
-            sums[layer] = sums[layer] + s if layer in sums else s
-        return fn
-
-    with _hooks(llm, [(layer, spec.hook_out, make(layer)) for layer in spec.layers]):
-        for tokens in batches:
-            _logits(llm, tokens)
-            count += tokens.shape[0] * (tokens.shape[1] - 1)
-    return {layer: s / max(count, 1) for layer, s in sums.items()}
-
-
 # --- evaluation -------------------------------------------------------------------------------
 @dataclass
 class Baselines:
@@ -313,7 +148,7 @@ def compute_baselines(
     zero_l = [NextTokenSums() for _ in range(n if per_layer else 0)]
     mean_l = [NextTokenSums() for _ in range(n if per_layer else 0)]
     for tokens in batches:
-        lc = _logits(llm, tokens)
+        lc = logits_of(llm, tokens)
         clean.update(lc, lc, tokens)
         zero.update(lc, forward_ablated(llm, tokens, spec, dict.fromkeys(spec.layers)), tokens)
         mean.update(lc, forward_ablated(llm, tokens, spec, means), tokens)
@@ -372,7 +207,7 @@ def evaluate_replacement(
         closed = NextTokenSums()
         opened = [NextTokenSums() for _ in range(n if open_loop else 0)]
         for tokens in batches:
-            lc = _logits(llm, tokens)
+            lc = logits_of(llm, tokens)
             closed.update(lc, forward_replaced(llm, tokens, transcoder, spec, list(range(n)), chunk_elements), tokens)
             for i in range(len(opened)):
                 opened[i].update(lc, forward_replaced(llm, tokens, transcoder, spec, [i], chunk_elements), tokens)

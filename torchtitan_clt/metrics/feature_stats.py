@@ -58,7 +58,7 @@ class FeatureStatsAccumulator:
         self.tc.eval()  # BatchTopK: per-token thresholds, as at inference
         try:
             acts = self.tc.encode(x)  # [N, L, F]
-            y_hat = self.tc.decode(acts).float()
+            y_hat = self.tc(x).float()  # forward, not decode(acts): a MOLT's decode also reads x
         finally:
             self.tc.train(was_training)
         s = fvu_sums(y, y_hat)

@@ -120,9 +120,14 @@ def evaluate(model: Transcoder, batches: Iterable, reference: Transcoder | None 
         a = source_acts(model, h) if isinstance(model.activation, (TopK, BatchTopK)) else model.activation(h)
         y_hat = _decode_raw(model, a, x).double()
         if y is None:
-            y = (reference or model).eval()(x)
+            y = (reference if reference is not None else model).eval()(x)
         y = y.double()
-        parts = ((y - y_hat).pow(2).sum((0, 2)), y.sum(0), y.pow(2).sum((0, 2)), (a != 0).sum((0, 2)).double())
+        parts = (
+            (y - y_hat).pow(2).sum((0, 2)),
+            y.sum(0),
+            y.pow(2).sum((0, 2)),
+            (a != 0).sum((0, 2)).double(),
+        )
         if sse is None:
             sse, sum_y, sumsq, l0 = parts
         else:

@@ -161,7 +161,9 @@ def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
     if lc.lambda_preact > 0:
 
         def preact(model: Transcoder, out: TranscoderOutput, y: torch.Tensor, step: int) -> torch.Tensor:
-            return preact_loss(out.pre_acts, _thresholds(model, out.pre_acts), decoder_norms_of(model, out, mode))
+            return preact_loss(
+                out.pre_acts, _thresholds(model, out.pre_acts), decoder_norms_of(model, out, mode)
+            )
 
         terms.append(
             LossTerm(

@@ -41,9 +41,7 @@ def family_fields(model_cfg: Any) -> dict[str, Any]:
     ``TranscoderArgs.extra`` so that an export rebuilds the same model."""
     prefix = model_cfg.name.split("_")[0] + "_"
     return {
-        f.name: getattr(model_cfg, f.name)
-        for f in dataclasses.fields(model_cfg)
-        if f.name.startswith(prefix)
+        f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg) if f.name.startswith(prefix)
     }
 
 

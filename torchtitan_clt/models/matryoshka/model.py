@@ -66,7 +66,9 @@ class MatryoshkaCLT(CrossLayerTranscoder):
             pre_acts=h,
             acts=a,
             y_hat=ys[-1],
-            dec_norms=None if self.args.decoder_norm == "none" else self.decoder_norms(self.args.decoder_norm),
+            dec_norms=None
+            if self.args.decoder_norm == "none"
+            else self.decoder_norms(self.args.decoder_norm),
             y_hat_prefixes=ys,
         )
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.models.activations import JumpReLU
 from torchtitan_clt.models.common import (
     LayerwiseTranscoder,
     check_norm_mode,
@@ -82,18 +83,25 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
             c.requires_grad_(False)
 
     # --- decoding: Σ_j g_j U_j (V_j x + c_j) + b ------------------------------------------------
-    def decode_std(self, acts: torch.Tensor, xs: torch.Tensor | None = None) -> torch.Tensor:
-        """acts (gates)  # [B, L, N], xs  # [B, L, d_in] standardized -> ŷ  # [B, L, d_out]."""
+    def decode_std(
+        self, acts: torch.Tensor, xs: torch.Tensor | None = None, used: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """acts (gates)  # [B, L, N], xs  # [B, L, d_in] standardized -> ŷ  # [B, L, d_out].
+
+        The sparse path computes only the transforms some entry of ``used  # [B, L, N]`` bool
+        (default: the non-zero gates) selects; the gradient of a gate is exact there and 0 for a
+        transform left out (as in the sparse decoders of kernels/)."""
         if xs is None:
             raise ValueError("a MOLT's output depends on its input: call decode_std(acts, xs).")
+        used = acts != 0 if used is None else used
         B, L = acts.shape[:2]
         xl = xs.to(self.W_enc.dtype).transpose(0, 1)  # [L, B, d_in]
         y = torch.zeros(L, B, self.args.d_out, dtype=xl.dtype, device=xl.device)
         lo = 0
-        for g, (r, n) in enumerate(self.groups):
+        for g, (_, n) in enumerate(self.groups):
             gate = acts[..., lo : lo + n].to(xl.dtype).transpose(0, 1)  # [L, B, n]
             lo += n
-            on = (gate != 0).any(1)  # [L, n] transforms some token uses
+            on = used[..., lo - n : lo].any(0)  # [L, n] transforms some token uses
             if float(on.float().mean()) <= MOLT_SPARSE_BELOW:
                 y = y + self._group_sparse(g, gate, xl, on)
             else:
@@ -126,11 +134,17 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
     def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
         h = self.pre_acts(xs)
         a = self.activation(h)
+        used = a != 0
+        if isinstance(self.activation, JumpReLU) and torch.is_grad_enabled():
+            # The STE's threshold gradient also reads ∂L/∂a where a = 0 but |h − θ| < ε/2.
+            used = used | ((h - self.activation.threshold()).abs() < self.activation.bandwidth / 2)
         return TranscoderOutput(
             pre_acts=h,
             acts=a,
-            y_hat=self.decode_std(a, xs),
-            dec_norms=None if self.args.decoder_norm == "none" else self.decoder_norms(self.args.decoder_norm),
+            y_hat=self.decode_std(a, xs, used.detach()),
+            dec_norms=None
+            if self.args.decoder_norm == "none"
+            else self.decoder_norms(self.args.decoder_norm),
             xs=xs,
         )
 
@@ -168,10 +182,14 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
             Vs, Us = [], []
             for layer in range(L):
                 V = chunked_rows(
-                    seed, f"V.{g}.{layer}", (n, r, a.d_in),
+                    seed,
+                    f"V.{g}.{layer}",
+                    (n, r, a.d_in),
                     lambda gen, s: torch.randn(s, generator=gen) / math.sqrt(a.d_in),
                 )
-                U = chunked_rows(seed, f"U.{g}.{layer}", (n, r, a.d_out), lambda gen, s: torch.randn(s, generator=gen))
+                U = chunked_rows(
+                    seed, f"U.{g}.{layer}", (n, r, a.d_out), lambda gen, s: torch.randn(s, generator=gen)
+                )
                 cur = ((U @ U.transpose(1, 2)) * (V @ V.transpose(1, 2))).sum((1, 2)).sqrt()  # [n]
                 Us.append(U * (norm / cur.clamp_min(1e-12))[:, None, None])
                 Vs.append(V)
@@ -180,7 +198,12 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
             copy_full_(self.V_bias[g], torch.zeros(L, n, r))
         W_g = torch.stack(
             [
-                chunked_rows(seed, f"W_enc.{i}", (N, a.d_in), lambda gen, s: random_directions(gen, s, MOLT_GATE_INIT_NORM))
+                chunked_rows(
+                    seed,
+                    f"W_enc.{i}",
+                    (N, a.d_in),
+                    lambda gen, s: random_directions(gen, s, MOLT_GATE_INIT_NORM),
+                )
                 for i in range(L)
             ]
         )

