@@ -21,7 +21,7 @@ timeout 200 $PY -m pytest -q -x -p no:cacheprovider tests/unit/test_kernels_gpu.
 tests_rc=${PIPESTATUS[0]}
 
 # 2) the suite: ops vs dense torch and the torch fallback, with floor ratios; the whole CLT step
-timeout 300 $PY scripts/benchmark_kernels.py --device cuda $QUICK --out "$OUT_DIR/kernels_gpu.json" 2>&1 \
+timeout 330 $PY scripts/benchmark_kernels.py --device cuda $QUICK --budget-s 240 --out "$OUT_DIR/kernels_gpu.json" 2>&1 \
   | tee "$OUT_DIR/bench.log" | cut -c1-220
 bench_rc=${PIPESTATUS[0]}
 

@@ -118,6 +118,7 @@ def test_load_step_and_fresh_start(tmp_path):
     t = Trainer(config(tmp_path, "run", "synthetic", ["--checkpoint.load_step", str(N)]))
     assert t.train_state.step == N
     t.metrics.close()
+    check_export_script(tmp_path / "run", t.model)
     t = Trainer(config(tmp_path, "run", "synthetic", ["--checkpoint.enable=false"]))
     assert t.train_state.step == 0
     t.metrics.close()
@@ -125,6 +126,27 @@ def test_load_step_and_fresh_start(tmp_path):
     assert t.train_state.step == 0
     t.metrics.close()
     assert list_checkpoints(tmp_path / "run/checkpoints")[0] == []
+
+
+def check_export_script(run: Path, model_at_n) -> None:
+    """scripts/export.py on step N of a run: native and circuit-tracer folders, same function."""
+    import importlib.util
+
+    import torchtitan_clt
+
+    spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts/export.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(run), "--step", str(N), "--format", "both"]) == 0
+    out = run / f"exports/step-{N}"
+    native = torchtitan_clt.load_pretrained(out / "export")
+    ct = torchtitan_clt.load_pretrained(out / "circuit_tracer")
+    x = torch.randn(16, 3, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model_at_n.eval()(x)
+        torch.testing.assert_close(native(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ct(x), want, atol=1e-4, rtol=1e-4)
+    assert script.main([str(run), "--step", "3"]) == 2  # no such checkpoint: a message, not a traceback
 
 
 def test_sigkill_while_saving(tmp_path):

@@ -11,11 +11,13 @@ import torch
 import torchtitan_clt.models  # noqa: F401  (registers the families and activations)
 from torchtitan_clt.checkpoint.circuit_tracer import (
     CircuitTracerExportError,
+    check_exportable,
     export_circuit_tracer,
     is_circuit_tracer_folder,
     load_circuit_tracer,
     read_config,
 )
+from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.protocols.registry import model_registry
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
@@ -203,6 +205,11 @@ def test_refusals(tmp_path):
     untrained.activation.init_weights()  # threshold never estimated
     with pytest.raises(CircuitTracerExportError, match="never estimated"):
         export_circuit_tracer(untrained, tmp_path / "e")
+    assert (
+        check_exportable(untrained, require_thresholds=False) == "cross_layer_transcoder"
+    )  # before training
+    with pytest.raises(ConfigError, match="every layer"):  # what the trainer catches at startup
+        check_exportable(build("plt", layers=[0, 2, 4]), require_thresholds=False)
     assert not any((tmp_path / n).exists() for n in "abcde")  # nothing half-written
 
 

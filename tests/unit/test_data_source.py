@@ -56,9 +56,9 @@ def test_stream_shapes_and_values():
     src.close()
 
 
-@pytest.mark.parametrize("stop", [1, 4])
-def test_stream_resume_equals_uninterrupted(stop):
-    cfg = _cfg()
+@pytest.mark.parametrize("stop,workers", [(1, 0), (4, 0), (4, 2)])
+def test_stream_resume_equals_uninterrupted(stop, workers):
+    cfg = _cfg(num_workers=workers)
     ref = _build(cfg, seed=3)
     want = [ref.next_batch(25) for _ in range(stop + 6)]
     a = _build(cfg, seed=3)

@@ -11,6 +11,7 @@ import torch
 
 import torchtitan_clt.models  # noqa: F401  (registers the families)
 from torchtitan_clt.config import JobConfig
+from torchtitan_clt.metrics.eval import SpliceSpec, compute_baselines
 from torchtitan_clt.metrics.evaluator import build_evaluator
 from torchtitan_clt.metrics.logger import MetricsLogger
 from torchtitan_clt.metrics.report import read_metrics, write_report
@@ -60,7 +61,7 @@ def run(tmp_path_factory):
             fvu = [0.9 / s + 0.01 * i for i in range(3)]
             log.log(s, {"tokens": 64 * s, "loss": 1.0 / s, "terms": {"recon": 0.9 / s, "sparsity": 0.1 / s},
                         "fvu_per_layer": fvu, "l0_per_layer": [5.0 + s / 10 + i for i in range(3)]})
-        res = ev.run(tc, step)
+        res = ev.run(tc, step, open_loop=step == 20)  # the per-layer baselines come later
         log.log(step, ev.log_metrics(res))
         results.append(res)
         with torch.no_grad():
@@ -81,6 +82,12 @@ def test_evaluator_runs_and_logs(run):
     fs = results[-1]["feature_stats"]
     assert fs["tokens"] == len(ev.batches) * 2 * 15  # BOS dropped
     assert len(fs["fvu_per_layer"]) == 3 and fs["l0"] > 0
+    assert "open_loop" not in results[0]["replacement"]
+    assert results[0]["replacement"]["zero_ablation"] == r["zero_ablation"]
+    fresh = compute_baselines(ev.llm, ev.batches, SpliceSpec.of(_clt([0, 1, 2]), ev.llm), per_layer=True)
+    assert r["open_loop"]["ce_zero_ablation"] == pytest.approx([z["ce"] for z in fresh.zero_per_layer])
+    assert r["open_loop"]["ce_mean_ablation"] == pytest.approx([z["ce"] for z in fresh.mean_per_layer])
+    assert r["zero_ablation"]["ce"] == pytest.approx(fresh.zero["ce"])
     evals = [rec for rec in read_metrics(folder) if "eval_kl" in rec]
     assert [rec["step"] for rec in evals] == [10, 20]
     assert evals[-1]["eval_kl"] == pytest.approx(r["closed_loop"]["kl"])

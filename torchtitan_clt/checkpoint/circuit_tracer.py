@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.models.activations import ReLU, TopK
 from torchtitan_clt.models.clt.model import CrossLayerTranscoder
 from torchtitan_clt.models.plt.model import PerLayerTranscoder
@@ -46,8 +47,9 @@ INPUT_HOOKS = ("resid_mid", "mlp_in")
 OUTPUT_HOOKS = ("mlp_out",)
 
 
-class CircuitTracerExportError(ValueError):
-    """The model cannot be represented in circuit-tracer's format; the message says why."""
+class CircuitTracerExportError(ConfigError):
+    """The model cannot be represented in circuit-tracer's format; the message says why (a
+    ``ConfigError``: the trainer can check before training, see ``check_exportable``)."""
 
 
 def _unwrap(model: torch.nn.Module) -> Transcoder:
@@ -59,8 +61,14 @@ def _is_rank0() -> bool:
     return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
 
 
-def check_exportable(model: torch.nn.Module, llm_n_layers: int | None = None) -> str:
-    """Return the circuit-tracer ``model_kind`` for ``model`` or raise CircuitTracerExportError."""
+def check_exportable(
+    model: torch.nn.Module, llm_n_layers: int | None = None, require_thresholds: bool = True
+) -> str:
+    """Return the circuit-tracer ``model_kind`` for ``model`` or raise CircuitTracerExportError.
+
+    Call it with ``require_thresholds=False`` right after building the model (before training) to
+    stop a run whose end-of-training export would fail; ``llm_n_layers`` (else
+    ``args.extra["llm_n_layers"]``) lets it check that every LLM layer is covered."""
     model = _unwrap(model)
     args: TranscoderArgs = model.args
     what = f"model.name={args.family!r}, activation={args.activation!r}"
@@ -106,7 +114,7 @@ def check_exportable(model: torch.nn.Module, llm_n_layers: int | None = None) ->
             "circuit-tracer loads ReLU and JumpReLU only."
         )
     updates = getattr(act, "threshold_updates", None)
-    if updates is not None and bool((updates == 0).any()):
+    if require_thresholds and updates is not None and bool((updates == 0).any()):
         raise CircuitTracerExportError(
             f"{what}: the inference threshold of layer(s) {(updates == 0).nonzero().flatten().tolist()} "
             "was never estimated (it is tracked while training); train some steps before exporting."

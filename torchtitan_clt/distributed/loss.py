@@ -23,12 +23,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from torchtitan_clt.distributed.collectives import all_reduce_detached, global_kth_largest
 from torchtitan_clt.distributed.tensor_parallel import local_params, tp_group_of
 
 FEATURE_PARTIAL_TERMS = ("sparsity", "preact")
+# Terms that read the model's parameters (not only the forward's outputs).
+PARAM_READING_TERMS = ("preact", "auxk")
 
 
 def _to_local(t):
@@ -103,8 +106,12 @@ class MeshLossFn:
                 t.fn = lambda m, o, yy, s: auxk_loss_mesh(
                     m, o, yy, self.dead_features.dead_mask(), self.auxk_k, tp_group, self.dp_group
                 )
+        if isinstance(model, FSDPModule) and any(t.name in PARAM_READING_TERMS for t in terms_list or []):
+            # These terms read parameters after forward, where FSDP holds only its shards: gather
+            # them (FSDP reshards after backward, and gradients reach the gathered copies).
+            model.unshard()
         try:
-            # Parameters read by the terms (thresholds) are this rank's shards.
+            # Parameters read by the terms (thresholds, the AuxK decoder) are this rank's tp shards.
             with local_params(model):
                 loss, terms = self.loss_fn(model, local, y, step)
         finally:

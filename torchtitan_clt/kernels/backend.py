@@ -34,7 +34,10 @@ _options = KernelOptions()
 def has_triton() -> bool:
     """Triton importable (checked without importing it: importing is slow and may fail on CPU-only
     builds)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or stubbed-out install
+        return False
 
 
 def triton_interpreting() -> bool:

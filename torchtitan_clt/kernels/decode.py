@@ -13,7 +13,8 @@ from torchtitan_clt.kernels.layout_torch import Layout
 
 
 def out_dtype(vals: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(vals.dtype, w.dtype)
+    """Decoder outputs are at least fp32 (bf16 weights and values still give an fp32 result)."""
+    return torch.promote_types(torch.promote_types(vals.dtype, w.dtype), torch.float32)
 
 
 # --------------------------------------------------------------------------- torch fallback
@@ -115,7 +116,7 @@ def decode_dense(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> torc
     weights = torch.where(valid, vals, torch.zeros((), dtype=vals.dtype, device=vals.device)).to(dt)
     acts = torch.zeros((n, w.shape[0]), dtype=dt, device=vals.device)
     acts = acts.scatter_add(1, idx.clamp(min=0), weights)  # differentiable w.r.t. weights
-    return acts @ w.to(dt)
+    return (acts.to(w.dtype) @ w).to(dt)  # the matmul in the weights' dtype: never copy W up
 
 
 # --------------------------------------------------------------------------- Triton autograd

@@ -82,7 +82,7 @@ class Layout:
                                                   torch.zeros(feats.numel(), dtype=g.dtype),
                                                   (self.n_tokens, w.shape[0]), check_invariants=False)
                 return torch.sparse.sampled_addmm(pattern, g, w.T, beta=0.0).values().float()
-        chunk = max(1, _CHUNK_ELEMS // max(w.shape[1], 1))
+        chunk = max(1, (_CHUNK_ELEMS * (4 if g.is_cuda else 1)) // max(w.shape[1], 1))
         return torch.cat([(w[feats[c:c + chunk]].float() * g[rows[c:c + chunk]].float()).sum(-1)
                           for c in range(0, feats.numel(), chunk)])
 

@@ -136,26 +136,38 @@ def _device_of(llm: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def compute_baselines(
-    llm: nn.Module, token_batches: Iterable[torch.Tensor], spec: SpliceSpec, per_layer: bool = True
+    llm: nn.Module,
+    token_batches: Iterable[torch.Tensor],
+    spec: SpliceSpec,
+    per_layer: bool = True,
+    reuse: Baselines | None = None,
 ) -> Baselines:
-    """Clean CE, zero- and mean-ablation of every covered layer (and of each alone if ``per_layer``)."""
+    """Clean CE, zero- and mean-ablation of every covered layer (and of each alone if ``per_layer``).
+
+    ``reuse``: baselines of the same batches and spec without the per-layer part; only that part
+    is computed (the trainer's periodic evals may skip the open loop that the final one runs)."""
     dev = _device_of(llm)
     batches = [t.to(dev) for t in token_batches]
-    means = hook_out_means(llm, batches, spec)
-    clean = NextTokenSums()
-    zero, mean = NextTokenSums(), NextTokenSums()
+    if reuse is not None and reuse.spec != spec:
+        raise ValueError(f"compute_baselines: reuse was computed for {reuse.spec}, not {spec}.")
+    means = reuse.means if reuse is not None else hook_out_means(llm, batches, spec)
+    clean, zero, mean = NextTokenSums(), NextTokenSums(), NextTokenSums()
     n = len(spec.layers)
     zero_l = [NextTokenSums() for _ in range(n if per_layer else 0)]
     mean_l = [NextTokenSums() for _ in range(n if per_layer else 0)]
     for tokens in batches:
         lc = logits_of(llm, tokens)
-        clean.update(lc, lc, tokens)
-        zero.update(lc, forward_ablated(llm, tokens, spec, dict.fromkeys(spec.layers)), tokens)
-        mean.update(lc, forward_ablated(llm, tokens, spec, means), tokens)
+        if reuse is None:
+            clean.update(lc, lc, tokens)
+            zero.update(lc, forward_ablated(llm, tokens, spec, dict.fromkeys(spec.layers)), tokens)
+            mean.update(lc, forward_ablated(llm, tokens, spec, means), tokens)
         for i in range(len(zero_l)):
             layer = spec.layers[i]
             zero_l[i].update(lc, forward_ablated(llm, tokens, spec, {layer: None}), tokens)
             mean_l[i].update(lc, forward_ablated(llm, tokens, spec, {layer: means[layer]}), tokens)
+    if reuse is not None:
+        return Baselines(spec, means, reuse.clean_ce, reuse.zero, reuse.mean,
+                         [s.means() for s in zero_l], [s.means() for s in mean_l])
     return Baselines(
         spec, means, clean.means()["ce"], zero.means(), mean.means(),
         [s.means() for s in zero_l], [s.means() for s in mean_l],

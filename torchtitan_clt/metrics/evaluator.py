@@ -83,15 +83,20 @@ class Evaluator:
         )
 
     @torch.no_grad()
-    def run(self, transcoder: nn.Module, step: int | None = None) -> dict[str, Any]:
-        """Evaluate a plain ``Transcoder`` (any device); its train/eval mode is restored."""
+    def run(self, transcoder: nn.Module, step: int | None = None, open_loop: bool | None = None) -> dict[str, Any]:
+        """Evaluate a plain ``Transcoder`` (any device); its train/eval mode is restored.
+
+        ``open_loop``: override ``eval.open_loop`` for this run (e.g. only at the end)."""
         t0 = time.perf_counter()
+        open_loop = self.open_loop if open_loop is None else open_loop
         spec = SpliceSpec.of(transcoder, self.llm)
-        if self._baselines is None or self._baselines.spec != spec:
-            self._baselines = compute_baselines(self.llm, self.batches, spec, per_layer=self.open_loop)
-        replacement = evaluate_replacement(
-            self.llm, transcoder, self.batches, open_loop=self.open_loop, baselines=self._baselines
-        )
+        b = self._baselines
+        if b is None or b.spec != spec:
+            b = compute_baselines(self.llm, self.batches, spec, per_layer=open_loop)
+        elif open_loop and not b.zero_per_layer:
+            b = compute_baselines(self.llm, self.batches, spec, per_layer=True, reuse=b)
+        self._baselines = b
+        replacement = evaluate_replacement(self.llm, transcoder, self.batches, open_loop=open_loop, baselines=b)
         stats = FeatureStatsAccumulator(transcoder, self.dense_threshold)
         extractor = ActivationExtractor(self.llm, spec.hook_in, spec.hook_out, spec.layers)
         for tokens in self.batches:

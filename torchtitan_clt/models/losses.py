@@ -172,6 +172,7 @@ def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
                 lambda step: lambda_at(step, lc.lambda_preact, lc.lambda_preact_warmup_steps),
             )
         )
+        weight_names["preact"] = "lambda_preact"
     if lc.auxk_alpha > 0:
         if dead_features is None:
             raise ValueError(
