@@ -104,12 +104,15 @@ def bench_select(dev, n, n_layers, f, k, reps, ceil) -> list[dict]:
     out.append(row("batchtopk_threshold", "dense_topk_flat",
                    timeit(lambda: torch.topk(flat, k * n, dim=-1), dev, reps), nbytes, ceil=ceil, **shape))
     for b in impls(dev):
+        # bytes actually read: Triton radix select reads h 4 times (+ count + compact = 6 for select);
+        # the torch fallback reads it once (per-row topk candidates), the rest works on candidates
+        passes = (4, 6) if b == "triton" else (1, 1)
         out.append(row("batchtopk_threshold", b,
                        timeit(lambda b=b: dispatch.batchtopk_threshold(h, k * n, "layer", backend=b), dev, reps),
-                       4 * nbytes, ceil=ceil, **shape))  # radix: 4 passes over h
+                       passes[0] * nbytes, ceil=ceil, passes=passes[0], **shape))
         out.append(row("batchtopk_select", b,
                        timeit(lambda b=b: dispatch.batchtopk_select(h, k, "layer", backend=b), dev, reps),
-                       6 * nbytes, ceil=ceil, **shape))  # 4 radix + count + compact
+                       passes[1] * nbytes, ceil=ceil, passes=passes[1], **shape))
     return out
 
 

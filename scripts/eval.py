@@ -6,9 +6,9 @@
 EXPORT_OR_CHECKPOINT is a native export folder (``outputs/<job>/export``), a circuit-tracer folder
 (``outputs/<job>/circuit_tracer``), a checkpoint (``outputs/<job>/checkpoints/step-N``) or a run
 folder (its latest checkpoint, or ``--step``). ``--model`` / ``--data`` / ``--seq-len`` default to
-the run's ``config.toml`` when the path lies inside a run folder. With ``--data`` equal to the
-training dataset, the documents the training stream held out are used (never the training text);
-another dataset is used whole. Writes ``eval.json`` and PNG plots to ``--out`` (default
+the run's ``config.toml`` when the path lies inside a run folder. Of ``--data``, only the documents
+a training stream holds out (index % 100 == 99) are read, so the training text is never scored;
+``--whole`` reads every document (for a text the dictionary never trained on). Writes ``eval.json`` and PNG plots to ``--out`` (default
 ``<run>/report``, or ``./eval_report`` outside a run folder), with the training curves when the
 run's ``metrics.jsonl`` is there.
 """
@@ -58,9 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="export, circuit-tracer folder, checkpoint step-N or run folder")
     p.add_argument("--model", help="LLM (data.model_path form: hub name, folder, gguf:...)")
     p.add_argument("--data", help="text (data.dataset form); held-out documents when it is the training set")
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="use every document of --data (a text the dictionary never trained on)",
+    )
     p.add_argument("--tokens", type=int, default=None, help="tokens evaluated (default: eval.tokens)")
-    p.add_argument("--batch-size", type=int, default=None, help="contexts per forward (default: eval.batch_size)")
-    p.add_argument("--seq-len", type=int, default=None, help="context length (default: the run's data.seq_len)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="contexts per forward (default: eval.batch_size)"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="context length (default: the run's data.seq_len)"
+    )
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default: latest)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", help="LLM dtype: auto, float32, bfloat16, float16")
@@ -79,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         cfg.data.model_path = args.model
     elif run is None:
-        print("error: --model is required outside a run folder (the LLM the dictionary was trained on).",
-              file=sys.stderr)
+        print(
+            "error: --model is required outside a run folder (the LLM the dictionary was trained on).",
+            file=sys.stderr,
+        )
         return 2
-    if args.data:
-        cfg.data.dataset = args.data
-        cfg.eval.dataset = ""  # held-out documents of --data
+    if args.data and args.whole:
+        cfg.eval.dataset, cfg.data.dataset = args.data, ""  # eval.dataset != data.dataset: all of it
+    elif args.data:
+        cfg.data.dataset, cfg.eval.dataset = args.data, ""  # the held-out documents of --data
     for field, value in (("tokens", args.tokens), ("batch_size", args.batch_size)):
         if value is not None:
             setattr(cfg.eval, field, value)
@@ -95,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         model, kind = load_dictionary(args.path, args.step, device)
-        print(f"Loaded {kind}: {model.args.family}, layers {model.args.layers}, "
-              f"{model.args.hook_in} -> {model.args.hook_out}, {model.args.features_per_layer} features/layer")
+        print(
+            f"Loaded {kind}: {model.args.family}, layers {model.args.layers}, "
+            f"{model.args.hook_in} -> {model.args.hook_out}, {model.args.features_per_layer} features/layer"
+        )
         evaluator = Evaluator(cfg, device)
         result = evaluator.run(model)
     except ConfigError as e:

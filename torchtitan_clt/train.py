@@ -22,10 +22,10 @@ from torchtitan_clt.components.standardization import (
 )
 from torchtitan_clt.config import ConfigError, JobConfig, help_text, load_config, to_toml
 from torchtitan_clt.data.source import SourceContext
+from torchtitan_clt.distributed.loss import build_loss_fn_for_mesh
 from torchtitan_clt.distributed.utils import check_config_consistent, init_distributed
 from torchtitan_clt.metrics.logger import MetricsLogger
 from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
-from torchtitan_clt.models.losses import build_loss_fn
 from torchtitan_clt.protocols import (
     activation_registry,
     data_source_registry,
@@ -55,6 +55,26 @@ class TrainState:
     def load_state_dict(self, sd: dict) -> None:
         self.step = int(sd["step"])
         self.tokens = int(sd["tokens"])
+
+
+class RNGState:
+    """Global RNG states (torch CPU / CUDA, Python), so code drawing from them resumes exactly."""
+
+    def state_dict(self) -> dict:
+        import random
+
+        sd = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            sd["cuda"] = torch.cuda.get_rng_state()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        import random
+
+        torch.set_rng_state(sd["torch"])
+        random.setstate(sd["python"])
+        if "cuda" in sd and torch.cuda.is_available():
+            torch.cuda.set_rng_state(sd["cuda"])
 
 
 class Trainer:
@@ -113,9 +133,17 @@ class Trainer:
             hook_in=src.hook_in,
             hook_out=src.hook_out,
         )
+        if getattr(src, "llm_n_layers", None):
+            # Lets exporters check that a circuit-tracer CLT covers every layer of its LLM.
+            self.model_args.extra.setdefault("llm_n_layers", int(src.llm_n_layers))
         with torch.device("meta"):
             model = self.spec.build_fn(self.model_args)
-        if self.spec.parallelize_fn is not None and pd.world_size > 1:
+        if pd.world_size > 1:
+            if self.spec.parallelize_fn is None:
+                raise ConfigError(
+                    f"model.name = {cfg.model.name!r} has no parallelize_fn, so it cannot train on "
+                    f"{pd.world_size} processes: run it with NGPU=1, or register a parallelize_fn in its ModelSpec."
+                )
             model = self.spec.parallelize_fn(model, pd, cfg)
         model.to_empty(device=self.device)
         with torch.no_grad():
@@ -123,6 +151,10 @@ class Trainer:
             # Buffers come out of to_empty uninitialized; a family's init need not know about them.
             model.reset_standardization()
         self.model = model
+        if cfg.checkpoint.export_circuit_tracer:
+            from torchtitan_clt.checkpoint.circuit_tracer import check_exportable
+
+            check_exportable(model, require_thresholds=False)  # fail now, not after training
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(
             f"{cfg.model.name} ({cfg.model.activation}): {src.n_layers} layers × "
@@ -143,7 +175,7 @@ class Trainer:
             device=self.device,
             group=self.dp_group,
         )
-        self.loss_fn = build_loss_fn(cfg, dead_features=self.dead)  # AuxK reads dead_mask()
+        self.loss_fn = build_loss_fn_for_mesh(cfg, pd, dead_features=self.dead)  # AuxK reads dead_mask()
         self.autocast_dtype = _autocast_dtype(cfg, self.device)
 
         self.checkpointer = None
@@ -160,6 +192,7 @@ class Trainer:
                     "data": self.source,
                     "train_state": self.train_state,
                     "dead_features": self.dead,
+                    "rng": RNGState(),
                 },
                 parallel_dims=pd,
             )

@@ -28,8 +28,8 @@ from torchtitan_clt.metrics.eval import (
     ce_recovered,
     compute_baselines,
     evaluate_replacement,
+    flat_metrics,
     forward_replaced,
-    headline,
     hook_out_means,
     is_cross_layer,
 )
@@ -42,6 +42,13 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 @pytest.fixture(scope="module")
 def llama():
     return load_llm(str(ASSETS / "tiny_llama"), "float32", "cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def llama_baselines(llama):
+    """Baselines of all four layers of the tiny Llama on ``_batches(n=1)`` (shared: they cost 10
+    forwards)."""
+    return compute_baselines(llama, _batches(n=1), SpliceSpec([0, 1, 2, 3], "mlp_in", "mlp_out"))
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +119,12 @@ def _build(family, layers, d=64, F_=32, seed=0, act="relu", zero=False, **kw):
             m.b_dec.copy_(0.1 * torch.randn(m.b_dec.shape, generator=g))
     if not zero:  # standardization buffers in play: the fast paths must apply them too
         L = len(layers)
-        m.set_standardization(0.1 * torch.randn(L, d, generator=g), 0.5 + torch.rand(L, 1, generator=g),
-                              0.1 * torch.randn(L, d, generator=g), 0.5 + torch.rand(L, d, generator=g))
+        m.set_standardization(
+            0.1 * torch.randn(L, d, generator=g),
+            0.5 + torch.rand(L, 1, generator=g),
+            0.1 * torch.randn(L, d, generator=g),
+            0.5 + torch.rand(L, d, generator=g),
+        )
     return m.eval()
 
 
@@ -181,22 +192,23 @@ def test_clean_ce_and_means_match_independent_computations(llama):
 def test_exact_transcoder_recovers_everything(name, request):
     llm = request.getfixturevalue(name)
     tc = ExactMLP(llm, [0, 1, 2, 3])
-    r = evaluate_replacement(llm, tc, _batches())
+    base = request.getfixturevalue("llama_baselines") if name == "llama" else None
+    r = evaluate_replacement(llm, tc, _batches(n=1), baselines=base)
     for res in [r["closed_loop"]] + [{k: v[i] for k, v in r["open_loop"].items()} for i in range(4)]:
         assert res["delta_ce"] == pytest.approx(0.0, abs=1e-5)
         assert res["ce_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
         assert res["ce_recovered_mean"] == pytest.approx(1.0, abs=1e-3)
         assert res["kl"] == pytest.approx(0.0, abs=1e-6)
         assert res["top1_agreement"] == 1.0
-    assert r["tokens_scored"] == 2 * 2 * 10
+    assert r["tokens_scored"] == 2 * 10
     assert r["zero_ablation"]["ce_recovered_zero"] == 0.0
     assert r["mean_ablation"]["ce_recovered_mean"] == 0.0
     assert r["closed_loop"]["ce"] == pytest.approx(r["ce_clean"], abs=1e-5)
 
 
-def test_zero_transcoder_gives_zero_ablation(llama):
-    tc = _build("plt", [0, 1, 2, 3], zero=True)
-    r = evaluate_replacement(llama, tc, _batches())
+def test_zero_transcoder_gives_zero_ablation(llama, llama_baselines):
+    tc = _build("plt", [0, 1, 2, 3], zero=True, hook_in="mlp_in")
+    r = evaluate_replacement(llama, tc, _batches(n=1), baselines=llama_baselines)
     c, z = r["closed_loop"], r["zero_ablation"]
     for k in ("ce", "kl", "top1_agreement"):
         assert c[k] == pytest.approx(z[k], rel=1e-5, abs=1e-6)
@@ -207,15 +219,23 @@ def test_zero_transcoder_gives_zero_ablation(llama):
         assert o["ce_recovered_zero"][i] == pytest.approx(0.0, abs=1e-4)
 
 
-def test_exact_sae_spliced_at_its_own_hook(llama):
-    exact = ExactMLP(llama, [1, 3], hook_in="resid_post", hook_out="resid_post", identity=True)
-    r = evaluate_replacement(llama, exact, _batches(n=1), open_loop=False)
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2", "tiny_gemma2", "tiny_qwen3"])
+def test_sae_spliced_at_its_own_hook(name):
+    # Every architecture's block output (a tensor or a tuple, by version) and mlp_out hook.
+    llm = load_llm(str(ASSETS / name), "float32", "cpu")[0]
+    d = llm.get_input_embeddings().embedding_dim
+    exact = ExactMLP(llm, [1, 3], hook_in="resid_post", hook_out="resid_post", identity=True)
+    r = evaluate_replacement(llm, exact, _batches(n=1), open_loop=False)
     assert r["closed_loop"]["kl"] == pytest.approx(0.0, abs=1e-7)
     assert r["closed_loop"]["top1_agreement"] == 1.0
-    zero = _build("plt", [1, 3], zero=True, hook_in="resid_post", hook_out="resid_post")
-    rz = evaluate_replacement(llama, zero, _batches(n=1), open_loop=False)
+    zero = _build("sae", [1, 3], d=d, zero=True, hook_in="resid_post", hook_out="resid_post")
+    rz = evaluate_replacement(llm, zero, _batches(n=1), open_loop=False)
     assert rz["closed_loop"]["ce"] == pytest.approx(rz["zero_ablation"]["ce"], rel=1e-6)
     assert rz["zero_ablation"]["kl"] > 0.01
+    zero_mlp = _build("plt", [0, 2], d=d, zero=True)  # resid_mid -> mlp_out
+    rm = evaluate_replacement(llm, zero_mlp, _batches(n=1), open_loop=False)
+    assert rm["closed_loop"]["kl"] == pytest.approx(rm["zero_ablation"]["kl"], rel=1e-5)
+    assert rm["zero_ablation"]["kl"] > 1e-5
 
 
 # --- the CLT's closed loop against a fixed-point reference --------------------------------------
@@ -296,7 +316,7 @@ def test_single_layer_dictionary_open_equals_closed(llama):
         assert r["open_loop"][k][0] == pytest.approx(v, rel=1e-6, abs=1e-7)
     assert r["closed_loop"]["kl"] > 1e-4  # a random dictionary is not exact
     assert r["zero_ablation"]["ce"] == pytest.approx(r["open_loop"]["ce_zero_ablation"][0], rel=1e-6)
-    flat = headline(r)
+    flat = flat_metrics(r)
     assert flat["eval_kl"] == r["closed_loop"]["kl"]
     assert flat["eval_open_ce_recovered_zero_per_layer"] == r["open_loop"]["ce_recovered_zero"]
 

@@ -14,8 +14,15 @@ from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
 
 def _model(family, L, d, F, act="relu", seed=0):
-    args = TranscoderArgs(family=family, n_layers=L, d_in=d, d_out=d, features_per_layer=F,
-                          activation=act, layers=list(range(L)))
+    args = TranscoderArgs(
+        family=family,
+        n_layers=L,
+        d_in=d,
+        d_out=d,
+        features_per_layer=F,
+        activation=act,
+        layers=list(range(L)),
+    )
     m = model_registry.get(family).build_fn(args)
     m.init_weights(seed)
     return m

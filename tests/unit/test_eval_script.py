@@ -35,8 +35,16 @@ def _text(path: Path) -> Path:
 
 
 def test_eval_script_native_and_circuit_tracer_agree(tmp_path):
-    args = TranscoderArgs(family="clt", n_layers=4, d_in=64, d_out=64, features_per_layer=16,
-                          activation="relu", layers=[0, 1, 2, 3], model_name="tiny_llama")
+    args = TranscoderArgs(
+        family="clt",
+        n_layers=4,
+        d_in=64,
+        d_out=64,
+        features_per_layer=16,
+        activation="relu",
+        layers=[0, 1, 2, 3],
+        model_name="tiny_llama",
+    )
     m = model_registry.get("clt").build_fn(args)
     m.init_weights(0)
     with torch.no_grad():
@@ -45,8 +53,21 @@ def test_eval_script_native_and_circuit_tracer_agree(tmp_path):
     export_circuit_tracer(m, tmp_path / "ct")
     text = _text(tmp_path / "docs.txt")
     script = _script()
-    common = ["--model", str(ASSETS / "tiny_llama"), "--data", str(text), "--tokens", "32",
-              "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "--no-open-loop"]
+    common = [
+        "--model",
+        str(ASSETS / "tiny_llama"),
+        "--data",
+        str(text),
+        "--tokens",
+        "32",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+        "--no-open-loop",
+    ]
     heads = {}
     for name in ("export", "ct"):
         out = tmp_path / f"report_{name}"

@@ -271,3 +271,23 @@ def test_clt_and_matryoshka_share_parameters():
     x = torch.randn(5, 3, 4)
     torch.testing.assert_close(clt.eval()(x), m.eval()(x))
     assert math.isfinite(float(m.eval()(x).detach().sum()))
+
+
+@pytest.mark.parametrize(
+    "family,act", [("sae", "topk"), ("molt", "jumprelu"), ("matryoshka_clt", "batchtopk")]
+)
+def test_native_export_roundtrip(family, act, tmp_path):
+    from torchtitan_clt.checkpoint.export import export_native, load_pretrained
+
+    m = _build(_args(family, act=act))
+    g = torch.Generator().manual_seed(5)
+    m.set_standardization(
+        torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g) + 0.5,
+        torch.randn(3, 4, generator=g), torch.rand(3, 1, generator=g) + 0.5,
+    )  # fmt: skip
+    m.forward_std(torch.randn(32, 3, 4))  # tracks a threshold (TopK / BatchTopK)
+    export_native(m, tmp_path / "export")
+    loaded = load_pretrained(tmp_path / "export")
+    assert type(loaded) is type(m) and loaded.args.extra == m.args.extra
+    x = torch.randn(6, 3, 4) * 2 + 1
+    torch.testing.assert_close(loaded(x), m.eval()(x), rtol=1e-4, atol=1e-4)

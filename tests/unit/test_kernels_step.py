@@ -113,3 +113,15 @@ def test_density_switch_gives_the_same_clt_decode():
     sparse = dispatch.clt_sparse_decode(idx, vals, ws[2:-1], ws[-1], backend="torch", density_threshold=1.0)
     dense = dispatch.clt_sparse_decode(idx, vals, ws[2:-1], ws[-1], backend="torch", density_threshold=0.0)
     assert torch.allclose(sparse, dense, atol=1e-5)
+
+
+def test_configure_from_job_config():
+    from torchtitan_clt.config import load_config
+
+    old = (kb.options().backend, kb.options().sparse_density_threshold)
+    try:
+        cfg = load_config(["--kernels.backend=torch", "--kernels.sparse_density_threshold=0.2"])
+        opts = kb.configure_from_job(cfg)
+        assert (opts.backend, opts.sparse_density_threshold) == ("torch", 0.2)
+    finally:
+        kb.configure(*old)

@@ -37,8 +37,15 @@ def _cfg(tmp_path: Path) -> JobConfig:
 
 
 def _clt(layers, d=64, F=32):
-    args = TranscoderArgs(family="clt", n_layers=len(layers), d_in=d, d_out=d, features_per_layer=F,
-                          activation="relu", layers=list(layers))
+    args = TranscoderArgs(
+        family="clt",
+        n_layers=len(layers),
+        d_in=d,
+        d_out=d,
+        features_per_layer=F,
+        activation="relu",
+        layers=list(layers),
+    )
     m = model_registry.get("clt").build_fn(args)
     m.init_weights(0)
     with torch.no_grad():
@@ -59,8 +66,16 @@ def run(tmp_path_factory):
     for step in (10, 20):
         for s in range(step - 9, step + 1):  # training lines
             fvu = [0.9 / s + 0.01 * i for i in range(3)]
-            log.log(s, {"tokens": 64 * s, "loss": 1.0 / s, "terms": {"recon": 0.9 / s, "sparsity": 0.1 / s},
-                        "fvu_per_layer": fvu, "l0_per_layer": [5.0 + s / 10 + i for i in range(3)]})
+            log.log(
+                s,
+                {
+                    "tokens": 64 * s,
+                    "loss": 1.0 / s,
+                    "terms": {"recon": 0.9 / s, "sparsity": 0.1 / s},
+                    "fvu_per_layer": fvu,
+                    "l0_per_layer": [5.0 + s / 10 + i for i in range(3)],
+                },
+            )
         res = ev.run(tc, step, open_loop=step == 20)  # the per-layer baselines come later
         log.log(step, ev.log_metrics(res))
         results.append(res)
@@ -98,8 +113,15 @@ def test_report_files(run):
     folder, ev, results = run
     res = results[-1]
     written = write_report(folder, res["replacement"], res["feature_stats"])
-    expected = {"eval.json", "loss_fvu.png", "l0_per_layer.png", "density_histogram.png", "fvu_vs_l0.png",
-                "ce_recovered_per_layer.png", "decoder_norm_by_offset.png"}
+    expected = {
+        "eval.json",
+        "loss_fvu.png",
+        "l0_per_layer.png",
+        "density_histogram.png",
+        "fvu_vs_l0.png",
+        "ce_recovered_per_layer.png",
+        "decoder_norm_by_offset.png",
+    }
     assert set(written) == expected
     for name in expected - {"eval.json"}:
         data = (folder / "report" / name).read_bytes()
@@ -115,8 +137,9 @@ def test_report_files(run):
 
 def test_report_without_eval_and_nan_to_null(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
-        json.dumps({"step": 1, "loss": 2.0, "fvu": 0.5, "l0": 3.0, "fvu_per_layer": [0.5]}) + "\n"
-        + "{\"step\": 2, \"loss\"\n"  # a line cut short by a crash
+        json.dumps({"step": 1, "loss": 2.0, "fvu": 0.5, "l0": 3.0, "fvu_per_layer": [0.5]})
+        + "\n"
+        + '{"step": 2, "loss"\n'  # a line cut short by a crash
     )
     stats = {"fvu": math.nan, "explained_variance": math.nan, "l0": 1.0, "dead_frac": 0.0, "dense_frac": 0.0}
     written = write_report(tmp_path, None, stats)

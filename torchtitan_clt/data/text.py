@@ -175,7 +175,6 @@ class DocumentStream:
         self.epoch = 0
         self.index = 0  # global index of the next document to look at
         self._hf_state: dict | None = None  # the dataset's own state at ``index`` (fast resume)
-        self._resume_state: dict | None = None
 
     def set_shard(self, shard: int, num_shards: int) -> None:
         self.shard, self.num_shards = shard, num_shards
@@ -235,6 +234,15 @@ class DocumentStream:
                 yielded += 1
                 yield i - 1, row[field] or ""
             if not self.loop:
+                if yielded == 0 and start == 0:
+                    logger.warning(
+                        "data.dataset = %r has no %s documents for shard %d of %d (held-out ones are "
+                        "every 100th document).",
+                        self.spec.dataset,
+                        "held-out" if self.held_out else "training",
+                        self.shard,
+                        self.num_shards,
+                    )
                 return
             if yielded == 0 and start == 0:
                 raise ConfigError(

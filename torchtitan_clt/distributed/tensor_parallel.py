@@ -17,7 +17,7 @@ What callers get back:
   ``acts`` ``[B, L, F]`` and ``dec_norms`` ``[L, F]`` as DTensors sharded on the feature axis, so
   metrics reduce them with DTensor ops (``(acts != 0).sum(-1)`` is a partial sum, ``full_tensor()``
   gathers) and nothing dense is gathered unless asked for.
-- The loss runs on the local shards (``distributed/loss.py``, ``TPLossFn``).
+- The loss runs on the local shards (``distributed/loss.py``, ``MeshLossFn``).
 - ``encode`` returns a feature-sharded DTensor; ``decode`` takes one (or this rank's local shard).
 """
 
@@ -172,7 +172,7 @@ def apply_tp(
         else:  # decode / forward give whole outputs; inner methods called directly stay local
             wrapped = _local_method(model, fn)
         setattr(model, name, wrapped)
-    model._tp_group = tp_group  # read by TPLossFn
+    model._tp_group = tp_group  # read by MeshLossFn
     # The activation reports per-feature thresholds (losses read them) for its local features.
     act = getattr(model, "activation", None)
     if act is not None and hasattr(act, "n_features"):

@@ -100,10 +100,8 @@ def encoder_grads_torch(idx: torch.Tensor, g_vals: torch.Tensor, x: torch.Tensor
     lay = Layout.build(idx, n_features)
     g_e = lay.flat(g_vals)
     g_w = lay.grad_weight_all(g_e, x)
-    layer_of = torch.repeat_interleave(torch.arange(n_layers, device=x.device),
-                                       torch.tensor(lay.layer_start, device=x.device).diff())
     g_b = torch.zeros(n_layers * n_features, dtype=torch.float32, device=x.device)
-    g_b.index_add_(0, layer_of * n_features + lay.feats, g_e.float())
+    g_b.index_add_(0, lay.layer_of * n_features + lay.feats, g_e.float())
     return g_w, g_b.view(n_layers, n_features)
 
 

@@ -51,7 +51,7 @@ __all__ = [
     "evaluate_replacement",
     "forward_ablated",
     "forward_replaced",
-    "headline",
+    "flat_metrics",
     "hook_out_means",
     "is_cross_layer",
 ]
@@ -166,11 +166,23 @@ def compute_baselines(
             zero_l[i].update(lc, forward_ablated(llm, tokens, spec, {layer: None}), tokens)
             mean_l[i].update(lc, forward_ablated(llm, tokens, spec, {layer: means[layer]}), tokens)
     if reuse is not None:
-        return Baselines(spec, means, reuse.clean_ce, reuse.zero, reuse.mean,
-                         [s.means() for s in zero_l], [s.means() for s in mean_l])
+        return Baselines(
+            spec,
+            means,
+            reuse.clean_ce,
+            reuse.zero,
+            reuse.mean,
+            [s.means() for s in zero_l],
+            [s.means() for s in mean_l],
+        )
     return Baselines(
-        spec, means, clean.means()["ce"], zero.means(), mean.means(),
-        [s.means() for s in zero_l], [s.means() for s in mean_l],
+        spec,
+        means,
+        clean.means()["ce"],
+        zero.means(),
+        mean.means(),
+        [s.means() for s in zero_l],
+        [s.means() for s in mean_l],
     )
 
 
@@ -220,9 +232,13 @@ def evaluate_replacement(
         opened = [NextTokenSums() for _ in range(n if open_loop else 0)]
         for tokens in batches:
             lc = logits_of(llm, tokens)
-            closed.update(lc, forward_replaced(llm, tokens, transcoder, spec, list(range(n)), chunk_elements), tokens)
+            closed.update(
+                lc, forward_replaced(llm, tokens, transcoder, spec, list(range(n)), chunk_elements), tokens
+            )
             for i in range(len(opened)):
-                opened[i].update(lc, forward_replaced(llm, tokens, transcoder, spec, [i], chunk_elements), tokens)
+                opened[i].update(
+                    lc, forward_replaced(llm, tokens, transcoder, spec, [i], chunk_elements), tokens
+                )
     finally:
         transcoder.train(was_training)
 
@@ -249,7 +265,7 @@ def evaluate_replacement(
     return result
 
 
-def headline(result: dict[str, Any], prefix: str = "eval_") -> dict[str, Any]:
+def flat_metrics(result: dict[str, Any], prefix: str = "eval_") -> dict[str, Any]:
     """Flat scalars (and per-layer lists) for ``MetricsLogger.log``."""
     c = result["closed_loop"]
     out: dict[str, Any] = {

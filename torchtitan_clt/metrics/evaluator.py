@@ -29,7 +29,7 @@ from torchtitan_clt.metrics.eval import (
     SpliceSpec,
     compute_baselines,
     evaluate_replacement,
-    headline,
+    flat_metrics,
 )
 from torchtitan_clt.metrics.feature_stats import FeatureStatsAccumulator
 
@@ -53,7 +53,9 @@ def held_out_batches(job_config: Any, tokenizer: Any, tokens: int, batch_size: i
             "data.seq_len, or set eval.dataset to a larger text."
         )
     if n < tokens:
-        logger.warning("eval: the held-out text has only %d of the %d tokens asked for (eval.tokens).", n, tokens)
+        logger.warning(
+            "eval: the held-out text has only %d of the %d tokens asked for (eval.tokens).", n, tokens
+        )
     return batches
 
 
@@ -78,12 +80,16 @@ class Evaluator:
         self._baselines: Baselines | None = None
         self.last: dict[str, Any] | None = None
         logger.info(
-            "eval: %d held-out batches of %s tokens%s", len(self.batches), tuple(self.batches[0].shape),
+            "eval: %d held-out batches of %s tokens%s",
+            len(self.batches),
+            tuple(self.batches[0].shape),
             ", open loop per layer" if self.open_loop else "",
         )
 
     @torch.no_grad()
-    def run(self, transcoder: nn.Module, step: int | None = None, open_loop: bool | None = None) -> dict[str, Any]:
+    def run(
+        self, transcoder: nn.Module, step: int | None = None, open_loop: bool | None = None
+    ) -> dict[str, Any]:
         """Evaluate a plain ``Transcoder`` (any device); its train/eval mode is restored.
 
         ``open_loop``: override ``eval.open_loop`` for this run (e.g. only at the end)."""
@@ -96,7 +102,9 @@ class Evaluator:
         elif open_loop and not b.zero_per_layer:
             b = compute_baselines(self.llm, self.batches, spec, per_layer=True, reuse=b)
         self._baselines = b
-        replacement = evaluate_replacement(self.llm, transcoder, self.batches, open_loop=open_loop, baselines=b)
+        replacement = evaluate_replacement(
+            self.llm, transcoder, self.batches, open_loop=open_loop, baselines=b
+        )
         stats = FeatureStatsAccumulator(transcoder, self.dense_threshold)
         extractor = ActivationExtractor(self.llm, spec.hook_in, spec.hook_out, spec.layers)
         for tokens in self.batches:
@@ -106,16 +114,24 @@ class Evaluator:
         logger.info(
             "eval%s: CE clean %.4f, replacement %.4f (ΔCE %.4f), CE recovered %.3f (zero) %.3f (mean), "
             "KL %.4f, top-1 %.3f; FVU %.4f, L0 %.1f (%.1f s)",
-            "" if step is None else f" step {step}", replacement["ce_clean"], c["ce"], c["delta_ce"],
-            c["ce_recovered_zero"], c["ce_recovered_mean"], c["kl"], c["top1_agreement"],
-            self.last["feature_stats"]["fvu"], self.last["feature_stats"]["l0"], time.perf_counter() - t0,
+            "" if step is None else f" step {step}",
+            replacement["ce_clean"],
+            c["ce"],
+            c["delta_ce"],
+            c["ce_recovered_zero"],
+            c["ce_recovered_mean"],
+            c["kl"],
+            c["top1_agreement"],
+            self.last["feature_stats"]["fvu"],
+            self.last["feature_stats"]["l0"],
+            time.perf_counter() - t0,
         )
         return self.last
 
     @staticmethod
     def log_metrics(result: dict[str, Any]) -> dict[str, Any]:
         """Flat ``eval_*`` scalars and per-layer lists for ``MetricsLogger.log``."""
-        out = headline(result["replacement"])
+        out = flat_metrics(result["replacement"])
         fs = result["feature_stats"]
         for k in ("fvu", "nmse", "l0", "dead_frac", "dense_frac"):
             out[f"eval_{k}"] = fs[k]

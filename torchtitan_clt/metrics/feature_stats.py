@@ -25,9 +25,9 @@ HIST_LOW, HIST_HIGH, HIST_BINS = -8.0, 0.0, 40
 
 
 def _floats(t: torch.Tensor) -> list:
-    return [float(v) for v in t.detach().double().cpu().reshape(-1)] if t.dim() <= 1 else [
-        _floats(r) for r in t
-    ]
+    return (
+        [float(v) for v in t.detach().double().cpu().reshape(-1)] if t.dim() <= 1 else [_floats(r) for r in t]
+    )
 
 
 def _mean_finite(vals: list[float]) -> float:

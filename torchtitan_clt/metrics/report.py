@@ -141,12 +141,22 @@ def _plot_loss_fvu(fig, train: list[dict], evals: list[dict]) -> bool:
     per = [r.get("fvu_per_layer") for r in train]
     n = max((len(p) for p in per if p), default=0)
     for i in range(n):
-        ax2.plot(steps, [_num(p[i]) if p and i < len(p) else math.nan for p in per], lw=0.8, alpha=0.6,
-                 label=f"layer {i}" if n <= 8 else None)
+        ax2.plot(
+            steps,
+            [_num(p[i]) if p and i < len(p) else math.nan for p in per],
+            lw=0.8,
+            alpha=0.6,
+            label=f"layer {i}" if n <= 8 else None,
+        )
     ax2.plot(steps, [_num(r.get("fvu")) for r in train], color="k", lw=1.8, label="mean (train batch)")
     if evals:
-        ax2.plot([r["step"] for r in evals], [_num(r.get("eval_fvu")) for r in evals], "r*", ms=9,
-                 label="held-out eval")
+        ax2.plot(
+            [r["step"] for r in evals],
+            [_num(r.get("eval_fvu")) for r in evals],
+            "r*",
+            ms=9,
+            label="held-out eval",
+        )
     ax2.set_yscale("log")
     ax2.set(title="Fraction of variance unexplained", xlabel="step", ylabel="FVU (log scale)")
     ax2.legend(fontsize=7, ncol=2)
@@ -164,8 +174,13 @@ def _plot_l0(fig, fs: dict | None, train: list[dict], ev: dict | None) -> bool:
     if fs:
         ax.bar(x, vals, color="tab:blue", label=f"held-out eval ({fs['tokens']} tokens)")
     if last:
-        ax.plot(list(range(len(last))), last, "o", color="tab:orange",
-                label=f"training batch, step {next(r['step'] for r in reversed(train) if r.get('l0_per_layer'))}")
+        ax.plot(
+            list(range(len(last))),
+            last,
+            "o",
+            color="tab:orange",
+            label=f"training batch, step {next(r['step'] for r in reversed(train) if r.get('l0_per_layer'))}",
+        )
     ax.set_xticks(x, _layer_labels(ev, len(vals)))
     ax.set(title="Active features per token (L0) by layer", xlabel="LLM layer", ylabel="L0")
     ax.legend()
@@ -181,34 +196,54 @@ def _plot_density(fig, fs: dict | None, ev: dict | None) -> bool:
     labels = _layer_labels(ev, len(h["counts_per_layer"]))
     for i, counts in enumerate(h["counts_per_layer"]):
         ax.stairs(counts, edges, lw=1.4, label=f"layer {labels[i]} ({h['dead_per_layer'][i]} dead)")
-    ax.axvline(math.log10(fs["dense_threshold"]), color="gray", ls="--", lw=1,
-               label=f"dense threshold {fs['dense_threshold']:g}")
+    ax.axvline(
+        math.log10(fs["dense_threshold"]),
+        color="gray",
+        ls="--",
+        lw=1,
+        label=f"dense threshold {fs['dense_threshold']:g}",
+    )
     # A feature seen once fires at 1/tokens: nothing lies to the left of that.
     ax.set_xlim(max(edges[0], math.floor(-math.log10(max(fs["tokens"], 1))) - 0.5), edges[-1] + 0.1)
-    ax.set(title=f"Feature firing frequency on {fs['tokens']} held-out tokens",
-           xlabel="log10 firing frequency (dead features not shown)", ylabel="features")
+    ax.set(
+        title=f"Feature firing frequency on {fs['tokens']} held-out tokens",
+        xlabel="log10 firing frequency (dead features not shown)",
+        ylabel="features",
+    )
     ax.legend(fontsize=8, ncol=2)
     return True
 
 
 def _plot_fvu_vs_l0(fig, train: list[dict], evals: list[dict]) -> bool:
     pts = [(r["l0"], r["fvu"], r["step"]) for r in train if _finite(r.get("l0")) and _finite(r.get("fvu"))]
-    epts = [(r["eval_l0"], r["eval_fvu"], r["step"]) for r in evals
-            if _finite(r.get("eval_l0")) and _finite(r.get("eval_fvu"))]
+    epts = [
+        (r["eval_l0"], r["eval_fvu"], r["step"])
+        for r in evals
+        if _finite(r.get("eval_l0")) and _finite(r.get("eval_fvu"))
+    ]
     if not pts and not epts:
         return False
     ax = fig.subplots()
     if pts:
-        sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis",
-                        s=18, label="training batches")
+        sc = ax.scatter(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            c=[p[2] for p in pts],
+            cmap="viridis",
+            s=18,
+            label="training batches",
+        )
         fig.colorbar(sc, ax=ax, label="step")
     if epts:
         ax.plot([p[0] for p in epts], [p[1] for p in epts], "r*-", ms=11, lw=1, label="held-out evals")
         for l0, fvu, step in epts:
             ax.annotate(f"{step}", (l0, fvu), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_yscale("log")
-    ax.set(title="Sparsity vs reconstruction over training", xlabel="L0 (mean over layers)",
-           ylabel="FVU (mean over layers, log scale)")
+    ax.set(
+        title="Sparsity vs reconstruction over training",
+        xlabel="L0 (mean over layers)",
+        ylabel="FVU (mean over layers, log scale)",
+    )
     ax.legend()
     return True
 
@@ -221,17 +256,40 @@ def _plot_ce_recovered(fig, ev: dict | None) -> bool:
     x = list(range(n))
     ax = fig.subplots()
     w = 0.38
-    ax.bar([i - w / 2 for i in x], [_num(v) for v in o["ce_recovered_zero"]], w, label="open loop vs zero-ablation")
-    ax.bar([i + w / 2 for i in x], [_num(v) for v in o["ce_recovered_mean"]], w, label="open loop vs mean-ablation")
+    ax.bar(
+        [i - w / 2 for i in x],
+        [_num(v) for v in o["ce_recovered_zero"]],
+        w,
+        label="open loop vs zero-ablation",
+    )
+    ax.bar(
+        [i + w / 2 for i in x],
+        [_num(v) for v in o["ce_recovered_mean"]],
+        w,
+        label="open loop vs mean-ablation",
+    )
     c = ev["closed_loop"]
-    ax.axhline(_num(c["ce_recovered_zero"]), color="tab:blue", ls="--", lw=1.2,
-               label=f"closed loop, all layers, vs zero: {_num(c['ce_recovered_zero']):.3f}")
-    ax.axhline(_num(c["ce_recovered_mean"]), color="tab:orange", ls=":", lw=1.5,
-               label=f"closed loop, all layers, vs mean: {_num(c['ce_recovered_mean']):.3f}")
+    ax.axhline(
+        _num(c["ce_recovered_zero"]),
+        color="tab:blue",
+        ls="--",
+        lw=1.2,
+        label=f"closed loop, all layers, vs zero: {_num(c['ce_recovered_zero']):.3f}",
+    )
+    ax.axhline(
+        _num(c["ce_recovered_mean"]),
+        color="tab:orange",
+        ls=":",
+        lw=1.5,
+        label=f"closed loop, all layers, vs mean: {_num(c['ce_recovered_mean']):.3f}",
+    )
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(x, _layer_labels(ev, n))
-    ax.set(title=f"CE recovered by the replacement (clean CE {ev['ce_clean']:.3f} nats)",
-           xlabel="LLM layer replaced (open loop: that layer alone)", ylabel="CE recovered")
+    ax.set(
+        title=f"CE recovered by the replacement (clean CE {ev['ce_clean']:.3f} nats)",
+        xlabel="LLM layer replaced (open loop: that layer alone)",
+        ylabel="CE recovered",
+    )
     ax.legend(fontsize=8, loc="lower left")
     return True
 
@@ -253,15 +311,25 @@ def _plot_offsets(fig, fs: dict | None) -> bool:
         for s_ in range(L):
             for o in range(L - s_):
                 v = share[s_, o]
-                ax1.text(o, s_, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                         color="black" if v > 0.6 else "white")
+                ax1.text(
+                    o,
+                    s_,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if v > 0.6 else "white",
+                )
     ax1.set(title="Where each source writes", xlabel="target offset t − s", ylabel="source layer s")
     p = d["per_offset"]
     ax2.fill_between(p["offset"], p["p10"], p["p90"], alpha=0.3, label="10–90th percentile")
     ax2.plot(p["offset"], p["p50"], "o-", label="median")
     ax2.plot(p["offset"], p["mean"], "k--", lw=1, label="mean")
-    ax2.set(title="Feature decoder norm by offset", xlabel="target offset t − s",
-            ylabel="‖W_dec,s→s+o‖ (raw units)")
+    ax2.set(
+        title="Feature decoder norm by offset",
+        xlabel="target offset t − s",
+        ylabel="‖W_dec,s→s+o‖ (raw units)",
+    )
     ax2.set_xticks(p["offset"])
     ax2.legend(fontsize=8)
     return True

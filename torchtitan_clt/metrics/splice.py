@@ -47,7 +47,9 @@ class SpliceSpec:
         a = transcoder.args
         layers = list(a.layers) or list(range(a.n_layers))
         if len(layers) != a.n_layers:
-            raise ValueError(f"transcoder args.layers {layers} does not have n_layers = {a.n_layers} entries.")
+            raise ValueError(
+                f"transcoder args.layers {layers} does not have n_layers = {a.n_layers} entries."
+            )
         check_point(a.hook_in)
         check_point(a.hook_out)
         if POINT_ORDER[a.hook_in] > POINT_ORDER[a.hook_out]:
@@ -82,7 +84,11 @@ class _LayerOps:
 
     def __init__(self, tc: nn.Module):
         self.tc = tc
-        enc = FAST_PATHS and _inherits(tc, LayerwiseTranscoder, "pre_acts") and _inherits(tc, Transcoder, "encode")
+        enc = (
+            FAST_PATHS
+            and _inherits(tc, LayerwiseTranscoder, "pre_acts")
+            and _inherits(tc, Transcoder, "encode")
+        )
         dec = enc and _inherits(tc, Transcoder, "decode", "forward")
         self.clt = dec and _inherits(tc, CrossLayerTranscoder, "decode_std", "_decode_source")
         self.plt = dec and _inherits(tc, PerLayerTranscoder, "decode_std")
@@ -193,13 +199,17 @@ def _hooks(llm: nn.Module, registrations: list[tuple[int, str, Any]]):
         for layer, point, fn in registrations:
             module, kind = hook_module(llm, layer, point)
             if kind == "input":
+
                 def pre(m, args, kwargs, fn=fn):
                     fn(args[0] if args else next(iter(kwargs.values())))
+
                 handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             else:
+
                 def post(m, args, out, fn=fn):
                     new = fn(output_tensor(out))
                     return None if new is None else _replace_output(out, new)
+
                 handles.append(module.register_forward_hook(post))
         yield
     finally:
@@ -223,10 +233,12 @@ def forward_ablated(
     llm: nn.Module, tokens: torch.Tensor, spec: SpliceSpec, values: dict[int, torch.Tensor | None]
 ) -> torch.Tensor:
     """Logits with ``hook_out`` at LLM layer l set to ``values[l]  # [d]`` (None: zero), BOS kept."""
+
     def make(value):
         def fn(t):
             fill = torch.zeros_like(t) if value is None else value.to(t.device, t.dtype).expand_as(t)
             return _keep_bos(t, fill)
+
         return fn
 
     with _hooks(llm, [(layer, spec.hook_out, make(v)) for layer, v in values.items()]):
@@ -281,6 +293,7 @@ def hook_out_means(llm: nn.Module, batches: list[torch.Tensor], spec: SpliceSpec
         def fn(t):
             s = t[:, 1:].float().sum((0, 1))
             sums[layer] = sums[layer] + s if layer in sums else s
+
         return fn
 
     with _hooks(llm, [(layer, spec.hook_out, make(layer)) for layer in spec.layers]):
@@ -288,5 +301,3 @@ def hook_out_means(llm: nn.Module, batches: list[torch.Tensor], spec: SpliceSpec
             logits_of(llm, tokens)
             count += tokens.shape[0] * (tokens.shape[1] - 1)
     return {layer: s / max(count, 1) for layer, s in sums.items()}
-
-

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -172,6 +173,12 @@ def to_jumprelu(
         raise ValueError(
             "the per-layer threshold was never tracked (it is estimated while training): train some "
             "steps first, or pass batches to calibrate on."
+        )
+    if isinstance(act, TopK) and not calib:
+        warnings.warn(
+            "TopK -> JumpReLU without batches uses the tracked threshold (the smallest value TopK "
+            "selected in a batch), which lets many more features fire; pass batches to calibrate.",
+            stacklevel=2,
         )
     theta = act.threshold.float()[:, None].expand(src.args.n_layers, src.args.features_per_layer).clone()
     if calib:
