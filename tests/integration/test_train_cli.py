@@ -144,3 +144,20 @@ def test_run_train_sh_launches_through_torchrun(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(_metrics(tmp_path, "debug_model")) >= 2
+
+
+def test_profiler_traces_and_peak_memory(tmp_path):
+    rc = _run(
+        tmp_path,
+        "--training.steps=10",
+        "--checkpoint.enable=false",
+        "--checkpoint.export=false",
+        "--profiling.enable_profiling=true",
+        "--profiling.profile_freq=5",
+        "--profiling.profile_active=1",
+        "--profiling.profile_warmup=1",
+    )
+    assert rc == 0
+    traces = sorted((tmp_path / "debug_model" / "profile_traces").glob("iteration_*/rank0_trace.json"))
+    assert sorted(t.parent.name for t in traces) == ["iteration_10", "iteration_5"]
+    assert all(r["peak_mem_gib"] > 0 for r in _metrics(tmp_path, "debug_model"))

@@ -321,7 +321,9 @@ def test_single_layer_dictionary_open_equals_closed(llama):
     assert flat["eval_open_ce_recovered_zero_per_layer"] == r["open_loop"]["ce_recovered_zero"]
 
 
-def test_bad_hook_order_is_refused(llama):
+def test_bad_splices_are_refused(llama):
     tc = _build("plt", [0], hook_in="resid_post", hook_out="mlp_out")
     with pytest.raises(ValueError, match="comes after"):
         SpliceSpec.of(tc, llama)
+    with pytest.raises(ValueError, match="the LLM it was trained on"):
+        SpliceSpec.of(_build("plt", [0], d=32), llama)

@@ -78,7 +78,9 @@ def kl_divergence(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     """Per-prediction KL(clean ‖ other) = Σ_v p_clean (log p_clean − log p_other): ``[N, V] x2 -> [N]``."""
     lp_c = clean_logits.float().log_softmax(-1)
     lp = logits.float().log_softmax(-1)
-    return (lp_c.exp() * (lp_c - lp)).sum(-1)
+    p_c = lp_c.exp()
+    # 0 · log 0 = 0: tokens the clean model rules out (masked logits) contribute nothing.
+    return torch.where(p_c > 0, p_c * (lp_c - lp), torch.zeros_like(p_c)).sum(-1)
 
 
 def top1_agreement(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -165,24 +167,13 @@ def compute_baselines(
             layer = spec.layers[i]
             zero_l[i].update(lc, forward_ablated(llm, tokens, spec, {layer: None}), tokens)
             mean_l[i].update(lc, forward_ablated(llm, tokens, spec, {layer: means[layer]}), tokens)
-    if reuse is not None:
-        return Baselines(
-            spec,
-            means,
-            reuse.clean_ce,
-            reuse.zero,
-            reuse.mean,
-            [s.means() for s in zero_l],
-            [s.means() for s in mean_l],
-        )
+    clean_ce, zero_m, mean_m = (
+        (reuse.clean_ce, reuse.zero, reuse.mean)
+        if reuse is not None
+        else (clean.means()["ce"], zero.means(), mean.means())
+    )
     return Baselines(
-        spec,
-        means,
-        clean.means()["ce"],
-        zero.means(),
-        mean.means(),
-        [s.means() for s in zero_l],
-        [s.means() for s in mean_l],
+        spec, means, clean_ce, zero_m, mean_m, [s.means() for s in zero_l], [s.means() for s in mean_l]
     )
 
 
@@ -212,7 +203,12 @@ def evaluate_replacement(
     ``llm``: a plain causal LM (``hook_module`` must know it). ``transcoder``: a plain
     ``Transcoder`` (on any device; evaluated in eval mode, its mode restored after).
     ``baselines``: from ``compute_baselines`` for the same batches, to skip recomputing them.
-    Returns a JSON-ready dict (see ``docs`` in report.py for the keys)."""
+
+    Returns a JSON-ready dict: ``tokens_scored``, ``layers`` (LLM layers), ``hook_in``,
+    ``hook_out``, ``ce_clean``; ``closed_loop``, ``zero_ablation``, ``mean_ablation``, each
+    ``{ce, delta_ce, ce_recovered_zero, ce_recovered_mean, kl, top1_agreement}``; with
+    ``open_loop``, the same keys as per-layer lists plus ``ce_zero_ablation`` /
+    ``ce_mean_ablation`` (that layer alone ablated)."""
     spec = SpliceSpec.of(transcoder, llm)
     dev = _device_of(llm)
     batches = [t.to(dev) for t in token_batches]

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchtitan_clt.data.hooks import POINT_ORDER, check_layers, check_point, hook_module, output_tensor
+from torchtitan_clt.data.hooks import (
+    POINT_ORDER,
+    check_layers,
+    check_point,
+    d_model,
+    hook_module,
+    output_tensor,
+)
 from torchtitan_clt.models.clt.model import CrossLayerTranscoder
 from torchtitan_clt.models.common import LayerwiseTranscoder
 from torchtitan_clt.models.plt.model import PerLayerTranscoder
@@ -52,6 +59,12 @@ class SpliceSpec:
             )
         check_point(a.hook_in)
         check_point(a.hook_out)
+        width = d_model(llm)
+        if (a.d_in, a.d_out) != (width, width):
+            raise ValueError(
+                f"the dictionary reads {a.d_in} and writes {a.d_out} dimensions, but the LLM's hook "
+                f"points have {width}: evaluate it with the LLM it was trained on (data.model_path)."
+            )
         if POINT_ORDER[a.hook_in] > POINT_ORDER[a.hook_out]:
             raise ValueError(
                 f"hook_in {a.hook_in!r} comes after hook_out {a.hook_out!r} in a layer's forward: the "
