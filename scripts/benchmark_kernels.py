@@ -7,7 +7,8 @@ sparse vs dense. JSON out; nothing here is asserted by tests.
 GPU rows carry the floor: ``bytes / measured copy bandwidth`` for memory-bound ops and ``FLOPs /
 measured bf16 matmul rate`` for the step; ``floor_ratio = time / floor`` (1.0 = at the floor).
 On CPU the Triton path only runs in the interpreter, so CPU rows time the torch fallback and the
-dense way, plus the CPU step comparison (F=8192/layer, L=12, d=768, k=32 by default).
+dense way, plus the CPU step comparison (F=8192/layer, L=12, d=768, k=32, 1024 tokens by default;
+fwd + bwd + fused AdamW, sparse and dense steps alternated so both see the same machine load).
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few sizes, few repetitions")
     ap.add_argument("--out", default="")
     ap.add_argument("--reps", type=int, default=0, help="repetitions per timing (0: by device)")
-    ap.add_argument("--step-batch", type=int, default=512, help="tokens per CPU CLT step")
+    ap.add_argument("--step-batch", type=int, nargs="+", default=[1024], help="tokens per CPU CLT step")
     ap.add_argument("--skip", nargs="*", default=[], choices=["select", "decode", "step"])
     ap.add_argument("--budget-s", type=float, default=0.0, help="skip further sizes after this many seconds")
     ap.add_argument("--no-malloc-tuning", action="store_true", help="CPU: keep glibc's default mmap threshold")
@@ -245,7 +246,7 @@ def main() -> None:
     else:
         sel = [(256, 4, 4096, 32)] if args.quick else [(512, 12, 8192, 32)]
         dec = [(256, 4096, 4 * 768, 32)] if args.quick else [(512, 8192, 12 * 768, 32), (512, 8192, 768, 32)]
-        steps = [(128, 4, 2048, 768, 32)] if args.quick else [(args.step_batch, 12, 8192, 768, 32)]
+        steps = [(128, 4, 2048, 768, 32)] if args.quick else [(b, 12, 8192, 768, 32) for b in args.step_batch]
         dtype = torch.float32
     t_start = time.perf_counter()
     jobs = []

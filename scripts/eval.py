@@ -5,10 +5,12 @@
 
 EXPORT_OR_CHECKPOINT is a native export folder (``outputs/<job>/export``), a circuit-tracer folder
 (``outputs/<job>/circuit_tracer``), a checkpoint (``outputs/<job>/checkpoints/step-N``) or a run
-folder (its latest checkpoint, or ``--step``). ``--model`` / ``--data`` / ``--seq-len`` default to
-the run's ``config.toml`` when the path lies inside a run folder. Of ``--data``, only the documents
-a training stream holds out (index % 100 == 99) are read, so the training text is never scored;
-``--whole`` reads every document (for a text the dictionary never trained on). Writes ``eval.json`` and PNG plots to ``--out`` (default
+folder: its latest checkpoint, ``--step N``, or with ``--all-checkpoints`` every checkpoint (FVU vs
+L0 and CE recovered across training; the per-layer open loop runs for the last one only).
+``--model`` / ``--data`` / ``--seq-len`` default to the run's ``config.toml`` when the path lies
+inside a run folder. Of ``--data``, only the documents a training stream holds out (index % 100 ==
+99) are read, so the training text is never scored; ``--whole`` reads every document (for a text
+the dictionary never trained on). Writes ``eval.json`` and PNG plots to ``--out`` (default
 ``<run>/report``, or ``./eval_report`` outside a run folder), with the training curves when the
 run's ``metrics.jsonl`` is there.
 """
@@ -49,7 +51,6 @@ def load_dictionary(path: Path, step: int | None, device: str):
     from torchtitan_clt.checkpoint.manager import load_model_from_checkpoint
 
     model, meta = load_model_from_checkpoint(path, step=step, device=device)
-    model.fold_standardization()  # raw in, raw out: the evaluation works in raw units either way
     return model.float().eval(), f"checkpoint step {meta.get('step')}"
 
 
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len", type=int, default=None, help="context length (default: the run's data.seq_len)"
     )
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default: latest)")
+    p.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="run folder: evaluate every checkpoint (FVU vs L0 and CE recovered across them)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", help="LLM dtype: auto, float32, bfloat16, float16")
     p.add_argument("--no-open-loop", action="store_true", help="skip the per-layer open-loop evaluation")
@@ -105,19 +111,32 @@ def main(argv: list[str] | None = None) -> int:
     cfg.data.model_dtype = args.dtype
     cfg.eval.open_loop = not args.no_open_loop
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    steps: list[int | None] = [args.step]
+    if args.all_checkpoints:
+        if run is None or run != args.path.resolve():
+            print("error: --all-checkpoints needs a run folder (with config.toml).", file=sys.stderr)
+            return 2
+        from torchtitan_clt.checkpoint.manager import list_checkpoints
+
+        steps = list(list_checkpoints(run / cfg.checkpoint.folder)[0]) or [None]
+    history = []
     try:
-        model, kind = load_dictionary(args.path, args.step, device)
-        print(
-            f"Loaded {kind}: {model.args.family}, layers {model.args.layers}, "
-            f"{model.args.hook_in} -> {model.args.hook_out}, {model.args.features_per_layer} features/layer"
-        )
         evaluator = Evaluator(cfg, device)
-        result = evaluator.run(model)
+        for k, step in enumerate(steps):
+            model, kind = load_dictionary(args.path, step, device)
+            print(
+                f"Loaded {kind}: {model.args.family}, layers {model.args.layers}, "
+                f"{model.args.hook_in} -> {model.args.hook_out}, {model.args.features_per_layer} features/layer"
+            )
+            last = k == len(steps) - 1  # the per-layer open loop only for the last one
+            result = evaluator.run(model, step, open_loop=cfg.eval.open_loop and last)
+            if step is not None:
+                history.append({"step": step, **Evaluator.log_metrics(result)})
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or (run / "report" if run else Path("eval_report"))
-    written = write_report(run, result["replacement"], result["feature_stats"], out_dir=out)
+    written = write_report(run, result["replacement"], result["feature_stats"], out_dir=out, history=history)
     print(json.dumps(headline(result["replacement"], result["feature_stats"]), indent=2))
     print(f"Report: {', '.join(str(p) for p in written.values())}")
     return 0

@@ -201,6 +201,16 @@ class Trainer:
                 logger.info(f"Resumed from step {self.train_state.step} ({self.train_state.tokens} tokens)")
         if self.train_state.step == 0:
             self._standardize()
+        self.evaluator = None
+        if (cfg.eval.enable or cfg.eval.every > 0) and self.rank == 0:
+            from torchtitan_clt.metrics.evaluator import build_evaluator
+
+            self.evaluator = build_evaluator(
+                cfg,
+                self.device,
+                llm=getattr(src, "llm", None),
+                tokenizer=getattr(src, "tokenizer", None),
+            )
         ts = self.train_state
         self.metrics = MetricsLogger(
             self.run_folder, cfg, self.rank, device=self.device, start_step=ts.step, start_tokens=ts.tokens
@@ -293,6 +303,8 @@ class Trainer:
                     elapsed = time.perf_counter() - t_window
                     last = self._log(step, loss, grad_norm, fvu, l0_sum, self.data_wait_s, elapsed)
                     t_window, self.data_wait_s = time.perf_counter(), 0.0
+                if cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < t.steps:
+                    self._evaluate(step, open_loop=False)
                 if self.checkpointer is not None:
                     self.checkpointer.save(step, last_step=step == t.steps)
                 if profiler is not None:
@@ -325,8 +337,31 @@ class Trainer:
         }
         return self.metrics.log(step, metrics) or metrics
 
+    def _evaluate(self, step: int, open_loop: bool) -> dict | None:
+        """Replacement-model evaluation on held-out text, once (rank 0), on a gathered model."""
+        plain = self._gather_plain_model() if (self.cfg.eval.enable or self.cfg.eval.every) else None
+        result = None
+        if plain is not None and self.evaluator is not None:
+            result = self.evaluator.run(plain.to(self.device), step, open_loop=open_loop)
+            self.metrics.log(step, self.evaluator.log_metrics(result))
+        if dist.is_initialized():
+            dist.barrier()
+        return result
+
     def _finish(self) -> None:
         cfg = self.cfg
+        result = None
+        if cfg.eval.enable or cfg.eval.every > 0:
+            result = self._evaluate(self.train_state.step, open_loop=cfg.eval.open_loop)
+        if self.rank == 0:
+            from torchtitan_clt.metrics.report import write_report
+
+            write_report(
+                self.run_folder,
+                result["replacement"] if result else None,
+                result["feature_stats"] if result else None,
+            )
+            logger.info(f"Report written to {self.run_folder / 'report'}")
         if self.checkpointer is not None:
             self.checkpointer.close()
         if cfg.checkpoint.export or cfg.checkpoint.export_circuit_tracer:

@@ -25,9 +25,10 @@ def _metrics(tmp_path, name):
 
 
 def test_debug_run_trains_logs_and_exports(tmp_path):
-    assert _run(tmp_path, "--training.steps=40", "--checkpoint.enable=false") == 0
+    assert _run(tmp_path, "--training.steps=40", "--checkpoint.enable=false", "--eval.every=20", "--eval.tokens=256") == 0
     run = tmp_path / "debug_model"
-    rows = _metrics(tmp_path, "debug_model")
+    all_rows = _metrics(tmp_path, "debug_model")
+    rows = [r for r in all_rows if "loss" in r]
     assert rows[0]["step"] == 1 and rows[-1]["step"] == 40
     for key in ("loss", "loss_recon", "loss_sparsity", "fvu", "l0", "dead_frac", "lr", "tokens_per_s", "tokens"):
         assert key in rows[-1], key
@@ -35,6 +36,11 @@ def test_debug_run_trains_logs_and_exports(tmp_path):
     assert rows[-1]["fvu"] < rows[0]["fvu"], "training should reduce FVU"
     assert rows[-1]["tokens"] == 40 * 256
     assert (run / "config.toml").is_file()
+    # Periodic held-out evaluation lands in the same log, and the report is written at the end.
+    evals = [r for r in all_rows if "eval_ce_clean" in r]
+    assert [r["step"] for r in evals] == [20, 40], [r["step"] for r in evals]
+    report = json.loads((run / "report" / "eval.json").read_text())
+    assert report and (run / "report" / "loss_fvu.png").is_file()
     assert any((run / "tb").iterdir())
     # The export reloads through the public API and reproduces the trained model in raw units.
     model = torchtitan_clt.load_pretrained(run / "export")

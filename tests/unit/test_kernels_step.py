@@ -70,6 +70,8 @@ def test_sparse_forward_outputs(backend):
     assert torch.allclose(acts[acts != 0], h[acts != 0], atol=1e-5)
     assert torch.all(out.l0() <= k)  # positive-only BatchTopK keeps at most k*N per layer
     assert torch.equal((acts > 0).sum(), (out.idx >= 0).sum())
+    pos = torch.where(acts > 0, acts, torch.inf)
+    assert torch.equal(out.min_positive(), pos.amin(dim=(0, 2)).detach())
 
 
 def test_tanh_sparsity_sparse_matches_dense():

@@ -146,3 +146,9 @@ def test_report_without_eval_and_nan_to_null(tmp_path):
     assert set(written) == {"eval.json", "loss_fvu.png", "fvu_vs_l0.png"}
     doc = json.loads((tmp_path / "report" / "eval.json").read_text())
     assert doc["headline"]["fvu"] is None and doc["replacement"] is None
+    assert doc["evaluations"] == []
+    history = [{"step": 3, "eval_fvu": 0.4, "eval_l0": 2.0}, {"step": 1, "eval_fvu": 0.6, "eval_l0": 3.0}]
+    write_report(None, None, None, out_dir=tmp_path / "other", history=history)
+    doc = json.loads((tmp_path / "other" / "eval.json").read_text())
+    assert [e["step"] for e in doc["evaluations"]] == [1, 3]
+    assert (tmp_path / "other" / "fvu_vs_l0.png").is_file()

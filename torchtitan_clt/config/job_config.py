@@ -378,7 +378,8 @@ class Eval:
     """Run the replacement-model evaluation at the end of training."""
 
     dataset: str = ""
-    """Held-out text (defaults to ``data.dataset`` with a different split / skip)."""
+    """Evaluation text: empty (or ``data.dataset``) reads the documents the training stream holds
+    out (index % 100 == 99); another dataset is read whole."""
 
     tokens: int = 16_384
     """Tokens evaluated."""

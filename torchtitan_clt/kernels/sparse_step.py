@@ -31,10 +31,10 @@ class SparseEncodeBatchTopK(torch.autograd.Function):
     asked) as a sparse decode through ``W_enc``; never a dense ``[N, L, F]`` gradient."""
 
     @staticmethod
-    def forward(ctx, x, w_enc, b_enc, k, scope, positive, backend):
+    def forward(ctx, x, w_enc, b_enc, k, scope, positive, backend, tp_group=None):
         xw = x.to(w_enc.dtype)  # an fp32 batch into bf16 weights: cast the batch, never the weights
         h = torch.baddbmm(b_enc.unsqueeze(1).to(w_enc.dtype), xw.transpose(0, 1), w_enc.transpose(1, 2))
-        idx, vals, tau = dispatch.batchtopk_select(h.permute(1, 0, 2), k, scope, positive, backend)
+        idx, vals, tau = dispatch.batchtopk_select(h.permute(1, 0, 2), k, scope, positive, backend, tp_group)
         del h
         ctx.save_for_backward(xw, w_enc, idx)
         ctx.backend, ctx.x_dtype = backend, x.dtype
@@ -57,7 +57,7 @@ class SparseEncodeBatchTopK(torch.autograd.Function):
                 dispatch.sparse_decode(idx[:, li], g_vals[:, li], w_enc[li], ctx.backend, density_threshold=1.0)
                 for li in range(n_layers)
             ], 1).to(ctx.x_dtype)
-        return g_x, g_w, g_b, None, None, None, None
+        return g_x, g_w, g_b, None, None, None, None, None
 
 
 @dataclass
@@ -73,19 +73,49 @@ class SparseCLTOutput:
         dense = torch.zeros((n, n_layers, n_features), dtype=self.vals.dtype, device=self.vals.device)
         return dense.scatter_add(2, self.idx.clamp(min=0), self.vals)
 
+    def min_positive(self) -> torch.Tensor:
+        """``[L]`` smallest kept positive value per layer (+inf if none): what a BatchTopK
+        activation tracks to become a JumpReLU threshold at inference."""
+        v = self.vals.detach().float()
+        v = torch.where((self.idx >= 0) & (v > 0), v, torch.full_like(v, float("inf")))
+        return v.amin(dim=(0, 2)) if v.numel() else torch.full((self.idx.shape[1],), float("inf"))
+
     def l0(self) -> torch.Tensor:
         """``[L]`` mean active features per token."""
         return (self.idx >= 0).sum(dim=(0, 2)).float() / max(self.idx.shape[0], 1)
 
 
+class _SumOverShards(torch.autograd.Function):
+    """All-reduce of per-shard partial sums whose consumer (the loss) is replicated on every rank:
+    the backward is the identity (each shard's part gets the gradient once, not world times)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        t = t.clone()
+        torch.distributed.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
 def clt_sparse_forward(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
                        w_dec: Sequence[torch.Tensor], b_dec: torch.Tensor, k: int, scope: str = "layer",
                        positive: bool = True, backend: str | None = None,
-                       density_threshold: float | None = None) -> SparseCLTOutput:
+                       density_threshold: float | None = None, tp_group=None) -> SparseCLTOutput:
     """CLT forward with BatchTopK, sparse end to end. ``x [N, L, d_in]``, ``w_enc [L, F, d_in]``,
-    ``b_enc [L, F]``, ``w_dec[s] [F, L-s, d_out]``, ``b_dec [L, d_out]``."""
-    idx, vals, tau = SparseEncodeBatchTopK.apply(x, w_enc, b_enc, k, scope, positive, backend)
-    y_hat = dispatch.clt_sparse_decode(idx, vals, w_dec, b_dec, backend, density_threshold)
+    ``b_enc [L, F]``, ``w_dec[s] [F, L-s, d_out]``, ``b_dec [L, d_out]``.
+
+    ``tp_group``: tensor parallel over features. Each rank passes its shard of the features
+    (``w_enc [L, F/tp, d]``, ``b_enc``, ``w_dec[s] [F/tp, L-s, d]``) and the full ``x``, ``b_dec``;
+    the BatchTopK threshold is global, ``idx`` local to the shard, ``y_hat`` the full sum."""
+    idx, vals, tau = SparseEncodeBatchTopK.apply(x, w_enc, b_enc, k, scope, positive, backend, tp_group)
+    if tp_group is None:
+        y_hat = dispatch.clt_sparse_decode(idx, vals, w_dec, b_dec, backend, density_threshold)
+    else:
+        part = dispatch.clt_sparse_decode(idx, vals, w_dec, torch.zeros_like(b_dec), backend, density_threshold)
+        y_hat = _SumOverShards.apply(part, tp_group) + b_dec
     return SparseCLTOutput(idx, vals, tau, y_hat)
 
 
@@ -97,14 +127,18 @@ def _losses(y_hat, y, sparsity, n):
 
 def clt_sparse_loss(x, y, w_enc, b_enc, w_dec, b_dec, k: int, scope: str = "layer",
                     lambda_sparsity: float = 0.0, tanh_c: float = 1.0, backend: str | None = None,
-                    density_threshold: float | None = None):
+                    density_threshold: float | None = None, tp_group=None):
     """``(loss, terms)``: squared error summed over layers and dims, mean over tokens, plus
-    ``lambda * sum tanh(c * a * ||W_dec,i||) / N`` over the active entries only."""
-    out = clt_sparse_forward(x, w_enc, b_enc, w_dec, b_dec, k, scope, True, backend, density_threshold)
+    ``lambda * sum tanh(c * a * ||W_dec,i||) / N`` over the active entries only. With
+    ``tp_group`` (see ``clt_sparse_forward``) the loss is the global one on every rank."""
+    out = clt_sparse_forward(x, w_enc, b_enc, w_dec, b_dec, k, scope, True, backend, density_threshold,
+                             tp_group)
     sparsity = torch.zeros((), device=x.device)
     if lambda_sparsity:
         norms = torch.stack([dispatch.decoder_row_norms(w) for w in w_dec])  # [L, F]
         sparsity = lambda_sparsity * dispatch.tanh_sparsity_sparse(out.idx, out.vals, norms, tanh_c).sum()
+        if tp_group is not None:
+            sparsity = _SumOverShards.apply(sparsity, tp_group)
     return _losses(out.y_hat, y, sparsity, x.shape[0])
 
 

@@ -12,7 +12,8 @@ evaluation lines: ``eval_*`` from ``Evaluator.log_metrics``) and writes, each wh
     decoder_norm_by_offset.png   CLTs: share of each source's decoder norm by target offset
 
 ``eval.json`` holds ``headline`` (the numbers to quote), ``replacement`` (``evaluate_replacement``),
-``feature_stats`` and ``training`` (the last training line); NaN is written as null.
+``feature_stats``, ``training`` (the last training line) and ``evaluations`` (every logged or
+given evaluation record, by step); NaN is written as null.
 """
 
 from __future__ import annotations
@@ -83,21 +84,27 @@ def write_report(
     eval_results: dict | None = None,
     feature_stats: dict | None = None,
     out_dir: str | Path | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write ``<run_folder>/report/eval.json`` and the plots; returns {name: path} of what was
-    written. ``out_dir`` writes there instead; ``run_folder`` None: no training curves."""
+    written. ``out_dir`` writes there instead; ``run_folder`` None: no training curves.
+    ``history``: more evaluation records (``step`` + ``Evaluator.log_metrics``), e.g. one per
+    checkpoint; they replace the logged evaluation of the same step."""
     if out_dir is None and run_folder is None:
         raise ValueError("write_report: give run_folder, out_dir or both.")
     folder = Path(out_dir) if out_dir is not None else Path(run_folder) / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     records = read_metrics(run_folder) if run_folder is not None else []
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_kl" in r or "eval_fvu" in r]
+    by_step = {r["step"]: r for r in records if "eval_kl" in r or "eval_fvu" in r}
+    by_step.update({r["step"]: r for r in history or []})
+    evals = [by_step[k] for k in sorted(by_step)]
     doc = {
         "headline": headline(eval_results, feature_stats),
         "replacement": eval_results,
         "feature_stats": feature_stats,
         "training": {"logged_steps": len(train), "last": train[-1] if train else None},
+        "evaluations": evals,
     }
     written = {"eval.json": folder / "eval.json"}
     written["eval.json"].write_text(json.dumps(_json_safe(doc), indent=2) + "\n", encoding="utf-8")
@@ -235,7 +242,7 @@ def _plot_fvu_vs_l0(fig, train: list[dict], evals: list[dict]) -> bool:
         )
         fig.colorbar(sc, ax=ax, label="step")
     if epts:
-        ax.plot([p[0] for p in epts], [p[1] for p in epts], "r*-", ms=11, lw=1, label="held-out evals")
+        ax.plot([p[0] for p in epts], [p[1] for p in epts], "r*-", ms=11, lw=1, label="held-out evals (labelled by step)")
         for l0, fvu, step in epts:
             ax.annotate(f"{step}", (l0, fvu), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_yscale("log")

@@ -157,7 +157,12 @@ def to_jumprelu(
     eval_batches: Iterable | None = None,
 ) -> tuple[Transcoder, dict[str, Any]]:
     """Convert a TopK / BatchTopK model to JumpReLU (see the module docstring). ReLU and JumpReLU
-    models come back unchanged. Returns (model, report); the input model is not modified."""
+    models come back unchanged. Returns (model, report); the input model is not modified.
+
+    report: ``converted``, ``calibrated``, ``family`` (``matryoshka_clt`` becomes ``clt``),
+    ``source_activation``, ``thresholds`` and, when there are batches to evaluate on,
+    ``eval_tokens``, ``l0_before`` / ``l0_after`` / ``fvu_before`` / ``fvu_after`` (per layer)
+    and their ``*_mean``."""
     src: Transcoder = getattr(model, "_orig_mod", model)
     act = src.activation
     report: dict[str, Any] = {"source_activation": src.args.activation, "thresholds": thresholds}
@@ -182,8 +187,10 @@ def to_jumprelu(
         )
     theta = act.threshold.float()[:, None].expand(src.args.n_layers, src.args.features_per_layer).clone()
     if calib:
-        h = torch.cat([src.pre_acts(src.standardize_in(x)) for x, _ in calib]).float()  # [N, L, F]
-        fired = torch.cat([source_acts(src, src.pre_acts(src.standardize_in(x))) != 0 for x, _ in calib])
+        hs = [src.pre_acts(src.standardize_in(x)).float() for x, _ in calib]
+        fired = torch.cat([source_acts(src, h) != 0 for h in hs])  # BatchTopK: per batch as given
+        h = torch.cat(hs)  # [N, L, F]
+        del hs
         if thresholds == "feature":
             theta = _feature_thresholds(h, fired.sum(0))
         if calibrate:
