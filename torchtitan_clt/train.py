@@ -6,6 +6,7 @@ Run through ``./run_train.sh`` (torchrun), or ``python -m torchtitan_clt.train``
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -205,12 +206,13 @@ class Trainer:
         if (cfg.eval.enable or cfg.eval.every > 0) and self.rank == 0:
             from torchtitan_clt.metrics.evaluator import build_evaluator
 
-            self.evaluator = build_evaluator(
-                cfg,
-                self.device,
-                llm=getattr(src, "llm", None),
-                tokenizer=getattr(src, "tokenizer", None),
-            )
+            with getattr(src, "llm_lock", contextlib.nullcontext()):  # the prefetch shares the tokenizer
+                self.evaluator = build_evaluator(
+                    cfg,
+                    self.device,
+                    llm=getattr(src, "llm", None),
+                    tokenizer=getattr(src, "tokenizer", None),
+                )
         ts = self.train_state
         self.metrics = MetricsLogger(
             self.run_folder, cfg, self.rank, device=self.device, start_step=ts.step, start_tokens=ts.tokens
@@ -342,7 +344,8 @@ class Trainer:
         plain = self._gather_plain_model() if (self.cfg.eval.enable or self.cfg.eval.every) else None
         result = None
         if plain is not None and self.evaluator is not None:
-            result = self.evaluator.run(plain.to(self.device), step, open_loop=open_loop)
+            with getattr(self.source, "llm_lock", contextlib.nullcontext()):  # the prefetch shares the LLM
+                result = self.evaluator.run(plain.to(self.device), step, open_loop=open_loop)
             self.metrics.log(step, self.evaluator.log_metrics(result))
         if dist.is_initialized():
             dist.barrier()

@@ -113,7 +113,9 @@ class Loss:
     """Steps over which the pre-activation coefficient ramps linearly from 0 to ``lambda_preact``."""
 
     auxk_alpha: float = 0.0
-    """Coefficient of the AuxK loss (0 disables it)."""
+    """Coefficient α of the AuxK loss α·‖e − ê‖²/‖e − ē‖² (0 disables it). The term is normalized
+    but ``recon`` is a sum over layers and dimensions (≈ L·d at FVU 1 with standardized targets),
+    so Gao et al.'s α = 1/32 (relative to a normalized MSE) is about L·d/32 here."""
 
     auxk_k: int = 512
     """Dead features used by AuxK per token."""
@@ -174,10 +176,20 @@ class Data:
     """Where the shuffle buffer lives: ``auto`` is the training device."""
 
     num_workers: int = 0
-    """DataLoader worker processes for tokenization."""
+    """DataLoader worker processes: tokenization (``stream``), shard reading (``cache``)."""
 
     cache_dir: str = ""
-    """Activation cache folder for ``source = "cache"``."""
+    """Activation cache folder for ``source = "cache"`` (written by scripts/cache_activations.py)."""
+
+    cache_shuffle: bool = True
+    """``cache`` source: read the cache's blocks (one LLM batch of contexts each) in a seeded order,
+    new every epoch. ``false`` reads them in the order they were written, which gives exactly the
+    batches the ``stream`` source serves on the same text (same seed and buffer settings)."""
+
+    prefetch: bool = True
+    """Extract the next buffer refill in a background thread (its own CUDA stream on GPU) while the
+    current one is drained, so the step does not wait for the LLM. Same batches either way; costs a
+    second buffer's memory. Off under tensor parallelism (the TP all-gather stays on the main thread)."""
 
     synthetic_n_layers: int = 4
     """``synthetic`` source: layers."""

@@ -1,27 +1,69 @@
 """Shuffle buffer: full refill, shuffle, drain (``passes`` times), so that resume is exact.
 
-A refill pulls whole token batches from the loader and extracts them until ``buffer_tokens`` rows
-are held (rounded up to whole batches). Each pass draws a permutation from a seeded CPU generator
-and serves rows in that order; a batch may span two passes or two refills. No row outlives its
-refill, so the state is small: the loader's state at the start of the refill being drained, the
-generator state before the current pass's permutation, the pass index and the read position.
+A refill pulls whole batches from the loader and extracts them until ``buffer_tokens`` rows are
+held (rounded up to whole batches). Each pass draws a permutation from a seeded CPU generator and
+serves rows in that order; a batch may span two passes or two refills. No row outlives its refill,
+so the state is small: the loader's state at the start of the refill being drained, the generator
+state before the current pass's permutation, the pass index and the read position.
 ``load_state_dict`` + the next ``next_batch`` replays that refill (one extra extraction) and
 continues with exactly the rows an uninterrupted run would have served.
+
+Prefetch (double buffering): while one refill is drained, a background thread extracts the next
+one into a second pair of tensors (torch ops release the GIL; on CUDA the thread works on its own
+stream). The rows, their order and the saved state are the same as without prefetch: the next
+refill only starts earlier, and a resume recomputes it. It costs a second buffer's memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-Extract = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Extract = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Cancelled(Exception):
+    """Raised inside a prefetch that is no longer wanted (resume, close)."""
+
+
+@dataclass
+class _Refill:
+    """One buffer's storage and what it holds."""
+
+    x: torch.Tensor | None = None  # [cap, L, d_in]
+    y: torch.Tensor | None = None  # [cap, L, d_out]
+    rows: int = 0
+    loader_state: dict | None = None  # loader state at the start of this refill
+    ready: Any = None  # CUDA event recorded when a prefetch on the side stream finished
+
+
+class _Job(threading.Thread):
+    """A daemon thread running one refill; ``result()`` joins it and re-raises its error."""
+
+    def __init__(self, fn: Callable[[], None]):
+        super().__init__(name="tclt-refill", daemon=True)
+        self.fn, self.error = fn, None
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as e:  # re-raised on the training thread by result()
+            self.error = e
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 class ShuffleBuffer:
-    """Activation rows from ``extract(tokens)`` over ``loader``, served in shuffled batches (``Stateful``)."""
+    """Activation rows from ``extract(batch)`` over ``loader``, served in shuffled batches (``Stateful``)."""
 
     def __init__(
         self,
@@ -31,6 +73,8 @@ class ShuffleBuffer:
         passes: int = 1,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        prefetch: bool = False,
+        lock: Any = None,
     ):
         if buffer_tokens < 1 or passes < 1:
             raise ValueError(f"buffer_tokens ({buffer_tokens}) and buffer_passes ({passes}) must be >= 1.")
@@ -38,8 +82,17 @@ class ShuffleBuffer:
         self.buffer_tokens, self.passes = buffer_tokens, passes
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
+        self.prefetch = prefetch
+        # Held while a batch is read and extracted: the LLM and tokenizer may be shared (evaluator).
+        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._slots = [_Refill(), _Refill()] if prefetch else [_Refill()]
+        self._cur = 0
+        self._job: _Job | None = None  # the prefetch in flight, filling the other slot
+        self._stop = threading.Event()
+        self._stream = torch.cuda.Stream(self.device) if prefetch and self.device.type == "cuda" else None
+        self._main_stream = torch.cuda.current_stream(self.device) if self._stream is not None else None
         self._it: Any = None
-        self.x: torch.Tensor | None = None  # [N, L, d_in]
+        self.x: torch.Tensor | None = None  # [N, L, d_in] rows of the refill being drained
         self.y: torch.Tensor | None = None  # [N, L, d_out]
         self.rows = 0  # rows filled (N)
         self._perm: torch.Tensor | None = None
@@ -51,30 +104,86 @@ class ShuffleBuffer:
         self._replay = False
 
     # -- filling -------------------------------------------------------------------------------
-    def _refill(self) -> None:
+    def _fill(self, slot: _Refill) -> None:
+        """Extract the next refill into ``slot`` (on the training thread or the prefetch thread)."""
         if self._it is None:
             self._it = iter(self.loader)
-        self._loader_state = copy.deepcopy(self.loader.state_dict())
+        slot.loader_state = copy.deepcopy(self.loader.state_dict())
         filled = 0
         while filled < self.buffer_tokens:
-            try:
-                tokens = next(self._it)
-            except StopIteration as e:
-                raise RuntimeError("The token stream ended while filling the activation buffer.") from e
-            x, y = self.extract(tokens)
-            if self.x is None:
+            if self._stop.is_set():
+                raise _Cancelled
+            with self._lock:
+                try:
+                    batch = next(self._it)
+                except StopIteration as e:
+                    raise RuntimeError("The data stream ended while filling the activation buffer.") from e
+                x, y = self.extract(batch)
+            if slot.x is None:
                 # Allocate once, rounded up to whole extraction batches so no row is wasted.
-                n_batches = -(-self.buffer_tokens // x.shape[0])
-                cap = n_batches * x.shape[0]
-                self.x = torch.empty((cap, *x.shape[1:]), dtype=x.dtype, device=self.device)
-                self.y = torch.empty((cap, *y.shape[1:]), dtype=y.dtype, device=self.device)
-            assert self.y is not None
-            n = min(x.shape[0], self.x.shape[0] - filled)
-            self.x[filled : filled + n] = x[:n].to(self.device, non_blocking=True)
-            self.y[filled : filled + n] = y[:n].to(self.device, non_blocking=True)
+                cap = -(-self.buffer_tokens // x.shape[0]) * x.shape[0]
+                slot.x = torch.empty((cap, *x.shape[1:]), dtype=x.dtype, device=self.device)
+                slot.y = torch.empty((cap, *y.shape[1:]), dtype=y.dtype, device=self.device)
+                if self._stream is not None:  # allocated on the side stream, read on the main one
+                    slot.x.record_stream(self._main_stream)
+                    slot.y.record_stream(self._main_stream)
+            assert slot.y is not None
+            n = min(x.shape[0], slot.x.shape[0] - filled)
+            slot.x[filled : filled + n] = x[:n].to(self.device, non_blocking=True)
+            slot.y[filled : filled + n] = y[:n].to(self.device, non_blocking=True)
             filled += n
-        self.rows = filled
+        slot.rows = filled
+
+    def _produce(self, slot: _Refill, after: Any) -> None:
+        if self._stream is None:
+            self._fill(slot)
+            return
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(after)  # the training stream is done reading this slot
+            self._fill(slot)
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(self._stream)
+
+    def _start_prefetch(self) -> None:
+        free = self._slots[1 - self._cur]
+        after = None
+        if self._stream is not None:
+            after = torch.cuda.Event()
+            after.record(self._main_stream)
+        self._job = _Job(lambda: self._produce(free, after))
+        self._job.start()
+
+    def _cancel_prefetch(self) -> None:
+        """Stop and discard the prefetch in flight; the loader's iterator is then invalid."""
+        if self._job is None:
+            return
+        self._stop.set()
+        try:
+            self._job.result()
+        except Exception:  # noqa: BLE001 - the discarded refill's outcome does not matter
+            pass
+        finally:
+            self._stop.clear()
+            self._job = None
+            self._it = None
+
+    def _next_refill(self) -> None:
+        nxt = 1 - self._cur if self.prefetch else 0
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.result()  # waits only when extraction is slower than training
+            slot = self._slots[nxt]
+            if slot.ready is not None:
+                self._main_stream.wait_event(slot.ready)
+                slot.ready = None
+        else:  # no prefetch, the first refill, or a resume: extract here
+            self._fill(self._slots[nxt])
+        self._cur = nxt
+        slot = self._slots[nxt]
+        self.x, self.y, self.rows, self._loader_state = slot.x, slot.y, slot.rows, slot.loader_state
         self.refills += 1
+        if self.prefetch:
+            self._start_prefetch()
 
     def _new_pass(self, pass_idx: int) -> None:
         self.pass_idx, self.pos = pass_idx, 0
@@ -85,7 +194,7 @@ class ShuffleBuffer:
         if self._perm is not None and self.pass_idx + 1 < self.passes:
             self._new_pass(self.pass_idx + 1)
         else:
-            self._refill()
+            self._next_refill()
             self._new_pass(0)
 
     def _restore(self) -> None:
@@ -93,9 +202,10 @@ class ShuffleBuffer:
         self._replay = False
         assert self._loader_state is not None and self._gen_state is not None
         pass_idx, pos = self.pass_idx, self.pos
+        self._cancel_prefetch()
         self.loader.load_state_dict(self._loader_state)
         self._it = None
-        self._refill()
+        self._next_refill()
         self.generator.set_state(self._gen_state)
         self._new_pass(pass_idx)
         self.pos = pos
@@ -121,6 +231,12 @@ class ShuffleBuffer:
             return xs[0], ys[0]
         return torch.cat(xs), torch.cat(ys)
 
+    def close(self) -> None:
+        """Stop the prefetch thread and free both buffers."""
+        self._cancel_prefetch()
+        self._slots = [_Refill() for _ in self._slots]
+        self.x = self.y = None
+
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self._loader_state is None:  # nothing served yet
@@ -135,6 +251,7 @@ class ShuffleBuffer:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._cancel_prefetch()
         if not sd["started"]:
             self.generator.set_state(sd["generator"])
             return

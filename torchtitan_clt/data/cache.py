@@ -1,115 +1,45 @@
-"""Activation cache on disk: write once from the LLM, train many times without it (``cache`` source).
+"""The ``cache`` source: activations read back from a cache on disk instead of an LLM forward.
 
-Folder layout: ``meta.json`` (model, hook points, layers, d_model, dtype, rows, what was excluded)
-and shards ``shard_NNNNN.safetensors`` holding ``x`` and ``y`` of shape ``[rows, L, d]``. All shards
-have the same number of rows (the tail that would not fill one is not written), so a shuffle-buffer
-refill is a whole number of shards.
+Folder layout (written by ``scripts/cache_activations.py``, see ``cache_writer.py``): ``meta.json``
+(model, hook points, layers, d_model, dtype, rows, tokens, what was excluded) and shards
+``shard_NNNNN.safetensors`` holding ``x`` and ``y`` of shape ``[rows, L, d]``.
 
-The ``cache`` source reads this rank's shards (shard ``i`` goes to rank ``i % dp_degree``) in a
-seeded order per epoch, through the same full-refill shuffle buffer as the stream source, so resume
-is exact here too. ``data.layers`` may pick a subset of the cached layers.
-
-    python -m torchtitan_clt.data.cache --config train_configs/X.toml --out DIR --rows 1000000
+The unit of reading is a *block*: the rows of one LLM batch (``llm_batch_size`` contexts, BOS
+dropped), stored in extraction order. Writer rank ``w`` of ``W`` writes its local blocks
+``0, 1, ...`` into its shards ``w, w + W, w + 2W, ...``; the global block ``g`` is local block
+``g // W`` of writer ``g % W``. Each epoch, the blocks are put in a seeded order (or the written
+order with ``data.cache_shuffle = false``) and dealt round-robin over the data-parallel ranks, so
+every block is read exactly once per epoch. ``StatefulDataLoader`` workers read the blocks from
+memory-mapped shards (``safe_open``) ahead of time, and the same full-refill shuffle buffer as the
+stream source mixes them: with the written order, a run from the cache sees exactly the batches a
+stream run on the same text would see, and resume is exact either way.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data.buffer import ShuffleBuffer
-from torchtitan_clt.data.extraction import ActivationExtractor
-from torchtitan_clt.data.hooks import check_layers, d_model
-from torchtitan_clt.data.llm import load_llm, model_name
-from torchtitan_clt.data.source import ActivationSource, SourceContext, text_spec
-from torchtitan_clt.data.text import HELD_OUT_EVERY
-from torchtitan_clt.data.tokenize import build_token_loader
+from torchtitan_clt.data.llm import model_name
+from torchtitan_clt.data.source import ActivationSource, SourceContext
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_OPEN_FILES = 64  # memory-mapped shards kept open per reader
 
 
-def shard_path(folder: Path, index: int) -> Path:
-    return folder / f"shard_{index:05d}.safetensors"
-
-
-def write_activation_cache(
-    job_config: Any,
-    folder: str | Path,
-    rows: int,
-    shard_rows: int = 16_384,
-    dtype: str = "bfloat16",
-    device: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Extract ``rows`` activation rows (BOS excluded) of ``data``'s model and text into ``folder``.
-
-    The text is the training stream of ``data.dataset`` (held-out documents excluded). Returns the
-    meta written to ``meta.json`` (last, so a folder without it is an unfinished cache).
-    """
-    if dtype not in _DTYPES:
-        raise ConfigError(f"cache dtype {dtype!r}: choose one of {', '.join(_DTYPES)}.")
-    d = job_config.data
-    folder = Path(folder)
-    if (folder / META_FILE).exists():
-        raise ConfigError(f"{folder} already holds an activation cache; pick another folder or delete it.")
-    folder.mkdir(parents=True, exist_ok=True)
-    llm, tokenizer = load_llm(d.model_path, d.model_dtype, device)
-    layers = check_layers(llm, list(d.layers))
-    extractor = ActivationExtractor(llm, d.hook_in, d.hook_out, layers, dtype=_DTYPES[dtype])
-    loader = build_token_loader(text_spec(job_config), tokenizer, d.seq_len, d.llm_batch_size)
-    n_shards = max(1, rows // shard_rows)
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    pending = written = 0
-    t0 = time.perf_counter()
-    it = iter(loader)
-    while written < n_shards:
-        x, y = extractor(next(it))
-        xs.append(x.cpu())
-        ys.append(y.cpu())
-        pending += x.shape[0]
-        while pending >= shard_rows and written < n_shards:
-            x_all, y_all = torch.cat(xs), torch.cat(ys)
-            tmp = folder / f".tmp_{written:05d}.safetensors"
-            save_file({"x": x_all[:shard_rows].contiguous(), "y": y_all[:shard_rows].contiguous()}, str(tmp))
-            os.replace(tmp, shard_path(folder, written))
-            written += 1
-            xs, ys = [x_all[shard_rows:]], [y_all[shard_rows:]]
-            pending -= shard_rows
-            rate = written * shard_rows / (time.perf_counter() - t0)
-            logger.info("cache: shard %d / %d written (%.0f rows/s)", written, n_shards, rate)
-    meta = {
-        "model": model_name(d.model_path),
-        "model_path": d.model_path,
-        "hook_in": d.hook_in,
-        "hook_out": d.hook_out,
-        "layers": layers,
-        "d_model": d_model(llm),
-        "dtype": dtype,
-        "rows": n_shards * shard_rows,
-        "shard_rows": shard_rows,
-        "n_shards": n_shards,
-        "dataset": d.dataset,
-        "seq_len": d.seq_len,
-        "excluded": f"position 0 (BOS) of every context; documents i % {HELD_OUT_EVERY} == "
-        f"{HELD_OUT_EVERY - 1} (held out for evaluation)",
-    }
-    tmp = folder / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, folder / META_FILE)
-    return meta
+def shard_path(folder: Path | str, index: int) -> Path:
+    return Path(folder) / f"shard_{index:05d}.safetensors"
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -117,77 +47,171 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(
             f"data.cache_dir = {str(folder)!r} holds no {META_FILE}: write a cache first with "
-            "`python -m torchtitan_clt.data.cache --config ... --out DIR` (an unfinished cache has no meta)."
+            "`python scripts/cache_activations.py --config ... --out DIR` (an unfinished cache has no "
+            "meta; rerun the same command to finish it)."
         )
     return json.loads(path.read_text())
 
 
-class ShardOrder:
-    """This rank's shards in a seeded order, reshuffled every epoch (``Stateful``)."""
+def block_location(meta: dict[str, Any], block: int) -> tuple[int, int]:
+    """(shard index, first row) of global block ``block``."""
+    ranks, per_shard, rows = int(meta["ranks"]), int(meta["shard_blocks"]), int(meta["block_rows"])
+    writer, local = block % ranks, block // ranks
+    return (local // per_shard) * ranks + writer, (local % per_shard) * rows
 
-    def __init__(self, shards: list[int], seed: int):
-        self.shards, self.seed = shards, seed
-        self.epoch = self.pos = 0
 
-    def _order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return [self.shards[i] for i in torch.randperm(len(self.shards), generator=g).tolist()]
+def check_meta(job_config: Any, meta: dict[str, Any], folder: Path) -> list[int]:
+    """Stop with a ``ConfigError`` unless the cache holds what ``data`` asks for; the layers to read."""
+    d = job_config.data
+    want_model = model_name(d.model_path)
+    if want_model != meta["model"]:
+        raise ConfigError(
+            f"data.model_path = {d.model_path!r} ({want_model}) but the cache in {folder} was written "
+            f"from {meta['model_path']!r} ({meta['model']}): set data.model_path = {meta['model_path']!r} "
+            "or write another cache."
+        )
+    for point in ("hook_in", "hook_out"):
+        if getattr(d, point) != meta[point]:
+            raise ConfigError(
+                f"data.{point} = {getattr(d, point)!r} but the cache in {folder} holds "
+                f"{meta[point]!r}: set data.{point} = {meta[point]!r} or write another cache."
+            )
+    cached = list(meta["layers"])
+    want = list(d.layers) or cached
+    missing = [layer for layer in want if layer not in cached]
+    if missing:
+        raise ConfigError(f"data.layers = {want}: layers {missing} are not in the cache in {folder} (it has {cached}).")
+    if want != sorted(set(want)):
+        raise ConfigError(f"data.layers = {want}: give distinct layers in increasing order.")
+    shape = [int(meta["block_rows"]) * int(meta["shard_blocks"]), len(cached), int(meta["d_model"])]
+    with safe_open(str(shard_path(folder, 0)), framework="pt") as f:  # the files agree with the meta
+        for name in ("x", "y"):
+            got = list(f.get_slice(name).get_shape())
+            if got[1:] != shape[1:] or got[0] % int(meta["block_rows"]):
+                raise ConfigError(
+                    f"{shard_path(folder, 0)}: {name} has shape {got}, but meta.json says "
+                    f"[k × {meta['block_rows']}, {shape[1]}, {shape[2]}]: the cache is damaged; write it again."
+                )
+    if d.dataset != meta.get("dataset", d.dataset):
+        logger.warning("data.dataset = %r, but the cache was written from %r.", d.dataset, meta["dataset"])
+    return [cached.index(layer) for layer in want]
 
-    def __iter__(self) -> Iterator[int]:
+
+class CacheBlocks(IterableDataset):
+    """This rank's cache blocks ``(x, y)``, epoch after epoch, forever (``Stateful``).
+
+    The rank's block sequence is indexed by ``k`` (epoch ``k // n``, position ``k % n`` with ``n``
+    its blocks per epoch); DataLoader worker ``w`` of ``m`` yields ``k = w, w + m, ...``, so the
+    loader's round-robin over workers serves the sequence in order. The state is the next ``k``.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        meta: dict[str, Any],
+        columns: list[int],
+        dp_rank: int = 0,
+        dp_degree: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        self.folder, self.meta = Path(folder), meta
+        self.n_blocks = int(meta["n_blocks"])
+        if self.n_blocks < dp_degree:  # checked on every rank, so all stop together
+            raise ConfigError(
+                f"The cache in {folder} has {self.n_blocks} blocks, fewer than the {dp_degree} "
+                "data-parallel ranks: write a larger cache."
+            )
+        self.columns = None if columns == list(range(len(meta["layers"]))) else columns
+        self.dp_rank, self.dp_degree, self.seed, self.shuffle = dp_rank, dp_degree, seed, shuffle
+        self.per_epoch = len(range(dp_rank, self.n_blocks, dp_degree))
+        self._k: int | None = None
+        self._files: dict[int, Any] = {}
+        self._perm, self._perm_epoch = torch.empty(0, dtype=torch.long), -1  # this epoch's order
+
+    def block_at(self, k: int) -> int:
+        """The global block at position ``k`` of this rank's sequence."""
+        epoch, i = divmod(k, self.per_epoch)
+        j = self.dp_rank + i * self.dp_degree
+        if not self.shuffle:
+            return j
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n_blocks, generator=g), epoch
+        return int(self._perm[j])
+
+    def read(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x [block_rows, L, d], y [block_rows, L, d])`` in the cache's dtype, from the mmap."""
+        shard, start = block_location(self.meta, block)
+        f = self._files.get(shard)
+        if f is None:
+            if len(self._files) >= _OPEN_FILES:
+                self._files.clear()
+            f = self._files[shard] = safe_open(str(shard_path(self.folder, shard)), framework="pt")
+        stop = start + int(self.meta["block_rows"])
+        x, y = f.get_slice("x")[start:stop], f.get_slice("y")[start:stop]
+        if self.columns is not None:
+            x, y = x[:, self.columns], y[:, self.columns]
+        return x, y
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, m = (info.id, info.num_workers) if info is not None else (0, 1)
+        k = self._k if self._k is not None else w
         while True:
-            order = self._order()
-            while self.pos < len(order):
-                self.pos += 1
-                yield order[self.pos - 1]
-            self.epoch, self.pos = self.epoch + 1, 0
+            self._k = k + m  # taken after this yield, the state points past the block
+            yield self.read(self.block_at(k))
+            k += m
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
+    def state_dict(self) -> dict[str, Any]:
+        return {"k": self._k}
 
-    def load_state_dict(self, sd: dict[str, int]) -> None:
-        self.epoch, self.pos = int(sd["epoch"]), int(sd["pos"])
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._k = sd["k"]
+
+    def __getstate__(self) -> dict[str, Any]:  # open files stay behind when workers are spawned
+        return {**self.__dict__, "_files": {}}
 
 
 class CacheSource(ActivationSource):
     def __init__(self, job_config: Any, ctx: SourceContext):
         d = job_config.data
+        if not d.cache_dir:
+            raise ConfigError("data.source = 'cache' needs data.cache_dir (a folder written by scripts/cache_activations.py).")
         self.folder = Path(d.cache_dir)
-        meta = read_meta(self.folder)
-        for point in ("hook_in", "hook_out"):
-            if getattr(d, point) != meta[point]:
-                raise ConfigError(
-                    f"data.{point} = {getattr(d, point)!r} but the cache in {self.folder} holds "
-                    f"{meta[point]!r}: set data.{point} = {meta[point]!r} or write another cache."
-                )
-        cached = list(meta["layers"])
-        want = list(d.layers) or cached
-        missing = [layer for layer in want if layer not in cached]
-        if missing:
-            raise ConfigError(
-                f"data.layers = {want}: layers {missing} are not in the cache (it has {cached})."
-            )
-        self.columns = [cached.index(layer) for layer in want]
-        self.layers, self.n_layers = want, len(want)
+        self.meta = meta = read_meta(self.folder)
+        columns = check_meta(job_config, meta, self.folder)
+        self.layers = [meta["layers"][c] for c in columns]
+        self.n_layers = len(self.layers)
         self.d_in = self.d_out = int(meta["d_model"])
         self.hook_in, self.hook_out = meta["hook_in"], meta["hook_out"]
         self.model_name = meta["model"]
+        self.llm_n_layers = meta.get("llm_n_layers")
         self.device = torch.device(ctx.device)
-        shards = [i for i in range(int(meta["n_shards"])) if i % ctx.dp_degree == ctx.dp_rank]
-        if int(meta["n_shards"]) < ctx.dp_degree:  # checked on every rank, so all stop together
-            raise ConfigError(
-                f"The cache in {self.folder} has {meta['n_shards']} shards, fewer than the "
-                f"{ctx.dp_degree} data-parallel ranks: write more (or smaller) shards."
-            )
-        self.order = ShardOrder(shards, ctx.seed)
+        self.blocks = CacheBlocks(
+            self.folder, meta, columns, ctx.dp_rank, ctx.dp_degree, ctx.seed, d.cache_shuffle
+        )
+        self.loader = StatefulDataLoader(
+            self.blocks,
+            batch_size=None,
+            num_workers=d.num_workers,
+            prefetch_factor=4 if d.num_workers > 0 else None,
+        )
         buffer_device = self.device if d.buffer_device == "auto" else torch.device(d.buffer_device)
         self.buffer = ShuffleBuffer(
-            self.order, self._load, d.buffer_tokens, d.buffer_passes, buffer_device, ctx.seed
+            self.loader, _as_rows, d.buffer_tokens, d.buffer_passes, buffer_device, ctx.seed, d.prefetch
         )
-
-    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t = load_file(str(shard_path(self.folder, index)))
-        cols = torch.tensor(self.columns)
-        return t["x"][:, cols], t["y"][:, cols]
+        logger.info(
+            "cache source: %s (%s, %d blocks of %d rows), layers %s, %s -> %s, %s order",
+            self.folder,
+            self.model_name,
+            self.blocks.n_blocks,
+            meta["block_rows"],
+            self.layers,
+            self.hook_in,
+            self.hook_out,
+            "seeded" if d.cache_shuffle else "written",
+        )
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.buffer.next_batch(batch_size)
@@ -201,33 +225,30 @@ class CacheSource(ActivationSource):
         self.buffer.load_state_dict(sd["buffer"])
 
     def close(self) -> None:
-        self.buffer.x = self.buffer.y = None
+        self.buffer.close()
+        self.buffer._it = None
+
+
+def _as_rows(block: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return block[0], block[1]
 
 
 def build_cache_source(job_config: Any, ctx: SourceContext) -> ActivationSource:
     return CacheSource(job_config, ctx)
 
 
+def write_activation_cache(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
+    """See ``torchtitan_clt.data.cache_writer.write_activation_cache``."""
+    from torchtitan_clt.data.cache_writer import write_activation_cache as write
+
+    return write(*args, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m torchtitan_clt.data.cache --config FILE --out DIR --rows N [--section.field=v ...]``."""
-    import argparse
+    """``python -m torchtitan_clt.data.cache`` = ``scripts/cache_activations.py``."""
+    from torchtitan_clt.data.cache_writer import main as writer_main
 
-    from torchtitan_clt.config import load_config
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="cache folder to create")
-    ap.add_argument("--rows", type=int, required=True, help="activation rows (tokens) to write")
-    ap.add_argument("--shard-rows", type=int, default=16_384)
-    ap.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args, rest = ap.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(rest)
-        meta = write_activation_cache(cfg, args.out, args.rows, args.shard_rows, args.dtype, args.device)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    print(json.dumps(meta, indent=2))
+    writer_main(argv)
 
 
 if __name__ == "__main__":

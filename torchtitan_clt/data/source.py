@@ -13,6 +13,7 @@ the buffer; the buffers are then equal on every TP rank (same rows, same shuffli
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data.buffer import ShuffleBuffer
 from torchtitan_clt.data.extraction import ActivationExtractor
-from torchtitan_clt.data.hooks import check_layers, d_model, family
+from torchtitan_clt.data.hooks import check_layers, d_model, family, n_layers
 from torchtitan_clt.data.llm import load_llm, model_name
 from torchtitan_clt.data.text import TextSpec
 from torchtitan_clt.data.tokenize import build_token_loader
@@ -54,6 +55,8 @@ class ActivationSource:
     model_name: str
     hook_in: str
     hook_out: str
+    llm_n_layers: int | None = None
+    """The LLM's total layer count (circuit-tracer exports must cover all of them), if known."""
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -109,6 +112,10 @@ class StreamSource(ActivationSource):
         self.llm, self.tokenizer = llm, tokenizer
         self.layers = check_layers(llm, list(d.layers))
         self.n_layers = len(self.layers)
+        self.llm_n_layers = n_layers(llm)
+        # Held while the buffer tokenizes and extracts (possibly on the prefetch thread); anyone else
+        # using this LLM or tokenizer (the evaluator shares them) holds it too.
+        self.llm_lock = threading.Lock()
         self.d_in = self.d_out = d_model(llm)
         self.hook_in, self.hook_out = d.hook_in, d.hook_out
         self.model_name = model_name(d.model_path)
@@ -128,19 +135,21 @@ class StreamSource(ActivationSource):
         llm_dtype = next(llm.parameters()).dtype
         self.extractor = ActivationExtractor(llm, d.hook_in, d.hook_out, self.layers, dtype=llm_dtype)
         buffer_device = self.device if d.buffer_device == "auto" else torch.device(d.buffer_device)
+        prefetch = d.prefetch and self.tp_size == 1  # the TP all-gather must stay on the main thread
         self.buffer = ShuffleBuffer(
-            self.loader, self._extract, d.buffer_tokens, d.buffer_passes, buffer_device, ctx.seed
+            self.loader, self._extract, d.buffer_tokens, d.buffer_passes, buffer_device, ctx.seed, prefetch, self.llm_lock
         )
         rows = d.buffer_tokens * self.n_layers * (self.d_in + self.d_out) * llm_dtype.itemsize
         logger.info(
-            "stream source: %s, layers %s, %s -> %s, buffer %d rows (%.2f GiB on %s)",
+            "stream source: %s, layers %s, %s -> %s, buffer %d rows (%.2f GiB on %s, prefetch %s)",
             self.model_name,
             self.layers,
             self.hook_in,
             self.hook_out,
             d.buffer_tokens,
-            rows / 2**30,
+            rows / 2**30 * (2 if prefetch else 1),
             buffer_device,
+            "on" if prefetch else "off",
         )
 
     def _extract(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +205,7 @@ class StreamSource(ActivationSource):
         )
 
     def close(self) -> None:
-        self.buffer.x = self.buffer.y = None
+        self.buffer.close()
         self.buffer._it = None
         self.llm = self.extractor = None  # type: ignore[assignment]
 
