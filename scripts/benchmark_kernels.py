@@ -71,8 +71,9 @@ def ceilings(dev: torch.device) -> dict:
     return {"copy_bytes_per_s": 2 * 4 * (1 << 28) / t, "bf16_matmul_flop_per_s": 2 * n**3 / tm}
 
 
-def row(name: str, impl: str, t: float, nbytes: float = 0.0, flops: float = 0.0, ceil: dict | None = None,
-        **extra) -> dict:
+def row(
+    name: str, impl: str, t: float, nbytes: float = 0.0, flops: float = 0.0, ceil: dict | None = None, **extra
+) -> dict:
     r = {"op": name, "impl": impl, "ms": t * 1e3, **extra}
     if nbytes:
         r["GB_per_s"] = nbytes / t / 1e9
@@ -96,24 +97,64 @@ def bench_select(dev, n, n_layers, f, k, reps, ceil) -> list[dict]:
     nbytes = h.numel() * h.element_size()
     shape = {"N": n, "L": n_layers, "F": f, "k": k}
     h2 = h.view(n * n_layers, f)
-    out.append(row("topk", "dense_torch.topk", timeit(lambda: torch.topk(h2, k, dim=-1), dev, reps), nbytes,
-                   ceil=ceil, **shape))
+    out.append(
+        row(
+            "topk",
+            "dense_torch.topk",
+            timeit(lambda: torch.topk(h2, k, dim=-1), dev, reps),
+            nbytes,
+            ceil=ceil,
+            **shape,
+        )
+    )
     for b in impls(dev):
-        out.append(row("topk", b, timeit(lambda b=b: dispatch.topk_select(h2, k, backend=b), dev, reps), nbytes,
-                       ceil=ceil, **shape))
+        out.append(
+            row(
+                "topk",
+                b,
+                timeit(lambda b=b: dispatch.topk_select(h2, k, backend=b), dev, reps),
+                nbytes,
+                ceil=ceil,
+                **shape,
+            )
+        )
     flat = h.transpose(0, 1).reshape(n_layers, -1)
-    out.append(row("batchtopk_threshold", "dense_topk_flat",
-                   timeit(lambda: torch.topk(flat, k * n, dim=-1), dev, reps), nbytes, ceil=ceil, **shape))
+    out.append(
+        row(
+            "batchtopk_threshold",
+            "dense_topk_flat",
+            timeit(lambda: torch.topk(flat, k * n, dim=-1), dev, reps),
+            nbytes,
+            ceil=ceil,
+            **shape,
+        )
+    )
     for b in impls(dev):
         # bytes actually read: Triton radix select reads h 4 times (+ count + compact = 6 for select);
         # the torch fallback reads it once (per-row topk candidates), the rest works on candidates
         passes = (4, 6) if b == "triton" else (1, 1)
-        out.append(row("batchtopk_threshold", b,
-                       timeit(lambda b=b: dispatch.batchtopk_threshold(h, k * n, "layer", backend=b), dev, reps),
-                       passes[0] * nbytes, ceil=ceil, passes=passes[0], **shape))
-        out.append(row("batchtopk_select", b,
-                       timeit(lambda b=b: dispatch.batchtopk_select(h, k, "layer", backend=b), dev, reps),
-                       passes[1] * nbytes, ceil=ceil, passes=passes[1], **shape))
+        out.append(
+            row(
+                "batchtopk_threshold",
+                b,
+                timeit(lambda b=b: dispatch.batchtopk_threshold(h, k * n, "layer", backend=b), dev, reps),
+                passes[0] * nbytes,
+                ceil=ceil,
+                passes=passes[0],
+                **shape,
+            )
+        )
+        out.append(
+            row(
+                "batchtopk_select",
+                b,
+                timeit(lambda b=b: dispatch.batchtopk_select(h, k, "layer", backend=b), dev, reps),
+                passes[1] * nbytes,
+                ceil=ceil,
+                passes=passes[1],
+                **shape,
+            )
+        )
     return out
 
 
@@ -128,9 +169,18 @@ def bench_decode(dev, n, f, dim, k, reps, ceil, dtype) -> list[dict]:
     fwd_bytes = uniq * dim * es + n * dim * 4 + idx.numel() * 12  # active rows once, out, idx+vals
     shape = {"N": n, "F": f, "D": dim, "k": k, "dtype": str(dtype).replace("torch.", ""), "unique_rows": uniq}
     acts = torch.zeros(n, f, device=dev).scatter(1, idx, vals.detach()).to(dtype)
-    out.append(row("decode_fwd", "dense_matmul", timeit(lambda: acts @ w, dev, reps),
-                   flops=2 * n * f * dim, ceil=ceil, **shape))
+    out.append(
+        row(
+            "decode_fwd",
+            "dense_matmul",
+            timeit(lambda: acts @ w, dev, reps),
+            flops=2 * n * f * dim,
+            ceil=ceil,
+            **shape,
+        )
+    )
     for b in impls(dev):
+
         def fwd(b=b):
             with torch.no_grad():
                 return dispatch.sparse_decode(idx, vals, w, backend=b, density_threshold=1.0)
@@ -168,8 +218,15 @@ def bench_step(dev, n, n_layers, f, d, k, reps, ceil, dtype, which=("sparse", "d
     span = n_layers * (n_layers + 1) // 2
     useful = 2 * n * n_layers * f * d + 3 * 2 * n * k * span * d + 2 * 2 * n * n_layers * k * d
     dense_flops = 3 * 2 * n * n_layers * f * d + 3 * 2 * n * f * span * d
-    shape = {"N": n, "L": n_layers, "F": f, "d": d, "k": k, "dtype": str(dtype).replace("torch.", ""),
-             "params_M": sum(p.numel() for p in params) / 1e6}
+    shape = {
+        "N": n,
+        "L": n_layers,
+        "F": f,
+        "d": d,
+        "k": k,
+        "dtype": str(dtype).replace("torch.", ""),
+        "params_M": sum(p.numel() for p in params) / 1e6,
+    }
     out = []
 
     def step(kind):
@@ -188,13 +245,25 @@ def bench_step(dev, n, n_layers, f, d, k, reps, ceil, dtype, which=("sparse", "d
             times[kind].append(timeit(lambda kind=kind: step(kind), dev, 1, 0))
     for kind in which:
         t = statistics.median(times[kind])
-        out.append(row("clt_step", kind, t, flops=useful if kind == "sparse" else dense_flops, ceil=ceil,
-                       useful_TFLOP_per_s=useful / t / 1e12, all_ms=[v * 1e3 for v in times[kind]], **shape))
+        out.append(
+            row(
+                "clt_step",
+                kind,
+                t,
+                flops=useful if kind == "sparse" else dense_flops,
+                ceil=ceil,
+                useful_TFLOP_per_s=useful / t / 1e12,
+                all_ms=[v * 1e3 for v in times[kind]],
+                **shape,
+            )
+        )
     t_opt = timeit(lambda: opt.step(), dev, reps)
     out.append(row("clt_step", "adamw_fused_only", t_opt, **shape))
     by = {r["impl"]: r["ms"] for r in out}
     if "sparse" in by and "dense" in by:
-        out.append({"op": "clt_step", "impl": "dense_over_sparse", "ratio": by["dense"] / by["sparse"], **shape})
+        out.append(
+            {"op": "clt_step", "impl": "dense_over_sparse", "ratio": by["dense"] / by["sparse"], **shape}
+        )
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -220,26 +289,45 @@ def main() -> None:
     ap.add_argument("--step-batch", type=int, nargs="+", default=[1024], help="tokens per CPU CLT step")
     ap.add_argument("--skip", nargs="*", default=[], choices=["select", "decode", "step"])
     ap.add_argument("--budget-s", type=float, default=0.0, help="skip further sizes after this many seconds")
-    ap.add_argument("--no-malloc-tuning", action="store_true", help="CPU: keep glibc's default mmap threshold")
+    ap.add_argument(
+        "--no-malloc-tuning", action="store_true", help="CPU: keep glibc's default mmap threshold"
+    )
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cpu":
         _reexec_with_malloc_tuning(sys.argv)
     torch.manual_seed(0)
     ceil = ceilings(dev)
-    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor()})",
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "ceilings": ceil,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "malloc_env": {k: os.environ.get(k) for k in _MALLOC_ENV}, "argv": sys.argv[1:], "rows": []}
+    result = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor()})",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "ceilings": ceil,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "malloc_env": {k: os.environ.get(k) for k in _MALLOC_ENV},
+        "argv": sys.argv[1:],
+        "rows": [],
+    }
     rows = result["rows"]
     gpu = dev.type == "cuda"
     reps = args.reps or (10 if gpu else 3) // (2 if args.quick else 1)
     if gpu:
-        sel = [(4096, 16, 16384, 32)] if args.quick else [(4096, 16, 16384, 32), (4096, 26, 16384, 64),
-                                                          (2048, 32, 65536, 128)]
-        dec = [(4096, 16384, 16 * 2048, 32)] if args.quick else [
-            (4096, 16384, 16 * 2048, 16), (4096, 16384, 26 * 2304, 32), (4096, 65536, 16 * 2048, 64),
-            (4096, 16384, 32 * 4096, 128), (4096, 65536, 2304, 128)]
+        sel = (
+            [(4096, 16, 16384, 32)]
+            if args.quick
+            else [(4096, 16, 16384, 32), (4096, 26, 16384, 64), (2048, 32, 65536, 128)]
+        )
+        dec = (
+            [(4096, 16384, 16 * 2048, 32)]
+            if args.quick
+            else [
+                (4096, 16384, 16 * 2048, 16),
+                (4096, 16384, 26 * 2304, 32),
+                (4096, 65536, 16 * 2048, 64),
+                (4096, 16384, 32 * 4096, 128),
+                (4096, 65536, 2304, 128),
+            ]
+        )
         # 4.6G decoder params: bf16 weights + grads + AdamW state ~ 40 GB, fits one H100
         steps = [(4096, 16, 16384, 2048, 32)]
         dtype = torch.bfloat16
@@ -251,7 +339,9 @@ def main() -> None:
     t_start = time.perf_counter()
     jobs = []
     if "step" not in args.skip:  # the headline number first, so a time budget never drops it
-        jobs += [(bench_step, (n, n_layers, f, d, k, max(2, reps), ceil, dtype)) for n, n_layers, f, d, k in steps]
+        jobs += [
+            (bench_step, (n, n_layers, f, d, k, max(2, reps), ceil, dtype)) for n, n_layers, f, d, k in steps
+        ]
     if "decode" not in args.skip:
         jobs += [(bench_decode, (n, f, dim, k, reps, ceil, dtype)) for n, f, dim, k in dec]
     if "select" not in args.skip:

@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.data import SourceContext, load_llm, write_activation_cache
-from torchtitan_clt.data import cache_writer
-from torchtitan_clt.data.cache import CacheBlocks, main, read_meta, shard_path
+from torchtitan_clt.data import SourceContext, cache_writer, load_llm, write_activation_cache
+from torchtitan_clt.data.cache import CacheBlocks, block_location, main, read_meta, shard_path
 from torchtitan_clt.data.text import TextSpec
 from torchtitan_clt.data.tokenize import build_token_loader
 from torchtitan_clt.protocols import data_source_registry
@@ -46,8 +45,15 @@ def llm():
 def cache(tmp_path_factory, llm):
     """Two writer ranks (as torchrun would run them), fp32, 2 blocks per shard."""
     folder = tmp_path_factory.mktemp("cache") / "c"
-    assert write_activation_cache(_cfg(), folder, 200, 32, "float32", rank=1, world=2, llm=llm[0], tokenizer=llm[1]) is None
-    meta = write_activation_cache(_cfg(), folder, 200, 32, "float32", rank=0, world=2, llm=llm[0], tokenizer=llm[1])
+    assert (
+        write_activation_cache(
+            _cfg(), folder, 200, 32, "float32", rank=1, world=2, llm=llm[0], tokenizer=llm[1]
+        )
+        is None
+    )
+    meta = write_activation_cache(
+        _cfg(), folder, 200, 32, "float32", rank=0, world=2, llm=llm[0], tokenizer=llm[1]
+    )
     return folder, meta
 
 
@@ -67,7 +73,9 @@ def _reference(llm, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 lambda m, a, layer=layer: store.__setitem__(("in", layer), a[0])
             )
         )
-        handles.append(block.mlp.register_forward_hook(lambda m, a, o, layer=layer: store.__setitem__(("out", layer), o)))
+        handles.append(
+            block.mlp.register_forward_hook(lambda m, a, o, layer=layer: store.__setitem__(("out", layer), o))
+        )
     with torch.no_grad():
         model(input_ids=tokens)
     for h in handles:
@@ -156,6 +164,32 @@ def test_cache_source_attributes_and_layer_subset(cache):
     src.close()
 
 
+def test_resume_on_fewer_ranks_skips_no_block(cache):
+    folder, _ = cache
+    kw = dict(cache_shuffle=False, buffer_tokens=32, buffer_passes=1)  # a refill = 2 blocks = a batch
+
+    def blocks_of(x):  # which cached blocks (global ids) the rows of x come from
+        ids = set()
+        for g in range(14):
+            shard, start = block_location(read_meta(folder), g)
+            rows = load_file(str(shard_path(folder, shard)))["x"][start : start + 16].flatten(1)
+            if ((x.flatten(1)[:, None] - rows[None]).abs().amax(-1) == 0).any(0).all():  # all its rows
+                ids.add(g)
+        return ids
+
+    old = [_source("cache", folder, dp_rank=r, dp_degree=2, **kw) for r in range(2)]
+    assert blocks_of(old[0].next_batch(32)[0]) == {0, 2}
+    assert blocks_of(old[0].next_batch(32)[0]) == {4, 6}  # rank 0 drains blocks 4, 6
+    assert blocks_of(old[1].next_batch(32)[0]) == {1, 3}  # rank 1 drains blocks 1, 3
+    new = _source("cache", folder, **kw)
+    new.load_state_dict_from_ranks([s.state_dict() for s in old])
+    # Block 1 is the first one not yet served by every old rank: start there (2 is read again).
+    assert blocks_of(new.next_batch(32)[0]) == {1, 2}
+    assert blocks_of(new.next_batch(32)[0]) == {3, 4}
+    for s in (*old, new):
+        s.close()
+
+
 def test_meta_mismatch_errors(cache, tmp_path):
     folder, _ = cache
     with pytest.raises(ConfigError, match="meta.json"):
@@ -197,7 +231,9 @@ def test_interrupted_writer_resumes_to_the_same_cache(cache, tmp_path, monkeypat
     assert torch.load(folder / "progress_rank00000.pt", weights_only=True)["blocks"] == 4
     assert not (folder / "meta.json").exists()
     monkeypatch.setattr(cache_writer, "save_file", real)
-    assert write_activation_cache(*args, rank=0, world=2, llm=llm[0], tokenizer=llm[1]) is None  # rank 1 missing
+    assert (
+        write_activation_cache(*args, rank=0, world=2, llm=llm[0], tokenizer=llm[1]) is None
+    )  # rank 1 missing
     meta = write_activation_cache(*args, rank=1, world=2, llm=llm[0], tokenizer=llm[1])
     assert meta == ref_meta
     for i in range(meta["n_shards"]):

@@ -77,7 +77,9 @@ def test_topk_ties_take_exactly_k(backend):
 
 
 @pytest.mark.parametrize("scope", ["layer", "all"])
-@pytest.mark.parametrize("n,n_layers,f,k_total", [(6, 3, 40, 11), (4, 2, 300, 1), (3, 2, 20, 60), (5, 1, 33, 165)])
+@pytest.mark.parametrize(
+    "n,n_layers,f,k_total", [(6, 3, 40, 11), (4, 2, 300, 1), (3, 2, 20, 60), (5, 1, 33, 165)]
+)
 def test_batchtopk_threshold_is_kth_largest(backend, scope, n, n_layers, f, k_total):
     g = torch.Generator().manual_seed(n + f + k_total)
     h = torch.randn(n, n_layers, f, generator=g) * 3
@@ -104,7 +106,7 @@ def test_batchtopk_threshold_strided_and_bf16(backend):
 def test_batchtopk_select_matches_dense_mask(backend, scope, positive):
     g = torch.Generator().manual_seed(7)
     n, n_layers, f, k = 8, 3, 30, 2
-    h = (torch.randn(n, n_layers, f, generator=g) - 0.5)
+    h = torch.randn(n, n_layers, f, generator=g) - 0.5
     h[2] = -5.0  # token 2 never selected: empty rows
     h = h.requires_grad_(True)
     idx, vals, tau = dispatch.batchtopk_select(h, k, scope, positive, backend=backend)
@@ -118,7 +120,7 @@ def test_batchtopk_select_matches_dense_mask(backend, scope, positive):
     # ids ascend within a row, padding after them, values are the pre-activations
     for r in idx.reshape(-1, idx.shape[-1]):
         ids = r[r >= 0]
-        assert torch.equal(ids, ids.sort().values) and (r[len(ids):] == -1).all()
+        assert torch.equal(ids, ids.sort().values) and (r[len(ids) :] == -1).all()
     dense = _dense(idx, vals, f)
     assert torch.equal(dense.detach(), h.detach() * keep)
     total = keep.sum()
@@ -223,9 +225,12 @@ def test_clt_sparse_decode_vs_float64(backend, n, n_layers, f, d, k):
     w2 = [w.double().requires_grad_(True) for w in w_dec]
     b2 = b_dec.double().requires_grad_(True)
     acts = _dense(idx, v2, f)  # [N, L, F]
-    ref = torch.stack([  # y_t = b_t + sum_{s<=t} a_s W_dec,s[:, t-s]
-        b2[t] + sum(acts[:, s] @ w2[s][:, t - s] for s in range(t + 1)) for t in range(n_layers)
-    ], 1)
+    ref = torch.stack(
+        [  # y_t = b_t + sum_{s<=t} a_s W_dec,s[:, t-s]
+            b2[t] + sum(acts[:, s] @ w2[s][:, t - s] for s in range(t + 1)) for t in range(n_layers)
+        ],
+        1,
+    )
     ref.backward(grad_out.double())
     assert _rel(out, ref) < 1e-6
     assert _rel(b1.grad, b2.grad) < 1e-6
@@ -245,8 +250,10 @@ def test_plt_sparse_decode_vs_float64(backend):
     out = dispatch.plt_sparse_decode(idx, vals, w_dec, b_dec, backend=backend, density_threshold=1.0)
     ref = torch.einsum("nlf,lfd->nld", _dense(idx, vals.double(), f), w_dec.double()) + b_dec.double()
     assert _rel(out, ref) < 1e-6
-    gw, = torch.autograd.grad(out.sum(), w_dec)
-    gw_ref = torch.einsum("nlf,nld->lfd", _dense(idx, vals.detach().double(), f), torch.ones(n, n_layers, d).double())
+    (gw,) = torch.autograd.grad(out.sum(), w_dec)
+    gw_ref = torch.einsum(
+        "nlf,nld->lfd", _dense(idx, vals.detach().double(), f), torch.ones(n, n_layers, d).double()
+    )
     assert _rel(gw, gw_ref) < 1e-6
 
 

@@ -14,7 +14,9 @@ from torchtitan_clt.kernels.backend import has_triton
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not (torch.cuda.is_available() and has_triton()), reason="needs CUDA + triton"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiled kernels only"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiled kernels only"
+    ),
 ]
 
 
@@ -70,8 +72,10 @@ def test_clt_step_triton_matches_torch():
 
     g = torch.Generator(device="cuda").manual_seed(2)
     n, n_layers, f, d, k = 256, 4, 2048, 256, 16
-    ws = [torch.randn(n_layers, f, d, device="cuda", generator=g) * d**-0.5,
-          torch.zeros(n_layers, f, device="cuda")]
+    ws = [
+        torch.randn(n_layers, f, d, device="cuda", generator=g) * d**-0.5,
+        torch.zeros(n_layers, f, device="cuda"),
+    ]
     ws += [torch.randn(f, n_layers - s, d, device="cuda", generator=g) * 0.02 for s in range(n_layers)]
     ws += [torch.zeros(n_layers, d, device="cuda")]
     x = torch.randn(n, n_layers, d, device="cuda", generator=g)
@@ -79,8 +83,9 @@ def test_clt_step_triton_matches_torch():
     grads = {}
     for b in ("torch", "triton"):
         ps = [w.clone().requires_grad_(True) for w in ws]
-        loss, _ = clt_sparse_loss(x, y, ps[0], ps[1], ps[2:-1], ps[-1], k, "layer", 0.1, backend=b,
-                                  density_threshold=1.0)
+        loss, _ = clt_sparse_loss(
+            x, y, ps[0], ps[1], ps[2:-1], ps[-1], k, "layer", 0.1, backend=b, density_threshold=1.0
+        )
         loss.backward()
         grads[b] = (loss.detach(), [p.grad for p in ps])
     assert _rel(grads["triton"][0], grads["torch"][0]) < 1e-5

@@ -11,7 +11,10 @@ from torchtitan_clt.kernels import backend as kb
 from torchtitan_clt.kernels import dispatch
 from torchtitan_clt.kernels.sparse_step import clt_dense_loss, clt_sparse_forward, clt_sparse_loss
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not kb.has_triton(), reason="no triton"))]
+BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not kb.has_triton(), reason="no triton")),
+]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -46,15 +49,31 @@ def test_sparse_step_matches_dense_step_float64(backend, scope, lam):
     y = torch.randn(n, n_layers, d, generator=g)
     ref = [w.double().requires_grad_(True) for w in ws]
     x_ref = x.double().requires_grad_(True)
-    loss_ref, terms_ref = clt_dense_loss(x_ref, y.double(), ref[0], ref[1], ref[2:-1], ref[-1], k, scope, lam, 2.0)
+    loss_ref, terms_ref = clt_dense_loss(
+        x_ref, y.double(), ref[0], ref[1], ref[2:-1], ref[-1], k, scope, lam, 2.0
+    )
     loss_ref.backward()
     got = [w.clone().requires_grad_(True) for w in ws]
     x_got = x.clone().requires_grad_(True)
-    loss, terms = clt_sparse_loss(x_got, y, got[0], got[1], got[2:-1], got[-1], k, scope, lam, 2.0,
-                                  backend=backend, density_threshold=1.0)
+    loss, terms = clt_sparse_loss(
+        x_got,
+        y,
+        got[0],
+        got[1],
+        got[2:-1],
+        got[-1],
+        k,
+        scope,
+        lam,
+        2.0,
+        backend=backend,
+        density_threshold=1.0,
+    )
     loss.backward()
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
-    assert abs(terms["sparsity"].item() - terms_ref["sparsity"].item()) <= 1e-5 * (1 + terms_ref["sparsity"].item())
+    assert abs(terms["sparsity"].item() - terms_ref["sparsity"].item()) <= 1e-5 * (
+        1 + terms_ref["sparsity"].item()
+    )
     for a, b in [(x_got, x_ref), *zip(got, ref)]:
         err = (a.grad.double() - b.grad).norm() / b.grad.norm().clamp(min=1e-12)
         assert err < 1e-5

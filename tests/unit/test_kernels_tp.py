@@ -22,9 +22,12 @@ def _free_port() -> int:
 
 def _weights(n_layers, f, d):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(n_layers, f, d, generator=g), torch.randn(n_layers, f, generator=g) * 0.3,
-            *[torch.randn(f, n_layers - s, d, generator=g) for s in range(n_layers)],
-            torch.randn(n_layers, d, generator=g)]
+    return [
+        torch.randn(n_layers, f, d, generator=g),
+        torch.randn(n_layers, f, generator=g) * 0.3,
+        *[torch.randn(f, n_layers - s, d, generator=g) for s in range(n_layers)],
+        torch.randn(n_layers, d, generator=g),
+    ]
 
 
 def _worker(rank: int, world: int, port: int, backend: str, scope: str) -> None:
@@ -40,30 +43,67 @@ def _worker(rank: int, world: int, port: int, backend: str, scope: str) -> None:
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(n, n_layers, d, generator=g), torch.randn(n, n_layers, d, generator=g)
         full = [w.clone().requires_grad_(True) for w in ws]
-        loss_ref, _ = clt_sparse_loss(x, y, full[0], full[1], full[2:-1], full[-1], k, scope, 0.2,
-                                      backend=backend, density_threshold=1.0)
+        loss_ref, _ = clt_sparse_loss(
+            x,
+            y,
+            full[0],
+            full[1],
+            full[2:-1],
+            full[-1],
+            k,
+            scope,
+            0.2,
+            backend=backend,
+            density_threshold=1.0,
+        )
         loss_ref.backward()
         fs = slice(rank * f // world, (rank + 1) * f // world)  # this rank's features
         mine = [ws[0][:, fs], ws[1][:, fs], *[w[fs] for w in ws[2:-1]], ws[-1]]
         mine = [w.clone().requires_grad_(True) for w in mine]
-        loss, _ = clt_sparse_loss(x, y, mine[0], mine[1], mine[2:-1], mine[-1], k, scope, 0.2,
-                                  backend=backend, density_threshold=1.0, tp_group=dist.group.WORLD)
+        loss, _ = clt_sparse_loss(
+            x,
+            y,
+            mine[0],
+            mine[1],
+            mine[2:-1],
+            mine[-1],
+            k,
+            scope,
+            0.2,
+            backend=backend,
+            density_threshold=1.0,
+            tp_group=dist.group.WORLD,
+        )
         loss.backward()
         assert torch.allclose(loss, loss_ref, rtol=1e-5), (loss.item(), loss_ref.item())
-        ref_grads = [full[0].grad[:, fs], full[1].grad[:, fs], *[w.grad[fs] for w in full[2:-1]], full[-1].grad]
+        ref_grads = [
+            full[0].grad[:, fs],
+            full[1].grad[:, fs],
+            *[w.grad[fs] for w in full[2:-1]],
+            full[-1].grad,
+        ]
         for a, b in zip(mine, ref_grads):
             assert torch.allclose(a.grad, b, rtol=1e-4, atol=1e-5)
         h = torch.einsum("nld,lfd->nlf", x, ws[0]) + ws[1]
-        tau_ref = dispatch.batchtopk_threshold(h, k * n * (n_layers if scope == "all" else 1), scope, backend="torch")
-        tau = dispatch.batchtopk_threshold(h[:, :, fs].contiguous(), k * n * (n_layers if scope == "all" else 1),
-                                           scope, backend=backend, tp_group=dist.group.WORLD)
+        tau_ref = dispatch.batchtopk_threshold(
+            h, k * n * (n_layers if scope == "all" else 1), scope, backend="torch"
+        )
+        tau = dispatch.batchtopk_threshold(
+            h[:, :, fs].contiguous(),
+            k * n * (n_layers if scope == "all" else 1),
+            scope,
+            backend=backend,
+            tp_group=dist.group.WORLD,
+        )
         assert torch.equal(tau, tau_ref)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not has_triton(), reason="no triton"))])
+@pytest.mark.parametrize(
+    "backend",
+    ["torch", pytest.param("triton", marks=pytest.mark.skipif(not has_triton(), reason="no triton"))],
+)
 @pytest.mark.parametrize("scope", ["layer", "all"])
 def test_feature_sharded_step_matches_single_process(backend, scope):
     mp.spawn(_worker, args=(2, _free_port(), backend, scope), nprocs=2, join=True)

@@ -166,6 +166,8 @@ class ShuffleBuffer:
             self._stop.clear()
             self._job = None
             self._it = None
+            if self._stream is not None:  # its queued copies must land before the slot is reused
+                self._stream.synchronize()
 
     def _next_refill(self) -> None:
         nxt = 1 - self._cur if self.prefetch else 0

@@ -80,7 +80,9 @@ def check_meta(job_config: Any, meta: dict[str, Any], folder: Path) -> list[int]
     want = list(d.layers) or cached
     missing = [layer for layer in want if layer not in cached]
     if missing:
-        raise ConfigError(f"data.layers = {want}: layers {missing} are not in the cache in {folder} (it has {cached}).")
+        raise ConfigError(
+            f"data.layers = {want}: layers {missing} are not in the cache in {folder} (it has {cached})."
+        )
     if want != sorted(set(want)):
         raise ConfigError(f"data.layers = {want}: give distinct layers in increasing order.")
     shape = [int(meta["block_rows"]) * int(meta["shard_blocks"]), len(cached), int(meta["d_model"])]
@@ -126,6 +128,7 @@ class CacheBlocks(IterableDataset):
         self.dp_rank, self.dp_degree, self.seed, self.shuffle = dp_rank, dp_degree, seed, shuffle
         self.per_epoch = len(range(dp_rank, self.n_blocks, dp_degree))
         self._k: int | None = None
+        self.start = 0  # first ``k`` of a fresh iteration (moved by a resume on other ranks)
         self._files: dict[int, Any] = {}
         self._perm, self._perm_epoch = torch.empty(0, dtype=torch.long), -1  # this epoch's order
 
@@ -157,7 +160,7 @@ class CacheBlocks(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, m = (info.id, info.num_workers) if info is not None else (0, 1)
-        k = self._k if self._k is not None else w
+        k = self._k if self._k is not None else self.start + w
         while True:
             self._k = k + m  # taken after this yield, the state points past the block
             yield self.read(self.block_at(k))
@@ -177,7 +180,9 @@ class CacheSource(ActivationSource):
     def __init__(self, job_config: Any, ctx: SourceContext):
         d = job_config.data
         if not d.cache_dir:
-            raise ConfigError("data.source = 'cache' needs data.cache_dir (a folder written by scripts/cache_activations.py).")
+            raise ConfigError(
+                "data.source = 'cache' needs data.cache_dir (a folder written by scripts/cache_activations.py)."
+            )
         self.folder = Path(d.cache_dir)
         self.meta = meta = read_meta(self.folder)
         columns = check_meta(job_config, meta, self.folder)
@@ -224,9 +229,47 @@ class CacheSource(ActivationSource):
         self._check_describe(sd.get("describe"))
         self.buffer.load_state_dict(sd["buffer"])
 
+    def load_state_dict_from_ranks(self, sds: list[dict[str, Any]]) -> None:
+        """Resume on a different number of ranks (approximate): continue the same epoch's order.
+
+        Each epoch's order does not depend on the rank count, so every new rank starts at the first
+        position of that order some old rank had not yet reached (no block is skipped; blocks the
+        old buffers held are read again). The shuffle buffer starts fresh.
+        """
+        for sd in sds:
+            self._check_describe(sd.get("describe"))
+        n, old = self.blocks.n_blocks, len(sds)
+        positions = []  # global positions (epoch * n + index in that epoch's order) reached
+        for r, sd in enumerate(sds):
+            if not sd["buffer"]["started"]:
+                return
+            per_epoch = len(range(r, n, old))
+            k = min(_ks(sd["buffer"]["loader"]) or [0])
+            epoch, i = divmod(k, per_epoch)
+            positions.append(epoch * n + r + i * old)
+        epoch, g = divmod(min(positions), n)
+        new = self.blocks
+        new.start = epoch * new.per_epoch + max(0, g - new.dp_rank) // new.dp_degree
+        logger.warning(
+            "Resuming the activation cache from %d saved ranks at epoch %d, block %d of its order "
+            "(approximate: blocks in the old buffers are read again).",
+            old,
+            epoch,
+            g,
+        )
+
     def close(self) -> None:
         self.buffer.close()
         self.buffer._it = None
+
+
+def _ks(obj: Any) -> list[int]:
+    """Every ``CacheBlocks`` position inside a loader state (one per DataLoader worker)."""
+    if isinstance(obj, dict):
+        if set(obj) == {"k"}:
+            return [] if obj["k"] is None else [int(obj["k"])]
+        return [k for v in obj.values() for k in _ks(v)]
+    return []
 
 
 def _as_rows(block: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

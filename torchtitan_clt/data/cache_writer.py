@@ -55,7 +55,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _plan(job_config: Any, llm: Any, layers: list[int], rows: int, shard_rows: int, dtype: str, world: int) -> dict:
+def _plan(
+    job_config: Any, llm: Any, layers: list[int], rows: int, shard_rows: int, dtype: str, world: int
+) -> dict:
     """What the cache holds and how it is laid out (the part of meta.json known before writing)."""
     d = job_config.data
     block_rows = d.llm_batch_size * (d.seq_len - 1)
@@ -258,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--rows", type=int, help="activation rows (tokens trained on, BOS excluded)")
     size.add_argument("--tokens", type=int, help="text tokens to read (contexts × seq_len, BOS included)")
-    ap.add_argument("--shard-rows", type=int, default=16_384, help="rows per shard (rounded to whole LLM batches)")
+    ap.add_argument(
+        "--shard-rows", type=int, default=16_384, help="rows per shard (rounded to whole LLM batches)"
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--device", default="auto", help="auto: the local GPU if any, else cpu")
     args, rest = ap.parse_known_args(argv)

@@ -137,7 +137,14 @@ class StreamSource(ActivationSource):
         buffer_device = self.device if d.buffer_device == "auto" else torch.device(d.buffer_device)
         prefetch = d.prefetch and self.tp_size == 1  # the TP all-gather must stay on the main thread
         self.buffer = ShuffleBuffer(
-            self.loader, self._extract, d.buffer_tokens, d.buffer_passes, buffer_device, ctx.seed, prefetch, self.llm_lock
+            self.loader,
+            self._extract,
+            d.buffer_tokens,
+            d.buffer_passes,
+            buffer_device,
+            ctx.seed,
+            prefetch,
+            self.llm_lock,
         )
         rows = d.buffer_tokens * self.n_layers * (self.d_in + self.d_out) * llm_dtype.itemsize
         logger.info(

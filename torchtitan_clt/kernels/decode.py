@@ -58,7 +58,7 @@ class CLTSparseDecodeTorch(torch.autograd.Function):
         out = b_dec.to(dt).expand(n, n_layers, d).contiguous()
         flat = out.view(n, n_layers * d)
         for s, w in enumerate(w_list):
-            flat[:, s * d:] += lay.decode(s, vals_e, w.reshape(w.shape[0], -1))
+            flat[:, s * d :] += lay.decode(s, vals_e, w.reshape(w.shape[0], -1))
         ctx.save_for_backward(idx, vals_e, *w_list)
         ctx.lay, ctx.d, ctx.vals_dtype = lay, d, vals.dtype
         return out
@@ -72,7 +72,7 @@ class CLTSparseDecodeTorch(torch.autograd.Function):
         g_vals, g_ws, g_es = None, [], []
         for s, w in enumerate(w_list):
             w2 = w.reshape(w.shape[0], -1)
-            gs = g[:, s * d:].to(w.dtype)
+            gs = g[:, s * d :].to(w.dtype)
             if ctx.needs_input_grad[1]:
                 g_es.append(lay.grad_vals(s, w2, gs))
             g_ws.append(lay.grad_weight(s, vals_e, gs).view_as(w) if ctx.needs_input_grad[3 + s] else None)
@@ -86,8 +86,13 @@ def decode_torch(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> torc
     return SparseDecodeTorch.apply(idx, vals, w)
 
 
-def grad_weight_torch(idx: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, n_features: int,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grad_weight_torch(
+    idx: torch.Tensor,
+    vals: torch.Tensor,
+    g: torch.Tensor,
+    n_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """``[F, D]``: sum over entries of ``vals[n, j] * g[n]`` into row ``idx[n, j]``."""
     lay = Layout.build(idx[:, None], n_features)
     return lay.grad_weight(0, lay.flat(vals[:, None]), g).to(dtype)
@@ -158,8 +163,9 @@ class CLTSparseDecodeTriton(torch.autograd.Function):
         out = b_dec.float().expand(n, n_layers, d).contiguous()  # [N, L, d] fp32 accumulator
         flat = out.view(n, n_layers * d)
         for s, w in enumerate(w_list):
-            dt.decode_forward(idx[:, s], vals[:, s], w.reshape(w.shape[0], -1), flat[:, s * d:],
-                              accumulate=True)
+            dt.decode_forward(
+                idx[:, s], vals[:, s], w.reshape(w.shape[0], -1), flat[:, s * d :], accumulate=True
+            )
         ctx.save_for_backward(idx, vals, *w_list)
         ctx.d = d
         dtype = out_dtype(vals, w_list[0]) if w_list else vals.dtype
@@ -177,12 +183,13 @@ class CLTSparseDecodeTriton(torch.autograd.Function):
         g_ws = []
         for s, w in enumerate(w_list):
             w2 = w.reshape(w.shape[0], -1)
-            gs = g[:, s * d:]
+            gs = g[:, s * d :]
             if g_vals is not None:
                 g_vals[:, s] = dt.decode_grad_vals(idx[:, s], w2, gs)
             if ctx.needs_input_grad[3 + s]:
-                g_ws.append(dt.decode_grad_weight(idx[:, s], vals[:, s], gs, w.shape[0],
-                                                  dtype=w.dtype).view_as(w))
+                g_ws.append(
+                    dt.decode_grad_weight(idx[:, s], vals[:, s], gs, w.shape[0], dtype=w.dtype).view_as(w)
+                )
             else:
                 g_ws.append(None)
         g_b = grad_out.sum(0) if ctx.needs_input_grad[2] else None

@@ -22,8 +22,21 @@ _BLOCK_E = 16
 
 
 @triton.jit
-def _fwd_kernel(idx_ptr, val_ptr, w_ptr, out_ptr, K, D, s_in, s_vn, s_wf, s_on,
-                ACCUMULATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd_kernel(
+    idx_ptr,
+    val_ptr,
+    w_ptr,
+    out_ptr,
+    K,
+    D,
+    s_in,
+    s_vn,
+    s_wf,
+    s_on,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     n = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -34,8 +47,11 @@ def _fwd_kernel(idx_ptr, val_ptr, w_ptr, out_ptr, K, D, s_in, s_vn, s_wf, s_on,
         i = tl.load(idx_ptr + n * s_in + offs_k, mask=kmask, other=-1)
         v = tl.load(val_ptr + n * s_vn + offs_k, mask=kmask, other=0.0).to(tl.float32)
         valid = i >= 0
-        w = tl.load(w_ptr + i[:, None].to(tl.int64) * s_wf + offs_d[None, :],
-                    mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + i[:, None].to(tl.int64) * s_wf + offs_d[None, :],
+            mask=valid[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(w * v[:, None], axis=0)
     o_ptrs = out_ptr + n * s_on + offs_d
     if ACCUMULATE:
@@ -44,8 +60,9 @@ def _fwd_kernel(idx_ptr, val_ptr, w_ptr, out_ptr, K, D, s_in, s_vn, s_wf, s_on,
 
 
 @triton.jit
-def _bwd_vals_kernel(idx_ptr, w_ptr, g_ptr, gv_ptr, K, D, s_in, s_wf, s_gn, s_gvn,
-                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_vals_kernel(
+    idx_ptr, w_ptr, g_ptr, gv_ptr, K, D, s_in, s_wf, s_gn, s_gvn, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
+):
     n = tl.program_id(0).to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = offs_k < K
@@ -63,8 +80,19 @@ def _bwd_vals_kernel(idx_ptr, w_ptr, g_ptr, gv_ptr, K, D, s_in, s_wf, s_gn, s_gv
 
 
 @triton.jit
-def _bwd_weight_kernel(start_ptr, end_ptr, rows_ptr, vals_ptr, g_ptr, gw_ptr, D, s_gn, s_gwf,
-                       BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_weight_kernel(
+    start_ptr,
+    end_ptr,
+    rows_ptr,
+    vals_ptr,
+    g_ptr,
+    gw_ptr,
+    D,
+    s_gn,
+    s_gwf,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     f = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -76,8 +104,9 @@ def _bwd_weight_kernel(start_ptr, end_ptr, rows_ptr, vals_ptr, g_ptr, gw_ptr, D,
         emask = offs_e < end
         r = tl.load(rows_ptr + offs_e, mask=emask, other=0).to(tl.int64)
         v = tl.load(vals_ptr + offs_e, mask=emask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + r[:, None] * s_gn + offs_d[None, :],
-                    mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        g = tl.load(
+            g_ptr + r[:, None] * s_gn + offs_d[None, :], mask=emask[:, None] & dmask[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.sum(g * v[:, None], axis=0)
     tl.store(gw_ptr + f * s_gwf + offs_d, acc.to(gw_ptr.dtype.element_ty), mask=dmask)
 
@@ -85,16 +114,19 @@ def _bwd_weight_kernel(start_ptr, end_ptr, rows_ptr, vals_ptr, g_ptr, gw_ptr, D,
 def _check_rows(*ts: torch.Tensor) -> None:
     for t in ts:
         if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-            raise ValueError(f"expected a 2-D view with unit column stride, got shape "
-                             f"{tuple(t.shape)} strides {t.stride()}")
+            raise ValueError(
+                f"expected a 2-D view with unit column stride, got shape "
+                f"{tuple(t.shape)} strides {t.stride()}"
+            )
 
 
 def _block_d(d: int) -> int:
     return min(_BLOCK_D, triton.next_power_of_2(max(d, 16)))
 
 
-def decode_forward(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
-                   accumulate: bool = False) -> torch.Tensor:
+def decode_forward(
+    idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor, out: torch.Tensor, accumulate: bool = False
+) -> torch.Tensor:
     """``out [N, D] (+)= sparse(idx, vals) @ w``; idx/vals ``[N, K]``, w ``[F, D]``. In place."""
     _check_rows(idx, vals, w, out)
     n, k = idx.shape
@@ -103,8 +135,19 @@ def decode_forward(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor, out: 
         return out
     bd = _block_d(d)
     _fwd_kernel[(n, triton.cdiv(d, bd))](
-        idx, vals, w, out, k, d, idx.stride(0), vals.stride(0), w.stride(0), out.stride(0),
-        ACCUMULATE=accumulate, BLOCK_K=_BLOCK_K, BLOCK_D=bd,
+        idx,
+        vals,
+        w,
+        out,
+        k,
+        d,
+        idx.stride(0),
+        vals.stride(0),
+        w.stride(0),
+        out.stride(0),
+        ACCUMULATE=accumulate,
+        BLOCK_K=_BLOCK_K,
+        BLOCK_D=bd,
     )
     return out
 
@@ -118,8 +161,18 @@ def decode_grad_vals(idx: torch.Tensor, w: torch.Tensor, grad_out: torch.Tensor)
         return gv
     d = w.shape[1]
     _bwd_vals_kernel[(n, triton.cdiv(k, _BLOCK_K))](
-        idx, w, grad_out, gv, k, d, idx.stride(0), w.stride(0), grad_out.stride(0), gv.stride(0),
-        BLOCK_K=_BLOCK_K, BLOCK_D=_block_d(d),
+        idx,
+        w,
+        grad_out,
+        gv,
+        k,
+        d,
+        idx.stride(0),
+        w.stride(0),
+        grad_out.stride(0),
+        gv.stride(0),
+        BLOCK_K=_BLOCK_K,
+        BLOCK_D=_block_d(d),
     )
     return gv
 
@@ -137,8 +190,13 @@ def group_by_feature(idx: torch.Tensor, vals: torch.Tensor, n_features: int):
     return bounds[:-1].contiguous(), bounds[1:].contiguous(), rows, v
 
 
-def decode_grad_weight(idx: torch.Tensor, vals: torch.Tensor, grad_out: torch.Tensor, n_features: int,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def decode_grad_weight(
+    idx: torch.Tensor,
+    vals: torch.Tensor,
+    grad_out: torch.Tensor,
+    n_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """``grad_W [F, D]`` = sum over entries of ``vals * grad_out[row]`` into row ``idx``; zeros
     elsewhere. ``grad_out [N, D]`` may be a strided view."""
     _check_rows(grad_out)
@@ -149,7 +207,16 @@ def decode_grad_weight(idx: torch.Tensor, vals: torch.Tensor, grad_out: torch.Te
     start, end, rows, v = group_by_feature(idx, vals, n_features)
     bd = _block_d(d)
     _bwd_weight_kernel[(n_features, triton.cdiv(d, bd))](
-        start, end, rows, v, grad_out, gw, d, grad_out.stride(0), gw.stride(0),
-        BLOCK_E=_BLOCK_E, BLOCK_D=bd,
+        start,
+        end,
+        rows,
+        v,
+        grad_out,
+        gw,
+        d,
+        grad_out.stride(0),
+        gw.stride(0),
+        BLOCK_E=_BLOCK_E,
+        BLOCK_D=bd,
     )
     return gw

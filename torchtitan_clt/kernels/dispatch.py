@@ -42,8 +42,9 @@ def topk_select(h: torch.Tensor, k: int, backend: str | None = None) -> tuple[to
     return _sel_torch.topk_select(h, k)
 
 
-def batchtopk_threshold(h: torch.Tensor, k_total: int, scope: str = "layer",
-                        backend: str | None = None, tp_group=None) -> torch.Tensor:
+def batchtopk_threshold(
+    h: torch.Tensor, k_total: int, scope: str = "layer", backend: str | None = None, tp_group=None
+) -> torch.Tensor:
     """``h [N, L, F]`` -> ``tau [L]`` fp32, the ``k_total``-th largest value of each layer
     (``scope="layer"``) or of all layers jointly (``"all"``, repeated L times). +inf if k_total<=0.
     Found by selection (radix select on the float bits / topk candidates + quickselect), never a
@@ -69,8 +70,9 @@ def batchtopk_threshold(h: torch.Tensor, k_total: int, scope: str = "layer",
     return tau.expand(n_layers).contiguous()
 
 
-def compact(h: torch.Tensor, tau: torch.Tensor, mode: str = "positive",
-            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(
+    h: torch.Tensor, tau: torch.Tensor, mode: str = "positive", backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep entries of ``h [N, G, M]`` by threshold ``tau [G]``: ``mode="positive"`` keeps
     ``h >= tau and h > 0``, ``"ge"`` keeps ``h >= tau``, ``"nonzero"`` keeps ``h != 0`` (turns dense
     activations into the sparse layout). Returns ``(idx, vals)`` ``[N, G, K]``."""
@@ -86,8 +88,14 @@ def compact(h: torch.Tensor, tau: torch.Tensor, mode: str = "positive",
     return idx, _gather_vals(h, idx)
 
 
-def batchtopk_select(h: torch.Tensor, k: int, scope: str = "layer", positive: bool = True,
-                     backend: str | None = None, tp_group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batchtopk_select(
+    h: torch.Tensor,
+    k: int,
+    scope: str = "layer",
+    positive: bool = True,
+    backend: str | None = None,
+    tp_group=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchTopK: ``h [N, L, F]`` -> ``(idx, vals [N, L, K], tau [L])``. Keeps the ``k*N`` largest
     per layer (``scope="layer"``) or ``k*N*L`` over all layers (``"all"``); entries equal to the
     threshold are all kept. ``positive``: also drop entries <= 0 (BatchTopK of ReLU(h)).
@@ -112,8 +120,13 @@ def _dense_by_density(idx: torch.Tensor, n_features: int, density_threshold: flo
     return n_features > 0 and idx.shape[-1] / n_features > thr
 
 
-def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor, backend: str | None = None,
-                  density_threshold: float | None = None) -> torch.Tensor:
+def sparse_decode(
+    idx: torch.Tensor,
+    vals: torch.Tensor,
+    w: torch.Tensor,
+    backend: str | None = None,
+    density_threshold: float | None = None,
+) -> torch.Tensor:
     """``out [N, D] = sum_j vals[n, j] * w[idx[n, j]]`` (fp32 accumulation), ``idx/vals [N, K]``,
     ``w [F, D]``. Differentiable in ``vals`` and ``w``. Runs dense above the density threshold."""
     if _dense_by_density(idx, w.shape[0], density_threshold):
@@ -123,8 +136,14 @@ def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor, backen
     return _dec.decode_torch(idx, vals, w)
 
 
-def sparse_grad_weight(idx: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, n_features: int,
-                       dtype: torch.dtype = torch.float32, backend: str | None = None) -> torch.Tensor:
+def sparse_grad_weight(
+    idx: torch.Tensor,
+    vals: torch.Tensor,
+    g: torch.Tensor,
+    n_features: int,
+    dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
+) -> torch.Tensor:
     """``[F, D]``: sparse outer products ``sum vals[n, j] * g[n]`` into rows ``idx[n, j]`` (the
     weight gradient of ``sparse_decode``; also the sparse encoder's weight gradient, ``g = x``)."""
     if resolve_backend(g, backend) == "triton":
@@ -134,8 +153,9 @@ def sparse_grad_weight(idx: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, n
     return _dec.grad_weight_torch(idx, vals, g, n_features, dtype)
 
 
-def sparse_encoder_grads(idx: torch.Tensor, g_vals: torch.Tensor, x: torch.Tensor, n_features: int,
-                         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_encoder_grads(
+    idx: torch.Tensor, g_vals: torch.Tensor, x: torch.Tensor, n_features: int, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of ``h = W_enc x + b_enc`` when only the selected entries of h get gradient:
     ``idx, g_vals [N, L, K]``, ``x [N, L, d]`` -> ``(grad W_enc [L, F, d] fp32, grad b_enc [L, F])``,
     sparse outer products grouped by feature (never a dense ``[N, L, F]`` gradient)."""
@@ -144,17 +164,29 @@ def sparse_encoder_grads(idx: torch.Tensor, g_vals: torch.Tensor, x: torch.Tenso
     from torchtitan_clt.kernels import decode_triton
 
     n_layers = idx.shape[1]
-    g_w = torch.stack([decode_triton.decode_grad_weight(idx[:, li], g_vals[:, li], x[:, li], n_features)
-                       for li in range(n_layers)])
+    g_w = torch.stack(
+        [
+            decode_triton.decode_grad_weight(idx[:, li], g_vals[:, li], x[:, li], n_features)
+            for li in range(n_layers)
+        ]
+    )
     g_b = torch.zeros((n_layers, n_features), dtype=torch.float32, device=x.device)
-    g_b.scatter_add_(1, idx.clamp(min=0).transpose(0, 1).reshape(n_layers, -1),
-                     torch.where(idx >= 0, g_vals, 0).float().transpose(0, 1).reshape(n_layers, -1))
+    g_b.scatter_add_(
+        1,
+        idx.clamp(min=0).transpose(0, 1).reshape(n_layers, -1),
+        torch.where(idx >= 0, g_vals, 0).float().transpose(0, 1).reshape(n_layers, -1),
+    )
     return g_w, g_b
 
 
-def clt_sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w_dec: Sequence[torch.Tensor],
-                      b_dec: torch.Tensor, backend: str | None = None,
-                      density_threshold: float | None = None) -> torch.Tensor:
+def clt_sparse_decode(
+    idx: torch.Tensor,
+    vals: torch.Tensor,
+    w_dec: Sequence[torch.Tensor],
+    b_dec: torch.Tensor,
+    backend: str | None = None,
+    density_threshold: float | None = None,
+) -> torch.Tensor:
     """CLT decoder: ``y_hat[:, t] = b_dec[t] + sum_{s<=t} W_dec,s[:, t-s]^T a_s``.
 
     ``idx, vals [N, L, K]`` (source layer s = ``idx[:, s]``), ``w_dec[s] [F, L-s, d]`` (feature-major:
@@ -177,12 +209,20 @@ def clt_sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w_dec: Sequence[tor
     return out
 
 
-def plt_sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor,
-                      backend: str | None = None, density_threshold: float | None = None) -> torch.Tensor:
+def plt_sparse_decode(
+    idx: torch.Tensor,
+    vals: torch.Tensor,
+    w_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    backend: str | None = None,
+    density_threshold: float | None = None,
+) -> torch.Tensor:
     """PLT / SAE decoder: ``y_hat[:, l] = b_dec[l] + W_dec[l]^T a_l``; ``idx, vals [N, L, K]``,
     ``w_dec [L, F, d]``, ``b_dec [L, d]`` -> ``[N, L, d]``."""
-    outs = [sparse_decode(idx[:, li], vals[:, li], w_dec[li], backend, density_threshold)
-            for li in range(w_dec.shape[0])]
+    outs = [
+        sparse_decode(idx[:, li], vals[:, li], w_dec[li], backend, density_threshold)
+        for li in range(w_dec.shape[0])
+    ]
     return torch.stack(outs, 1) + b_dec
 
 
@@ -192,8 +232,9 @@ def decoder_row_norms(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1).float().norm(dim=1)
 
 
-def tanh_sparsity_sparse(idx: torch.Tensor, vals: torch.Tensor, norms: torch.Tensor,
-                         c: float = 1.0) -> torch.Tensor:
+def tanh_sparsity_sparse(
+    idx: torch.Tensor, vals: torch.Tensor, norms: torch.Tensor, c: float = 1.0
+) -> torch.Tensor:
     """``sum over active entries of tanh(c * a * ||W_dec,i||)`` per layer: ``idx/vals [N, L, K]``,
     ``norms [L, F]`` -> ``[L]`` (sum over tokens and features; divide by N for a mean)."""
     valid = idx >= 0

@@ -40,8 +40,9 @@ class Layout:
         valid = idx_l >= 0
         feats = torch.masked_select(idx_l, valid)
         rows = torch.masked_select(torch.arange(n, device=dev)[None, :, None].expand(n_layers, n, k), valid)
-        layer_of = torch.masked_select(torch.arange(n_layers, device=dev)[:, None, None].expand(n_layers, n, k),
-                                       valid)
+        layer_of = torch.masked_select(
+            torch.arange(n_layers, device=dev)[:, None, None].expand(n_layers, n, k), valid
+        )
         counts = valid.sum(-1)  # [L, N]
         row_offsets = torch.zeros((n_layers, n + 1), dtype=torch.long, device=dev)
         row_offsets[:, 1:] = counts.cumsum(1)
@@ -50,8 +51,9 @@ class Layout:
         by_feature = torch.argsort(key, stable=True)
         bag_counts = torch.bincount(key, minlength=n_layers * n_features)
         bag_offsets = bag_counts.cumsum(0) - bag_counts
-        return cls(n, n_features, valid, feats, rows, layer_of, layer_start, row_offsets, by_feature,
-                   bag_offsets)
+        return cls(
+            n, n_features, valid, feats, rows, layer_of, layer_start, row_offsets, by_feature, bag_offsets
+        )
 
     def flat(self, t: torch.Tensor) -> torch.Tensor:
         """``[N, L, K]`` -> ``[E]`` in entry order."""
@@ -70,8 +72,13 @@ class Layout:
         sl = self.span(layer)
         if sl.start == sl.stop:
             return torch.zeros((self.n_tokens, w.shape[1]), dtype=w.dtype, device=w.device)
-        return F.embedding_bag(self.feats[sl], w, self.row_offsets[layer, :-1], mode="sum",
-                               per_sample_weights=vals_e[sl].to(w.dtype))
+        return F.embedding_bag(
+            self.feats[sl],
+            w,
+            self.row_offsets[layer, :-1],
+            mode="sum",
+            per_sample_weights=vals_e[sl].to(w.dtype),
+        )
 
     def grad_vals(self, layer: int, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``[E_layer]``: ``w[feat] . g[row]`` for one layer's entries (a sampled matmul)."""
@@ -82,13 +89,21 @@ class Layout:
         if g.device.type == "cpu" and g.dtype == w.dtype and g.dtype in (torch.float32, torch.float64):
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(self.row_offsets[layer], feats,
-                                                  torch.zeros(feats.numel(), dtype=g.dtype),
-                                                  (self.n_tokens, w.shape[0]), check_invariants=False)
+                pattern = torch.sparse_csr_tensor(
+                    self.row_offsets[layer],
+                    feats,
+                    torch.zeros(feats.numel(), dtype=g.dtype),
+                    (self.n_tokens, w.shape[0]),
+                    check_invariants=False,
+                )
                 return torch.sparse.sampled_addmm(pattern, g, w.T, beta=0.0).values().float()
         chunk = max(1, (_CHUNK_ELEMS * (4 if g.is_cuda else 1)) // max(w.shape[1], 1))
-        return torch.cat([(w[feats[c:c + chunk]].float() * g[rows[c:c + chunk]].float()).sum(-1)
-                          for c in range(0, feats.numel(), chunk)])
+        return torch.cat(
+            [
+                (w[feats[c : c + chunk]].float() * g[rows[c : c + chunk]].float()).sum(-1)
+                for c in range(0, feats.numel(), chunk)
+            ]
+        )
 
     def grad_weight(self, layer: int, vals_e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``[F, D]``: sum over one layer's entries of ``vals * g[row]`` into row ``feat``: one
@@ -98,9 +113,14 @@ class Layout:
             return torch.zeros((self.n_features, g.shape[1]), dtype=g.dtype, device=g.device)
         order = self.by_feature[sl]  # layer-major sort: this layer's entries sit in its own span
         f0 = layer * self.n_features
-        offsets = self.bag_offsets[f0:f0 + self.n_features] - sl.start
-        return F.embedding_bag(self.rows.index_select(0, order), g, offsets, mode="sum",
-                               per_sample_weights=vals_e.index_select(0, order).to(g.dtype))
+        offsets = self.bag_offsets[f0 : f0 + self.n_features] - sl.start
+        return F.embedding_bag(
+            self.rows.index_select(0, order),
+            g,
+            offsets,
+            mode="sum",
+            per_sample_weights=vals_e.index_select(0, order).to(g.dtype),
+        )
 
     def grad_weight_all(self, vals_e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``[L, F, d]`` for every layer in one call: ``x [N, L, d]`` as a table of N*L rows."""
@@ -109,6 +129,11 @@ class Layout:
         if not self.feats.numel():
             return torch.zeros((n_layers, self.n_features, x.shape[-1]), dtype=x.dtype, device=x.device)
         table_rows = (self.rows * n_layers + self.layer_of).index_select(0, self.by_feature)
-        out = F.embedding_bag(table_rows, x2, self.bag_offsets, mode="sum",
-                              per_sample_weights=vals_e.index_select(0, self.by_feature).to(x.dtype))
+        out = F.embedding_bag(
+            table_rows,
+            x2,
+            self.bag_offsets,
+            mode="sum",
+            per_sample_weights=vals_e.index_select(0, self.by_feature).to(x.dtype),
+        )
         return out.view(n_layers, self.n_features, -1)

@@ -71,8 +71,9 @@ def _threshold_with_candidates(h: torch.Tensor, k_total: int, scope: str, k_row:
         c = min(f, 4 * c)
 
 
-def batchtopk_threshold(h: torch.Tensor, k_total: int, scope: str = "layer", k_row: int = 0,
-                        tp_group=None) -> torch.Tensor:
+def batchtopk_threshold(
+    h: torch.Tensor, k_total: int, scope: str = "layer", k_row: int = 0, tp_group=None
+) -> torch.Tensor:
     """``h [N, L, F]`` -> ``tau [L]`` (fp32; fp64 for fp64 input): the k_total-th largest value per
     layer (``layer``) or over all layers jointly (``all``, the same value repeated). Selection
     (per-row topk candidates + quickselect), never a full sort. ``k_row``: first guess of how many

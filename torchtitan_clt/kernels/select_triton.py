@@ -28,8 +28,20 @@ def _order_key(x):
 
 
 @triton.jit
-def _radix_hist_kernel(h_ptr, part_ptr, prefix_ptr, A, M, rows_per_prog, s_a, s_g, s_m,
-                       SHIFT: tl.constexpr, IS_TOP: tl.constexpr, BLOCK: tl.constexpr):
+def _radix_hist_kernel(
+    h_ptr,
+    part_ptr,
+    prefix_ptr,
+    A,
+    M,
+    rows_per_prog,
+    s_a,
+    s_g,
+    s_m,
+    SHIFT: tl.constexpr,
+    IS_TOP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     g = tl.program_id(0)
     p = tl.program_id(1)
     n_prog = tl.num_programs(1)
@@ -57,7 +69,9 @@ def _radix_hist_kernel(h_ptr, part_ptr, prefix_ptr, A, M, rows_per_prog, s_a, s_
     tl.store(part_ptr + (g * n_prog + p) * 512 + tl.arange(0, 512), hist)
 
 
-def radix_kth_largest(h3: torch.Tensor, kth: torch.Tensor, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+def radix_kth_largest(
+    h3: torch.Tensor, kth: torch.Tensor, tp_group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``h3 [A, G, M]`` (any strides), ``kth [G]`` int64 in [1, A*M] -> ``(tau [G] fp32, krem [G])``:
     tau the kth-largest value of each group; krem how many elements equal to tau are needed to make
     exactly kth (the rest of the kth are > tau). ``tp_group``: the elements are sharded over these
@@ -73,8 +87,16 @@ def radix_kth_largest(h3: torch.Tensor, kth: torch.Tensor, tp_group=None) -> tup
     for shift in (24, 16, 8, 0):
         prefix_s = (prefix_u - 2**31).to(torch.int32)
         _radix_hist_kernel[(g_dim, n_prog)](
-            h3, part, prefix_s, a_dim, m_dim, rows_per_prog, *h3.stride(),
-            SHIFT=shift, IS_TOP=(shift == 24), BLOCK=block,
+            h3,
+            part,
+            prefix_s,
+            a_dim,
+            m_dim,
+            rows_per_prog,
+            *h3.stride(),
+            SHIFT=shift,
+            IS_TOP=(shift == 24),
+            BLOCK=block,
         )
         hist = part.sum(1, dtype=torch.int64)[:, :256].contiguous()  # [G, 256]
         if tp_group is not None:
@@ -92,8 +114,24 @@ def radix_kth_largest(h3: torch.Tensor, kth: torch.Tensor, tp_group=None) -> tup
 
 
 @triton.jit
-def _compact_kernel(h_ptr, tau_ptr, krem_ptr, idx_ptr, cnt_ptr, G, M, s_a, s_g, s_m, s_oa, s_og,
-                    MODE: tl.constexpr, EXACT: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+def _compact_kernel(
+    h_ptr,
+    tau_ptr,
+    krem_ptr,
+    idx_ptr,
+    cnt_ptr,
+    G,
+    M,
+    s_a,
+    s_g,
+    s_m,
+    s_oa,
+    s_og,
+    MODE: tl.constexpr,
+    EXACT: tl.constexpr,
+    WRITE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # MODE 0: h >= tau and h > 0; 1: h >= tau; 2: h != 0.  EXACT: take h > tau plus the first
     # krem[g] entries equal to tau (TopK: exactly k per row). WRITE=False only counts.
     a = tl.program_id(0)
@@ -143,14 +181,41 @@ def compact(h3: torch.Tensor, tau: torch.Tensor, mode: str = "positive") -> torc
     tau = tau.to(device=h3.device, dtype=torch.float32).contiguous()
     counts = torch.empty((a_dim, g_dim), dtype=torch.int32, device=h3.device)
     block = _block_for(m_dim)
-    _compact_kernel[(a_dim, g_dim)](h3, tau, tau, counts, counts, g_dim, m_dim, *h3.stride(), 0, 0,
-                                    MODE=_MODE_ID[mode], EXACT=False, WRITE=False, BLOCK=block)
+    _compact_kernel[(a_dim, g_dim)](
+        h3,
+        tau,
+        tau,
+        counts,
+        counts,
+        g_dim,
+        m_dim,
+        *h3.stride(),
+        0,
+        0,
+        MODE=_MODE_ID[mode],
+        EXACT=False,
+        WRITE=False,
+        BLOCK=block,
+    )
     width = int(counts.max()) if counts.numel() else 0
     idx = torch.full((a_dim, g_dim, width), -1, dtype=torch.long, device=h3.device)
     if width > 0:
-        _compact_kernel[(a_dim, g_dim)](h3, tau, tau, idx, counts, g_dim, m_dim, *h3.stride(),
-                                        idx.stride(0), idx.stride(1),
-                                        MODE=_MODE_ID[mode], EXACT=False, WRITE=True, BLOCK=block)
+        _compact_kernel[(a_dim, g_dim)](
+            h3,
+            tau,
+            tau,
+            idx,
+            counts,
+            g_dim,
+            m_dim,
+            *h3.stride(),
+            idx.stride(0),
+            idx.stride(1),
+            MODE=_MODE_ID[mode],
+            EXACT=False,
+            WRITE=True,
+            BLOCK=block,
+        )
     return idx
 
 
@@ -161,7 +226,20 @@ def topk_select(h: torch.Tensor, k: int) -> torch.Tensor:
     kth = torch.full((n,), k, dtype=torch.long, device=h.device)
     tau, krem = radix_kth_largest(h3, kth)
     idx = torch.empty((1, n, k), dtype=torch.long, device=h.device)
-    _compact_kernel[(1, n)](h3, tau, krem.to(torch.int32), idx, idx, n, m, *h3.stride(),
-                            idx.stride(0), idx.stride(1),
-                            MODE=1, EXACT=True, WRITE=True, BLOCK=_block_for(m))
+    _compact_kernel[(1, n)](
+        h3,
+        tau,
+        krem.to(torch.int32),
+        idx,
+        idx,
+        n,
+        m,
+        *h3.stride(),
+        idx.stride(0),
+        idx.stride(1),
+        MODE=1,
+        EXACT=True,
+        WRITE=True,
+        BLOCK=_block_for(m),
+    )
     return idx[0]

@@ -53,10 +53,15 @@ class SparseEncodeBatchTopK(torch.autograd.Function):
             g_w, g_b = dispatch.sparse_encoder_grads(idx, g_vals, x, n_features, ctx.backend)
             g_w, g_b = g_w.to(w_enc.dtype), g_b.to(w_enc.dtype)
         if ctx.needs_input_grad[0]:
-            g_x = torch.stack([
-                dispatch.sparse_decode(idx[:, li], g_vals[:, li], w_enc[li], ctx.backend, density_threshold=1.0)
-                for li in range(n_layers)
-            ], 1).to(ctx.x_dtype)
+            g_x = torch.stack(
+                [
+                    dispatch.sparse_decode(
+                        idx[:, li], g_vals[:, li], w_enc[li], ctx.backend, density_threshold=1.0
+                    )
+                    for li in range(n_layers)
+                ],
+                1,
+            ).to(ctx.x_dtype)
         return g_x, g_w, g_b, None, None, None, None, None
 
 
@@ -100,10 +105,19 @@ class _SumOverShards(torch.autograd.Function):
         return g, None
 
 
-def clt_sparse_forward(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
-                       w_dec: Sequence[torch.Tensor], b_dec: torch.Tensor, k: int, scope: str = "layer",
-                       positive: bool = True, backend: str | None = None,
-                       density_threshold: float | None = None, tp_group=None) -> SparseCLTOutput:
+def clt_sparse_forward(
+    x: torch.Tensor,
+    w_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    w_dec: Sequence[torch.Tensor],
+    b_dec: torch.Tensor,
+    k: int,
+    scope: str = "layer",
+    positive: bool = True,
+    backend: str | None = None,
+    density_threshold: float | None = None,
+    tp_group=None,
+) -> SparseCLTOutput:
     """CLT forward with BatchTopK, sparse end to end. ``x [N, L, d_in]``, ``w_enc [L, F, d_in]``,
     ``b_enc [L, F]``, ``w_dec[s] [F, L-s, d_out]``, ``b_dec [L, d_out]``.
 
@@ -114,7 +128,9 @@ def clt_sparse_forward(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor
     if tp_group is None:
         y_hat = dispatch.clt_sparse_decode(idx, vals, w_dec, b_dec, backend, density_threshold)
     else:
-        part = dispatch.clt_sparse_decode(idx, vals, w_dec, torch.zeros_like(b_dec), backend, density_threshold)
+        part = dispatch.clt_sparse_decode(
+            idx, vals, w_dec, torch.zeros_like(b_dec), backend, density_threshold
+        )
         y_hat = _SumOverShards.apply(part, tp_group) + b_dec
     return SparseCLTOutput(idx, vals, tau, y_hat)
 
@@ -125,14 +141,27 @@ def _losses(y_hat, y, sparsity, n):
     return loss, {"recon": recon.detach(), "sparsity": (sparsity / max(n, 1)).detach()}
 
 
-def clt_sparse_loss(x, y, w_enc, b_enc, w_dec, b_dec, k: int, scope: str = "layer",
-                    lambda_sparsity: float = 0.0, tanh_c: float = 1.0, backend: str | None = None,
-                    density_threshold: float | None = None, tp_group=None):
+def clt_sparse_loss(
+    x,
+    y,
+    w_enc,
+    b_enc,
+    w_dec,
+    b_dec,
+    k: int,
+    scope: str = "layer",
+    lambda_sparsity: float = 0.0,
+    tanh_c: float = 1.0,
+    backend: str | None = None,
+    density_threshold: float | None = None,
+    tp_group=None,
+):
     """``(loss, terms)``: squared error summed over layers and dims, mean over tokens, plus
     ``lambda * sum tanh(c * a * ||W_dec,i||) / N`` over the active entries only. With
     ``tp_group`` (see ``clt_sparse_forward``) the loss is the global one on every rank."""
-    out = clt_sparse_forward(x, w_enc, b_enc, w_dec, b_dec, k, scope, True, backend, density_threshold,
-                             tp_group)
+    out = clt_sparse_forward(
+        x, w_enc, b_enc, w_dec, b_dec, k, scope, True, backend, density_threshold, tp_group
+    )
     sparsity = torch.zeros((), device=x.device)
     if lambda_sparsity:
         norms = torch.stack([dispatch.decoder_row_norms(w) for w in w_dec])  # [L, F]
@@ -142,8 +171,18 @@ def clt_sparse_loss(x, y, w_enc, b_enc, w_dec, b_dec, k: int, scope: str = "laye
     return _losses(out.y_hat, y, sparsity, x.shape[0])
 
 
-def clt_dense_loss(x, y, w_enc, b_enc, w_dec, b_dec, k: int, scope: str = "layer",
-                   lambda_sparsity: float = 0.0, tanh_c: float = 1.0):
+def clt_dense_loss(
+    x,
+    y,
+    w_enc,
+    b_enc,
+    w_dec,
+    b_dec,
+    k: int,
+    scope: str = "layer",
+    lambda_sparsity: float = 0.0,
+    tanh_c: float = 1.0,
+):
     """The same step with dense activations ``[N, L, F]`` and a dense (matmul) decoder: the
     baseline the sparse step is measured against, and its reference in tests."""
     n, n_layers, _ = x.shape
