@@ -3,7 +3,8 @@
 Importing this package registers the built-in sources in ``data_source_registry``.
 """
 
-from torchtitan_clt.data.cache import CacheSource, build_cache_source, write_activation_cache
+from torchtitan_clt.data.cache import CacheSource, build_cache_source
+from torchtitan_clt.data.cache_writer import write_activation_cache
 from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.hooks import HOOK_POINTS, d_model, hook_module, n_layers
 from torchtitan_clt.data.llm import load_llm

@@ -280,13 +280,6 @@ def build_cache_source(job_config: Any, ctx: SourceContext) -> ActivationSource:
     return CacheSource(job_config, ctx)
 
 
-def write_activation_cache(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
-    """See ``torchtitan_clt.data.cache_writer.write_activation_cache``."""
-    from torchtitan_clt.data.cache_writer import write_activation_cache as write
-
-    return write(*args, **kwargs)
-
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m torchtitan_clt.data.cache`` = ``scripts/cache_activations.py``."""
     from torchtitan_clt.data.cache_writer import main as writer_main

@@ -24,6 +24,12 @@ SCOPES = ("layer", "all")
 
 def _gather_vals(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     # straight-through: d vals / d h is 1 at the selected entries, 0 elsewhere (gather's backward)
+    if h.dim() == 3:  # gathered layer-major ([L, N, K]) so vals share idx's layer-major storage
+        return _gather_last(h.permute(1, 0, 2), idx.permute(1, 0, 2)).permute(1, 0, 2)
+    return _gather_last(h, idx)
+
+
+def _gather_last(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     vals = h.gather(-1, idx.clamp(min=0))
     return torch.where(idx >= 0, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
 

@@ -48,6 +48,8 @@ class Layout:
         row_offsets[:, 1:] = counts.cumsum(1)
         layer_start = [0, *row_offsets[:, -1].cumsum(0).tolist()]
         key = layer_of * n_features + feats
+        if n_layers * n_features < 2**31:  # int32 keys sort about twice as fast
+            key = key.to(torch.int32)
         by_feature = torch.argsort(key, stable=True)
         bag_counts = torch.bincount(key, minlength=n_layers * n_features)
         bag_offsets = bag_counts.cumsum(0) - bag_counts

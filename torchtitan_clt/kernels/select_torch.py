@@ -100,8 +100,10 @@ def batchtopk_select(h: torch.Tensor, k: int, scope: str = "layer", positive: bo
     if positive:
         keep &= cand_v > 0
     width = int(keep.sum(-1).max())
-    ids = torch.where(keep, cand_i, f).sort(-1).values[..., :width]  # kept ids ascending, then f's
-    return ids.masked_fill_(ids == f, -1), tau
+    # kept ids ascending, then f's; stored layer-major ([L, N, K], returned as an [N, L, K] view) so
+    # that the per-layer entry lists downstream are contiguous slices
+    ids = torch.where(keep, cand_i, f).permute(1, 0, 2).sort(-1).values[..., :width].contiguous()
+    return ids.masked_fill_(ids == f, -1).permute(1, 0, 2), tau
 
 
 def _keep_mask(h: torch.Tensor, tau: torch.Tensor, mode: str) -> torch.Tensor:
