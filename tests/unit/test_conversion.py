@@ -94,6 +94,7 @@ def test_topk_conversion_needs_calibration():
     for before, after in zip(rep["l0_before"], rep["l0_after"]):
         assert abs(after - before) <= 0.1 * before, rep
     assert rep["fvu_after_mean"] < raw["fvu_after_mean"]
+    assert rep["thresholds"] == "feature" and raw["thresholds"] == "layer"  # "auto"
 
 
 def test_uncalibrated_batchtopk_conversion_is_its_inference_model():

@@ -202,6 +202,16 @@ def test_meta_mismatch_errors(cache, tmp_path):
         _source("cache", folder, layers=[0, 1])
     with pytest.raises(ConfigError, match="fewer than"):
         _source("cache", folder, dp_rank=0, dp_degree=15)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for shard in folder.glob("shard_*"):
+        (broken / shard.name).symlink_to(shard)
+    (broken / "meta.json").write_text(json.dumps({**read_meta(folder), "n_shards": 9}))
+    with pytest.raises(ConfigError, match="shard_00008"):
+        _source("cache", broken)
+    (broken / "meta.json").write_text(json.dumps({**read_meta(folder), "format": 1}))
+    with pytest.raises(ConfigError, match="format 1"):
+        _source("cache", broken)
     with pytest.raises(ConfigError, match="other settings"):
         write_activation_cache(_cfg(), folder, rows=10, shard_rows=5)
 

@@ -273,3 +273,22 @@ def test_sparse_decode_unsorted_ids_and_all_padding(backend):
     empty = torch.full((3, 2), -1)
     z = dispatch.sparse_decode(empty, torch.zeros(3, 2), w, backend=backend, density_threshold=1.0)
     assert z.shape == (3, d) and (z == 0).all()
+
+
+@pytest.mark.parametrize("scope", ["layer", "all"])
+@pytest.mark.parametrize("hot", [10, 40, 200])  # entries of one token far above the rest
+def test_batchtopk_select_rows_with_many_entries(scope, hot):
+    # the torch fallback looks at a few candidates per row first: rows holding many of the batch's
+    # top entries must still come out exact (second tier, then the general fallback)
+    g = torch.Generator().manual_seed(hot)
+    n, n_layers, f, k = 16, 3, 300, 3
+    h = torch.randn(n, n_layers, f, generator=g)
+    h[5, :, :hot] += 10.0
+    idx, vals, tau = dispatch.batchtopk_select(h, k, scope, backend="torch")
+    groups = h.transpose(0, 1).reshape(n_layers, -1) if scope == "layer" else h.reshape(1, -1)
+    k_total = k * n * (n_layers if scope == "all" else 1)
+    ref_tau = groups.sort(dim=1, descending=True).values[:, k_total - 1].expand(n_layers)
+    assert torch.equal(tau, ref_tau)
+    keep = (h >= ref_tau[None, :, None]) & (h > 0)
+    assert torch.equal(_dense(idx, vals, f), h * keep)
+    assert torch.equal(dispatch.batchtopk_threshold(h, k_total, scope, backend="torch"), ref_tau)

@@ -119,6 +119,7 @@ def _stream(prefetch: bool):
 
 def test_stream_source_prefetch_same_batches_and_resume():
     plain, ahead = _stream(False), _stream(True)
+    assert plain.llm_n_layers == 4 and plain.n_layers == 2  # the LLM's depth, not the dictionary's
     want = [plain.next_batch(24) for _ in range(8)]
     got = [ahead.next_batch(24) for _ in range(5)]
     sd = ahead.state_dict()

@@ -35,6 +35,7 @@ from torchtitan_clt.data.source import ActivationSource, SourceContext
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
+FORMAT = 2  # meta.json's "format": the block layout described above
 _OPEN_FILES = 64  # memory-mapped shards kept open per reader
 
 
@@ -63,6 +64,18 @@ def block_location(meta: dict[str, Any], block: int) -> tuple[int, int]:
 def check_meta(job_config: Any, meta: dict[str, Any], folder: Path) -> list[int]:
     """Stop with a ``ConfigError`` unless the cache holds what ``data`` asks for; the layers to read."""
     d = job_config.data
+    if meta.get("format") != FORMAT:
+        raise ConfigError(
+            f"The cache in {folder} has format {meta.get('format', 1)}, this version reads format {FORMAT}: "
+            "write it again with scripts/cache_activations.py."
+        )
+    missing = [
+        shard_path(folder, i).name
+        for i in range(int(meta["n_shards"]))
+        if not shard_path(folder, i).is_file()
+    ]
+    if missing:
+        raise ConfigError(f"The cache in {folder} lacks {missing[:5]}: it is damaged; write it again.")
     want_model = model_name(d.model_path)
     if want_model != meta["model"]:
         raise ConfigError(

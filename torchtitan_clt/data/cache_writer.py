@@ -31,7 +31,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.data.cache import META_FILE, shard_path
+from torchtitan_clt.data.cache import FORMAT, META_FILE, shard_path
 from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.hooks import check_layers, d_model, n_layers
 from torchtitan_clt.data.llm import load_llm, model_name
@@ -42,7 +42,6 @@ from torchtitan_clt.data.tokenize import build_token_loader
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FORMAT = 2
 
 
 def progress_path(folder: Path, rank: int) -> Path:

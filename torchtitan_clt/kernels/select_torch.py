@@ -71,6 +71,46 @@ def _threshold_with_candidates(h: torch.Tensor, k_total: int, scope: str, k_row:
         c = min(f, 4 * c)
 
 
+def _two_tier(h: torch.Tensor, k_total: int, scope: str, per_row: int):
+    """Exact tau from small per-row candidate sets: top ``2*per_row+1`` of every row, then top
+    ``8*per_row+1`` of only the rows whose small set lies entirely at or above the first tau (they
+    may hide more). Returns ``(tau [L], tier1, tier2)`` or None when a row is still cut off (the
+    caller then falls back). ``tier1 = (vals, ids [N, L, c1], saturated [N, L])``, ``tier2 =
+    (rows [S, 2] (token, layer), vals, ids [S, c2])`` or None."""
+    n, n_layers, f = h.shape
+    c1, c2 = min(f, 2 * per_row + 1), min(f, 8 * per_row + 1)
+    v1, i1 = torch.topk(h, c1, dim=-1, sorted=False)  # [N, L, c1]
+    pool = _groups(v1, scope)
+    if pool.shape[1] < k_total:
+        return None
+    tau = pool.kthvalue(pool.shape[1] - k_total + 1, dim=1).values.expand(n_layers)
+    if c1 == f:  # every row whole: exact
+        return tau.to(_tau_dtype(h)).contiguous(), (v1, i1, None), None
+    sat = v1.amin(-1) >= tau[None, :]  # [N, L]: rows that may hold more than c1 entries >= tau
+    if not bool(sat.any()):
+        return tau.to(_tau_dtype(h)).contiguous(), (v1, i1, None), None
+    rows = sat.nonzero()  # [S, 2]
+    v2, i2 = torch.topk(h[rows[:, 0], rows[:, 1]], c2, dim=-1, sorted=False)  # [S, c2]
+    v1m = v1.masked_fill(sat[..., None], float("-inf"))  # those rows now count through tier 2
+    if scope == "all":
+        pool = torch.cat([v1m.reshape(1, -1), v2.reshape(1, -1)], 1)
+    else:
+        lay = rows[:, 1]
+        cnt = torch.bincount(lay, minlength=n_layers)
+        order = torch.argsort(lay, stable=True)
+        lo = lay[order]
+        pos = torch.arange(lo.numel(), device=h.device) - (cnt.cumsum(0) - cnt)[lo]
+        pad = torch.full((n_layers, int(cnt.max()), c2), float("-inf"), dtype=h.dtype, device=h.device)
+        pad[lo, pos] = v2[order]
+        pool = torch.cat([_groups(v1m, "layer"), pad.reshape(n_layers, -1)], 1)
+    tau = pool.kthvalue(pool.shape[1] - k_total + 1, dim=1).values.expand(n_layers)  # -inf pads rank lowest
+    ok = bool((v1.amin(-1)[~sat] < tau[None, :].expand(n, n_layers)[~sat]).all())
+    ok = ok and (c2 == f or bool((v2.amin(-1) < tau[rows[:, 1]]).all()))
+    if not ok:
+        return None
+    return tau.to(_tau_dtype(h)).contiguous(), (v1, i1, sat), (rows, v2, i2)
+
+
 def batchtopk_threshold(
     h: torch.Tensor, k_total: int, scope: str = "layer", k_row: int = 0, tp_group=None
 ) -> torch.Tensor:
@@ -83,27 +123,52 @@ def batchtopk_threshold(
     if k_total <= 0 or h.numel() == 0:
         return torch.full((n_layers,), float("inf"), dtype=_tau_dtype(h), device=h.device)
     per_row = k_total // (n * (n_layers if scope == "all" else 1)) + 1
+    if tp_group is None and not k_row:
+        found = _two_tier(h, int(k_total), scope, per_row)
+        if found is not None:
+            return found[0]
     return _threshold_with_candidates(h, int(k_total), scope, k_row or 4 * per_row, tp_group)[0]
+
+
+def _kept_ids(vals, ids, tau_rows, positive: bool, f: int):
+    keep = vals >= tau_rows
+    if positive:
+        keep &= vals > 0
+    return torch.where(keep, ids, f), keep.sum(-1)
 
 
 def batchtopk_select(h: torch.Tensor, k: int, scope: str = "layer", positive: bool = True, tp_group=None):
     """``h [N, L, F]`` -> ``(idx [N, L, K], tau [L])``: BatchTopK (k*N per layer or k*N*L in all),
     ties at tau all kept, ``positive`` drops entries <= 0. The compaction works on the candidates
-    only (no second pass over h). ``tp_group``: see ``_threshold_with_candidates``; ids stay local."""
+    only (no second pass over h). ``tp_group``: see ``_threshold_with_candidates``; ids stay local.
+    ids are stored layer-major (``[L, N, K]``, returned as an ``[N, L, K]`` view) so the per-layer
+    entry lists downstream are contiguous slices."""
     n, n_layers, f = h.shape
     k_total = k * n * (n_layers if scope == "all" else 1)
     if k_total <= 0 or h.numel() == 0:
         tau = batchtopk_threshold(h, 0, scope, tp_group=tp_group)
         return torch.full((n, n_layers, 0), -1, dtype=torch.long, device=h.device), tau
-    tau, cand_v, cand_i = _threshold_with_candidates(h, k_total, scope, 4 * k + 1, tp_group)
-    keep = cand_v >= tau.to(h.dtype)[None, :, None]
-    if positive:
-        keep &= cand_v > 0
-    width = int(keep.sum(-1).max())
-    # kept ids ascending, then f's; stored layer-major ([L, N, K], returned as an [N, L, K] view) so
-    # that the per-layer entry lists downstream are contiguous slices
-    ids = torch.where(keep, cand_i, f).permute(1, 0, 2).sort(-1).values[..., :width].contiguous()
-    return ids.masked_fill_(ids == f, -1).permute(1, 0, 2), tau
+    found = _two_tier(h, k_total, scope, k) if tp_group is None else None
+    if found is None:
+        tau, cand_v, cand_i = _threshold_with_candidates(h, k_total, scope, 4 * k + 1, tp_group)
+        found = (tau, (cand_v, cand_i, None), None)
+    tau, (v1, i1, sat), tier2 = found
+    th = tau.to(h.dtype)
+    ids1, cnt1 = _kept_ids(v1, i1, th[None, :, None], positive, f)
+    if sat is not None:
+        ids1 = ids1.masked_fill(sat[..., None], f)
+        cnt1 = cnt1.masked_fill(sat, 0)
+    width = int(cnt1.max())
+    if tier2 is not None:
+        rows, v2, i2 = tier2
+        ids2, cnt2 = _kept_ids(v2, i2, th[rows[:, 1]][:, None], positive, f)
+        width = max(width, int(cnt2.max()))
+    out = torch.full((n_layers, n, width), f, dtype=torch.long, device=h.device)
+    w1 = min(width, ids1.shape[-1])
+    out[..., :w1] = ids1.permute(1, 0, 2).sort(-1).values[..., :w1]  # kept ids ascending, f's after
+    if tier2 is not None:
+        out[rows[:, 1], rows[:, 0]] = ids2.sort(-1).values[:, :width]
+    return out.masked_fill_(out == f, -1).permute(1, 0, 2), tau
 
 
 def _keep_mask(h: torch.Tensor, tau: torch.Tensor, mode: str) -> torch.Tensor:

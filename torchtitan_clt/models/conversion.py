@@ -1,12 +1,14 @@
 """TopK / BatchTopK -> JumpReLU: the form circuit-tracer (and any per-token consumer) can load.
 
-``to_jumprelu(model, batches=None, calibrate=True, thresholds="layer")`` returns a new model of the
+``to_jumprelu(model, batches=None, calibrate=True, thresholds="auto")`` returns a new model of the
 same weights whose activation is JumpReLU(θ), and a report. θ  # [L, F] comes from:
 - ``"layer"``: the per-layer threshold tracked during training (EMA of the smallest selected
   pre-activation, ``activation.threshold``; Bussmann et al. 2024, "BatchTopK Sparse Autoencoders");
 - ``"feature"`` (needs ``batches``): per feature, the midpoint between the c-th and (c+1)-th largest
   pre-activation on the batches, c the number of tokens the source model fires it on, so each
-  feature keeps its firing rate.
+  feature keeps its firing rate;
+- ``"auto"``: ``"feature"`` when batches are given, else ``"layer"`` (per-feature thresholds keep
+  more of a TopK model's FVU; for BatchTopK both are within noise of the source).
 With ``calibrate`` and ``batches``, each layer's θ is then scaled by one factor so that the layer's
 L0 on the batches equals the source model's (BatchTopK: its training-mode selection over each
 batch as given; TopK: k per token). The report holds L0 and FVU per layer before (source) and
@@ -153,7 +155,7 @@ def to_jumprelu(
     model: Transcoder,
     batches: Iterable | None = None,
     calibrate: bool = True,
-    thresholds: str = "layer",
+    thresholds: str = "auto",
     eval_batches: Iterable | None = None,
 ) -> tuple[Transcoder, dict[str, Any]]:
     """Convert a TopK / BatchTopK model to JumpReLU (see the module docstring). ReLU and JumpReLU
@@ -169,9 +171,12 @@ def to_jumprelu(
     if not isinstance(act, (TopK, BatchTopK)):
         report.update(converted=False, reason="already ReLU / JumpReLU")
         return src, report
-    if thresholds not in ("layer", "feature"):
-        raise ValueError(f"thresholds must be 'layer' or 'feature' (got {thresholds!r}).")
+    if thresholds not in ("auto", "layer", "feature"):
+        raise ValueError(f"thresholds must be 'auto', 'layer' or 'feature' (got {thresholds!r}).")
     calib = _batches(batches)
+    if thresholds == "auto":
+        thresholds = "feature" if calib else "layer"
+    report["thresholds"] = thresholds
     if thresholds == "feature" and not calib:
         raise ValueError("per-feature thresholds are estimated from activations: pass batches=[(x, y), ...].")
     if thresholds == "layer" and not calib and bool((act.threshold_updates == 0).any()):

@@ -13,11 +13,13 @@ import math
 import torch
 from torch import nn
 
+from torchtitan_clt import kernels
 from torchtitan_clt.models.common import (
     LayerwiseTranscoder,
     check_norm_mode,
     chunked_rows,
     copy_full_,
+    is_dtensor,
     new_param,
     normalize_rows,
     uniform,
@@ -34,9 +36,27 @@ class CrossLayerTranscoder(LayerwiseTranscoder):
 
     def _decode_source(self, s: int, acts_s: torch.Tensor) -> torch.Tensor:
         """What source layer s writes: acts_s  # [B, F] -> [B, L−s, d_out] (no bias).
-        The one place a sparse decoding path needs to plug in."""
+
+        Sparse activations (TopK, BatchTopK, a trained JumpReLU) take the sparse path: only the
+        active features' rows of W_dec,s are read (``embedding_bag`` with per-sample weights), and
+        W_dec,s gets sparse outer products in backward. Above
+        ``kernels.sparse_density_threshold`` active fraction it runs the dense matmul."""
         W = self.W_dec[s]  # [F, L−s, d]
-        return (acts_s.to(W.dtype) @ W.reshape(W.shape[0], -1)).view(acts_s.shape[0], *W.shape[1:])
+        flat = W.reshape(W.shape[0], -1)
+        B = acts_s.shape[0]
+        if not is_dtensor(W) and B > 0:
+            rows, feats = acts_s.nonzero(as_tuple=True)  # row-major: rows ascending
+            if rows.numel() <= kernels.options().sparse_density_threshold * acts_s.numel():
+                counts = torch.bincount(rows, minlength=B)
+                out = torch.nn.functional.embedding_bag(
+                    feats,
+                    flat,
+                    counts.cumsum(0) - counts,
+                    mode="sum",
+                    per_sample_weights=acts_s[rows, feats].to(flat.dtype),
+                )
+                return out.view(B, *W.shape[1:])
+        return (acts_s.to(W.dtype) @ flat).view(B, *W.shape[1:])
 
     def decode_std(self, acts: torch.Tensor) -> torch.Tensor:
         B, L = acts.shape[0], self.args.n_layers
