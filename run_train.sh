@@ -39,6 +39,10 @@ else
 fi
 
 export PYTHONUNBUFFERED=1
+# glibc returns large freed blocks to the OS at once, so every step's fresh gradients fault their
+# pages in again; raising the thresholds keeps them mapped (a large win for CPU training).
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
+export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
 exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NGPU" "${rdzv[@]}" \
   --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
   -m torchtitan_clt.train "${args[@]}"

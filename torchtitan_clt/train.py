@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from torchtitan_clt import kernels
 from torchtitan_clt.components.lr_scheduler import build_lr_scheduler
 from torchtitan_clt.components.optimizer import build_optimizer, clip_grad_norm_
 from torchtitan_clt.components.standardization import (
@@ -97,6 +98,7 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.device = device_from_config(cfg)
         set_determinism(cfg.job.seed, cfg.job.deterministic)
+        kernels.configure_from_job(cfg)
 
         self.run_folder = Path(cfg.job.dump_folder) / cfg.job.name
         if self.rank == 0:
