@@ -50,9 +50,13 @@ def test_stream_shapes_and_values():
     ext = ActivationExtractor(src.llm, "resid_mid", "mlp_out", [0, 2])
     pairs = [ext(b) for _, b in zip(range(2), loader)]
     rx, ry = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    # Matched by nearest row, not bit equality: the source extracts in a prefetch thread, where
+    # threaded matmuls may round differently in the last bits.
     for i in range(50):
-        match = (rx == x[i]).all(-1).all(-1).nonzero()
-        assert len(match) == 1 and torch.equal(ry[match[0, 0]], y[i])
+        dist = (rx - x[i]).flatten(1).abs().amax(-1)
+        j = int(dist.argmin())
+        assert dist[j] < 1e-4 * (1 + x[i].abs().max()), float(dist[j])
+        torch.testing.assert_close(ry[j], y[i], rtol=1e-4, atol=1e-4)
     src.close()
 
 
