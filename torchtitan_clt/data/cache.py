@@ -30,7 +30,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data.buffer import ShuffleBuffer
 from torchtitan_clt.data.llm import model_name
-from torchtitan_clt.data.source import ActivationSource, SourceContext
+from torchtitan_clt.data.source import ActivationSource, BufferedSource, SourceContext
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class CacheBlocks(IterableDataset):
         return {**self.__dict__, "_files": {}}
 
 
-class CacheSource(ActivationSource):
+class CacheSource(BufferedSource):
     def __init__(self, job_config: Any, ctx: SourceContext):
         d = job_config.data
         if not d.cache_dir:
@@ -230,17 +230,6 @@ class CacheSource(ActivationSource):
             self.hook_out,
             "seeded" if d.cache_shuffle else "written",
         )
-
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.buffer.next_batch(batch_size)
-        return x.to(self.device, torch.float32), y.to(self.device, torch.float32)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict(), "describe": self.describe()}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self._check_describe(sd.get("describe"))
-        self.buffer.load_state_dict(sd["buffer"])
 
     def load_state_dict_from_ranks(self, sds: list[dict[str, Any]]) -> None:
         """Resume on a different number of ranks (approximate): continue the same epoch's order.

@@ -100,7 +100,22 @@ def text_spec(job_config: Any) -> TextSpec:
     return TextSpec(d.dataset, d.dataset_config, d.dataset_split, d.text_field)
 
 
-class StreamSource(ActivationSource):
+class BufferedSource(ActivationSource):
+    """A source whose rows come out of a ``ShuffleBuffer`` (``self.buffer``): batching and state."""
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.buffer.next_batch(batch_size)
+        return x.to(self.device, torch.float32), y.to(self.device, torch.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict(), "describe": self.describe()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._check_describe(sd.get("describe"))
+        self.buffer.load_state_dict(sd["buffer"])
+
+
+class StreamSource(BufferedSource):
     """Activations read live from an LLM forward over this rank's share of the text."""
 
     def __init__(self, job_config: Any, ctx: SourceContext, llm: Any = None, tokenizer: Any = None):
@@ -167,17 +182,6 @@ class StreamSource(ActivationSource):
                 _all_gather_rows(y, self.tp_group, self.tp_size),
             )
         return x, y
-
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.buffer.next_batch(batch_size)
-        return x.to(self.device, torch.float32), y.to(self.device, torch.float32)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict(), "describe": self.describe()}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self._check_describe(sd.get("describe"))
-        self.buffer.load_state_dict(sd["buffer"])
 
     def load_state_dict_from_ranks(self, sds: list[dict[str, Any]]) -> None:
         """Resume on a different number of ranks from every old rank's state (approximate).
