@@ -183,7 +183,8 @@ class Trainer:
 
         self.checkpointer = None
         if cfg.checkpoint.enable:
-            from torchtitan_clt.checkpoint.manager import CheckpointManager, ModelWrapper
+            from torchtitan_clt.checkpoint.manager import CheckpointManager
+            from torchtitan_clt.checkpoint.stateful import ModelWrapper
 
             self.checkpointer = CheckpointManager(
                 self.run_folder,

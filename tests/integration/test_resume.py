@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchtitan_clt.checkpoint.manager import SLEEP_ENV, list_checkpoints, load_model_from_checkpoint
+from torchtitan_clt.checkpoint.manager import SLEEP_ENV, list_checkpoints
+from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint
 from torchtitan_clt.config import load_config
 from torchtitan_clt.train import Trainer
 

@@ -66,7 +66,7 @@ def rows_seen(record: Path, steps: range) -> Counter:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from torchtitan_clt.checkpoint.manager import load_model_from_checkpoint
+    from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint
 
     model, meta = load_model_from_checkpoint(run_dir, 2 * N)
     return model.state_dict()

@@ -10,11 +10,12 @@ from typing import Any
 
 _EXPORTS = {
     "CheckpointManager": "manager",
-    "ModelWrapper": "manager",
-    "OptimizerWrapper": "manager",
-    "RNGState": "manager",
-    "list_checkpoints": "manager",
-    "load_model_from_checkpoint": "manager",
+    "ModelWrapper": "stateful",
+    "OptimizerWrapper": "stateful",
+    "RNGState": "stateful",
+    "list_checkpoints": "layout",
+    "resolve_checkpoint": "layout",
+    "load_model_from_checkpoint": "offline",
     "export_circuit_tracer": "circuit_tracer",
     "load_circuit_tracer": "circuit_tracer",
     "CircuitTracerExportError": "circuit_tracer",

@@ -24,7 +24,6 @@ import inspect
 import io
 import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -35,15 +34,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchtitan_clt.checkpoint.layout import (  # noqa: F401  (list_checkpoints: public here too)
+    META_FILE,
+    STATES_DIR,
+    TMP_DIR,
+    checkpoint_path,
+    list_checkpoints,
+    resolve_checkpoint,
+)
+from torchtitan_clt.checkpoint.stateful import ModelWrapper, OptimizerWrapper, RNGState  # noqa: F401
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.tools.logging import logger
 
@@ -54,10 +55,6 @@ except ImportError:  # pragma: no cover
 
 # Older torch releases' async_save has no ``no_dist`` (it then infers it).
 _ASYNC_HAS_NO_DIST = "no_dist" in inspect.signature(dcp.async_save).parameters
-STEP_DIR = re.compile(r"^step-(\d+)$")
-TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
-META_FILE = "meta.json"
-STATES_DIR = "states"
 # Keys always saved through DCP (resharded on load); others go through DCP too if they hold DTensors.
 DCP_KEYS = ("model", "optimizer")
 # Per-rank states that may be dropped (with a warning) when resuming on a different world size.
@@ -66,64 +63,6 @@ RANK_LOCAL_OK = ("rng",)
 SLEEP_ENV = "TCLT_CKPT_TEST_SLEEP_BEFORE_COMMIT"
 
 
-# --- Stateful wrappers ---------------------------------------------------------------------------
-class ModelWrapper(Stateful):
-    """The model's state through ``get_model_state_dict`` / ``set_model_state_dict``: sharded
-    (DTensor) entries stay sharded on save and reshard to the current mesh on load."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
-
-
-class OptimizerWrapper(Stateful):
-    """One optimizer over ``model``, keyed by parameter FQN (not by position), so it reshards and
-    survives a changed parameter order. Use the trainer's container instead if it has one."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
-
-
-class RNGState(Stateful):
-    """Python, CPU and CUDA generator states of this process (per rank)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        import random
-
-        sd: dict[str, Any] = {"python": random.getstate(), "cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            sd["cuda"] = torch.cuda.get_rng_state_all()
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        import random
-
-        random.setstate(state_dict["python"])
-        torch.set_rng_state(state_dict["cpu"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            states = state_dict["cuda"]
-            if len(states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(states)
-            else:
-                logger.warning(
-                    "checkpoint: CUDA RNG saved for %d devices, %d present; not restored",
-                    len(states),
-                    torch.cuda.device_count(),
-                )
-
-
-# --- helpers -------------------------------------------------------------------------------------
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -177,27 +116,6 @@ def _to_cpu(obj: Any) -> Any:
 def _future_of(result: Any) -> Future:
     # torch >= 2.8 may return an AsyncSaveResponse wrapping the upload future.
     return getattr(result, "upload_completion", result)
-
-
-def list_checkpoints(folder: str | Path) -> tuple[list[int], list[int]]:
-    """(complete steps, incomplete steps) in ``folder``, each sorted ascending."""
-    folder = Path(folder)
-    done, partial = [], []
-    if not folder.is_dir():
-        return done, partial
-    for p in folder.iterdir():
-        if m := STEP_DIR.match(p.name):
-            # Renamed only when complete; meta.json guards against a half-copied folder.
-            (done if (p / META_FILE).is_file() and (p / ".metadata").is_file() else partial).append(
-                int(m.group(1))
-            )
-        elif m := TMP_DIR.match(p.name):
-            partial.append(int(m.group(1)))
-    return sorted(done), sorted(partial)
-
-
-def checkpoint_path(folder: str | Path, step: int) -> Path:
-    return Path(folder) / f"step-{step}"
 
 
 # --- the manager ---------------------------------------------------------------------------------
@@ -517,65 +435,3 @@ class CheckpointManager:
             time.perf_counter() - t0,
             meta["world_size"],
         )
-
-
-# --- offline use (export, eval) ------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Path | None]:
-    """(checkpoint folder, run folder or None) from a ``step-N`` folder or a run folder (latest
-    complete step, or ``step``)."""
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        if step is not None and json.loads((path / META_FILE).read_text())["step"] != step:
-            raise ValueError(
-                f"{path} holds step {json.loads((path / META_FILE).read_text())['step']}, not {step}."
-            )
-        run = path.parent.parent
-        return path, run if (run / "config.toml").is_file() else None
-    if TMP_DIR.match(path.name):
-        raise ValueError(f"{path} is an incomplete checkpoint (the save was interrupted); use another step.")
-    if not (path / "config.toml").is_file():
-        raise FileNotFoundError(
-            f"{path} is neither a checkpoint (step-N folder with {META_FILE}) nor a run folder (with config.toml)."
-        )
-    from torchtitan_clt.config.manager import load_config
-
-    cfg = load_config(["--config", str(path / "config.toml")], check=False)
-    folder = path / cfg.checkpoint.folder
-    done, _ = list_checkpoints(folder)
-    if not done:
-        raise FileNotFoundError(f"{folder} holds no complete checkpoint.")
-    if step is None:
-        step = done[-1]
-    if step not in done:
-        raise ValueError(f"no complete checkpoint of step {step} in {folder} (complete: {done}).")
-    return checkpoint_path(folder, step), path
-
-
-def load_model_from_checkpoint(path: str | Path, step: int | None = None, device: str | torch.device = "cpu"):
-    """Rebuild the model saved in a checkpoint (any mesh) in one process: returns (model in eval
-    mode, its meta.json). Families of ``job.custom_import`` are imported from the run's config."""
-    from torchtitan_clt.protocols import import_custom_modules
-    from torchtitan_clt.protocols.registry import model_registry
-    from torchtitan_clt.protocols.transcoder import TranscoderArgs
-
-    ckpt, run = resolve_checkpoint(path, step)
-    meta = json.loads((ckpt / META_FILE).read_text())
-    if run is not None:
-        from torchtitan_clt.config.manager import load_config
-
-        import_custom_modules(
-            load_config(["--config", str(run / "config.toml")], check=False).job.custom_import
-        )
-    import torchtitan_clt.models  # noqa: F401  (registers the built-in families)
-
-    if not meta.get("model_args"):
-        raise ValueError(
-            f"{ckpt / META_FILE} has no model_args (the model was not saved through ModelWrapper)."
-        )
-    args = TranscoderArgs.from_dict(meta["model_args"])
-    with torch.device("meta"):
-        model = model_registry.get(args.family).build_fn(args)
-    model.to_empty(device=device)
-    with _quiet_dcp():
-        dcp.load({"model": ModelWrapper(model)}, checkpoint_id=str(ckpt), no_dist=not _dist_on())
-    return model.eval(), meta
