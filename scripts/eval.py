@@ -48,7 +48,7 @@ def load_dictionary(path: Path, step: int | None, device: str):
         return load_circuit_tracer(path, device=device, dtype=torch.float32), "circuit-tracer folder"
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return load_pretrained(path, device=device, dtype=torch.float32), "native export"
-    from torchtitan_clt.checkpoint.manager import load_model_from_checkpoint
+    from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint
 
     model, meta = load_model_from_checkpoint(path, step=step, device=device)
     return model.float().eval(), f"checkpoint step {meta.get('step')}"

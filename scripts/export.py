@@ -30,7 +30,7 @@ def export_checkpoint(
     """Load ``path`` (a run folder or a ``step-N`` folder) and export it; returns {format: folder}."""
     from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
     from torchtitan_clt.checkpoint.export import export_native
-    from torchtitan_clt.checkpoint.manager import load_model_from_checkpoint, resolve_checkpoint
+    from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint, resolve_checkpoint
 
     if fmt not in ("native", "circuit_tracer", "both"):
         raise ValueError(f"--format must be native, circuit_tracer or both (got {fmt!r}).")
