@@ -1,12 +1,12 @@
 from torchtitan_clt.models.sae.model import SparseAutoencoder, build_sae
+from torchtitan_clt.models.sae.parallelize import parallelize_sae
 from torchtitan_clt.protocols.model_spec import ModelSpec, register_model_spec
 
-# parallelize_fn: models/sae/parallelize.py (the distributed part; PLT's plan) plugs in here.
 register_model_spec(
     ModelSpec(
         name="sae",
         build_fn=build_sae,
-        parallelize_fn=None,
+        parallelize_fn=parallelize_sae,
         description="Sparse autoencoder: reads and writes one hook point (data.hook_in = data.hook_out).",
     )
 )
