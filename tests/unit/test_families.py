@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_args
 
 import torchtitan_clt.models.molt.model as molt_mod
 from torchtitan_clt.config import ConfigError, JobConfig
@@ -14,28 +15,7 @@ from torchtitan_clt.models.sae.model import SparseAutoencoder
 from torchtitan_clt.protocols import get_model_spec, model_registry
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
-MOLT_EXTRA = {"molt_ranks": [3, 2, 1], "molt_counts": [2, 3, 4]}  # F = 9
-
-
-def _args(family, act="relu", L=3, d=4, F=6, extra=None, **kw):
-    hooks = {"hook_in": "resid_post", "hook_out": "resid_post"} if family == "sae" else {}
-    if family == "molt":
-        extra, F = extra or MOLT_EXTRA, 9
-    if family == "matryoshka_clt":
-        extra = extra or {"matryoshka_prefixes": [2, 4]}
-    return TranscoderArgs(
-        family=family,
-        n_layers=L,
-        d_in=d,
-        d_out=d,
-        features_per_layer=F,
-        activation=act,
-        k=2,
-        jumprelu_threshold_init=0.05,
-        extra=extra or {},
-        **hooks,
-        **kw,
-    )
+_args = tiny_args
 
 
 def _build(args, seed=0):

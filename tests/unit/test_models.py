@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_args
 
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.models.clt.model import CrossLayerTranscoder
@@ -15,17 +16,7 @@ ACTS = ["relu", "jumprelu", "topk", "batchtopk"]
 
 
 def _args(family="clt", L=3, d_in=4, d_out=4, F=6, act="relu", **kw):
-    return TranscoderArgs(
-        family=family,
-        n_layers=L,
-        d_in=d_in,
-        d_out=d_out,
-        features_per_layer=F,
-        activation=act,
-        k=2,
-        jumprelu_threshold_init=0.05,
-        **kw,
-    )
+    return tiny_args(family, act, L=L, d_in=d_in, d_out=d_out, F=F, **kw)
 
 
 def _build(args, seed=0, randomize_biases=True):

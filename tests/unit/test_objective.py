@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.metrics.training import DeadFeatureTracker
@@ -12,26 +13,11 @@ from torchtitan_clt.models.losses import (
     preact_loss,
     reconstruction_loss,
 )
-from torchtitan_clt.protocols import model_registry
-from torchtitan_clt.protocols.transcoder import TranscoderArgs, TranscoderOutput
+from torchtitan_clt.protocols.transcoder import TranscoderOutput
 
 
 def _model(family="plt", act="relu", L=1, d=2, F=3, extra=None, **kw):
-    args = TranscoderArgs(
-        family=family,
-        n_layers=L,
-        d_in=d,
-        d_out=d,
-        features_per_layer=F,
-        activation=act,
-        k=2,
-        jumprelu_threshold_init=0.05,
-        extra=extra or {},
-        **kw,
-    )
-    m = model_registry.get(family).build_fn(args)
-    m.init_weights(0)
-    return m
+    return tiny_model(family, act, L=L, d=d, F=F, extra=extra, **kw)
 
 
 def test_preact_loss_by_hand():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from torchtitan_clt.components.standardization import (
     estimate_standardization,
@@ -9,8 +10,6 @@ from torchtitan_clt.components.standardization import (
     resolve_b_dec_init,
 )
 from torchtitan_clt.config import JobConfig
-from torchtitan_clt.protocols import model_registry
-from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
 FAMILY_ACTS = [
     (f, a)
@@ -21,26 +20,7 @@ FAMILY_ACTS = [
 
 
 def _model(family, act, L=3, d=4, F=6):
-    extra = {}
-    if family == "molt":
-        extra, F = {"molt_ranks": [3, 2, 1], "molt_counts": [2, 3, 4]}, 9
-    elif family == "matryoshka_clt":
-        extra = {"matryoshka_prefixes": [2, 4]}
-    hooks = {"hook_in": "resid_post", "hook_out": "resid_post"} if family == "sae" else {}
-    args = TranscoderArgs(
-        family=family,
-        n_layers=L,
-        d_in=d,
-        d_out=d,
-        features_per_layer=F,
-        activation=act,
-        k=2,
-        jumprelu_threshold_init=0.05,
-        extra=extra,
-        **hooks,
-    )
-    m = model_registry.get(family).build_fn(args)
-    m.init_weights(0)
+    m = tiny_model(family, act, L=L, d=d, F=F)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         m.b_enc.copy_(0.1 * torch.randn(m.b_enc.shape, generator=g))

@@ -1,0 +1,55 @@
+"""Small builders shared by the unit tests (``from helpers import tiny_args, tiny_model``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchtitan_clt.protocols.transcoder import TranscoderArgs
+
+MOLT_EXTRA = {"molt_ranks": [3, 2, 1], "molt_counts": [2, 3, 4]}  # F = 9
+MATRYOSHKA_EXTRA = {"matryoshka_prefixes": [2, 4]}
+
+
+def tiny_args(
+    family: str = "clt",
+    act: str = "relu",
+    L: int = 3,
+    d: int = 4,
+    F: int = 6,
+    d_in: int | None = None,
+    d_out: int | None = None,
+    extra: dict[str, Any] | None = None,
+    **kw: Any,
+) -> TranscoderArgs:
+    """A valid tiny ``TranscoderArgs`` of any family: an SAE reads and writes ``resid_post``, a MOLT
+    gets ranks/counts (F is their count sum), a Matryoshka CLT prefixes 2 and 4."""
+    if family == "molt":
+        extra = extra or MOLT_EXTRA
+        F = sum(extra["molt_counts"])
+    elif family == "matryoshka_clt":
+        extra = extra or MATRYOSHKA_EXTRA
+    hooks = {"hook_in": "resid_post", "hook_out": "resid_post"} if family == "sae" else {}
+    return TranscoderArgs(
+        family=family,
+        n_layers=L,
+        d_in=d if d_in is None else d_in,
+        d_out=d if d_out is None else d_out,
+        features_per_layer=F,
+        activation=act,
+        k=2,
+        jumprelu_threshold_init=0.05,
+        extra=extra or {},
+        **hooks,
+        **kw,
+    )
+
+
+def tiny_model(*args: Any, seed: int = 0, **kw: Any):
+    """``tiny_args(...)`` built through the registry and initialized with ``seed``."""
+    import torchtitan_clt.models  # noqa: F401  (registers the families)
+    from torchtitan_clt.protocols import model_registry
+
+    a = tiny_args(*args, **kw)
+    m = model_registry.get(a.family).build_fn(a)
+    m.init_weights(seed)
+    return m
