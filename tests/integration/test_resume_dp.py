@@ -22,8 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 THIS = Path(__file__).resolve()
+sys.path.insert(0, str(THIS.parent))  # test_parallel, also when imported by job.custom_import
+
+from test_parallel import ROOT, _Sliced  # noqa: E402
+
 N = 4
 BATCH = 32
 
@@ -116,56 +119,43 @@ def test_resume_from_2_ranks_onto_1_and_4(tmp_path):
 # ``job.custom_import`` side: synthetic data with a global position, recording the rows it serves.
 
 
-class _GlobalSynthetic:
+def _global_synthetic(job_config, ctx):
     """Batch n of the group is drawn whole (as one rank) and sliced: the position is global."""
+    import dataclasses
 
-    def __init__(self, job_config, ctx):
-        import dataclasses
+    from torchtitan_clt.data.synthetic import SyntheticSource
 
-        from torchtitan_clt.data.synthetic import SyntheticSource
+    d = job_config.data
+    inner = SyntheticSource(
+        d.synthetic_n_layers, d.synthetic_d_model, dataclasses.replace(ctx, dp_rank=0, dp_degree=1)
+    )
+    return _Recording(inner, ctx.dp_rank, ctx.dp_degree)
 
-        d = job_config.data
-        self.inner = SyntheticSource(
-            d.synthetic_n_layers, d.synthetic_d_model, dataclasses.replace(ctx, dp_rank=0, dp_degree=1)
-        )
-        self.rank, self.degree = ctx.dp_rank, ctx.dp_degree
-        for k in ("n_layers", "d_in", "d_out", "layers", "model_name", "hook_in", "hook_out"):
-            setattr(self, k, getattr(self.inner, k))
+
+class _Recording(_Sliced):
+    """Records the global ids of the rows it serves when ``TCLT_TEST_RECORD`` names a folder."""
+
+    def __init__(self, inner, rank: int, degree: int):
+        super().__init__(inner, rank, degree)
         rec = os.environ.get("TCLT_TEST_RECORD")
-        self.record = Path(rec) / f"rank{self.rank}_{os.getpid()}.jsonl" if rec else None
+        self.record = Path(rec) / f"rank{rank}_{os.getpid()}.jsonl" if rec else None
 
     def next_batch(self, batch_size: int):
         n = self.inner.batches  # global batch index (one per micro-step of the whole group)
-        x, y = self.inner.next_batch(batch_size * self.degree)
-        lo = self.rank * batch_size
         if self.record is not None:
             self.record.parent.mkdir(parents=True, exist_ok=True)
-            g = batch_size * self.degree
+            g, lo = batch_size * self.degree, self.rank * batch_size
             with open(self.record, "a") as f:  # one micro-batch per step in this test: step = n + 1
-                f.write(
-                    json.dumps({"step": n + 1, "rows": [n * g + i for i in range(lo, lo + batch_size)]})
-                    + "\n"
-                )
-        return x[lo : lo + batch_size], y[lo : lo + batch_size]
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, sd):
-        self.inner.load_state_dict(sd)
-
-    def close(self):
-        self.inner.close()
-
-    def describe(self):
-        return self.inner.describe()
+                rows = [n * g + i for i in range(lo, lo + batch_size)]
+                f.write(json.dumps({"step": n + 1, "rows": rows}) + "\n")
+        return super().next_batch(batch_size)
 
 
 def _register() -> None:
     from torchtitan_clt.protocols.registry import data_source_registry
 
     if "global_synthetic" not in data_source_registry.names():
-        data_source_registry.register("global_synthetic", _GlobalSynthetic)
+        data_source_registry.register("global_synthetic", _global_synthetic)
 
 
 if "torchtitan_clt_custom" in __name__:
