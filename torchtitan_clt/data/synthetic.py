@@ -5,7 +5,7 @@ magnitudes ``a``; the input is ``x_l = Σ a_i D_i + noise`` and the target ``y_l
 fixed random unit directions ``D``, ``E`` shared by all layers (drawn from the seed, so every rank
 agrees). A transcoder that learns the features reconstructs ``y`` well; an SAE reads ``x``.
 Batch ``n`` of a rank is drawn from its own seed ``(seed, rank, n)``: the state is just ``n``.
-Cost is ``k`` row gathers per batch, so it keeps up with any trainer (use it for benchmarks).
+Cost is one weighted row-gather-sum per row, so it keeps up with any trainer (use it for benchmarks).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from torchtitan_clt.data.source import ActivationSource, SourceContext
 
@@ -51,12 +52,11 @@ class SyntheticSource(ActivationSource):
         shape = (batch_size, self.n_layers, self.k)
         idx = torch.randint(self.n_features, shape, generator=g, device=self.device)
         mag = torch.rand(shape, generator=g, device=self.device) * 2.0 + 0.5
-        x = torch.randn(batch_size, self.n_layers, self.d_in, generator=g, device=self.device) * self.noise
-        y = torch.zeros(batch_size, self.n_layers, self.d_out, device=self.device)
-        for j in range(self.k):  # k gathers of [B, L, d]: no [B, L, k, d] intermediate
-            m = mag[..., j, None]
-            x += self.D[idx[..., j]] * m
-            y += self.E[idx[..., j]] * m
+        # One weighted bag-sum per row (embedding_bag): no [B, L, k, d] intermediate, one pass.
+        bags, w = idx.view(-1, self.k), mag.view(-1, self.k)
+        x = F.embedding_bag(bags, self.D, per_sample_weights=w, mode="sum").view(*shape[:2], self.d_in)
+        y = F.embedding_bag(bags, self.E, per_sample_weights=w, mode="sum").view(*shape[:2], self.d_out)
+        x += torch.randn(x.shape, generator=g, device=self.device) * self.noise
         self.batches += 1
         return x, y
 
