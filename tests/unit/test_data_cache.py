@@ -164,29 +164,60 @@ def test_cache_source_attributes_and_layer_subset(cache):
     src.close()
 
 
-def test_resume_on_fewer_ranks_skips_no_block(cache):
+def _blocks_of(folder, x):
+    """The cached blocks (global ids) whose rows x holds; x must be exactly those blocks' rows, each
+    once (as a multiset: contexts with the same first tokens share their first rows)."""
+    flat, ids, found = x.flatten(1), set(), []
+    for g in range(14):
+        shard, start = block_location(read_meta(folder), g)
+        rows = load_file(str(shard_path(folder, shard)))["x"][start : start + 16].flatten(1)
+        if (flat[:, None] == rows[None]).all(-1).any(0).all():
+            ids.add(g)
+            found.append(rows)
+    assert sorted(map(tuple, flat.tolist())) == sorted(map(tuple, torch.cat(found).tolist()))
+    return ids
+
+
+def test_resume_on_fewer_ranks_serves_each_block_once(cache):
     folder, _ = cache
     kw = dict(cache_shuffle=False, buffer_tokens=32, buffer_passes=1)  # a refill = 2 blocks = a batch
-
-    def blocks_of(x):  # which cached blocks (global ids) the rows of x come from
-        ids = set()
-        for g in range(14):
-            shard, start = block_location(read_meta(folder), g)
-            rows = load_file(str(shard_path(folder, shard)))["x"][start : start + 16].flatten(1)
-            if ((x.flatten(1)[:, None] - rows[None]).abs().amax(-1) == 0).any(0).all():  # all its rows
-                ids.add(g)
-        return ids
-
     old = [_source("cache", folder, dp_rank=r, dp_degree=2, **kw) for r in range(2)]
-    assert blocks_of(old[0].next_batch(32)[0]) == {0, 2}
-    assert blocks_of(old[0].next_batch(32)[0]) == {4, 6}  # rank 0 drains blocks 4, 6
-    assert blocks_of(old[1].next_batch(32)[0]) == {1, 3}  # rank 1 drains blocks 1, 3
+    assert _blocks_of(folder, old[0].next_batch(32)[0]) == {0, 2}
+    assert _blocks_of(folder, old[0].next_batch(32)[0]) == {4, 6}  # rank 0 drains blocks 4, 6
+    assert _blocks_of(folder, old[1].next_batch(32)[0]) == {1, 3}
+    half = old[1].next_batch(16)[0]  # half of rank 1's refill of blocks 5, 7
+    sds = [s.state_dict() for s in old]
     new = _source("cache", folder, **kw)
-    new.load_state_dict_from_ranks([s.state_dict() for s in old])
-    # Block 1 is the first one not yet served by every old rank: start there (2 is read again).
-    assert blocks_of(new.next_batch(32)[0]) == {1, 2}
-    assert blocks_of(new.next_batch(32)[0]) == {3, 4}
+    new.load_state_dict_from_ranks(sds)
+    # First the 16 rows rank 1 still owed; then shards 0 and 1 (even, odd positions) alternately,
+    # each from where its old rank's refill ended.
+    assert _blocks_of(folder, torch.cat([half, new.next_batch(16)[0]])) == {5, 7}
+    assert _blocks_of(folder, new.next_batch(32)[0]) == {8, 9}
+    assert _blocks_of(folder, new.next_batch(32)[0]) == {10, 11}
+    with pytest.raises(ConfigError, match="data.text_shards"):
+        _source("cache", folder, dp_rank=0, dp_degree=4, **kw).load_state_dict_from_ranks(sds)
     for s in (*old, new):
+        s.close()
+
+
+def test_resume_on_more_ranks_seeded_order_each_block_once(cache):
+    # 4 shards of the seeded order; 2 ranks -> 3 ranks, saved 24 rows into each old rank's first
+    # refill (prefetch on: the next refill was being read, and is read again by its new owner).
+    folder, _ = cache
+    kw = dict(buffer_tokens=32, buffer_passes=1, text_shards=4, seed=5)
+    old = [_source("cache", folder, dp_rank=r, dp_degree=2, **kw) for r in range(2)]
+    served = [s.next_batch(24)[0] for s in old]
+    sds = [s.state_dict() for s in old]
+    new = [_source("cache", folder, dp_rank=r, dp_degree=3, **kw) for r in range(3)]
+    for s in new:
+        s.load_state_dict_from_ranks(sds)
+    served += [new[r].next_batch(40 if r < 2 else 32)[0] for r in range(3)]  # owed 8 + a refill
+    got = _blocks_of(folder, torch.cat(served))
+    # Shards 0, 1 (new rank 0) and 2, 3 (ranks 1, 2) are each a prefix of their blocks in epoch 0.
+    order = [CacheBlocks(folder, read_meta(folder), LAYERS, s, 4, seed=5) for s in range(4)]
+    want = {order[s].block_at(k) for s, n in zip(range(4), (2, 2, 3, 3)) for k in range(n)}
+    assert got == want and len(got) == 10
+    for s in (*old, *new):
         s.close()
 
 

@@ -86,21 +86,30 @@ def test_dp_ranks_get_different_data():
     assert not (flat0[:, None] == flat1[None]).all(-1).any()  # no row in common
 
 
-def test_resume_on_more_ranks_from_all_old_states():
-    cfg = _cfg(buffer_passes=1)
-    old = [_build(cfg, dp_rank=r, dp_degree=2) for r in range(2)]
-    for src in old:
-        for _ in range(3):
-            src.next_batch(40)
+def test_resume_on_more_ranks_finishes_the_old_refills_with_the_llm():
+    # 2 ranks -> 3 ranks of 6 text shards. Refills of 60 rows; each old rank stops 20 rows into its
+    # second refill. New ranks 0 and 1 replay those refills through the LLM and serve exactly the
+    # 40 rows each old rank had left (bit for bit: same batches, same model); new rank 2 adopts none.
+    cfg = _cfg(buffer_passes=1, text_shards=6)
+    old = [_build(cfg, dp_rank=r, dp_degree=2, seed=1) for r in range(2)]
+    ref = [_build(cfg, dp_rank=r, dp_degree=2, seed=1) for r in range(2)]
+    for src in (*old, *ref):
+        src.next_batch(40)
+        src.next_batch(40)
+    owed = [ref[r].next_batch(40)[0].flatten(1) for r in range(2)]
     sds = [src.state_dict() for src in old]
-    starts = [src.buffer._loader_state["dataset_state"]["docs"]["index"] for src in old]
-    new = _build(cfg, dp_rank=2, dp_degree=3)
-    new.load_state_dict_from_ranks(sds)
-    docs = new.loader.dataset.docs
-    assert docs.index == min(starts) and (docs.shard, docs.num_shards) == (2, 3)
-    x, _ = new.next_batch(40)
+    new = [_build(cfg, dp_rank=r, dp_degree=3, seed=1) for r in range(3)]
+    for src in new:
+        src.load_state_dict_from_ranks(sds)
+    for r in range(2):
+        got = new[r].next_batch(40)[0].flatten(1)
+        assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, owed[r].tolist()))
+    x, _ = new[2].next_batch(40)  # its own shard 4 of 6, from where old rank 1's refill ended
     assert x.shape == (40, 2, 64)
-    assert new.loader.dataset.docs.index > min(starts)
+    assert new[2].loader.dataset.worker_shards() == [4, 5]
+    assert not (x.flatten(1)[:, None] == torch.cat(owed)[None]).all(-1).any()  # no row served twice
+    for src in (*old, *ref, *new):
+        src.close()
 
 
 def test_stream_errors():

@@ -84,3 +84,16 @@ def test_ranks_read_different_windows(tok):
         for r in range(2)
     ]
     assert not torch.equal(first[0], first[1])
+
+
+def test_workers_read_every_file(tmp_path, tok):
+    # A dataset of several files read by 2 workers: the workers split the documents by global
+    # index (shards 0 and 1 of 2), not the files (what `datasets` does by itself inside a worker).
+    for f in range(3):
+        _jsonl(tmp_path / f"part{f}.jsonl", [f"file{f} doc{i:02d}" for i in range(12)])
+    spec = TextSpec(str(tmp_path))
+    got = [w for b in build_token_loader(spec, tok, 8, 1, num_workers=2, loop=False) for w in b.tolist()]
+    want = [
+        w.tolist() for s in range(2) for w in PackedTokens(spec, tok, 8, dp_rank=s, dp_degree=2, loop=False)
+    ]
+    assert sorted(got) == sorted(want) and len(want) > 20

@@ -32,13 +32,15 @@ def _worker(rank: int, folder: str) -> None:
         src = build_stream_source(_cfg(), SourceContext(tp_group=dist.group.WORLD, seed=1))
         batches = [src.next_batch(16) for _ in range(3)]
         torch.save(batches, os.path.join(folder, f"rank{rank}.pt"))
+        # Refills of 28 rows (2 readers × 14): 48 rows served = 20 into the second refill.
+        torch.save((src.state_dict(), src.next_batch(8)), os.path.join(folder, f"state{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_tp_group_gets_identical_batches_from_shared_extraction(tmp_path):
-    from torchtitan_clt.data import ActivationExtractor, load_llm
+    from torchtitan_clt.data import ActivationExtractor, SourceContext, load_llm
     from torchtitan_clt.data.text import TextSpec
     from torchtitan_clt.data.tokenize import build_token_loader
 
@@ -62,3 +64,14 @@ def test_tp_group_gets_identical_batches_from_shared_extraction(tmp_path):
         assert ((served[:, None] - rows[None]).abs().amax(-1) < 1e-5).any(0).sum() > 0
     allrows = torch.cat(per_reader)  # and every served row is one of theirs
     assert ((served[:, None] - allrows[None]).abs().amax(-1) < 1e-5).any(1).all()
+
+    # Resume the TP group's states on one rank without TP: it replays both readers' batches itself
+    # and serves the 8 rows the group had left.
+    from torchtitan_clt.data import build_stream_source as build
+
+    (sd0, (owed, _)), (sd1, _) = (torch.load(tmp_path / f"state{r}.pt", weights_only=False) for r in range(2))
+    one = build(cfg, SourceContext(seed=1))
+    one.load_state_dict_from_ranks([sd1, sd0])  # any order: the states say which reader they are
+    got, _ = one.next_batch(8)
+    assert sorted(map(tuple, got.flatten(1).tolist())) == sorted(map(tuple, owed.flatten(1).tolist()))
+    one.close()

@@ -178,6 +178,14 @@ class Data:
     num_workers: int = 0
     """DataLoader worker processes: tokenization (``stream``), shard reading (``cache``)."""
 
+    text_shards: int = 0
+    """Virtual shards the data is split into, each with its own position, so that a resume on
+    another number of ranks sees every context exactly once: the text (``stream``; ``0``: text
+    readers, i.e. data-parallel × tensor-parallel ranks, × max(1, num_workers) of the first run) or
+    each epoch's block order (``cache``; ``0``: the first run's data-parallel ranks). Fixed for the
+    run (kept across resumes); a run cannot resume on more readers than shards, so set it to a
+    multiple of every reader count you may resume on."""
+
     cache_dir: str = ""
     """Activation cache folder for ``source = "cache"`` (written by scripts/cache_activations.py)."""
 

@@ -8,6 +8,13 @@ state before the current pass's permutation, the pass index and the read positio
 ``load_state_dict`` + the next ``next_batch`` replays that refill (one extra extraction) and
 continues with exactly the rows an uninterrupted run would have served.
 
+Resume on another number of ranks (``adopt``): every old rank was partway through a refill. The
+new ranks first finish those refills (each is replayed by the ``replay`` callback from its old
+rank's loader state, then served from the saved permutation, pass and position on), and only then
+read their own loader, which the caller has set to where the old refills ended (``loader_end`` in
+the state). So no row is skipped or served twice. Adopted refills waiting to be drained are part of
+the state (``queue``), so a resumed run can itself be saved and resumed.
+
 Prefetch (double buffering): while one refill is drained, a background thread extracts the next
 one into a second pair of tensors (torch ops release the GIL; on CUDA the thread works on its own
 stream). The rows, their order and the saved state are the same as without prefetch: the next
@@ -25,6 +32,8 @@ from typing import Any
 
 import torch
 
+from torchtitan_clt.config.manager import ConfigError
+
 Extract = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -39,7 +48,9 @@ class _Refill:
     x: torch.Tensor | None = None  # [cap, L, d_in]
     y: torch.Tensor | None = None  # [cap, L, d_out]
     rows: int = 0
-    loader_state: dict | None = None  # loader state at the start of this refill
+    loader_state: dict | None = None  # loader state at the start of this refill (own loader)
+    loader_end: dict | None = None  # and at its end: where the next refill starts
+    adopted: dict | None = None  # the adopted refill this slot holds (None: read from the own loader)
     ready: Any = None  # CUDA event recorded when a prefetch on the side stream finished
 
 
@@ -75,10 +86,13 @@ class ShuffleBuffer:
         seed: int = 0,
         prefetch: bool = False,
         lock: Any = None,
+        replay: Callable[[Any], tuple[Any, Extract]] | None = None,
     ):
         if buffer_tokens < 1 or passes < 1:
             raise ValueError(f"buffer_tokens ({buffer_tokens}) and buffer_passes ({passes}) must be >= 1.")
         self.loader, self.extract = loader, extract
+        # origin of an adopted refill -> (its old rank's loader at the refill's start, extract)
+        self.replay = replay
         self.buffer_tokens, self.passes = buffer_tokens, passes
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
@@ -97,6 +111,10 @@ class ShuffleBuffer:
         self.rows = 0  # rows filled (N)
         self._perm: torch.Tensor | None = None
         self._loader_state: dict | None = None  # loader state at the start of the current refill
+        self._loader_end: dict | None = None  # loader state at its end
+        self._adopted: dict | None = None  # the adopted refill being drained (None: an own one)
+        self._queue: list[dict] = []  # adopted refills to drain after this one, before the own loader
+        self._started = False
         self._gen_state: torch.Tensor | None = None  # generator state before the current permutation
         self.pass_idx = 0
         self.pos = 0
@@ -104,24 +122,40 @@ class ShuffleBuffer:
         self._replay = False
 
     # -- filling -------------------------------------------------------------------------------
-    def _fill(self, slot: _Refill) -> None:
+    def _feed(self, slot: _Refill) -> tuple[Any, Extract]:
+        """Where the next refill comes from: the first adopted refill still queued, else the own
+        loader. Called on the training thread (starting DataLoader workers from the prefetch thread
+        would fork a multi-threaded process)."""
+        adopted = slot.adopted = self._queue[0] if self._queue else None
+        if adopted is None:
+            if self._it is None:
+                self._it = iter(self.loader)
+            slot.loader_state = copy.deepcopy(self.loader.state_dict())
+            return self._it, self.extract
+        if self.replay is None:
+            raise RuntimeError("This buffer cannot replay adopted refills (no replay callback).")
+        loader, extract = self.replay(adopted["origin"])
+        slot.loader_state = None
+        return iter(loader), extract
+
+    def _fill(self, slot: _Refill, feed: tuple[Any, Extract]) -> None:
         """Extract the next refill into ``slot`` (on the training thread or the prefetch thread)."""
-        if self._it is None:
-            self._it = iter(self.loader)
-        slot.loader_state = copy.deepcopy(self.loader.state_dict())
+        it, extract = feed
+        adopted = slot.adopted
         filled = 0
         while filled < self.buffer_tokens:
             if self._stop.is_set():
                 raise _Cancelled
             with self._lock:
                 try:
-                    batch = next(self._it)
+                    batch = next(it)
                 except StopIteration as e:
                     raise RuntimeError("The data stream ended while filling the activation buffer.") from e
-                x, y = self.extract(batch)
-            if slot.x is None:
-                # Allocate once, rounded up to whole extraction batches so no row is wasted.
-                cap = -(-self.buffer_tokens // x.shape[0]) * x.shape[0]
+                x, y = extract(batch)
+            # Rounded up to whole extraction batches so no row is wasted; allocated once unless an
+            # adopted refill had another batch size.
+            cap = -(-self.buffer_tokens // x.shape[0]) * x.shape[0]
+            if slot.x is None or (filled == 0 and tuple(slot.x.shape) != (cap, *x.shape[1:])):
                 slot.x = torch.empty((cap, *x.shape[1:]), dtype=x.dtype, device=self.device)
                 slot.y = torch.empty((cap, *y.shape[1:]), dtype=y.dtype, device=self.device)
                 if self._stream is not None:  # allocated on the side stream, read on the main one
@@ -133,14 +167,20 @@ class ShuffleBuffer:
             slot.y[filled : filled + n] = y[:n].to(self.device, non_blocking=True)
             filled += n
         slot.rows = filled
+        slot.loader_end = copy.deepcopy(self.loader.state_dict()) if adopted is None else None
+        if adopted is not None and filled != adopted["rows"]:
+            raise ConfigError(
+                f"A refill of an old rank replayed to {filled} rows, but it held {adopted['rows']}: "
+                "resume with the data.buffer_tokens, llm_batch_size and seq_len it was saved with."
+            )
 
-    def _produce(self, slot: _Refill, after: Any) -> None:
+    def _produce(self, slot: _Refill, feed: tuple[Any, Extract], after: Any) -> None:
         if self._stream is None:
-            self._fill(slot)
+            self._fill(slot, feed)
             return
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(after)  # the training stream is done reading this slot
-            self._fill(slot)
+            self._fill(slot, feed)
             slot.ready = torch.cuda.Event()
             slot.ready.record(self._stream)
 
@@ -150,7 +190,8 @@ class ShuffleBuffer:
         if self._stream is not None:
             after = torch.cuda.Event()
             after.record(self._main_stream)
-        self._job = _Job(lambda: self._produce(free, after))
+        feed = self._feed(free)
+        self._job = _Job(lambda: self._produce(free, feed, after))
         self._job.start()
 
     def _cancel_prefetch(self) -> None:
@@ -179,10 +220,14 @@ class ShuffleBuffer:
                 self._main_stream.wait_event(slot.ready)
                 slot.ready = None
         else:  # no prefetch, the first refill, or a resume: extract here
-            self._fill(self._slots[nxt])
+            self._fill(self._slots[nxt], self._feed(self._slots[nxt]))
         self._cur = nxt
         slot = self._slots[nxt]
         self.x, self.y, self.rows, self._loader_state = slot.x, slot.y, slot.rows, slot.loader_state
+        self._loader_end, self._adopted = slot.loader_end, slot.adopted
+        if slot.adopted is not None:
+            self._queue.pop(0)
+        self._started = True
         self.refills += 1
         if self.prefetch:
             self._start_prefetch()
@@ -197,7 +242,12 @@ class ShuffleBuffer:
             self._new_pass(self.pass_idx + 1)
         else:
             self._next_refill()
-            self._new_pass(0)
+            if self._adopted is None:
+                self._new_pass(0)
+            else:  # go on where its old rank stopped
+                self.generator.set_state(self._adopted["generator"])
+                self._new_pass(int(self._adopted["pass_idx"]))
+                self.pos = int(self._adopted["pos"])
 
     def _restore(self) -> None:
         # Replay the refill being drained when the state was taken, then its permutation.
@@ -241,24 +291,73 @@ class ShuffleBuffer:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self._loader_state is None:  # nothing served yet
-            return {"started": False, "generator": self.generator.get_state()}
+        """Own refill being drained: ``loader`` (its start), ``loader_end``, ``generator``, ``pass_idx``,
+        ``pos``, ``rows``; an adopted one: ``origin`` instead of the loader states. ``queue``: the
+        adopted refills after it."""
+        queue = copy.deepcopy(self._queue)
+        if not self._started:  # nothing served yet
+            return {"started": False, "generator": self.generator.get_state(), "queue": queue}
+        assert self._gen_state is not None
         return {
             "started": True,
             "loader": copy.deepcopy(self._loader_state),
+            "loader_end": copy.deepcopy(self._loader_end),
+            "origin": copy.deepcopy(self._adopted["origin"]) if self._adopted is not None else None,
             "generator": self._gen_state.clone(),
             "pass_idx": self.pass_idx,
             "pos": self.pos,
+            "rows": self.rows,
             "refills": self.refills,
+            "queue": queue,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self._cancel_prefetch()
+        self._queue = copy.deepcopy(sd.get("queue", []))
+        self._perm, self._adopted, self._replay, self._it = None, None, False, None
         if not sd["started"]:
             self.generator.set_state(sd["generator"])
+            self._started = False
+            return
+        self.refills = int(sd["refills"]) - 1  # the replay counts the refill again
+        if sd.get("origin") is not None:  # draining an adopted refill: replay it first, then the queue
+            self._queue.insert(0, self.in_flight(sd, None)[0])
+            self._started = False
             return
         self._loader_state = copy.deepcopy(sd["loader"])
+        self._loader_end = copy.deepcopy(sd.get("loader_end"))
         self._gen_state = sd["generator"].clone()
-        self.pass_idx, self.pos = int(sd["pass_idx"]), int(sd["pos"])
-        self.refills = int(sd["refills"]) - 1  # the replay counts the refill again
-        self._replay = True
+        self.pass_idx, self.pos, self.rows = int(sd["pass_idx"]), int(sd["pos"]), int(sd.get("rows", 0))
+        self._started = self._replay = True
+
+    @staticmethod
+    def in_flight(sd: dict[str, Any], own_origin: Any) -> list[dict[str, Any]]:
+        """The refills a saved buffer state has not finished: the one being drained (``origin``:
+        ``own_origin`` if it came from the own loader), then the queued ones."""
+        out = []
+        if sd["started"]:
+            origin = sd.get("origin")
+            out.append(
+                {
+                    "origin": copy.deepcopy(origin if origin is not None else own_origin),
+                    "generator": sd["generator"].clone(),
+                    "pass_idx": int(sd["pass_idx"]),
+                    "pos": int(sd["pos"]),
+                    "rows": int(sd["rows"]),
+                }
+            )
+        return out + copy.deepcopy(sd.get("queue", []))
+
+    def remaining(self, refill: dict[str, Any]) -> int:
+        """Rows of an in-flight refill still to be served (its passes left included)."""
+        return max(0, self.passes - 1 - int(refill["pass_idx"])) * int(refill["rows"]) + max(
+            0, int(refill["rows"]) - int(refill["pos"])
+        )
+
+    def adopt(self, refills: list[dict[str, Any]]) -> None:
+        """Start over: drain ``refills`` (from ``in_flight`` of old ranks) first, each from where it
+        stopped, then read the own loader from its current state."""
+        self._cancel_prefetch()
+        self._queue = [copy.deepcopy(r) for r in refills if self.remaining(r) > 0]
+        self._perm, self._adopted, self._replay, self._started, self._it = None, None, False, False, None
+        self._loader_state = self._loader_end = self._gen_state = None

@@ -8,11 +8,15 @@ The unit of reading is a *block*: the rows of one LLM batch (``llm_batch_size`` 
 dropped), stored in extraction order. Writer rank ``w`` of ``W`` writes its local blocks
 ``0, 1, ...`` into its shards ``w, w + W, w + 2W, ...``; the global block ``g`` is local block
 ``g // W`` of writer ``g % W``. Each epoch, the blocks are put in a seeded order (or the written
-order with ``data.cache_shuffle = false``) and dealt round-robin over the data-parallel ranks, so
-every block is read exactly once per epoch. ``StatefulDataLoader`` workers read the blocks from
-memory-mapped shards (``safe_open``) ahead of time, and the same full-refill shuffle buffer as the
-stream source mixes them: with the written order, a run from the cache sees exactly the batches a
-stream run on the same text would see, and resume is exact either way.
+order with ``data.cache_shuffle = false``) and dealt round-robin over ``data.text_shards`` virtual
+shards (default: the data-parallel ranks of the first run, then fixed); each data-parallel rank
+reads a block of shards round-robin, so every block is read exactly once per epoch.
+``StatefulDataLoader`` workers read the blocks from memory-mapped shards (``safe_open``) ahead of
+time, and the same full-refill shuffle buffer as the stream source mixes them: with the written
+order, a run from the cache sees exactly the batches a stream run on the same text would see, and
+resume is exact either way. Resume on another number of ranks is exact too, as for the stream
+source: every shard keeps its position, and the new ranks first finish the old ranks' in-flight
+buffer refills (``ShuffleBuffer.adopt``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data.buffer import ShuffleBuffer
 from torchtitan_clt.data.llm import model_name
 from torchtitan_clt.data.source import ActivationSource, BufferedSource, SourceContext
+from torchtitan_clt.data.tokenize import reader_shards
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +120,12 @@ def check_meta(job_config: Any, meta: dict[str, Any], folder: Path) -> list[int]
 class CacheBlocks(IterableDataset):
     """This rank's cache blocks ``(x, y)``, epoch after epoch, forever (``Stateful``).
 
-    The rank's block sequence is indexed by ``k`` (epoch ``k // n``, position ``k % n`` with ``n``
-    its blocks per epoch); DataLoader worker ``w`` of ``m`` yields ``k = w, w + m, ...``, so the
-    loader's round-robin over workers serves the sequence in order. The state is the next ``k``.
+    Position ``j`` of each epoch's block order belongs to shard ``j % num_shards``; shard ``s``'s
+    ``q``-th block is at position ``s + (q % e) * num_shards`` of epoch ``q // e`` (``e`` its blocks
+    per epoch). The rank reads its shards (``reader_shards``) round-robin from ``base`` (shard ->
+    ``q`` at the start, and the index of the first shard to read): that is its block sequence,
+    indexed by ``k``. DataLoader worker ``w`` of ``m`` yields ``k = w, w + m, ...``, so the loader's
+    round-robin over workers serves the sequence in order. The state is the next ``k``.
     """
 
     def __init__(
@@ -129,32 +137,55 @@ class CacheBlocks(IterableDataset):
         dp_degree: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        num_shards: int = 0,
+        base: dict[str, Any] | None = None,
     ):
         self.folder, self.meta = Path(folder), meta
         self.n_blocks = int(meta["n_blocks"])
-        if self.n_blocks < dp_degree:  # checked on every rank, so all stop together
+        self.num_shards = num_shards or dp_degree
+        if self.n_blocks < self.num_shards:  # checked on every rank, so all stop together
             raise ConfigError(
-                f"The cache in {folder} has {self.n_blocks} blocks, fewer than the {dp_degree} "
-                "data-parallel ranks: write a larger cache."
+                f"The cache in {folder} has {self.n_blocks} blocks, fewer than the {self.num_shards} "
+                "shards of its order (data-parallel ranks, or data.text_shards): write a larger cache."
             )
         self.columns = None if columns == list(range(len(meta["layers"]))) else columns
         self.dp_rank, self.dp_degree, self.seed, self.shuffle = dp_rank, dp_degree, seed, shuffle
-        self.per_epoch = len(range(dp_rank, self.n_blocks, dp_degree))
+        self.shards = reader_shards(dp_rank, dp_degree, self.num_shards)
+        self.base = base or {"q": {s: 0 for s in self.shards}, "next": 0}
+        self.per_epoch = sum(self._shard_blocks(s) for s in self.shards)
         self._k: int | None = None
-        self.start = 0  # first ``k`` of a fresh iteration (moved by a resume on other ranks)
         self._files: dict[int, Any] = {}
-        self._perm, self._perm_epoch = torch.empty(0, dtype=torch.long), -1  # this epoch's order
+        self._perms: dict[int, torch.Tensor] = {}  # a few epochs' orders (shards may be an epoch apart)
+
+    def _shard_blocks(self, shard: int) -> int:
+        return len(range(shard, self.n_blocks, self.num_shards))
+
+    def position(self, k: int) -> tuple[int, int]:
+        """``(shard, q)`` of position ``k`` of this rank's sequence."""
+        c, first = len(self.shards), int(self.base["next"])
+        i = (first + k) % c
+        return self.shards[i], int(self.base["q"][self.shards[i]]) + len(range((i - first) % c, k, c))
+
+    def positions_at(self, k: int) -> dict[int, int]:
+        """Every own shard's ``q`` once the first ``k`` blocks of the sequence are read."""
+        c, first = len(self.shards), int(self.base["next"])
+        return {
+            s: int(self.base["q"][s]) + len(range((i - first) % c, k, c)) for i, s in enumerate(self.shards)
+        }
 
     def block_at(self, k: int) -> int:
         """The global block at position ``k`` of this rank's sequence."""
-        epoch, i = divmod(k, self.per_epoch)
-        j = self.dp_rank + i * self.dp_degree
+        shard, q = self.position(k)
+        epoch, i = divmod(q, self._shard_blocks(shard))
+        j = shard + i * self.num_shards
         if not self.shuffle:
             return j
-        if self._perm_epoch != epoch:
+        if epoch not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.clear()
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n_blocks, generator=g), epoch
-        return int(self._perm[j])
+            self._perms[epoch] = torch.randperm(self.n_blocks, generator=g)
+        return int(self._perms[epoch][j])
 
     def read(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x [block_rows, L, d], y [block_rows, L, d])`` in the cache's dtype, from the mmap."""
@@ -173,13 +204,16 @@ class CacheBlocks(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, m = (info.id, info.num_workers) if info is not None else (0, 1)
-        k = self._k if self._k is not None else self.start + w
+        k = self._k if self._k is not None else w
         while True:
             self._k = k + m  # taken after this yield, the state points past the block
             yield self.read(self.block_at(k))
             k += m
 
     def state_dict(self) -> dict[str, Any]:
+        if self._k is None:  # not started: this worker's first position
+            info = get_worker_info()
+            return {"k": info.id if info is not None else 0}
         return {"k": self._k}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -206,18 +240,30 @@ class CacheSource(BufferedSource):
         self.model_name = meta["model"]
         self.llm_n_layers = meta.get("llm_n_layers")
         self.device = torch.device(ctx.device)
-        self.blocks = CacheBlocks(
-            self.folder, meta, columns, ctx.dp_rank, ctx.dp_degree, ctx.seed, d.cache_shuffle
+        self.columns, self.seed, self.shuffle, self.num_workers = (
+            columns,
+            ctx.seed,
+            d.cache_shuffle,
+            d.num_workers,
         )
-        self.loader = StatefulDataLoader(
-            self.blocks,
-            batch_size=None,
-            num_workers=d.num_workers,
-            prefetch_factor=4 if d.num_workers > 0 else None,
-        )
+        self.dp_rank, self.dp_degree = ctx.dp_rank, ctx.dp_degree
+        if d.text_shards < 0:
+            raise ConfigError(
+                f"data.text_shards = {d.text_shards}: give a positive number, or 0 for the default."
+            )
+        self._asked_shards = d.text_shards
+        self._set_shards(d.text_shards or ctx.dp_degree)
+        self.blocks, self.loader = self._block_loader(ctx.dp_rank, ctx.dp_degree, d.num_workers, None)
         buffer_device = self.device if d.buffer_device == "auto" else torch.device(d.buffer_device)
         self.buffer = ShuffleBuffer(
-            self.loader, _as_rows, d.buffer_tokens, d.buffer_passes, buffer_device, ctx.seed, d.prefetch
+            self.loader,
+            _as_rows,
+            d.buffer_tokens,
+            d.buffer_passes,
+            buffer_device,
+            ctx.seed,
+            d.prefetch,
+            replay=self._replay,
         )
         logger.info(
             "cache source: %s (%s, %d blocks of %d rows), layers %s, %s -> %s, %s order",
@@ -231,33 +277,112 @@ class CacheSource(BufferedSource):
             "seeded" if d.cache_shuffle else "written",
         )
 
-    def load_state_dict_from_ranks(self, sds: list[dict[str, Any]]) -> None:
-        """Resume on a different number of ranks (approximate): continue the same epoch's order.
+    def _set_shards(self, shards: int) -> None:
+        if self._asked_shards and shards != self._asked_shards:
+            raise ConfigError(
+                f"data.text_shards = {self._asked_shards}, but the checkpoint's block order is split into "
+                f"{shards} shards (fixed for a run): set data.text_shards = {shards} (or 0) to resume it."
+            )
+        if shards < self.dp_degree:
+            raise ConfigError(
+                f"The cache's block order is split into {shards} shards (data.text_shards), fewer than this "
+                f"run's {self.dp_degree} data-parallel ranks: run on at most {shards} ranks, or start a run "
+                "with data.text_shards set to a multiple of every rank count you may resume on."
+            )
+        self.num_shards = shards
 
-        Each epoch's order does not depend on the rank count, so every new rank starts at the first
-        position of that order some old rank had not yet reached (no block is skipped; blocks the
-        old buffers held are read again). The shuffle buffer starts fresh.
+    def _block_loader(
+        self, reader: int, readers: int, workers: int, base: dict[str, Any] | None
+    ) -> tuple[CacheBlocks, StatefulDataLoader]:
+        blocks = CacheBlocks(
+            self.folder,
+            self.meta,
+            self.columns,
+            reader,
+            readers,
+            self.seed,
+            self.shuffle,
+            self.num_shards,
+            base,
+        )
+        loader = StatefulDataLoader(
+            blocks, batch_size=None, num_workers=workers, prefetch_factor=4 if workers > 0 else None
+        )
+        return blocks, loader
+
+    def _reset_loader(self, base: dict[str, Any] | None) -> None:
+        self.blocks, self.loader = self._block_loader(self.dp_rank, self.dp_degree, self.num_workers, base)
+        self.buffer.loader = self.loader
+
+    def _replay(self, origin: dict[str, Any]) -> tuple[Any, Any]:
+        """An old rank's refill: its loader from the saved state."""
+        _, loader = self._block_loader(origin["reader"], origin["readers"], origin["workers"], origin["base"])
+        loader.load_state_dict(origin["loader"])
+        return loader, _as_rows
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["blocks"] = {
+            "shards": self.num_shards,
+            "reader": self.dp_rank,
+            "readers": self.dp_degree,
+            "workers": self.num_workers,
+            "base": self.blocks.base,
+        }
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._check_describe(sd.get("describe"))
+        if "blocks" in sd:  # else written before shards: one per rank, from the beginning
+            self._set_shards(int(sd["blocks"]["shards"]))
+            self._reset_loader(sd["blocks"]["base"])
+        self.buffer.load_state_dict(sd["buffer"])
+
+    def load_state_dict_from_ranks(self, sds: list[dict[str, Any]]) -> None:
+        """Resume on a different number of ranks from every old rank's state, exactly.
+
+        Every shard of the block order continues where the refill its old rank was draining ended;
+        this rank first drains the in-flight refills of the old ranks ``r`` with ``r % new_ranks ==
+        this rank`` (tensor-parallel ranks of one data-parallel rank hold the same state).
         """
         for sd in sds:
             self._check_describe(sd.get("describe"))
-        n, old = self.blocks.n_blocks, len(sds)
-        positions = []  # global positions (epoch * n + index in that epoch's order) reached
-        for r, sd in enumerate(sds):
-            if not sd["buffer"]["started"]:
-                return
-            per_epoch = len(range(r, n, old))
-            k = min(_ks(sd["buffer"]["loader"]) or [0])
-            epoch, i = divmod(k, per_epoch)
-            positions.append(epoch * n + r + i * old)
-        epoch, g = divmod(min(positions), n)
-        new = self.blocks
-        new.start = epoch * new.per_epoch + max(0, g - new.dp_rank) // new.dp_degree
-        logger.warning(
-            "Resuming the activation cache from %d saved ranks at epoch %d, block %d of its order "
-            "(approximate: blocks in the old buffers are read again).",
-            old,
-            epoch,
-            g,
+        if any("blocks" not in sd for sd in sds):
+            raise ConfigError(
+                f"This checkpoint's cache position was written before block shards existed: resume it on "
+                f"the {len(sds)} ranks that saved it, or start fresh."
+            )
+        self._set_shards(int(sds[0]["blocks"]["shards"]))
+        readers = {int(sd["blocks"]["reader"]): sd for sd in reversed(sds)}  # one per data-parallel rank
+        q: dict[int, int] = {}
+        refills = []
+        for reader in sorted(readers):
+            sd = readers[reader]
+            blk, buf = sd["blocks"], sd["buffer"]
+            old, _ = self._block_loader(reader, int(blk["readers"]), 0, blk["base"])
+            if buf["started"] and buf.get("origin") is None:  # its shards go on from the refill's end
+                q.update(old.positions_at(min(_ks(buf["loader_end"]))))
+            else:  # nothing read, or an adopted refill being drained: the own shards did not move
+                q.update({int(s): int(v) for s, v in blk["base"]["q"].items()})
+            if reader % self.dp_degree == self.dp_rank:
+                own = {
+                    "reader": reader,
+                    "readers": int(blk["readers"]),
+                    "workers": int(blk["workers"]),
+                    "base": blk["base"],
+                    "loader": buf.get("loader"),
+                }
+                refills += ShuffleBuffer.in_flight(buf, own)
+        mine = reader_shards(self.dp_rank, self.dp_degree, self.num_shards)
+        self._reset_loader({"q": {s: q.get(s, 0) for s in mine}, "next": 0})
+        self.buffer.adopt(refills)
+        logger.info(
+            "Resuming the activation cache from %d saved ranks: %d shards of the block order, %d of the "
+            "old buffer refills finished here first (%d rows).",
+            len(sds),
+            self.num_shards,
+            len(self.buffer._queue),
+            sum(self.buffer.remaining(r) for r in self.buffer._queue),
         )
 
     def close(self) -> None:
@@ -266,7 +391,8 @@ class CacheSource(BufferedSource):
 
 
 def _ks(obj: Any) -> list[int]:
-    """Every ``CacheBlocks`` position inside a loader state (one per DataLoader worker)."""
+    """Every ``CacheBlocks`` position inside a loader state (one per DataLoader worker): the
+    smallest is the number of blocks the loader has served."""
     if isinstance(obj, dict):
         if set(obj) == {"k"}:
             return [] if obj["k"] is None else [int(obj["k"])]

@@ -8,6 +8,14 @@ Tensor parallelism: every rank of a TP group must train on the same batch, but n
 run through the LLM twice. So each TP rank reads its own share of the text (the text is sharded
 over ``dp_degree × tp`` readers), extracts it, and the group all-gathers the rows before they enter
 the buffer; the buffers are then equal on every TP rank (same rows, same shuffling seed).
+
+Resume on another number of ranks keeps every context exactly once. The text is split into
+``data.text_shards`` virtual shards, fixed for the run, each with its own position (``tokenize.py``);
+the readers share them out. Each old rank was partway through a buffer refill: the new data-parallel
+rank ``d`` adopts the in-flight refills of the old data-parallel groups ``g`` with ``g % new_dp ==
+d``, replays each from its old readers' loader states (all of an old TP group's readers, without
+the all-gather, so a TP group can change size) and serves its remaining rows, then reads its own
+shards from where the old refills ended.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.hooks import check_layers, d_model, family, n_layers
 from torchtitan_clt.data.llm import load_llm, model_name
 from torchtitan_clt.data.text import TextSpec
-from torchtitan_clt.data.tokenize import build_token_loader
+from torchtitan_clt.data.tokenize import build_token_loader, default_num_shards, reader_shards, shard_states
 
 logger = logging.getLogger(__name__)
 
@@ -137,16 +145,18 @@ class StreamSource(BufferedSource):
 
         self.tp_rank, self.tp_size = _tp_info(ctx.tp_group)
         self.tp_group = ctx.tp_group
-        reader, readers = ctx.dp_rank * self.tp_size + self.tp_rank, ctx.dp_degree * self.tp_size
-        self.loader = build_token_loader(
-            text_spec(job_config),
-            tokenizer,
-            d.seq_len,
-            d.llm_batch_size,
-            dp_rank=reader,
-            dp_degree=readers,
-            num_workers=d.num_workers,
-        )
+        self.dp_rank, self.dp_degree = ctx.dp_rank, ctx.dp_degree
+        self.reader, self.readers = ctx.dp_rank * self.tp_size + self.tp_rank, ctx.dp_degree * self.tp_size
+        self.spec, self.seq_len, self.llm_batch_size = text_spec(job_config), d.seq_len, d.llm_batch_size
+        self.num_workers = d.num_workers
+        if d.text_shards < 0:
+            raise ConfigError(
+                f"data.text_shards = {d.text_shards}: give a positive number, or 0 for the default."
+            )
+        self._asked_shards = d.text_shards
+        self._set_text_shards(d.text_shards or default_num_shards(self.readers, d.num_workers))
+        self._start: dict[int, dict[str, Any]] = {}  # where own shards begin (resume on other ranks)
+        self.loader = self._token_loader(self.reader, self.readers, self.num_workers)
         llm_dtype = next(llm.parameters()).dtype
         self.extractor = ActivationExtractor(llm, d.hook_in, d.hook_out, self.layers, dtype=llm_dtype)
         buffer_device = self.device if d.buffer_device == "auto" else torch.device(d.buffer_device)
@@ -160,6 +170,7 @@ class StreamSource(BufferedSource):
             ctx.seed,
             prefetch,
             self.llm_lock,
+            replay=self._replay,
         )
         rows = d.buffer_tokens * self.n_layers * (self.d_in + self.d_out) * llm_dtype.itemsize
         logger.info(
@@ -183,51 +194,146 @@ class StreamSource(BufferedSource):
             )
         return x, y
 
-    def load_state_dict_from_ranks(self, sds: list[dict[str, Any]]) -> None:
-        """Resume on a different number of ranks from every old rank's state (approximate).
+    # -- text shards and loaders ----------------------------------------------------------------
+    def _set_text_shards(self, shards: int) -> None:
+        if self._asked_shards and shards != self._asked_shards:
+            raise ConfigError(
+                f"data.text_shards = {self._asked_shards}, but the checkpoint's text is split into {shards} "
+                f"shards (fixed for a run): set data.text_shards = {shards} (or 0) to resume it."
+            )
+        if shards < self.readers:
+            raise ConfigError(
+                f"The text is split into {shards} shards (data.text_shards), fewer than this run's "
+                f"{self.readers} text readers (data-parallel × tensor-parallel ranks): run on at most "
+                f"{shards} readers, or start a run with data.text_shards set to a multiple of every "
+                "reader count you may resume on."
+            )
+        self.text_shards = shards
 
-        The text position is global, so every new reader starts at the earliest refill start
-        among the old readers (no document is skipped; documents the old buffers held are read
-        again) with its own new share. The shuffle buffer starts fresh.
+    def _token_loader(self, reader: int, readers: int, workers: int) -> Any:
+        return build_token_loader(
+            self.spec,
+            self.tokenizer,
+            self.seq_len,
+            self.llm_batch_size,
+            dp_rank=reader,
+            dp_degree=readers,
+            num_workers=workers,
+            num_shards=self.text_shards,
+        )
+
+    def _reset_loader(self, start: dict[int, dict[str, Any]]) -> None:
+        """A fresh own loader whose shards begin at ``start`` (the others at their beginning)."""
+        self._start = {int(s): v for s, v in start.items()}
+        self.loader = self._token_loader(self.reader, self.readers, self.num_workers)
+        self.loader.dataset.start = dict(self._start)
+        self.buffer.loader = self.loader
+
+    def _replay(self, origin: list[dict[str, Any]]) -> tuple[Any, Any]:
+        """An old data-parallel group's refill: its readers' loaders from the saved states, zipped,
+        and their rows concatenated in TP-rank order (what the group's all-gather gave)."""
+        loaders = []
+        for o in origin:
+            dl = self._token_loader(o["reader"], o["readers"], o["workers"])
+            dl.load_state_dict(o["loader"])
+            loaders.append(dl)
+
+        def extract(batches: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+            xs, ys = zip(*(self.extractor(b) for b in batches))
+            return torch.cat(xs), torch.cat(ys)
+
+        return zip(*loaders), extract
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["text"] = {
+            "shards": self.text_shards,
+            "reader": self.reader,
+            "readers": self.readers,
+            "workers": self.num_workers,
+            "dp_rank": self.dp_rank,
+            "tp_rank": self.tp_rank,
+            "tp": self.tp_size,
+            "start": {s: dict(v) for s, v in self._start.items()},
+        }
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._check_describe(sd.get("describe"))
+        text = sd.get("text")
+        if text is not None:  # else written before text shards: the default shards, one per worker
+            if (int(text["reader"]), int(text["readers"])) != (self.reader, self.readers):
+                raise ConfigError(
+                    f"This rank's data state was saved by text reader {text['reader']} of {text['readers']}, "
+                    f"but it is reader {self.reader} of {self.readers} now: resume on the mesh it was saved on."
+                )
+            self._set_text_shards(int(text["shards"]))
+            self._reset_loader(text["start"])
+        self.buffer.load_state_dict(sd["buffer"])
+
+    def load_state_dict_from_ranks(self, sds: list[dict[str, Any]]) -> None:
+        """Resume on a different number of ranks from every old rank's state, exactly.
+
+        Every shard continues where the refill its old reader was draining ended; this rank first
+        drains the in-flight refills of the old data-parallel groups it adopts (see the module
+        docstring). The union over the new ranks of the rows served is what the old ranks would
+        have served, in another order.
         """
         for sd in sds:
             self._check_describe(sd.get("describe"))
-        positions = [
-            p for sd in sds if sd["buffer"]["started"] for p in _packer_states(sd["buffer"]["loader"])
-        ]
-        if not positions:
-            return
-        start = min(positions, key=lambda p: (p["docs"]["epoch"], p["docs"]["index"]))
-        docs = {k: v for k, v in start["docs"].items() if k in ("epoch", "index", "hf_state")}
-        logger.warning(
-            "Resuming the text stream from %d saved ranks at epoch %d, document %d (approximate: "
-            "documents in the old buffers are read again).",
+        if any("text" not in sd for sd in sds):
+            raise ConfigError(
+                f"This checkpoint's data state was written before text shards existed: resume it on the "
+                f"{len(sds)} ranks that saved it, or start fresh."
+            )
+        self._set_text_shards(int(sds[0]["text"]["shards"]))
+        start: dict[int, dict[str, Any]] = {}
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for sd in sds:
+            text, buf = sd["text"], sd["buffer"]
+            saved_start = {int(s): v for s, v in text["start"].items()}
+            # An own refill being drained: its shards go on from its end. Otherwise (nothing read
+            # yet, or an adopted refill being drained) the own shards have not moved since ``start``.
+            ends = shard_states(buf["loader_end"]) if buf["started"] and buf.get("origin") is None else {}
+            for s in reader_shards(int(text["reader"]), int(text["readers"]), self.text_shards):
+                if s in ends or s in saved_start:
+                    start[s] = ends.get(s, saved_start.get(s))
+            groups.setdefault(int(text["dp_rank"]), []).append(sd)
+        refills = []
+        for g, members in enumerate(groups[k] for k in sorted(groups)):
+            members.sort(key=lambda m: int(m["text"]["tp_rank"]))
+            if len(members) != int(members[0]["text"]["tp"]):
+                raise ConfigError(f"The checkpoint holds {len(members)} of the data states of TP group {g}.")
+            own = [
+                {
+                    "reader": int(m["text"]["reader"]),
+                    "readers": int(m["text"]["readers"]),
+                    "workers": int(m["text"]["workers"]),
+                    "loader": m["buffer"].get("loader"),
+                }
+                for m in members
+            ]
+            if g % self.dp_degree == self.dp_rank:
+                refills += ShuffleBuffer.in_flight(members[0]["buffer"], own)
+        self._reset_loader({s: v for s, v in start.items() if s in self._own_shards()})
+        self.buffer.adopt(refills)
+        logger.info(
+            "Resuming the text stream from %d saved ranks: %d text shards, %d of the old buffer "
+            "refills finished here first (%d rows).",
             len(sds),
-            docs["epoch"],
-            docs["index"],
+            self.text_shards,
+            len(self.buffer._queue),
+            sum(self.buffer.remaining(r) for r in self.buffer._queue),
         )
-        dataset = self.loader.dataset
-        dataset.load_state_dict(
-            {
-                "docs": {**dataset.docs.state_dict(), **docs, "hf_state": docs.get("hf_state")},
-                "offset": 0,
-                "windows": 0,
-            }
-        )
+
+    def _own_shards(self) -> list[int]:
+        return reader_shards(self.reader, self.readers, self.text_shards)
 
     def close(self) -> None:
         self.buffer.close()
         self.buffer._it = None
         self.llm = self.extractor = None  # type: ignore[assignment]
-
-
-def _packer_states(obj: Any) -> list[dict[str, Any]]:
-    """Every ``PackedTokens`` state inside a loader state (one per DataLoader worker)."""
-    if isinstance(obj, dict):
-        if "docs" in obj and "offset" in obj:
-            return [obj]
-        return [p for v in obj.values() for p in _packer_states(v)]
-    return []
 
 
 def _all_gather_rows(t: torch.Tensor, group: Any, size: int) -> torch.Tensor:

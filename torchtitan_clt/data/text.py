@@ -8,9 +8,10 @@
 
 Every document has a global index ``i`` in the stream. Documents with ``i % 100 == 99`` are held
 out for evaluation and never appear in the training stream. The remaining training documents are
-dealt round-robin over shards (``shard = j % num_shards`` with ``j`` the training document count),
-so each data-parallel rank reads its own share. The position is the global index of the next
-document, which is what makes resume exact (and approximately right on a different shard count).
+dealt round-robin over shards (``shard = j % num_shards`` with ``j`` the training document count).
+The shards are virtual: their number (``data.text_shards``) is fixed for a run and does not depend
+on the rank count; each reader packs a block of them (``tokenize.py``). A shard's position is the
+global index of its next document, so resume is exact, also onto another number of ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import glob
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +146,20 @@ def open_dataset(spec: TextSpec) -> tuple[Any, str]:
     return ds, spec.text_field
 
 
+def _rows(ds: Any) -> Iterator[dict]:
+    """The rows of ``ds`` in order, all of them, also in a DataLoader worker.
+
+    A ``datasets.IterableDataset`` iterated in a worker deals its files out over the workers on its
+    own; our shards are by global document index, so it is read through ``iter``, which does not.
+    """
+    datasets = sys.modules.get("datasets")
+    if datasets is None or not isinstance(ds, datasets.IterableDataset):
+        yield from ds
+        return
+    for batch in ds.iter(batch_size=1):
+        yield {k: v[0] for k, v in batch.items()}
+
+
 def shard_of(index: int, num_shards: int) -> tuple[bool, int]:
     """(held_out, shard) of the document with global index ``index``."""
     k = HELD_OUT_EVERY
@@ -215,7 +231,7 @@ class DocumentStream:
                 ds.load_state_dict(self._hf_state)  # jump straight to the saved row
                 i = start
             yielded = 0
-            for row in ds:
+            for row in _rows(ds):
                 if i < start:  # no dataset state: skip rows up to the saved position
                     i += 1
                     continue

@@ -3,6 +3,14 @@
 A window is ``[BOS, t_1, ..., t_{seq_len-1}]``: BOS (the tokenizer's, or EOS when it has none)
 then the next tokens of the document stream, each document followed by EOS. A document longer
 than a window continues in the next window (after that window's BOS).
+
+The text is split into ``num_shards`` *virtual shards* (``text.shard_of``), each packed on its own,
+so a shard's windows do not depend on who reads it. Reader ``r`` of ``R`` (data-parallel ×
+tensor-parallel ranks) owns a contiguous block of shards (``reader_shards``), its DataLoader workers
+split them, and a worker yields windows round-robin over its shards. The state is one position per
+shard, so a run can resume on another reader count with every shard where it stopped (the number of
+shards is fixed for the run). With the default ``num_shards = readers × workers`` each worker reads
+one shard: reader ``r``'s worker ``w`` reads shard ``r × workers + w``.
 """
 
 from __future__ import annotations
@@ -32,38 +40,22 @@ def special_ids(tokenizer: Any) -> tuple[int, int]:
     return int(bos), int(eos)
 
 
-class PackedTokens(IterableDataset):
-    """Windows of ``seq_len`` token ids from one data-parallel rank's share of the text (``Stateful``).
+def reader_shards(reader: int, readers: int, num_shards: int) -> list[int]:
+    """The text shards reader ``reader`` of ``readers`` owns: ``s`` with ``s * readers // num_shards == reader``."""
+    return [s for s in range(num_shards) if s * readers // num_shards == reader]
 
-    With DataLoader workers, each worker reads its own sub-share; the loader keeps one state per
-    worker. The state is the document position before the current document plus the token offset
-    inside it, so nothing tokenized is stored.
-    """
 
-    def __init__(
-        self,
-        spec: TextSpec,
-        tokenizer: Any,
-        seq_len: int,
-        dp_rank: int = 0,
-        dp_degree: int = 1,
-        held_out: bool = False,
-        loop: bool = True,
-    ):
-        if seq_len < 2:
-            raise ValueError(f"data.seq_len = {seq_len}: need at least 2 (BOS + one token).")
-        self.tokenizer, self.seq_len = tokenizer, seq_len
-        self.dp_rank, self.dp_degree = dp_rank, dp_degree
-        self.bos, self.eos = special_ids(tokenizer)
-        self.docs = DocumentStream(spec, held_out=held_out, loop=loop)
-        self._doc_state = self.docs.state_dict()  # stream state before the current document
-        self._offset = 0  # tokens of the current document already packed
-        self.windows = 0
+def default_num_shards(readers: int, num_workers: int) -> int:
+    return readers * max(1, num_workers)
 
-    def _set_shard(self) -> None:
-        info = get_worker_info()
-        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        self.docs.set_shard(self.dp_rank * n + w, self.dp_degree * n)
+
+class _ShardPacker:
+    """Windows of one text shard; ``state`` (document position before the current document, token
+    offset inside it, windows made) is updated in place before each window is yielded."""
+
+    def __init__(self, docs: DocumentStream, tokenizer: Any, seq_len: int, bos: int, eos: int, state: dict):
+        self.docs, self.tokenizer, self.seq_len, self.bos, self.eos = docs, tokenizer, seq_len, bos, eos
+        self.state = state
 
     def _documents(self) -> Iterator[tuple[dict, list[int]]]:
         """``(stream state before the document, its tokens + EOS)``, tokenized in chunks.
@@ -92,37 +84,142 @@ class PackedTokens(IterableDataset):
                 return
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        self._set_shard()
-        self.docs.load_state_dict(self._doc_state)
+        st = self.state
+        self.docs.load_state_dict(st["docs"])
         docs = self._documents()
         tokens: list[int] = []
         pos = 0
-        skip = self._offset  # a resumed document is re-read and its packed tokens skipped
+        skip = st["offset"]  # a resumed document is re-read and its packed tokens skipped
         while True:
             window = [self.bos]
             while len(window) < self.seq_len:
                 if pos >= len(tokens):
                     try:
-                        self._doc_state, tokens = next(docs)
+                        doc_state, tokens = next(docs)
                     except StopIteration:
                         return  # finite stream (held-out): the partial window is dropped
+                    st["docs"] = doc_state
                     pos, skip = skip, 0
                     continue
                 take = min(self.seq_len - len(window), len(tokens) - pos)
                 window.extend(tokens[pos : pos + take])
                 pos += take
-            self._offset = pos
-            self.windows += 1
+            st["offset"] = pos
+            st["windows"] += 1
             yield torch.tensor(window, dtype=torch.long)
 
+
+class PackedTokens(IterableDataset):
+    """Windows of ``seq_len`` token ids from one reader's text shards (``Stateful``).
+
+    With DataLoader workers, worker ``w`` of ``n`` packs the reader's shards ``w, w + n, ...``; the
+    loader keeps one state per worker. A worker's state is, per shard, the document position before
+    the current document plus the token offset inside it (nothing tokenized is stored), and which
+    of its shards gives the next window. ``start`` (shard -> state) sets where shards begin when no
+    state was loaded (a resume on another reader count).
+    """
+
+    def __init__(
+        self,
+        spec: TextSpec,
+        tokenizer: Any,
+        seq_len: int,
+        dp_rank: int = 0,
+        dp_degree: int = 1,
+        held_out: bool = False,
+        loop: bool = True,
+        num_shards: int = 0,
+    ):
+        if seq_len < 2:
+            raise ValueError(f"data.seq_len = {seq_len}: need at least 2 (BOS + one token).")
+        self.spec, self.tokenizer, self.seq_len = spec, tokenizer, seq_len
+        self.dp_rank, self.dp_degree = dp_rank, dp_degree
+        self.num_shards = num_shards or dp_degree
+        if self.num_shards < dp_degree:
+            raise ValueError(f"{self.num_shards} text shards cannot be split over {dp_degree} readers.")
+        self.held_out, self.loop = held_out, loop
+        self.bos, self.eos = special_ids(tokenizer)
+        self.start: dict[int, dict[str, Any]] = {}
+        self._state: dict[str, Any] | None = None  # {"shards": {shard: state}, "next": i}
+
+    def worker_shards(self) -> list[int]:
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        return reader_shards(self.dp_rank, self.dp_degree, self.num_shards)[w::n]
+
+    def _stream(self, shard: int) -> DocumentStream:
+        return DocumentStream(self.spec, shard, self.num_shards, held_out=self.held_out, loop=self.loop)
+
+    def _initial(self) -> dict[str, Any]:
+        shards = {}
+        for s in self.worker_shards():
+            if s in self.start:
+                shards[s] = _copy_state(self.start[s])
+            else:
+                shards[s] = {"docs": self._stream(s).state_dict(), "offset": 0, "windows": 0}
+        return {"shards": shards, "next": 0}
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self._state is None:
+            self._state = self._initial()
+        st = self._state
+        shards = sorted(st["shards"])
+        packers = [
+            iter(
+                _ShardPacker(
+                    self._stream(s), self.tokenizer, self.seq_len, self.bos, self.eos, st["shards"][s]
+                )
+            )
+            for s in shards
+        ]
+        while packers:
+            i = st["next"] % len(packers)
+            try:
+                window = next(packers[i])
+            except StopIteration:  # a finite shard ended: the others go on
+                packers.pop(i)
+                continue
+            st["next"] = (i + 1) % len(packers)
+            yield window
+
+    @property
+    def windows(self) -> int:
+        return sum(s["windows"] for s in self.state_dict()["shards"].values())
+
     def state_dict(self) -> dict[str, Any]:
-        return {"docs": dict(self._doc_state), "offset": self._offset, "windows": self.windows}
+        if self._state is None:
+            self._state = self._initial()
+        return {
+            "shards": {s: _copy_state(v) for s, v in self._state["shards"].items()},
+            "next": self._state["next"],
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self._set_shard()
-        self._doc_state = dict(sd["docs"])
-        self.docs.load_state_dict(self._doc_state)
-        self._offset, self.windows = int(sd["offset"]), int(sd["windows"])
+        if "docs" in sd:  # written before virtual shards: one shard per worker
+            sd = {"shards": {int(sd["docs"]["shard"]): sd}, "next": 0}
+        shards = {int(s): _copy_state(v) for s, v in sd["shards"].items()}
+        mine = self.worker_shards()
+        if sorted(shards) != mine:
+            raise ValueError(
+                f"Token loader state for text shards {sorted(shards)}, but this worker reads {mine} "
+                f"(reader {self.dp_rank} of {self.dp_degree}, {self.num_shards} shards)."
+            )
+        self._state = {"shards": shards, "next": int(sd["next"])}
+
+
+def _copy_state(st: dict[str, Any]) -> dict[str, Any]:
+    return {"docs": dict(st["docs"]), "offset": int(st["offset"]), "windows": int(st["windows"])}
+
+
+def shard_states(loader_state: Any) -> dict[int, dict[str, Any]]:
+    """Every text shard's packing state inside a ``StatefulDataLoader`` state (all its workers)."""
+    found: dict[int, dict[str, Any]] = {}
+    if isinstance(loader_state, dict):
+        if "shards" in loader_state and "next" in loader_state:
+            return {int(s): _copy_state(v) for s, v in loader_state["shards"].items()}
+        for v in loader_state.values():
+            found.update(shard_states(v))
+    return found
 
 
 def build_token_loader(
@@ -135,10 +232,17 @@ def build_token_loader(
     num_workers: int = 0,
     held_out: bool = False,
     loop: bool = True,
+    num_shards: int = 0,
 ) -> StatefulDataLoader:
-    """Batches of windows, ``LongTensor [batch_size, seq_len]``, from this rank's share."""
+    """Batches of windows, ``LongTensor [batch_size, seq_len]``, from reader ``dp_rank``'s shards.
+
+    ``num_shards = 0``: ``dp_degree × max(1, num_workers)``, one shard per worker.
+    """
     if num_workers > 0:
         # Fork after the tokenizer used its thread pool would deadlock it; workers tokenize instead.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ds = PackedTokens(spec, tokenizer, seq_len, dp_rank, dp_degree, held_out=held_out, loop=loop)
+    num_shards = num_shards or default_num_shards(dp_degree, num_workers)
+    ds = PackedTokens(
+        spec, tokenizer, seq_len, dp_rank, dp_degree, held_out=held_out, loop=loop, num_shards=num_shards
+    )
     return StatefulDataLoader(ds, batch_size=batch_size, num_workers=num_workers, drop_last=True)
