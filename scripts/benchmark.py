@@ -41,7 +41,9 @@ TRAIN_CASES = {
 }
 
 
-def bench_train(case: str, steps: int, batch_size: int, extra: list[str]) -> dict:
+def bench_train(
+    case: str, steps: int, batch_size: int, extra: list[str], compare_dense: bool = False
+) -> dict:
     from torchtitan_clt.config import load_config
     from torchtitan_clt.train import Trainer
 
@@ -61,16 +63,26 @@ def bench_train(case: str, steps: int, batch_size: int, extra: list[str]) -> dic
             ]
         )
         trainer = Trainer(cfg)
+        model = trainer.model
         # Warm-up steps are excluded: the first steps pay for allocation and lazy init.
         t0 = time.perf_counter()
         trainer_steps(trainer, 2)
         warm = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        trainer_steps(trainer, steps)
-        dt = time.perf_counter() - t0
-        n_params = sum(p.numel() for p in trainer.model.parameters())
+        compare = compare_dense and hasattr(model, "sparse_forward")
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(steps):  # sparse and dense-activation steps alternated: both see the same load
+            for sparse in (True, False) if compare else (getattr(model, "sparse_forward", True),):
+                if compare:
+                    model.sparse_forward = sparse
+                t0 = time.perf_counter()
+                trainer_steps(trainer, 1)
+                times[sparse].append(time.perf_counter() - t0)
+        if compare:
+            model.sparse_forward = True
+        dt = sum(times[True]) or sum(times[False])
+        n_params = sum(p.numel() for p in model.parameters())
         trainer.metrics.close()
-    return {
+    r = {
         "case": case,
         "steps": steps,
         "batch_size": batch_size,
@@ -79,6 +91,15 @@ def bench_train(case: str, steps: int, batch_size: int, extra: list[str]) -> dic
         "tokens_per_s": steps * batch_size / dt,
         "warmup_s": warm,
     }
+    if compare:
+        dense = sum(times[False])
+        r.update(
+            dense_activations_s_per_step=dense / steps,
+            dense_activations_tokens_per_s=steps * batch_size / dense,
+            sparse_speedup=dense / dt,
+            per_step_ratios=[d / s for s, d in zip(times[True], times[False])],
+        )
+    return r
 
 
 def trainer_steps(trainer, n: int) -> None:
@@ -109,7 +130,19 @@ def main() -> None:
     ap.add_argument("--llm-batch", type=int, default=8)
     ap.add_argument("--n-batches", type=int, default=6)
     ap.add_argument("--out", default="")
-    ap.add_argument("--override", nargs="*", default=[], help="extra --section.field=value for train cases")
+    ap.add_argument(
+        "--override",
+        nargs="*",
+        action="extend",
+        default=[],
+        help="extra --section.field=value for train cases; repeatable, as --override=--model.k=32",
+    )
+    ap.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="train: alternate each step with one on the dense-activation path (model.sparse_forward = "
+        "False) of the same trainer, and report both",
+    )
     args = ap.parse_args()
 
     result: dict = {
@@ -120,9 +153,16 @@ def main() -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if args.suite in ("train", "all"):
-        result["train"] = [bench_train(c, args.steps, args.batch_size, args.override) for c in args.cases]
+        result["train"] = [
+            bench_train(c, args.steps, args.batch_size, args.override, args.compare_dense) for c in args.cases
+        ]
         for r in result["train"]:
             print(f"train {r['case']:40s} {r['tokens_per_s']:10.0f} tokens/s  {r['s_per_step']*1e3:8.1f} ms/step")
+            if "dense_activations_tokens_per_s" in r:
+                print(
+                    f"      {'(dense activations)':40s} {r['dense_activations_tokens_per_s']:10.0f} tokens/s  "
+                    f"sparse speed-up {r['sparse_speedup']:.2f}x"
+                )
     if args.suite in ("extraction", "all"):
         layers = [int(v) for v in args.layers.split(",") if v]
         r = bench_extraction(args.model_path, layers, args.seq_len, args.llm_batch, args.n_batches)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from torchtitan_clt.kernels.layout_torch import Layout
+from torchtitan_clt.kernels.layout_torch import Layout, one_thread
 
 
 def out_dtype(vals: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -37,10 +37,10 @@ class SparseDecodeTorch(torch.autograd.Function):
         lay = ctx.lay
         g_vals = g_w = None
         if ctx.needs_input_grad[1]:
-            g_e = lay.grad_vals(0, w, grad_out.to(w.dtype))
+            g_e = lay.from_feature_order(lay.grad_vals(0, w, grad_out.to(w.dtype)))
             g_vals = lay.unflat(g_e, idx.shape[0], idx.shape[1])[:, 0].to(grad_out.dtype)
         if ctx.needs_input_grad[2]:
-            g_w = lay.grad_weight(0, vals_e, grad_out.to(w.dtype))
+            g_w = lay.grad_weight(0, lay.by_feature_order(vals_e), grad_out.to(w.dtype))
         return None, g_vals, g_w
 
 
@@ -52,20 +52,20 @@ class CLTSparseDecodeTorch(torch.autograd.Function):
     def forward(ctx, idx, vals, b_dec, *w_list):
         n, n_layers, k = idx.shape
         d = b_dec.shape[-1]
-        lay = Layout.build(idx, w_list[0].shape[0])
+        lay = Layout.of(idx, w_list[0].shape[0])
         vals_e = lay.flat(vals)
         dt = torch.promote_types(out_dtype(vals, w_list[0]), b_dec.dtype)
         out = b_dec.to(dt).expand(n, n_layers, d).contiguous()
         flat = out.view(n, n_layers * d)
         for s, w in enumerate(w_list):
             flat[:, s * d :] += lay.decode(s, vals_e, w.reshape(w.shape[0], -1))
-        ctx.save_for_backward(idx, vals_e, *w_list)
+        ctx.save_for_backward(idx, lay.by_feature_order(vals_e), *w_list)
         ctx.lay, ctx.d, ctx.vals_dtype = lay, d, vals.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        idx, vals_e, *w_list = ctx.saved_tensors
+        idx, vals_bf, *w_list = ctx.saved_tensors
         lay, d = ctx.lay, ctx.d
         n, n_layers, k = idx.shape
         g = grad_out.contiguous().view(n, n_layers * d)
@@ -75,9 +75,9 @@ class CLTSparseDecodeTorch(torch.autograd.Function):
             gs = g[:, s * d :].to(w.dtype)
             if ctx.needs_input_grad[1]:
                 g_es.append(lay.grad_vals(s, w2, gs))
-            g_ws.append(lay.grad_weight(s, vals_e, gs).view_as(w) if ctx.needs_input_grad[3 + s] else None)
-        if ctx.needs_input_grad[1]:
-            g_vals = lay.unflat(torch.cat(g_es), n, k).to(ctx.vals_dtype)
+            g_ws.append(lay.grad_weight(s, vals_bf, gs).view_as(w) if ctx.needs_input_grad[3 + s] else None)
+        if ctx.needs_input_grad[1]:  # by-feature order per layer -> entry order -> [N, L, K]
+            g_vals = lay.unflat(lay.from_feature_order(torch.cat(g_es)), n, k).to(ctx.vals_dtype)
         g_b = grad_out.sum(0) if ctx.needs_input_grad[2] else None
         return (None, g_vals, g_b, *g_ws)
 
@@ -95,18 +95,20 @@ def grad_weight_torch(
 ) -> torch.Tensor:
     """``[F, D]``: sum over entries of ``vals[n, j] * g[n]`` into row ``idx[n, j]``."""
     lay = Layout.build(idx[:, None], n_features)
-    return lay.grad_weight(0, lay.flat(vals[:, None]), g).to(dtype)
+    return lay.grad_weight(0, lay.by_feature_order(lay.flat(vals[:, None])), g).to(dtype)
 
 
 def encoder_grads_torch(idx: torch.Tensor, g_vals: torch.Tensor, x: torch.Tensor, n_features: int):
     """Sparse encoder backward: ``(grad W_enc [L, F, d], grad b_enc [L, F])`` from the gradient at
     the selected pre-activations ``g_vals [N, L, K]`` and the inputs ``x [N, L, d]``."""
     n_layers = idx.shape[1]
-    lay = Layout.build(idx, n_features)
+    lay = Layout.of(idx, n_features)
     g_e = lay.flat(g_vals)
-    g_w = lay.grad_weight_all(g_e, x)
-    g_b = torch.zeros(n_layers * n_features, dtype=torch.float32, device=x.device)
-    g_b.index_add_(0, lay.layer_of * n_features + lay.feats, g_e.float())
+    g_w = lay.grad_weight_all(lay.by_feature_order(g_e), x)
+    dt = torch.promote_types(g_e.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
+    with one_thread(x.device):
+        g_b = torch.zeros(n_layers * n_features, dtype=dt, device=x.device)
+        g_b.index_add_(0, lay.layer_of * n_features + lay.feats, g_e.to(dt))
     return g_w, g_b.view(n_layers, n_features)
 
 

@@ -18,6 +18,7 @@ import torch
 from torchtitan_clt.kernels import decode as _dec
 from torchtitan_clt.kernels import select_torch as _sel_torch
 from torchtitan_clt.kernels.backend import options, resolve_backend
+from torchtitan_clt.kernels.layout_torch import one_thread
 
 SCOPES = ("layer", "all")
 
@@ -30,8 +31,9 @@ def _gather_vals(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_last(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    vals = h.gather(-1, idx.clamp(min=0))
-    return torch.where(idx >= 0, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
+    with one_thread(h.device):  # ~k*N entries: bookkeeping-sized
+        vals = h.gather(-1, idx.clamp(min=0))
+        return torch.where(idx >= 0, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
 
 
 # --------------------------------------------------------------------------- selection

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from torchtitan_clt.kernels.layout_torch import one_thread
+
 # What the compaction keeps, given a threshold tau per group.
 MODES = ("positive", "ge", "nonzero")
 
@@ -111,12 +113,79 @@ def _two_tier(h: torch.Tensor, k_total: int, scope: str, per_row: int):
     return tau.to(_tau_dtype(h)).contiguous(), (v1, i1, sat), (rows, v2, i2)
 
 
+def _block_width(n_elems: int, kk: int) -> int:
+    """Block width for ``_block_select``: a power of two dividing ``n_elems``, near
+    sqrt(n_elems / kk), which balances the block maxima (n_elems / b) against the candidates
+    (kk * b). 1 when blocks would not pay (fewer than ~4 elements per kept one)."""
+    b = 1
+    while (2 * b) ** 2 * kk <= n_elems and n_elems % (2 * b) == 0:
+        b *= 2
+    return b
+
+
+def _block_select(h: torch.Tensor, k_total: int, scope: str, positive: bool | None):
+    """Exact BatchTopK from block maxima: view each group's values (a layer's [N, F], or all
+    layers) as blocks of b; the kk-th largest block maximum ``lo`` is <= tau (kk distinct elements
+    reach it), and every element >= tau lies in a block whose maximum is >= lo. So one max pass over
+    h, a quickselect over the maxima and one over the ~kk*b candidates give tau exactly; the kept
+    entries come out of the candidates already sorted by (layer, token, feature).
+
+    Returns ``(tau [L], idx [N, L, K])`` (idx None when ``positive`` is None: threshold only), or None
+    when blocks do not pay (tiny groups) and the caller uses the per-row candidates instead."""
+    n, n_layers, f = h.shape
+    hl = h.permute(1, 0, 2)  # [L, N, F]: the encoder's bmm output is stored this way
+    if not hl.is_contiguous():
+        hl = hl.contiguous()
+    g = n_layers if scope == "layer" else 1
+    hg = hl.reshape(g, -1)  # [G, M]
+    m = hg.shape[1]
+    kk = min(k_total, m)
+    b = _block_width(m, kk)
+    if b < 2:
+        return None
+    nb = m // b
+    blocks = hg.view(g, nb, b)
+    bmax = blocks.amax(-1)  # [G, nb]
+    # the rest reads ~1/b of h: one thread (see layout_torch.one_thread)
+    with one_thread(h.device):
+        lo = bmax.kthvalue(nb - min(kk, nb) + 1, dim=1, keepdim=True).values  # [G, 1], <= tau
+        cand = (bmax >= lo).nonzero()  # [C, 2] (group, block), ascending
+        gi, bi = cand[:, 0], cand[:, 1]
+        cv = blocks[gi, bi]  # [C, b]
+        cnt = torch.bincount(gi, minlength=g)
+        cmax = int(cnt.max())
+        if cnt.numel() == 1 or bool((cnt == cmax).all()):
+            pool = cv.view(g, -1)
+        else:  # ties at lo: groups hold different numbers of candidate blocks; pad with -inf
+            pos = torch.arange(gi.numel(), device=h.device) - (cnt.cumsum(0) - cnt)[gi]
+            pool = torch.full((g, cmax, b), float("-inf"), dtype=h.dtype, device=h.device)
+            pool[gi, pos] = cv
+            pool = pool.view(g, -1)
+        tau = pool.kthvalue(pool.shape[1] - kk + 1, dim=1).values  # [G]; -inf pads rank lowest
+        tau_l = tau.to(_tau_dtype(h)).expand(n_layers).contiguous()
+        if positive is None:
+            return tau_l, None
+        keep = cv >= tau[gi][:, None]
+        if positive:
+            keep &= cv > 0
+        q = torch.masked_select(
+            (gi * m + bi * b)[:, None] + torch.arange(b, device=h.device), keep
+        )  # flat positions in hl, ascending: sorted by (layer, token, feature)
+        row, feat = q // f, q % f  # row = layer * N + token
+        counts = torch.bincount(row, minlength=n_layers * n)
+        width = int(counts.max()) if counts.numel() else 0
+        slot = torch.arange(row.numel(), device=h.device) - (counts.cumsum(0) - counts)[row]
+        out = torch.full((n_layers * n * width,), -1, dtype=torch.long, device=h.device)
+        out.scatter_(0, row * width + slot, feat)
+        return tau_l, out.view(n_layers, n, width).permute(1, 0, 2)
+
+
 def batchtopk_threshold(
     h: torch.Tensor, k_total: int, scope: str = "layer", k_row: int = 0, tp_group=None
 ) -> torch.Tensor:
     """``h [N, L, F]`` -> ``tau [L]`` (fp32; fp64 for fp64 input): the k_total-th largest value per
     layer (``layer``) or over all layers jointly (``all``, the same value repeated). Selection
-    (per-row topk candidates + quickselect), never a full sort. ``k_row``: first guess of how many
+    (block maxima or per-row topk candidates, then quickselect), never a full sort. ``k_row``: first guess of how many
     entries one row can hold (default 4x the mean)."""
     n, n_layers, f = h.shape
     _groups(h[:0], scope)  # validates scope
@@ -124,6 +193,9 @@ def batchtopk_threshold(
         return torch.full((n_layers,), float("inf"), dtype=_tau_dtype(h), device=h.device)
     per_row = k_total // (n * (n_layers if scope == "all" else 1)) + 1
     if tp_group is None and not k_row:
+        found = _block_select(h, int(k_total), scope, None)
+        if found is not None:
+            return found[0]
         found = _two_tier(h, int(k_total), scope, per_row)
         if found is not None:
             return found[0]
@@ -148,6 +220,10 @@ def batchtopk_select(h: torch.Tensor, k: int, scope: str = "layer", positive: bo
     if k_total <= 0 or h.numel() == 0:
         tau = batchtopk_threshold(h, 0, scope, tp_group=tp_group)
         return torch.full((n, n_layers, 0), -1, dtype=torch.long, device=h.device), tau
+    if tp_group is None:
+        found = _block_select(h, k_total, scope, positive)
+        if found is not None:
+            return found[1], found[0]
     found = _two_tier(h, k_total, scope, k) if tp_group is None else None
     if found is None:
         tau, cand_v, cand_i = _threshold_with_candidates(h, k_total, scope, 4 * k + 1, tp_group)

@@ -1,15 +1,14 @@
-"""A self-contained sparse CLT training step: dense encoder matmul -> BatchTopK select -> sparse
-decode -> losses on the sparse values. Also the same step with a dense decoder, for comparison.
+"""A self-contained sparse CLT training step: dense encoder matmul -> TopK / BatchTopK select ->
+sparse decode -> losses on the sparse values. Also the same step with a dense decoder, for comparison.
 
 Sparse path cost per token: encoder ``2*L*F*d`` FLOPs (forward only; its backward is sparse) plus
 ``k * sum_s (L-s) * d`` for the decoder, instead of ``F * sum_s (L-s) * d`` per pass for a dense
-decoder. The dense pre-activations ``h`` live only inside the encoder's forward: backward needs
-``x``, the indices and the weights, never ``h``.
+decoder. Backward needs ``x``, the indices and the weights, never ``h`` (unless a loss term reads
+``h`` itself, as AuxK does; its gradient is then merged in and stays sparse while it is).
 
-To wire into a CLT model: call ``clt_sparse_forward(xs, W_enc, b_enc, W_dec_list, b_dec, k, scope)``
-from its ``forward_std`` (standardized units) with the model's own parameters; use ``out.y_hat``
-as the reconstruction and ``out.idx / out.vals`` (``[B, L, K]``) for the sparsity terms and L0;
-``out.to_dense(F)`` gives the ``[B, L, F]`` activations where a dense tensor is really needed.
+``CrossLayerTranscoder.forward_std`` (models/clt) trains TopK / BatchTopK through
+``clt_sparse_forward``; ``out.idx / out.vals`` (``[B, L, K]``) are the sparse activations,
+``out.to_dense(F)`` the ``[B, L, F]`` ones where a dense tensor is really needed.
 """
 
 from __future__ import annotations
@@ -20,34 +19,84 @@ from dataclasses import dataclass
 import torch
 
 from torchtitan_clt.kernels import dispatch
+from torchtitan_clt.kernels.backend import options
+from torchtitan_clt.kernels.layout_torch import one_thread
+
+SELECTIONS = ("batchtopk", "topk")
 
 
-class SparseEncodeBatchTopK(torch.autograd.Function):
-    """``x [N, L, d]``, ``W_enc [L, F, d]``, ``b_enc [L, F]`` -> ``(idx, vals [N, L, K], tau [L])``.
+def _topk_layout(h: torch.Tensor, k: int, positive: bool, backend: str | None):
+    """TopK per token and layer in the sparse layout: ``h [N, L, F]`` -> ``idx, vals [N, L, k]``,
+    ids ascending, entries <= 0 dropped (-1) when ``positive`` (TopK of ReLU(h))."""
+    n, n_layers, f = h.shape
+    k = min(k, f)
+    vals, idx = dispatch.topk_select(h.reshape(n * n_layers, f), k, backend)
+    with one_thread(h.device):
+        if positive:
+            idx = torch.where(vals > 0, idx, -1)
+        key, order = torch.where(idx >= 0, idx, f).sort(-1)  # kept ids ascending, padding last
+        zero = torch.zeros((), dtype=vals.dtype, device=h.device)
+        vals = torch.where(key < f, vals.gather(-1, order), zero)
+        idx = torch.where(key < f, key, -1)
+    return idx.view(n, n_layers, k), vals.view(n, n_layers, k)
 
-    Forward: ``h = W_enc x + b_enc`` (one batched matmul, stored ``[L, N, F]``), BatchTopK select.
-    Backward (straight-through to the selected pre-activations): ``grad W_enc[l]`` as sparse outer
-    products ``grad_vals x`` grouped by feature, ``grad b_enc`` by scatter-add, ``grad x`` (if
-    asked) as a sparse decode through ``W_enc``; never a dense ``[N, L, F]`` gradient."""
+
+class SparseEncode(torch.autograd.Function):
+    """``x [N, L, d]``, ``W_enc [L, F, d]``, ``b_enc [L, F]`` -> ``(h [N, L, F], idx, vals [N, L, K],
+    tau [L])``: the pre-activations and their selection (``select``: BatchTopK with ``scope``, or
+    TopK per token and layer; ``tau`` is NaN for TopK).
+
+    Forward: ``h = W_enc x + b_enc`` (one batched matmul, stored ``[L, N, F]``), then select.
+    Backward (straight-through to the selected pre-activations): the gradient at ``vals`` plus any
+    that a loss term sent through ``h`` itself (AuxK); while that is sparse (below the density
+    threshold), ``grad W_enc[l]`` is sparse outer products ``grad_vals x`` grouped by feature,
+    ``grad b_enc`` a scatter-add, ``grad x`` a sparse decode through ``W_enc``: never a dense
+    ``[N, L, F]`` matmul. A dense gradient at ``h`` (the pre-activation loss) takes the matmuls."""
 
     @staticmethod
-    def forward(ctx, x, w_enc, b_enc, k, scope, positive, backend, tp_group=None):
+    def forward(ctx, x, w_enc, b_enc, k, scope, positive, backend, tp_group=None, select="batchtopk"):
         xw = x.to(w_enc.dtype)  # an fp32 batch into bf16 weights: cast the batch, never the weights
         h = torch.baddbmm(b_enc.unsqueeze(1).to(w_enc.dtype), xw.transpose(0, 1), w_enc.transpose(1, 2))
-        idx, vals, tau = dispatch.batchtopk_select(h.permute(1, 0, 2), k, scope, positive, backend, tp_group)
-        del h
-        ctx.save_for_backward(xw, w_enc, idx)
+        hp = h.permute(1, 0, 2)  # [N, L, F] view of the layer-major storage
+        if select == "batchtopk":
+            idx, vals, tau = dispatch.batchtopk_select(hp, k, scope, positive, backend, tp_group)
+        elif select == "topk":
+            if tp_group is not None:
+                raise NotImplementedError("sparse TopK over feature shards: use the dense path under tp")
+            idx, vals = _topk_layout(hp, k, positive, backend)
+            tau = torch.full((hp.shape[1],), float("nan"), device=h.device)
+        else:
+            raise ValueError(f"selection {select!r}: use one of {SELECTIONS}")
+        ctx.save_for_backward(xw, w_enc)
+        ctx.idx = idx  # the very tensor the decoder gets: its cached layout is reused in backward
         ctx.backend, ctx.x_dtype = backend, x.dtype
+        ctx.set_materialize_grads(False)  # an unused h sends no gradient: no dense pass then
         ctx.mark_non_differentiable(idx, tau)
-        return idx, vals, tau
+        return hp, idx, vals, tau
 
     @staticmethod
-    def backward(ctx, _g_idx, g_vals, _g_tau):
-        x, w_enc, idx = ctx.saved_tensors
+    def backward(ctx, g_h, _g_idx, g_vals, _g_tau):
+        x, w_enc = ctx.saved_tensors
+        idx = ctx.idx
         n, n_layers, _ = idx.shape
         n_features = w_enc.shape[1]
-        valid = idx >= 0
-        g_vals = torch.where(valid, g_vals, torch.zeros((), dtype=g_vals.dtype, device=g_vals.device))
+        if g_vals is not None:
+            with one_thread(g_vals.device):
+                g_vals = torch.where(
+                    idx >= 0, g_vals, torch.zeros((), dtype=g_vals.dtype, device=g_vals.device)
+                )
+        if g_h is not None and not any(g_h.stride()) and not bool(g_h.reshape(-1)[:1].any()):
+            g_h = None  # a broadcast zero: a term kept h in the graph with weight 0 (AuxK, none dead)
+        if g_h is not None:  # a term read h itself: merge, then go sparse if the sum still is
+            g = g_h.to(w_enc.dtype)
+            if g_vals is not None:
+                g = g.scatter_add(-1, idx.clamp(min=0), g_vals.to(g.dtype))
+            thr = options().sparse_density_threshold
+            if int(torch.count_nonzero(g)) > thr * g.numel():
+                return (*_dense_encoder_grads(ctx, g, x, w_enc), *([None] * 6))
+            idx, g_vals = dispatch.compact(g, torch.zeros(n_layers, device=g.device), "nonzero", ctx.backend)
+        elif g_vals is None:
+            return (None,) * 9
         g_x = g_w = g_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g_w, g_b = dispatch.sparse_encoder_grads(idx, g_vals, x, n_features, ctx.backend)
@@ -62,15 +111,25 @@ class SparseEncodeBatchTopK(torch.autograd.Function):
                 ],
                 1,
             ).to(ctx.x_dtype)
-        return g_x, g_w, g_b, None, None, None, None, None
+        return g_x, g_w, g_b, None, None, None, None, None, None
+
+
+def _dense_encoder_grads(ctx, g, x, w_enc):
+    gl = g.permute(1, 0, 2)  # [L, N, F]
+    g_x = torch.bmm(gl, w_enc).transpose(0, 1).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    g_w = torch.bmm(gl.transpose(1, 2), x.transpose(0, 1)) if ctx.needs_input_grad[1] else None
+    g_b = gl.sum(1) if ctx.needs_input_grad[2] else None
+    return g_x, g_w, g_b
 
 
 @dataclass
 class SparseCLTOutput:
     idx: torch.Tensor  # [N, L, K] int64 feature ids, -1 = padding
     vals: torch.Tensor  # [N, L, K] selected pre-activations (0 at padding), differentiable
-    tau: torch.Tensor  # [L] this batch's BatchTopK thresholds (for the inference JumpReLU estimate)
+    tau: torch.Tensor  # [L] this batch's BatchTopK thresholds (NaN for TopK)
     y_hat: torch.Tensor  # [N, L, d] reconstruction
+    pre_acts: torch.Tensor | None = None  # [N, L, F] h, differentiable (a term using it stays sparse
+    # in backward while its gradient is)
 
     def to_dense(self, n_features: int) -> torch.Tensor:
         """``[N, L, F]`` activations (differentiable through ``vals``)."""
@@ -81,9 +140,10 @@ class SparseCLTOutput:
     def min_positive(self) -> torch.Tensor:
         """``[L]`` smallest kept positive value per layer (+inf if none): what a BatchTopK
         activation tracks to become a JumpReLU threshold at inference."""
-        v = self.vals.detach().float()
-        v = torch.where((self.idx >= 0) & (v > 0), v, torch.full_like(v, float("inf")))
-        return v.amin(dim=(0, 2)) if v.numel() else torch.full((self.idx.shape[1],), float("inf"))
+        with one_thread(self.vals.device):
+            v = self.vals.detach().float()
+            v = torch.where((self.idx >= 0) & (v > 0), v, torch.full_like(v, float("inf")))
+            return v.amin(dim=(0, 2)) if v.numel() else torch.full((self.idx.shape[1],), float("inf"))
 
     def l0(self) -> torch.Tensor:
         """``[L]`` mean active features per token."""
@@ -117,14 +177,15 @@ def clt_sparse_forward(
     backend: str | None = None,
     density_threshold: float | None = None,
     tp_group=None,
+    select: str = "batchtopk",
 ) -> SparseCLTOutput:
-    """CLT forward with BatchTopK, sparse end to end. ``x [N, L, d_in]``, ``w_enc [L, F, d_in]``,
+    """CLT forward with BatchTopK (or ``select="topk"``: TopK per token), sparse end to end. ``x [N, L, d_in]``, ``w_enc [L, F, d_in]``,
     ``b_enc [L, F]``, ``w_dec[s] [F, L-s, d_out]``, ``b_dec [L, d_out]``.
 
     ``tp_group``: tensor parallel over features. Each rank passes its shard of the features
     (``w_enc [L, F/tp, d]``, ``b_enc``, ``w_dec[s] [F/tp, L-s, d]``) and the full ``x``, ``b_dec``;
     the BatchTopK threshold is global, ``idx`` local to the shard, ``y_hat`` the full sum."""
-    idx, vals, tau = SparseEncodeBatchTopK.apply(x, w_enc, b_enc, k, scope, positive, backend, tp_group)
+    h, idx, vals, tau = SparseEncode.apply(x, w_enc, b_enc, k, scope, positive, backend, tp_group, select)
     if tp_group is None:
         y_hat = dispatch.clt_sparse_decode(idx, vals, w_dec, b_dec, backend, density_threshold)
     else:
@@ -132,7 +193,7 @@ def clt_sparse_forward(
             idx, vals, w_dec, torch.zeros_like(b_dec), backend, density_threshold
         )
         y_hat = _SumOverShards.apply(part, tp_group) + b_dec
-    return SparseCLTOutput(idx, vals, tau, y_hat)
+    return SparseCLTOutput(idx, vals, tau, y_hat, h)
 
 
 def _losses(y_hat, y, sparsity, n):

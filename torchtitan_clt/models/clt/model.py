@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from torchtitan_clt import kernels
+from torchtitan_clt.kernels.sparse_step import clt_sparse_forward
+from torchtitan_clt.models.activations import BatchTopK, TopK
 from torchtitan_clt.models.common import (
     LayerwiseTranscoder,
     check_norm_mode,
@@ -24,15 +26,64 @@ from torchtitan_clt.models.common import (
     normalize_rows,
     uniform,
 )
-from torchtitan_clt.protocols.transcoder import TranscoderArgs, parse_dtype
+from torchtitan_clt.protocols.transcoder import TranscoderArgs, TranscoderOutput, parse_dtype
 
 
 class CrossLayerTranscoder(LayerwiseTranscoder):
+    sparse_forward = True
+    """Train TopK / BatchTopK through the sparse step (``forward_std``); False keeps the dense
+    activations of the base class (benchmarks compare the two; the results are the same)."""
+
     def __init__(self, args: TranscoderArgs):
         super().__init__(args)
         L, F, d = args.n_layers, args.features_per_layer, args.d_out
         dtype = parse_dtype(args.dtype)
         self.W_dec = nn.ParameterList([new_param(F, L - s, d, dtype=dtype) for s in range(L)])
+
+    def _sparse_selection(self) -> tuple[str, str] | None:
+        """``(select, scope)`` when ``forward_std`` can run sparse end to end: TopK, or BatchTopK
+        in training (in eval it is JumpReLU), on one process (the distributed activations choose
+        over ranks: dense path), with ``k / F`` under ``kernels.sparse_density_threshold``."""
+        act, F = self.activation, self.args.features_per_layer
+        if not self.sparse_forward:
+            return None
+        if type(act) is BatchTopK and self.training:
+            select = ("batchtopk", act.scope)
+        elif type(act) is TopK:
+            select = ("topk", "layer")
+        else:
+            return None
+        if is_dtensor(self.W_enc) or act.k > kernels.options().sparse_density_threshold * F:
+            return None
+        return select
+
+    def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
+        """TopK / BatchTopK train sparse: encoder matmul, selection straight to ``idx, vals [B, L, K]``,
+        the sparse CLT decoder (``kernels.clt_sparse_decode``, backend from ``--kernels.backend``),
+        and a sparse encoder backward (``kernels.sparse_step``). ``acts`` is still given dense
+        (metrics, sparsity terms; differentiable through the selected values) and ``pre_acts``
+        stays differentiable (AuxK): gradients sent through either reach the encoder sparsely while
+        they are sparse. Otherwise (JumpReLU, ReLU, dense activations, tensor parallel) the dense
+        path of the base class."""
+        plan = self._sparse_selection()
+        if plan is None:
+            return super().forward_std(xs)
+        select, scope = plan
+        act, F = self.activation, self.args.features_per_layer
+        out = clt_sparse_forward(
+            xs, self.W_enc, self.b_enc, list(self.W_dec), self.b_dec, min(act.k, F), scope, select=select
+        )
+        if self.training:
+            min_pos = out.min_positive()  # [L]
+            act._observe(min_pos.amin().expand(len(min_pos)) if scope == "all" else min_pos)
+        return TranscoderOutput(
+            pre_acts=out.pre_acts,
+            acts=out.to_dense(F),
+            y_hat=out.y_hat,
+            dec_norms=None
+            if self.args.decoder_norm == "none"
+            else self.decoder_norms(self.args.decoder_norm),
+        )
 
     def _decode_source(self, s: int, acts_s: torch.Tensor) -> torch.Tensor:
         """What source layer s writes: acts_s  # [B, F] -> [B, L−s, d_out] (no bias).
