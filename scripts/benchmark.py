@@ -84,6 +84,7 @@ def bench_train(
         trainer.metrics.close()
     r = {
         "case": case,
+        "overrides": list(extra),  # the case name describes the preset before these
         "steps": steps,
         "batch_size": batch_size,
         "params_M": n_params / 1e6,
