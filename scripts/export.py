@@ -6,18 +6,59 @@
 
 Writes ``<out>/export`` (native: ``load_pretrained``) and / or ``<out>/circuit_tracer``; ``--out``
 defaults to ``<run>/exports/step-N``. A checkpoint saved on any number of ranks loads here.
+
+A TopK / BatchTopK model goes to circuit-tracer as JumpReLU, its thresholds calibrated on
+``--calib-tokens`` tokens of the run's training text (its LLM and dataset, from config.toml) and
+the result measured on ``--eval-tokens`` held-out tokens: ``circuit_tracer/conversion.json``. With
+``--calib-tokens 0``, or when the LLM or the text cannot be read, the tracked per-layer threshold is
+exported instead, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+logger = logging.getLogger("export")
+
+
+def conversion_batches(run: Path | None, model, calib_tokens: int, eval_tokens: int):
+    """(calibration, held-out) raw activation batches for a TopK / BatchTopK model's JumpReLU
+    conversion, from the run's LLM and text; ([], None) with a warning when they cannot be had."""
+    from torchtitan_clt.models.activations import BatchTopK, TopK
+
+    if not isinstance(model.activation, (TopK, BatchTopK)) or calib_tokens <= 0:
+        return [], None
+    try:
+        if run is None:
+            raise FileNotFoundError("no run folder (config.toml) to read the LLM and text from")
+        from torchtitan_clt.checkpoint.calibration import activation_batches
+        from torchtitan_clt.config.manager import load_config
+        from torchtitan_clt.data.llm import load_llm
+
+        cfg = load_config(["--config", str(run / "config.toml")], check=False)
+        if cfg.data.source == "synthetic":
+            raise ValueError("the run trained on synthetic activations, which have no LLM or text")
+        llm, tok = load_llm(cfg.data.model_path, cfg.data.model_dtype, "cpu")
+        a = model.args
+        kw = dict(llm=llm, tokenizer=tok, layers=list(a.layers), hooks=(a.hook_in, a.hook_out))
+        calib = activation_batches(cfg, calib_tokens, "train", **kw)
+        held = activation_batches(cfg, eval_tokens, "held_out", **kw) if eval_tokens > 0 else None
+        return calib, held or None
+    except Exception as e:  # noqa: BLE001  (any failure to read data falls back, loudly)
+        warnings.warn(
+            f"export: no calibration activations ({type(e).__name__}: {e}); the {model.args.activation} "
+            "model is exported with its tracked per-layer threshold.",
+            stacklevel=2,
+        )
+        return [], None
 
 
 def export_checkpoint(
@@ -26,6 +67,9 @@ def export_checkpoint(
     fmt: str = "both",
     dtype: str | None = None,
     out: str | Path | None = None,
+    calib_tokens: int = 4096,
+    eval_tokens: int = 4096,
+    refine_steps: int | None = None,
 ) -> dict[str, Path]:
     """Load ``path`` (a run folder or a ``step-N`` folder) and export it; returns {format: folder}."""
     from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
@@ -50,7 +94,15 @@ def export_checkpoint(
     if fmt in ("native", "both"):
         written["native"] = export_native(model, out / "export", dtype=DTYPES[dtype], extra_meta=extra)
     if fmt in ("circuit_tracer", "both"):
-        written["circuit_tracer"] = export_circuit_tracer(model, out / "circuit_tracer", dtype=DTYPES[dtype])
+        calib, held = conversion_batches(run, model, calib_tokens, eval_tokens)
+        written["circuit_tracer"] = export_circuit_tracer(
+            model,
+            out / "circuit_tracer",
+            dtype=DTYPES[dtype],
+            calibration=calib,
+            eval_batches=held,
+            conversion_options={} if refine_steps is None else {"refine_steps": refine_steps},
+        )
     return written
 
 
@@ -61,9 +113,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="both", choices=["native", "circuit_tracer", "both"])
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: checkpoint.export_dtype")
     p.add_argument("--out", default=None, help="output folder (default: <run>/exports/step-N)")
+    p.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=4096,
+        help="TopK / BatchTopK -> JumpReLU: training-text tokens to calibrate on (0: tracked threshold)",
+    )
+    p.add_argument(
+        "--eval-tokens", type=int, default=4096, help="held-out tokens the conversion is measured on"
+    )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=None,
+        help="TopK -> JumpReLU threshold-fit steps (default: to_jumprelu's, 300; 0: calibration only)",
+    )
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        written = export_checkpoint(a.path, a.step, a.format, a.dtype, a.out)
+        written = export_checkpoint(
+            a.path, a.step, a.format, a.dtype, a.out, a.calib_tokens, a.eval_tokens, a.refine_steps
+        )
     except (FileNotFoundError, ValueError) as e:  # ConfigError and CircuitTracerExportError too
         print(f"export: {e}", file=sys.stderr)
         return 2

@@ -232,3 +232,52 @@ def test_load_pretrained_reads_circuit_tracer_folders(tmp_path):
     assert back.args.family == "plt" and back.args.activation == "relu" and not back.training
     x = fresh_x(seed=3)
     torch.testing.assert_close(ours(back, x)[1], ours(model, x)[1], atol=1e-4, rtol=1e-4)
+
+
+def test_topk_is_calibrated_on_batches_and_reports_it(tmp_path):
+    """With calibration batches a TopK CLT is exported as the JumpReLU ``to_jumprelu`` makes;
+    conversion.json's L0 / FVU after are what circuit-tracer's own loaded CLT gives (float64)."""
+    import json
+
+    from torchtitan_clt.checkpoint.export import folded_cpu_copy
+    from torchtitan_clt.models.conversion import to_jumprelu
+
+    model = build("clt", "topk")
+    calib, held = [fresh_x(512, seed=1)], [fresh_x(256, seed=2)]
+    opts = {"refine_steps": 20}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "approximation" warning: it is calibrated
+        out = export_circuit_tracer(
+            model, tmp_path / "ct", calibration=calib, eval_batches=held, conversion_options=opts
+        )
+    rep = json.loads((out / "conversion.json").read_text())
+    assert rep["converted"] and rep["calibrated"] and rep["thresholds"] == "match"
+    assert read_config(out)["trained_activation"] == "topk"
+    assert rep["eval_tokens"] == 256 and rep["calibration_tokens"] == 512 and rep["refine_steps"] == 20
+    clt = ct_clt.load_clt(str(out), device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+    x = held[0]
+    with torch.no_grad():
+        a_ct = clt.encode(x.transpose(0, 1))  # [L, N, F]
+        y_ct = clt(x.transpose(0, 1)).transpose(0, 1).double()
+        y_src = model.eval()(x).double()  # the TopK source
+        ref, _ = to_jumprelu(folded_cpu_copy(model), calib, refine_steps=20)
+        torch.testing.assert_close(a_ct, ref.eval().encode(x).transpose(0, 1), atol=1e-4, rtol=1e-4)
+    l0 = (a_ct != 0).sum(-1).double().mean(-1).tolist()
+    fvu = ((y_src - y_ct).pow(2).sum((0, 2)) / (y_src - y_src.mean(0)).pow(2).sum((0, 2))).tolist()
+    assert rep["l0_after"] == pytest.approx(l0, rel=1e-6)
+    assert rep["fvu_after"] == pytest.approx(fvu, rel=1e-3, abs=1e-6)
+    assert rep["l0_before"] == [4.0] * L and rep["fvu_before"] == pytest.approx([0.0] * L, abs=1e-9)
+    for before, after in zip(rep["l0_before"], rep["l0_after"]):
+        assert abs(after - before) <= 0.25 * before  # 512 calibration tokens, a random tiny model
+
+
+def test_uncalibrated_export_says_so(tmp_path):
+    import json
+
+    model = build("clt", "topk")
+    with pytest.warns(UserWarning, match="approximation"):
+        out = export_circuit_tracer(model, tmp_path / "ct")
+    rep = json.loads((out / "conversion.json").read_text())
+    assert not rep["converted"] and rep["thresholds"] == "layer" and "no calibration" in rep["reason"]
+    export_circuit_tracer(build("clt", "jumprelu"), out)  # a later export of another model
+    assert not (out / "conversion.json").exists()

@@ -94,7 +94,8 @@ def test_topk_conversion_needs_calibration():
     for before, after in zip(rep["l0_before"], rep["l0_after"]):
         assert abs(after - before) <= 0.1 * before, rep
     assert rep["fvu_after_mean"] < raw["fvu_after_mean"]
-    assert rep["thresholds"] == "feature" and raw["thresholds"] == "layer"  # "auto"
+    assert rep["thresholds"] == "match" and raw["thresholds"] == "layer"  # "auto" for TopK
+    assert rep["refine_steps"] > 0 and raw["refine_steps"] == 0  # fitted by default (TopK only)
 
 
 def test_uncalibrated_batchtopk_conversion_is_its_inference_model():
@@ -128,3 +129,112 @@ def test_conversion_errors_and_no_ops():
         to_jumprelu(fresh)
     ev = evaluate(m, [(_data(W, 256, 5), _data(W, 256, 5))])
     assert ev["tokens"] == 256 and len(ev["l0_per_layer"]) == L
+
+
+# --- exact answers --------------------------------------------------------------------------------
+def _separable_sae(n_feat=48, d=64):
+    """An SAE with orthonormal encoder = decoder rows, on data with exactly K active sources of
+    amplitude ≥ 1 per token and tiny noise: TopK(K) picks exactly the active sources, and so does
+    any threshold in the wide gap between the noise and 1. Every conversion must reproduce it."""
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    W = q[:n_feat].float()[None].expand(L, n_feat, d).clone()  # [L, F, d], orthonormal rows
+    args = TranscoderArgs(
+        family="sae",
+        n_layers=L,
+        d_in=d,
+        d_out=d,
+        features_per_layer=n_feat,
+        activation="topk",
+        k=K,
+        hook_in="resid_post",
+        hook_out="resid_post",
+    )
+    m = model_registry.get("sae").build_fn(args)
+    m.init_weights(0)
+    with torch.no_grad():
+        m.W_enc.copy_(W)
+        m.W_dec.copy_(W)
+        m.b_enc.zero_()
+        m.b_dec.zero_()
+
+    def data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.rand(n, L, n_feat, generator=g).argsort(-1)[..., :K]  # exactly K sources
+        s = torch.zeros(n, L, n_feat).scatter(-1, idx, 1.0 + torch.rand(n, L, K, generator=g))
+        return torch.einsum("nlf,lfd->nld", s, W) + 0.01 * torch.randn(n, L, d, generator=g)
+
+    return m.eval(), data
+
+
+@pytest.mark.parametrize(
+    "thresholds,steps,options",
+    [("feature", 0, {}), ("match", 0, {}), ("match", 50, {}), ("match", 50, {"fit_gain": True})],
+)
+def test_topk_reproducible_by_thresholds_converts_exactly(thresholds, steps, options):
+    m, data = _separable_sae()
+    calib = [(x, x) for x in (data(512, 1), data(512, 2))]
+    x = data(1024, 3)
+    new, rep = to_jumprelu(
+        m, calib, thresholds=thresholds, refine_steps=steps, refine_options=options, eval_batches=[(x, x)]
+    )
+    with torch.no_grad():
+        assert torch.equal(new.encode(x) != 0, m.encode(x) != 0)  # the same features, token by token
+    assert rep["l0_before"] == [float(K)] * L and rep["l0_after"] == pytest.approx([float(K)] * L)
+    assert rep["fvu_before_mean"] < 0.01
+    if steps == 0:  # the weights are the source's: the same reconstruction
+        assert rep["fvu_after_mean"] == pytest.approx(rep["fvu_before_mean"], rel=1e-4, abs=1e-7)
+    else:  # the fit may only trade the noise's share, never lose the reconstruction
+        assert rep["fvu_after_mean"] <= 1.02 * rep["fvu_before_mean"] + 1e-5
+
+
+def test_l0_calibration_hits_its_target():
+    from torchtitan_clt.models.conversion import _calibrate
+
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(300, 3, 40, generator=g).exp() - 1.2  # [N, L, F], skewed, some ≤ 0
+    theta = 0.2 + torch.rand(3, 40, generator=g)
+    theta[1, :5] = 0.0  # ReLU features count whatever the scale
+    # layer 1: at least its ReLU features' ~630 positive values (the reachable range)
+    for target in (torch.tensor([300, 1200, 3000]), torch.tensor([7, 900, 2500])):
+        got = _calibrate(h, theta, target)
+        counts = (h > got).sum((0, 2))  # counted independently of _calibrate
+        assert torch.equal(counts, target), (counts, target)
+        ratio = got[theta > 0] / theta[theta > 0]
+        for layer in range(3):  # one factor per layer
+            r = (got[layer] / theta[layer])[theta[layer] > 0]
+            torch.testing.assert_close(r, r[:1].expand_as(r))
+        assert bool((ratio > 0).all())
+
+
+def test_match_thresholds_minimize_the_weighted_disagreement():
+    """Against a brute force over every cut, float64, on random pre-activations and selections."""
+    from torchtitan_clt.models.conversion import _match_thresholds
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(25, 2, 6, generator=g)
+    fired = (h + 0.8 * torch.randn(25, 2, 6, generator=g)) > 0.7
+    theta = _match_thresholds(h, fired)
+
+    def cost(hv, fv, t):
+        w = hv.double().clamp_min(0) ** 2
+        on = hv > t
+        return float((w * (on & ~fv)).sum() + (w * (~on & fv)).sum())
+
+    for layer in range(2):
+        for f in range(6):
+            hv, fv = h[:, layer, f], fired[:, layer, f]
+            cuts = torch.cat([hv, hv.max()[None] + 1, hv.min()[None] - 1]).clamp_min(0.0)
+            best = min(cost(hv, fv, t) for t in cuts.tolist())
+            assert cost(hv, fv, float(theta[layer, f])) == pytest.approx(best, abs=1e-9)
+
+
+def test_threshold_fit_lowers_fvu_and_keeps_l0():
+    m, W = _sae("topk")
+    calib = [(x, x) for x in (_data(W, 1024, 1), _data(W, 1024, 2))]
+    held_out = [(x, x) for x in (_data(W, 2048, 3),)]
+    _, plain = to_jumprelu(m, calib, thresholds="match", refine_steps=0, eval_batches=held_out)
+    _, fit = to_jumprelu(m, calib, thresholds="match", refine_steps=150, eval_batches=held_out)
+    assert plain["refine_steps"] == 0 and fit["refine_steps"] == 150 and fit["refine_history"]
+    assert fit["fvu_after_mean"] < plain["fvu_after_mean"]
+    for before, after in zip(fit["l0_before"], fit["l0_after"]):
+        assert abs(after - before) <= 0.1 * before

@@ -327,3 +327,51 @@ def test_bad_splices_are_refused(llama):
         SpliceSpec.of(tc, llama)
     with pytest.raises(ValueError, match="the LLM it was trained on"):
         SpliceSpec.of(_build("plt", [0], d=32), llama)
+
+
+# --- MOLT: a decoder that reads its input ---------------------------------------------------------
+def test_molt_through_the_cross_layer_path_matches_its_per_layer_splice(llama, monkeypatch):
+    """A MOLT forced down the cross-layer path (decode(A_s, X_s) − decode(0, X_s) per source, plus
+    decode(0, 0)) must give the per-layer splice's logits: its layer t reads x_t only."""
+    monkeypatch.setattr(splice, "FAST_PATHS", False)
+    molt = _build("molt", [0, 1, 3], seed=3, act="relu", extra={"molt_ranks": [4, 2]})
+    spec = SpliceSpec.of(molt, llama)
+    tokens = _batches(n=1, b=2, t=10, seed=5)[0]
+    per_layer = forward_replaced(llama, tokens, molt, spec, [0, 1, 2])
+    molt.cross_layer = True  # the instance attribute overrides the class's
+    assert is_cross_layer(molt)
+    crossed = forward_replaced(llama, tokens, molt, spec, [0, 1, 2], chunk_elements=7 * 3 * 64)
+    torch.testing.assert_close(crossed, per_layer, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(per_layer, _reference_closed_loop(llama, molt, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_evaluator_runs_a_molt(tmp_path):
+    """The trainer's Evaluator on MOLTs: one whose gates never open and whose bias is 0 writes
+    zeros, so its closed loop is the zero ablation and its FVU Σ‖y‖² / Σ‖y − ȳ‖² (float64 by
+    hand); a random one runs through open and closed loop with finite, non-trivial numbers."""
+    from torchtitan_clt.config import JobConfig
+    from torchtitan_clt.metrics.evaluator import Evaluator
+
+    cfg = JobConfig()
+    cfg.data.model_path, cfg.data.model_dtype, cfg.data.seq_len = str(ASSETS / "tiny_llama"), "float32", 12
+    cfg.eval.dataset, cfg.eval.tokens, cfg.eval.batch_size = str(ASSETS / "tiny_text.txt"), 48, 2
+    ev = Evaluator(cfg, "cpu")
+    silent = _build("molt", [0, 1, 2], act="relu", hook_in="mlp_in", extra={"molt_ranks": [4, 2]})
+    with torch.no_grad():
+        silent.b_enc.fill_(-1e4)  # ReLU gates: all zero
+        silent.b_dec.zero_()
+        silent.reset_standardization()  # raw output = b_dec = 0
+    r = ev.run(silent, step=0, open_loop=True)
+    c, z = r["replacement"]["closed_loop"], r["replacement"]["zero_ablation"]
+    assert c["ce"] == pytest.approx(z["ce"], rel=1e-5) and c["kl"] == pytest.approx(z["kl"], rel=1e-5)
+    assert r["feature_stats"]["l0"] == 0.0
+    ex = ActivationExtractor(ev.llm, "mlp_in", "mlp_out", [0, 1, 2])
+    y = torch.cat([ex(t)[1] for t in ev.batches]).double()  # [N, L, d]
+    fvu = (y.pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2))).tolist()
+    assert r["feature_stats"]["fvu_per_layer"] == pytest.approx(fvu, rel=1e-4)
+
+    molt = _build("molt", [0, 1, 2], act="relu", hook_in="mlp_in", extra={"molt_ranks": [4, 2]})
+    r = ev.run(molt, step=1, open_loop=True)
+    c = r["replacement"]["closed_loop"]
+    assert math.isfinite(c["ce"]) and c["kl"] > 1e-4 and len(r["replacement"]["open_loop"]["ce"]) == 3
+    assert r["feature_stats"]["l0"] > 0

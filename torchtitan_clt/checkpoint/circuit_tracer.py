@@ -10,14 +10,22 @@ Both carry ``config.yaml``: ``model_kind``, ``model_name``, ``feature_input_hook
 
 circuit-tracer runs features as ReLU or JumpReLU on raw activations, over every layer of the LLM
 from 0. So the export folds standardization into the weights, turns TopK / BatchTopK into JumpReLU
-with their tracked inference threshold, and refuses what it cannot represent.
+and refuses what it cannot represent. The JumpReLU comes from ``models.conversion.to_jumprelu`` on
+``calibration`` batches (raw activations of the run's text, a few thousand tokens; see
+``checkpoint.calibration``): per-feature thresholds that keep each layer's L0, fitted to the
+reconstruction for TopK. Its report (L0 and FVU per layer before / after, on ``eval_batches``,
+else on the calibration batches) is logged and written to ``conversion.json`` in the folder.
+Without batches it falls back to the per-layer threshold tracked in training, with a warning for
+TopK (for BatchTopK that threshold *is* its inference mode).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +34,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.models.activations import ReLU, TopK
+from torchtitan_clt.models.activations import BatchTopK, ReLU, TopK
 from torchtitan_clt.models.clt.model import CrossLayerTranscoder
 from torchtitan_clt.models.plt.model import PerLayerTranscoder
 from torchtitan_clt.protocols.registry import model_registry
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, dtype_name
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.yaml"
+CONVERSION_FILE = "conversion.json"
 CLT_KIND = "cross_layer_transcoder"
 PLT_KIND = "transcoder_set"
 # Our hook points -> circuit-tracer's (TransformerLens) names.
@@ -163,21 +174,59 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         return out
 
 
+def _convert(
+    copy: Transcoder, calibration: Iterable | None, eval_batches: Iterable | None, options: dict[str, Any]
+) -> tuple[Transcoder, dict[str, Any] | None]:
+    """TopK / BatchTopK -> JumpReLU for export (see the module docstring); others unchanged."""
+    from torchtitan_clt.models.conversion import to_jumprelu
+
+    if not isinstance(copy.activation, (TopK, BatchTopK)):
+        return copy, None
+    batches = list(calibration or [])
+    if not batches:
+        report = {
+            "converted": False,
+            "calibrated": False,
+            "thresholds": "layer",
+            "source_activation": copy.args.activation,
+            "reason": "no calibration batches: the per-layer threshold tracked in training is exported",
+        }
+        return copy, report  # thresholds_for_export warns for TopK
+    new, report = to_jumprelu(copy, batches, eval_batches=eval_batches, **options)
+    report.pop("refine_history", None)
+    report["eval_on"] = "held-out batches" if eval_batches is not None else "calibration batches"
+    report["calibration_tokens"] = sum(
+        int(b[0].shape[0] if isinstance(b, (tuple, list)) else b.shape[0]) for b in batches
+    )
+    return new.eval(), report
+
+
 def export_circuit_tracer(
     model: torch.nn.Module,
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
     llm_n_layers: int | None = None,
+    calibration: Iterable | None = None,
+    eval_batches: Iterable | None = None,
+    conversion_options: dict[str, Any] | None = None,
 ) -> Path | None:
     """Write ``model`` as a circuit-tracer folder; returns it on rank 0 (None elsewhere; every rank
-    must call it when the model is sharded). The model is left untouched."""
+    must call it when the model is sharded). The model is left untouched.
+
+    ``calibration`` / ``eval_batches``: raw ``(x, y)`` activation batches for the JumpReLU
+    conversion of a TopK / BatchTopK model and for its before / after report (module docstring);
+    ``conversion_options``: more ``to_jumprelu`` arguments (``thresholds``, ``refine_steps``, ...)."""
     from torchtitan_clt.checkpoint.export import folded_cpu_copy
 
-    kind = check_exportable(model, llm_n_layers)
+    calibration = list(calibration or [])
+    kind = check_exportable(model, llm_n_layers, require_thresholds=not calibration)
     copy = folded_cpu_copy(model)  # fp32, standardization folded, eval mode
     if not _is_rank0():
         return None
-    theta = thresholds_for_export(copy)  # pre-activations do not change when folding, so θ neither
+    trained = copy.args.activation
+    # Pre-activations do not change when folding, so neither do thresholds fitted on them.
+    copy, report = _convert(copy, calibration, eval_batches, dict(conversion_options or {}))
+    theta = thresholds_for_export(copy)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in (
@@ -220,10 +269,28 @@ def export_circuit_tracer(
         "feature_output_hook": HOOK_NAMES[a.hook_out],
         # Extra keys, ignored by circuit-tracer: where the folder came from.
         "exported_by": "torchtitan_clt",
-        "trained_activation": a.activation,
+        "trained_activation": trained,
         "dtype": dtype_name(dtype),
     }
     (folder / CONFIG_FILE).write_text(_yaml_dump(config))
+    stale = folder / CONVERSION_FILE
+    if report is not None:
+        stale.write_text(json.dumps(report, indent=2) + "\n")
+        if "l0_after_mean" in report:
+            logger.info(
+                "circuit-tracer export: %s -> JumpReLU (%s thresholds), on %s tokens: L0 %.2f -> %.2f, "
+                "FVU %.4f -> %.4f (per layer in %s)",
+                trained,
+                report["thresholds"],
+                report["eval_tokens"],
+                report["l0_before_mean"],
+                report["l0_after_mean"],
+                report["fvu_before_mean"],
+                report["fvu_after_mean"],
+                stale,
+            )
+    elif stale.exists():
+        stale.unlink()  # from an earlier export of another model
     return folder
 
 

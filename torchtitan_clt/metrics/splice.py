@@ -6,6 +6,9 @@ layer t) gives ``forward(X_t)[:, t]``. A cross-layer one (CLT, Matryoshka CLT) a
 write ``decode(A_s) − decode(0)``, ``A_s`` holding only layer s's features, to a running sum:
 exact because its decoder is affine in the features. Which kind a model is: its ``cross_layer``
 attribute if it has one, else whether it has per-source decoders ``W_dec[s]  # [F, L−s, d]``.
+A family whose decoder also reads the input (``decode_needs_input``, MOLT) is decoded with it:
+source s's write is ``decode(A_s, X_s) − decode(0, X_s)`` and the bias path ``decode(0, 0)``,
+exact when all-zero features give an output that does not depend on the input (MOLT: b_dec).
 Cost: one full-width encode and decode per covered layer and forward, in token chunks.
 
 Fast paths (same numbers, L× less work): the built-in families' own per-layer pieces are used
@@ -145,7 +148,8 @@ class _Writes:
         self.ops = _LayerOps(transcoder)
         self.base = None
         if self.cross:
-            self.base = transcoder.decode(torch.zeros(1, self.L, self.F, device=self.device))[0].float()
+            zeros = torch.zeros(1, self.L, self.F, device=self.device)
+            self.base = self._decode(zeros, torch.zeros(1, self.L, self.d_in, device=self.device))[0].float()
         self.chunk = max(1, chunk_elements // (self.L * max(self.F, self.d_in, self.d_out)))
         self.y: torch.Tensor | None = None
 
@@ -181,10 +185,20 @@ class _Writes:
         # Target i reads layer i only: whatever the other layers produce is ignored.
         return self.tc(self._one_layer(i, x))[:, i].float()
 
+    def _decode(self, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``decode`` of any family: ``x  # [c, L, d_in]`` raw goes to those that read it."""
+        if getattr(self.tc, "decode_needs_input", False):
+            return self.tc.decode(acts, x)
+        return self.tc.decode(acts)
+
     def _generic_write(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        a = self.tc.encode(self._one_layer(i, x))  # [c, L, F]; layer i depends on x_i only
+        X = self._one_layer(i, x)
+        a = self.tc.encode(X)  # [c, L, F]; layer i depends on x_i only
         A = torch.zeros_like(a)
         A[:, i] = a[:, i]
+        if getattr(self.tc, "decode_needs_input", False):
+            # The zero-feature output at this input, not at x = 0: exactly source i's write.
+            return (self._decode(A, X) - self._decode(torch.zeros_like(A), X)).float()
         return self.tc.decode(A).float() - self.base  # [c, L, d_out]: source i's write
 
     def output(self, i: int) -> torch.Tensor:

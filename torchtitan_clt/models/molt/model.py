@@ -71,6 +71,7 @@ def molt_groups(args: TranscoderArgs) -> list[tuple[int, int]]:
 
 class MixtureOfLinearTransforms(LayerwiseTranscoder):
     decode_needs_input = True
+    cross_layer = False  # target l reads x_l only (metrics.splice splices it layer by layer)
 
     def __init__(self, args: TranscoderArgs):
         super().__init__(args)

@@ -1,0 +1,65 @@
+"""Activations for a TopK / BatchTopK -> JumpReLU conversion: calibration and held-out batches.
+
+``activation_batches(job_config, tokens, split="train")`` reads text from the run's data source,
+runs the LLM and returns raw ``(x  # [n, L, d_in], y  # [n, L, d_out])`` pairs (BOS dropped), as
+``models.conversion.to_jumprelu`` takes them. ``split="train"``: documents of the training
+stream (what calibration should see); ``split="held_out"``: the documents it holds out
+(``index % 100 == 99``, the evaluator's text), so the conversion is measured on text neither the
+dictionary nor the calibration read. Both read the documents in their stored order, from the
+start, so the same call gives the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def activation_batches(
+    job_config: Any,
+    tokens: int,
+    split: str = "train",
+    llm: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    device: str | torch.device = "cpu",
+    contexts_per_batch: int = 8,
+    layers: list[int] | None = None,
+    hooks: tuple[str, str] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """About ``tokens`` non-BOS positions of ``job_config.data``'s text as raw fp32 (x, y) on the
+    CPU, ``contexts_per_batch × (seq_len − 1)`` rows per pair. ``layers`` / ``hooks`` default to
+    the config's (give the model's ``args.layers`` and ``(hook_in, hook_out)`` to be sure)."""
+    from torchtitan_clt.data.extraction import ActivationExtractor
+    from torchtitan_clt.data.llm import load_llm
+    from torchtitan_clt.data.source import build_eval_token_loader, text_spec
+    from torchtitan_clt.data.tokenize import build_token_loader
+
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split must be 'train' or 'held_out' (got {split!r}).")
+    d = job_config.data
+    if llm is None or tokenizer is None:
+        llm, tokenizer = load_llm(d.model_path, d.model_dtype, device)
+    if split == "train":
+        loader = build_token_loader(
+            text_spec(job_config), tokenizer, d.seq_len, contexts_per_batch, loop=False
+        )
+    else:
+        loader = build_eval_token_loader(job_config, tokenizer, contexts_per_batch)
+    hook_in, hook_out = hooks or (d.hook_in, d.hook_out)
+    extractor = ActivationExtractor(llm, hook_in, hook_out, list(layers if layers is not None else d.layers))
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    n = 0
+    for batch in loader:
+        if n >= tokens:
+            break
+        x, y = extractor(batch)
+        out.append((x.float().cpu(), y.float().cpu()))
+        n += x.shape[0]
+    if n < tokens:
+        logger.warning("calibration: the %s text gave %d of the %d tokens asked for.", split, n, tokens)
+    return out
