@@ -370,6 +370,7 @@ class Trainer:
             logger.info(f"Report written to {self.run_folder / 'report'}")
         if self.checkpointer is not None:
             self.checkpointer.close()
+        calibration = self._calibration_batches() if cfg.checkpoint.export_circuit_tracer else []
         if cfg.checkpoint.export or cfg.checkpoint.export_circuit_tracer:
             plain = self._gather_plain_model()
             if plain is not None:
@@ -382,10 +383,25 @@ class Trainer:
                 if cfg.checkpoint.export_circuit_tracer:
                     from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
 
-                    export_circuit_tracer(plain, self.run_folder / "circuit_tracer", dtype=dtype)
+                    export_circuit_tracer(
+                        plain, self.run_folder / "circuit_tracer", dtype=dtype, calibration=calibration
+                    )
                     logger.info(f"Exported circuit-tracer folder to {self.run_folder / 'circuit_tracer'}")
         self.metrics.close()
         self.source.close()
+
+    def _calibration_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Raw training rows for the JumpReLU conversion of a TopK / BatchTopK export. Every rank
+        draws them (the stream source's TP all-gather is collective); rank 0 converts."""
+        tokens = self.cfg.checkpoint.export_calibration_tokens
+        if tokens <= 0 or self.model_args.activation not in ("topk", "batchtopk"):
+            return []
+        batch = min(tokens, self.cfg.training.batch_size)
+        with torch.no_grad():
+            return [
+                tuple(t.detach().to("cpu", torch.float32) for t in self.source.next_batch(batch))
+                for _ in range(-(-tokens // batch))
+            ]
 
     def _gather_plain_model(self):
         """A single-device copy of the (possibly sharded) model on rank 0; None elsewhere."""

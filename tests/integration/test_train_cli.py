@@ -167,3 +167,14 @@ def test_profiler_traces_and_peak_memory(tmp_path):
     traces = sorted((tmp_path / "debug_model" / "profile_traces").glob("iteration_*/rank0_trace.json"))
     assert sorted(t.parent.name for t in traces) == ["iteration_10", "iteration_5"]
     assert all(r["peak_mem_gib"] > 0 for r in _metrics(tmp_path, "debug_model"))
+
+
+def test_topk_run_exports_a_calibrated_circuit_tracer_folder(tmp_path):
+    """The end-of-run circuit-tracer export of a TopK CLT converts it to JumpReLU with training rows
+    (``checkpoint.export_calibration_tokens``): conversion.json says so, with L0 near k."""
+    args = ["--training.steps=6", "--checkpoint.enable=false", "--model.activation=topk", "--model.k=8"]
+    args += ["--checkpoint.export_circuit_tracer=true", "--checkpoint.export_calibration_tokens=512"]
+    assert _run(tmp_path, *args, "--eval.enable=false") == 0
+    report = json.loads((tmp_path / "debug_model/circuit_tracer/conversion.json").read_text())
+    assert report["converted"] is True and report["calibration_tokens"] == 512
+    assert abs(report["l0_after_mean"] - 8) <= 0.8

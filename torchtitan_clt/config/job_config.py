@@ -337,6 +337,12 @@ class Checkpoint:
     export_circuit_tracer: bool = False
     """Also write a circuit-tracer folder (``circuit_tracer/``) at the end."""
 
+    export_calibration_tokens: int = 4096
+    """TopK / BatchTopK models become JumpReLU for the circuit-tracer export: rows of the training
+    data (drawn after the last step) that set each feature's threshold and match each layer's L0
+    (``conversion.json`` reports L0 and FVU before and after). 0: the per-layer threshold tracked
+    in training, uncalibrated. ``scripts/export.py`` does the same for any saved step."""
+
     export_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of exported weights."""
 
