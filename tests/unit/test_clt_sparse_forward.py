@@ -4,7 +4,6 @@ dense path, in float64: outputs, every loss term used with them, all gradients, 
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from helpers import tiny_model
 
 from torchtitan_clt import kernels
 from torchtitan_clt.config import JobConfig
-from torchtitan_clt.kernels import backend as kb
 from torchtitan_clt.metrics.training import DeadFeatureTracker
 from torchtitan_clt.models.losses import build_loss_fn
 
@@ -26,24 +24,6 @@ def _restore_kernel_options():
     before = copy.copy(kernels.options())
     yield
     kernels.configure(before.backend, before.sparse_density_threshold)
-
-
-@pytest.fixture(
-    params=[
-        "torch",
-        pytest.param("triton", marks=pytest.mark.skipif(not kb.has_triton(), reason="no triton")),
-    ]
-)
-def backend(request, monkeypatch):
-    if request.param == "triton":  # the kernels in the interpreter (see test_kernels_step.py)
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        from triton.runtime.interpreter import InterpretedFunction
-
-        for name, kernel in (("select_triton", "_compact_kernel"), ("decode_triton", "_fwd_kernel")):
-            mod = importlib.import_module(f"torchtitan_clt.kernels.{name}")
-            if not isinstance(getattr(mod, kernel), InterpretedFunction):
-                importlib.reload(mod)
-    return request.param
 
 
 def _model(act: str, scope: str) -> torch.nn.Module:

@@ -14,23 +14,6 @@ import torch
 from torchtitan_clt.kernels import dispatch
 from torchtitan_clt.kernels.backend import has_triton
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not has_triton(), reason="no triton"))]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        # the interpreter is chosen when a kernel module is imported: (re)import under the flag
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        from triton.runtime.interpreter import InterpretedFunction
-
-        for name in ("select_triton", "decode_triton"):
-            mod = importlib.import_module(f"torchtitan_clt.kernels.{name}")
-            kernel = mod._compact_kernel if name == "select_triton" else mod._fwd_kernel
-            if not isinstance(kernel, InterpretedFunction):
-                importlib.reload(mod)
-    return request.param
-
 
 def _dense(idx: torch.Tensor, vals: torch.Tensor, n_features: int) -> torch.Tensor:
     """[..., K] sparse -> [..., F] dense, float64, differentiable in vals."""

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from torchtitan_clt.kernels import backend as kb
 from torchtitan_clt.kernels import dispatch
 from torchtitan_clt.kernels.sparse_step import clt_dense_loss, clt_sparse_forward, clt_sparse_loss
-
-BACKENDS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not kb.has_triton(), reason="no triton")),
-]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        from triton.runtime.interpreter import InterpretedFunction
-
-        for name, kernel in (("select_triton", "_compact_kernel"), ("decode_triton", "_fwd_kernel")):
-            mod = importlib.import_module(f"torchtitan_clt.kernels.{name}")
-            if not isinstance(getattr(mod, kernel), InterpretedFunction):
-                importlib.reload(mod)
-    return request.param
 
 
 def _weights(n_layers, f, d, seed):
