@@ -5,7 +5,7 @@
 Calibrates on the run's training text (``--calib-tokens``, read from the start of the training
 documents) and measures L0 and FVU per layer, source vs converted, on the documents the training
 stream holds out (``--eval-tokens``): text neither the dictionary nor the calibration read. One
-row per setting (``--variants``: ``THRESHOLDS:STEPS[:OPTION=VALUE...]``, e.g. ``feature:0
+row per setting (``--variants``: ``THRESHOLDS:STEPS[:OPTION=VALUE...]``, ``refit=0|1`` among the options, e.g. ``feature:0
 match:0 match:300:fit_gain=1``, options going to ``threshold_fit.fit_thresholds``; ``default``
 is ``to_jumprelu``'s defaults). Prints a table and writes
 ``<out>/conversion.json`` (default ``<run>/report``). ``--cache FILE`` keeps the extracted
@@ -49,11 +49,14 @@ def _activations(cfg, model, calib_tokens: int, eval_tokens: int, cache: Path | 
 def _variant(spec: str) -> dict:
     """``THRESHOLDS:STEPS[:OPTION=VALUE...]`` -> ``to_jumprelu`` keyword arguments."""
     th, steps, *opts = spec.split(":")
-    options = {}
+    options, kw = {}, {}
     for kv in opts:
         k, v = kv.split("=")
+        if k == "refit":  # refit=0|1: to_jumprelu's refit_decoder
+            kw["refit_decoder"] = v in ("1", "true")
+            continue
         options[k] = v in ("1", "true") if k.startswith("fit_") else float(v) if "." in v else int(v)
-    return {"thresholds": th, "refine_steps": int(steps), "refine_options": options}
+    return {"thresholds": th, "refine_steps": int(steps), "refine_options": options, **kw}
 
 
 def _trim(batches, tokens: int):
