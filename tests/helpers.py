@@ -53,3 +53,30 @@ def tiny_model(*args: Any, seed: int = 0, **kw: Any):
     m = model_registry.get(a.family).build_fn(a)
     m.init_weights(seed)
     return m
+
+
+class CountingLoader:
+    """Batches of consecutive row ids; stateful like a StatefulDataLoader (shuffle-buffer tests)."""
+
+    def __init__(self, rows_per_batch: int = 5):
+        self.rows, self.next_id = rows_per_batch, 0
+
+    def __iter__(self):
+        import torch
+
+        while True:
+            ids = torch.arange(self.next_id, self.next_id + self.rows)
+            self.next_id += self.rows
+            yield ids
+
+    def state_dict(self):
+        return {"next_id": self.next_id}
+
+    def load_state_dict(self, sd):
+        self.next_id = sd["next_id"]
+
+
+def id_rows(ids):
+    """An "extraction" whose x carries each row's id and y its negation: rows stay paired."""
+    x = ids.float()[:, None, None].expand(-1, 2, 3).clone()
+    return x, -x

@@ -4,32 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CountingLoader, id_rows
 
 from torchtitan_clt.data.buffer import ShuffleBuffer
 
-
-class CountingLoader:
-    """Batches of consecutive row ids; stateful like a StatefulDataLoader."""
-
-    def __init__(self, rows_per_batch: int = 5):
-        self.rows, self.next_id = rows_per_batch, 0
-
-    def __iter__(self):
-        while True:
-            ids = torch.arange(self.next_id, self.next_id + self.rows)
-            self.next_id += self.rows
-            yield ids
-
-    def state_dict(self):
-        return {"next_id": self.next_id}
-
-    def load_state_dict(self, sd):
-        self.next_id = sd["next_id"]
-
-
-def _extract(ids):  # x carries the row id, y its negation: rows stay paired
-    x = ids.float()[:, None, None].expand(-1, 2, 3).clone()
-    return x, -x
+_extract = id_rows
 
 
 def _buffer(passes=2, seed=0):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CountingLoader, id_rows
 
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.data import SourceContext
@@ -17,30 +18,10 @@ from torchtitan_clt.protocols import data_source_registry
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
-class CountingLoader:
-    """Batches of consecutive row ids; stateful like a StatefulDataLoader."""
-
-    def __init__(self, rows_per_batch: int = 5):
-        self.rows, self.next_id = rows_per_batch, 0
-
-    def __iter__(self):
-        while True:
-            ids = torch.arange(self.next_id, self.next_id + self.rows)
-            self.next_id += self.rows
-            yield ids
-
-    def state_dict(self):
-        return {"next_id": self.next_id}
-
-    def load_state_dict(self, sd):
-        self.next_id = sd["next_id"]
-
-
 def _extract(ids, delay: float = 0.0):  # x carries the row id, y its negation
     if delay:
         time.sleep(delay)  # a slow LLM: the training thread would race ahead of a naive prefetch
-    x = ids.float()[:, None, None].expand(-1, 2, 3).clone()
-    return x, -x
+    return id_rows(ids)
 
 
 def _buffer(prefetch, passes=2, delay=0.0, loader=None):
