@@ -354,6 +354,10 @@ class ShuffleBuffer:
             0, int(refill["rows"]) - int(refill["pos"])
         )
 
+    def pending(self) -> tuple[int, int]:
+        """(adopted refills still queued, their rows still to be served)."""
+        return len(self._queue), sum(self.remaining(r) for r in self._queue)
+
     def adopt(self, refills: list[dict[str, Any]]) -> None:
         """Start over: drain ``refills`` (from ``in_flight`` of old ranks) first, each from where it
         stopped, then read the own loader from its current state."""

@@ -278,18 +278,7 @@ class CacheSource(BufferedSource):
         )
 
     def _set_shards(self, shards: int) -> None:
-        if self._asked_shards and shards != self._asked_shards:
-            raise ConfigError(
-                f"data.text_shards = {self._asked_shards}, but the checkpoint's block order is split into "
-                f"{shards} shards (fixed for a run): set data.text_shards = {shards} (or 0) to resume it."
-            )
-        if shards < self.dp_degree:
-            raise ConfigError(
-                f"The cache's block order is split into {shards} shards (data.text_shards), fewer than this "
-                f"run's {self.dp_degree} data-parallel ranks: run on at most {shards} ranks, or start a run "
-                "with data.text_shards set to a multiple of every rank count you may resume on."
-            )
-        self.num_shards = shards
+        self.num_shards = self._checked_shards(shards, self.dp_degree, "block order", "data-parallel rank")
 
     def _block_loader(
         self, reader: int, readers: int, workers: int, base: dict[str, Any] | None
@@ -376,14 +365,7 @@ class CacheSource(BufferedSource):
         mine = reader_shards(self.dp_rank, self.dp_degree, self.num_shards)
         self._reset_loader({"q": {s: q.get(s, 0) for s in mine}, "next": 0})
         self.buffer.adopt(refills)
-        logger.info(
-            "Resuming the activation cache from %d saved ranks: %d shards of the block order, %d of the "
-            "old buffer refills finished here first (%d rows).",
-            len(sds),
-            self.num_shards,
-            len(self.buffer._queue),
-            sum(self.buffer.remaining(r) for r in self.buffer._queue),
-        )
+        self._log_adopted(len(sds), self.num_shards, "activation cache")
 
     def close(self) -> None:
         self.buffer.close()

@@ -122,6 +122,35 @@ class BufferedSource(ActivationSource):
         self._check_describe(sd.get("describe"))
         self.buffer.load_state_dict(sd["buffer"])
 
+    def _checked_shards(self, shards: int, readers: int, what: str, unit: str, note: str = "") -> int:
+        """``shards``, the run's shard count (the checkpoint's, or the default), if ``data.text_shards``
+        as asked (``self._asked_shards``; 0: any) agrees and this run's ``readers`` can share them."""
+        asked = self._asked_shards
+        if asked and shards != asked:
+            raise ConfigError(
+                f"data.text_shards = {asked}, but the checkpoint's {what} is split into {shards} shards "
+                f"(fixed for a run): set data.text_shards = {shards} (or 0) to resume it."
+            )
+        if shards < readers:
+            raise ConfigError(
+                f"The {what} is split into {shards} shards (data.text_shards), fewer than this run's "
+                f"{readers} {unit}s{note}: run on at most {shards} {unit}s, or start a run with "
+                f"data.text_shards set to a multiple of every {unit} count you may resume on."
+            )
+        return shards
+
+    def _log_adopted(self, saved_ranks: int, shards: int, what: str) -> None:
+        refills, rows = self.buffer.pending()
+        logger.info(
+            "Resuming the %s from %d saved ranks: %d shards, %d of the old buffer refills finished here "
+            "first (%d rows).",
+            what,
+            saved_ranks,
+            shards,
+            refills,
+            rows,
+        )
+
 
 class StreamSource(BufferedSource):
     """Activations read live from an LLM forward over this rank's share of the text."""
@@ -196,19 +225,8 @@ class StreamSource(BufferedSource):
 
     # -- text shards and loaders ----------------------------------------------------------------
     def _set_text_shards(self, shards: int) -> None:
-        if self._asked_shards and shards != self._asked_shards:
-            raise ConfigError(
-                f"data.text_shards = {self._asked_shards}, but the checkpoint's text is split into {shards} "
-                f"shards (fixed for a run): set data.text_shards = {shards} (or 0) to resume it."
-            )
-        if shards < self.readers:
-            raise ConfigError(
-                f"The text is split into {shards} shards (data.text_shards), fewer than this run's "
-                f"{self.readers} text readers (data-parallel × tensor-parallel ranks): run on at most "
-                f"{shards} readers, or start a run with data.text_shards set to a multiple of every "
-                "reader count you may resume on."
-            )
-        self.text_shards = shards
+        note = " (data-parallel × tensor-parallel ranks)"
+        self.text_shards = self._checked_shards(shards, self.readers, "text", "text reader", note)
 
     def _token_loader(self, reader: int, readers: int, workers: int) -> Any:
         return build_token_loader(
@@ -318,14 +336,7 @@ class StreamSource(BufferedSource):
                 refills += ShuffleBuffer.in_flight(members[0]["buffer"], own)
         self._reset_loader({s: v for s, v in start.items() if s in self._own_shards()})
         self.buffer.adopt(refills)
-        logger.info(
-            "Resuming the text stream from %d saved ranks: %d text shards, %d of the old buffer "
-            "refills finished here first (%d rows).",
-            len(sds),
-            self.text_shards,
-            len(self.buffer._queue),
-            sum(self.buffer.remaining(r) for r in self.buffer._queue),
-        )
+        self._log_adopted(len(sds), self.text_shards, "text stream")
 
     def _own_shards(self) -> list[int]:
         return reader_shards(self.reader, self.readers, self.text_shards)
