@@ -258,28 +258,43 @@ def to_jumprelu(
     encoder = None  # (gain, shift) [L, F] of the fitted encoder: h' = gain · h + shift
     report["refine_steps"] = 0
     theta = act.threshold.float()[:, None].expand(src.args.n_layers, src.args.features_per_layer).clone()
+    family = INFERENCE_FAMILY.get(src.args.family, src.args.family)
+    if refit_decoder is None:
+        # A least-squares decoder needs many more rows than the features writing one layer (a CLT's
+        # last layer: n_layers · F), or it fits the calibration rows' noise.
+        writers = src.args.features_per_layer * (src.args.n_layers if family == "clt" else 1)
+        rows = sum(x.shape[0] for x, _ in calib)
+        refit_decoder = (
+            isinstance(act, TopK) and family in REFIT_FAMILIES and rows >= REFIT_ROWS_PER_WRITER * writers
+        )
+    report["refit_decoder"] = bool(refit_decoder and calib)
+    ys = None  # raw targets of the calibration rows, for the threshold fit and the decoder refit
     if calib:
         xss = [src.standardize_in(x) for x, _ in calib]
         hs = [src.pre_acts(xs).float() for xs in xss]
         sel = [source_acts(src, h) for h in hs]  # BatchTopK: per batch as given
         fired = torch.cat([a != 0 for a in sel])  # [N, L, F]
         h = torch.cat(hs)  # [N, L, F]
+        del hs
         target = fired.sum((0, 2))  # [L] counts
         if thresholds == "feature":
             theta = _feature_thresholds(h, fired.sum(0))
         elif thresholds == "match":
             theta = _match_thresholds(h, fired)
+        del fired
         if calibrate:
             theta = _calibrate(h, theta.to(h.device), target)
         steps = default_refine_steps(act) if refine_steps is None else int(refine_steps)
-        if steps > 0:
-            # The fit's target: y when the batches have it, else what the source model writes.
+        if steps > 0 or report["refit_decoder"]:
+            # y when the batches have it, else what the source model writes.
             ys = torch.cat(
                 [
                     y.float() if y is not None else src.unstandardize_out(src.decode_std_with(a, xs)).float()
                     for (_, y), a, xs in zip(calib, sel, xss)
                 ]
             )
+        del sel
+        if steps > 0:
             theta, gain, shift, report["refine_history"] = fit_thresholds(
                 src,
                 h,
@@ -290,35 +305,18 @@ def to_jumprelu(
                 steps,
                 **(refine_options or {}),
             )
-            h.mul_(gain).add_(shift)
+            h.mul_(gain).add_(shift)  # now the converted model's pre-activations
             encoder = (gain, shift)
             if calibrate:
                 theta = _calibrate(h, theta, target)
         report["refine_steps"] = steps
-        del h, hs, sel, fired, xss
+        del xss
     new = _jumprelu_model(src, theta, encoder)
-    if refit_decoder is None:
-        # A least-squares decoder needs many more rows than the features writing one layer (a CLT's
-        # last layer: n_layers · F), or it fits the calibration rows' noise.
-        writers = src.args.features_per_layer * (src.args.n_layers if new.args.family == "clt" else 1)
-        rows = sum(x.shape[0] for x, _ in calib)
-        refit_decoder = (
-            isinstance(act, TopK)
-            and new.args.family in REFIT_FAMILIES
-            and rows >= REFIT_ROWS_PER_WRITER * writers
-        )
-    report["refit_decoder"] = bool(refit_decoder and calib)
     if report["refit_decoder"]:
-        codes, targets = [], []
-        for x, y in calib:
-            xs = new.standardize_in(x)
-            codes.append(new.eval().activation(new.pre_acts(xs)).float())
-            if y is None:  # what the source writes, in its standardized units
-                h = src.pre_acts(src.standardize_in(x))
-                targets.append(src.decode_std_with(source_acts(src, h), src.standardize_in(x)).float())
-            else:
-                targets.append(new.standardize_out(y).float())
-        fit_decoder(new, torch.cat(codes), torch.cat(targets))
+        # The converted codes are its activation of the pre-activations already at hand.
+        fit_decoder(new, new.activation(h).float(), new.standardize_out(ys).float())
+    if calib:
+        del h
     report.update(converted=True, calibrated=bool(calibrate and calib), family=new.args.family)
     ev = eval_batches if eval_batches is not None else (calib or None)
     if ev is not None:
