@@ -80,9 +80,9 @@ def weights(run: Path) -> dict:
     return load_file(str(run / "export" / "model.safetensors"))
 
 
-def assert_same_training(run: Path, ref: Path) -> None:
+def assert_same_training(run: Path, ref: Path, steps: int = STEPS) -> None:
     got, want = losses(run), losses(ref)
-    assert len(got) == len(want) == STEPS
+    assert len(got) == len(want) == steps
     for step, (a, b) in enumerate(zip(got, want), start=1):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step {step}: loss {a} vs one process {b}"
     w, w_ref = weights(run), weights(ref)
