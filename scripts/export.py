@@ -1,8 +1,9 @@
-"""Export any saved checkpoint step (native and/or circuit-tracer), in one process on the CPU.
+"""Export any saved checkpoint step (native, circuit-tracer, SAELens), in one process on the CPU.
 
   .venv/bin/python scripts/export.py outputs/<job>                       # latest complete step
   .venv/bin/python scripts/export.py outputs/<job> --step 500 --format circuit_tracer --dtype bfloat16
   .venv/bin/python scripts/export.py outputs/<job>/checkpoints/step-500 --out /tmp/x
+  .venv/bin/python scripts/export.py outputs/<job> --format saelens      # SAE / PLT: <out>/saelens/layer_N
 
 Writes ``<out>/export`` (native: ``load_pretrained``) and / or ``<out>/circuit_tracer``; ``--out``
 defaults to ``<run>/exports/step-N``. A checkpoint saved on any number of ranks loads here.
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FORMATS = ["native", "circuit_tracer", "both", "saelens"]
 logger = logging.getLogger("export")
 
 
@@ -76,8 +78,8 @@ def export_checkpoint(
     from torchtitan_clt.checkpoint.export import export_native
     from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint, resolve_checkpoint
 
-    if fmt not in ("native", "circuit_tracer", "both"):
-        raise ValueError(f"--format must be native, circuit_tracer or both (got {fmt!r}).")
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r}).")
     ckpt, run = resolve_checkpoint(path, step)
     model, meta = load_model_from_checkpoint(ckpt)
     if dtype is None:
@@ -103,14 +105,30 @@ def export_checkpoint(
             eval_batches=held,
             conversion_options={} if refine_steps is None else {"refine_steps": refine_steps},
         )
+    if fmt == "saelens":
+        from torchtitan_clt.checkpoint.saelens import export_saelens
+
+        written["saelens"] = export_saelens(model, out / "saelens", DTYPES[dtype], saelens_metadata(run))
     return written
+
+
+def saelens_metadata(run: Path | None) -> dict:
+    """cfg.json metadata the run's config knows (the text and the context length)."""
+    if run is None:
+        return {}
+    from torchtitan_clt.config.manager import load_config
+
+    data = load_config(["--config", str(run / "config.toml")], check=False).data
+    return {} if data.source == "synthetic" else {"dataset_path": data.dataset, "context_size": data.seq_len}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="run folder (outputs/<job>) or checkpoint folder (.../checkpoints/step-N)")
     p.add_argument("--step", type=int, default=None, help="step to export (default: the latest complete)")
-    p.add_argument("--format", default="both", choices=["native", "circuit_tracer", "both"])
+    p.add_argument(
+        "--format", default="both", choices=FORMATS, help="both: native and circuit_tracer; saelens: SAE / PLT only"
+    )
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: checkpoint.export_dtype")
     p.add_argument("--out", default=None, help="output folder (default: <run>/exports/step-N)")
     p.add_argument(
