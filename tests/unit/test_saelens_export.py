@@ -143,3 +143,39 @@ def test_untrained_batchtopk_threshold_is_refused(tmp_path):
     m = tiny_model("sae", "batchtopk", L=2, d=4, F=6)
     with pytest.raises(SAELensExportError, match="never estimated"):
         saelens_architecture(m)
+
+
+def test_export_script_saelens_from_a_checkpoint(tmp_path):
+    """scripts/export.py RUN --format saelens on a saved step of a (synthetic) JumpReLU PLT run; the
+    same script refuses a CLT run with the reason and exit code 2."""
+    import importlib.util
+    from pathlib import Path
+
+    from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint
+    from torchtitan_clt.config import load_config
+    from torchtitan_clt.train import Trainer
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("export_script", root / "scripts/export.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = [
+        "--config", str(root / "train_configs/debug_model.toml"), f"--job.dump_folder={tmp_path}",
+        "--training.steps=2", "--training.device=cpu", "--training.batch_size=32", "--checkpoint.interval=2",
+        "--checkpoint.export=false", "--metrics.enable_tensorboard=false", "--lr_scheduler.warmup_steps=1",
+        "--data.source=synthetic", "--data.synthetic_n_layers=2", "--data.synthetic_d_model=8",
+        "--model.features_per_layer=16", "--standardize.estimate_tokens=64",
+    ]  # fmt: skip
+    for name, family in (("plt", ["--model.name=plt", "--model.activation=jumprelu"]), ("clt", [])):
+        t = Trainer(load_config([*common, f"--job.name={name}", *family]))
+        t.train()
+    run = tmp_path / "plt"
+    assert script.main([str(run), "--format", "saelens"]) == 0
+    model, _ = load_model_from_checkpoint(run / "checkpoints" / "step-2")
+    x = torch.randn(32, 2, 8)
+    for i in range(2):
+        sl = Transcoder.load_from_disk(run / "exports" / "step-2" / "saelens" / f"layer_{i}")
+        assert sl.cfg.architecture() == "jumprelu_transcoder"
+        with torch.no_grad():
+            assert rel(sl(x[:, i]), model(x)[:, i]) < 1e-4
+    assert script.main([str(tmp_path / "clt"), "--format", "saelens"]) == 2
