@@ -11,7 +11,9 @@ if TYPE_CHECKING:
 
 
 def load_pretrained(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transcoder:
-    """Load a native export folder (``outputs/<job>/export``) as a ``Transcoder`` in eval mode.
+    """Load a native export folder (``outputs/<job>/export``), a circuit-tracer folder or a Hub
+    repo (``"org/name"``, ``"org/name@revision"``, ``"hf://org/name/sub/folder"``) as a
+    ``Transcoder`` in eval mode.
 
     ``model.encode(x)`` / ``model.decode(acts)`` / ``model(x)`` take and give raw activations,
     ``x  # [N, n_layers, d_in]``. Imports torch lazily so that ``import torchtitan_clt`` stays light.

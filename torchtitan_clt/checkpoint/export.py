@@ -104,13 +104,12 @@ def export_native(
 def load_pretrained(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Transcoder:
-    """Load a native export (any registered family) in eval mode; takes and gives raw units."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} is not a folder; give the native export folder (outputs/<job>/export, "
-            "written at the end of training when checkpoint.export = true)."
-        )
+    """Load a native export (any registered family) or a circuit-tracer folder in eval mode; takes
+    and gives raw units. ``path``: a local folder or a Hub repo (``org/name``, ``org/name@rev``,
+    ``hf://org/name/sub/folder``; see ``checkpoint.hub``)."""
+    from torchtitan_clt.checkpoint.hub import resolve_pretrained
+
+    folder = resolve_pretrained(path)
     if (folder / "config.yaml").is_file() and not (folder / CONFIG_FILE).is_file():
         from torchtitan_clt.checkpoint.circuit_tracer import load_circuit_tracer  # a circuit-tracer folder
 
