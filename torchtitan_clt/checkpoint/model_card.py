@@ -182,7 +182,11 @@ def render_model_card(
             f"training batches: FVU {_fmt('{:.4f}', t.get('fvu'))}, L0 {_fmt('{:.1f}', t.get('l0'))} "
             "(training data, not held out).\n"
         )
-    plots = [f for f in files if f.startswith("report/") and f.endswith(".png")]
+    order = list(PLOTS)
+    plots = sorted(
+        (f for f in files if f.startswith("report/") and f.endswith(".png")),
+        key=lambda f: (order.index(Path(f).name) if Path(f).name in order else len(order), f),
+    )
     if plots:
         out.append("## Plots\n")
         for p in plots:
@@ -208,7 +212,7 @@ def render_model_card(
         "import torchtitan_clt",
         "",
         f'model = torchtitan_clt.load_pretrained("{repo_id}")  # "{repo_id}@<revision>" for a branch, tag or commit',
-        f"acts = model.encode(x)     # x [N, {len(layers)}, {a.get('d_in', 'd_in')}] raw activations -> [N, {len(layers)}, features]",
+        f"acts = model.encode(x)     # x [N, {len(layers)}, {a.get('d_in', 'd_in')}] raw activations -> [N, {len(layers)}, {a.get('features_per_layer', 'F')}]",
         "y_hat = model.decode(acts)  # raw units",
         "```",
         "",
@@ -229,8 +233,9 @@ def render_model_card(
         ]
     else:
         out.append(
-            "No `circuit_tracer/` folder: circuit-tracer loads CLTs and per-layer transcoders "
-            "(MLP input → MLP output) covering every LLM layer, and this one is not.\n"
+            "No `circuit_tracer/` folder here: circuit-tracer loads CLTs and per-layer transcoders that "
+            "read the MLP input, write its output and cover every LLM layer; for such a run, "
+            "`scripts/export.py RUN --format circuit_tracer --out RUN` writes one before the push.\n"
         )
     if has_sl:
         layer = layers[0] if layers else 0
