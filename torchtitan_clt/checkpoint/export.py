@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.config.manager import ConfigError, InputError
 from torchtitan_clt.models.common import full_tensor
 from torchtitan_clt.protocols.registry import model_registry
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, dtype_name
@@ -142,5 +142,32 @@ def load_pretrained(
     with torch.device("meta"):
         model = model_registry.get(args.family).build_fn(args)
     model.to_empty(device=device)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    model.load_state_dict(_read_weights(folder / WEIGHTS_FILE, model))
     return model.eval()
+
+
+def _read_weights(file: Path, model: Transcoder) -> dict[str, torch.Tensor]:
+    """The tensors of ``file``, checked against the model its config.json describes."""
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise InputError(f"{file} does not read ({e}): the export is damaged; export it again.") from e
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    shapes = [
+        f"{k} {list(tensors[k].shape)} (expected {list(want[k])})"
+        for k in want
+        if k in tensors and tuple(tensors[k].shape) != want[k]
+    ]
+    if missing or extra or shapes:
+        parts = [
+            f"missing {', '.join(missing)}" if missing else "",
+            f"unexpected {', '.join(extra)}" if extra else "",
+        ]
+        parts.append(f"wrong shapes: {'; '.join(shapes)}" if shapes else "")
+        raise InputError(
+            f"{file} does not match {file.parent / CONFIG_FILE} ({'; '.join(p for p in parts if p)}): the "
+            "export is incomplete or was edited; export it again (scripts/export.py RUN_FOLDER)."
+        )
+    return tensors

@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A config that cannot be run; the message names the field and how to fix it."""
 
 
+class InputError(ConfigError):
+    """A file the run reads or writes (data, activation cache, checkpoint, export, the disk) is
+    missing, damaged or does not match the config; the message names the path and what to do.
+    Like a ``ConfigError`` it ends the run with exit code 2 and no traceback."""
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Docstrings written right under each dataclass field (read from the source)."""
     try:
