@@ -193,10 +193,10 @@ def test_topk_is_converted_with_a_warning(tmp_path):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(CircuitTracerExportError, match="every layer"):
-        export_circuit_tracer(build("clt", layers=[1, 2, 3]), tmp_path / "a")
-    with pytest.raises(CircuitTracerExportError, match="every layer"):
-        export_circuit_tracer(build("clt"), tmp_path / "b", llm_n_layers=12)
+    with pytest.raises(CircuitTracerExportError, match="covers layer 3"):
+        export_circuit_tracer(build("clt", layers=[1, 2, 3]), tmp_path / "a", llm_n_layers=3)
+    with pytest.raises(CircuitTracerExportError, match="increasing order"):
+        export_circuit_tracer(build("clt", layers=[2, 1, 3]), tmp_path / "b", llm_n_layers=12)
     with pytest.raises(CircuitTracerExportError, match="same hook"):
         export_circuit_tracer(build("plt", hook_in="resid_post", hook_out="resid_post"), tmp_path / "c")
     with pytest.raises(CircuitTracerExportError, match="mlp_out"):
@@ -208,8 +208,8 @@ def test_refusals(tmp_path):
     assert (
         check_exportable(untrained, require_thresholds=False) == "cross_layer_transcoder"
     )  # before training
-    with pytest.raises(ConfigError, match="every layer"):  # what the trainer catches at startup
-        check_exportable(build("plt", layers=[0, 2, 4]), require_thresholds=False)
+    with pytest.raises(ConfigError, match="covers layer 4"):  # what the trainer catches at startup
+        check_exportable(build("plt", layers=[0, 2, 4]), llm_n_layers=4, require_thresholds=False)
     assert not any((tmp_path / n).exists() for n in "abcde")  # nothing half-written
 
 

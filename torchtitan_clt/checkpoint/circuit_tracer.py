@@ -10,11 +10,13 @@ Both carry ``config.yaml``: ``model_kind``, ``model_name``, ``feature_input_hook
 
 circuit-tracer runs features as ReLU or JumpReLU on raw activations, over every layer of the LLM
 from 0. So the export folds standardization into the weights, turns TopK / BatchTopK into JumpReLU
-and refuses what it cannot represent. The JumpReLU comes from ``models.conversion.to_jumprelu`` on
-``calibration`` batches (raw activations of the run's text, a few thousand tokens; see
-``checkpoint.calibration``): per-feature thresholds that keep each layer's L0, fitted to the
-reconstruction for TopK. Its report (L0 and FVU per layer before / after, on ``eval_batches``,
-else on the calibration batches) is logged and written to ``conversion.json`` in the folder.
+and refuses what it cannot represent; a model of a subset of the layers is written over all of
+them, the others holding features that never fire (``circuit_tracer_layers``). The JumpReLU
+comes from ``models.conversion.to_jumprelu`` on ``calibration`` batches (raw activations of the
+run's text, a few thousand tokens; see ``checkpoint.calibration``): per-feature thresholds that
+keep each layer's L0, fitted to the reconstruction for TopK. Its report (L0 and FVU per layer
+before / after, on ``eval_batches``, else on the calibration batches) is logged and written to
+``conversion.json`` in the folder.
 Without batches it falls back to the per-layer threshold tracked in training, with a warning for
 TopK (for BatchTopK that threshold *is* its inference mode).
 """
@@ -33,6 +35,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from torchtitan_clt.checkpoint.circuit_tracer_layers import (
+    clt_layers,
+    coverage_note,
+    llm_layer_count,
+    plt_layers,
+)
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.models.activations import BatchTopK, ReLU, TopK
 from torchtitan_clt.models.clt.model import CrossLayerTranscoder
@@ -104,16 +112,12 @@ def check_exportable(
             f"reads features at {' or '.join(INPUT_HOOKS)} and writes them at {OUTPUT_HOOKS[0]}. "
             "Train with data.hook_in = 'resid_mid' (or 'mlp_in') and data.hook_out = 'mlp_out'."
         )
-    L = args.n_layers
-    layers = list(args.layers) or list(range(L))
-    n_llm = llm_n_layers if llm_n_layers is not None else args.extra.get("llm_n_layers")
-    if layers != list(range(L)) or (n_llm is not None and int(n_llm) != L):
-        raise CircuitTracerExportError(
-            f"{what} covers LLM layers {layers}"
-            + (f" of {n_llm}" if n_llm is not None else "")
-            + "; a circuit-tracer transcoder covers every layer of its LLM, counted from 0 (its "
-            "layer count is the number of files). Train with data.layers = [] (all layers)."
-        )
+    # A subset of the LLM's layers is fine: the others get features that never fire
+    # (checkpoint.circuit_tracer_layers); only the layer list itself must make sense.
+    try:
+        llm_layer_count(model, llm_n_layers, warn=False)
+    except ValueError as e:
+        raise CircuitTracerExportError(f"{what}: {e}") from e
     if args.d_in != args.d_out:
         raise CircuitTracerExportError(
             f"{what}: d_in {args.d_in} != d_out {args.d_out}; circuit-tracer uses one d_model for both."
@@ -236,31 +240,15 @@ def export_circuit_tracer(
     ):
         stale.unlink()  # a previous export with more layers must not leave files behind
 
-    def t(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(dtype).contiguous()
-
     a = copy.args
+    n_llm = llm_layer_count(copy, llm_n_layers)
     with torch.no_grad():
-        for i in range(a.n_layers):
-            if kind == CLT_KIND:
-                enc = {
-                    f"W_enc_{i}": t(copy.W_enc[i]),
-                    f"b_enc_{i}": t(copy.b_enc[i]),
-                    f"b_dec_{i}": t(copy.b_dec[i]),
-                }
-                if theta is not None:
-                    enc[f"threshold_{i}"] = t(theta[i])
+        if kind == CLT_KIND:
+            for i, enc, dec in clt_layers(copy, theta, n_llm, dtype):
                 save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
-                save_file({f"W_dec_{i}": t(copy.W_dec[i])}, str(folder / f"W_dec_{i}.safetensors"))
-            else:
-                sd = {
-                    "W_enc": t(copy.W_enc[i]),
-                    "W_dec": t(copy.W_dec[i]),
-                    "b_enc": t(copy.b_enc[i]),
-                    "b_dec": t(copy.b_dec[i]),
-                }
-                if theta is not None:
-                    sd["activation_function.threshold"] = t(theta[i])
+                save_file(dec, str(folder / f"W_dec_{i}.safetensors"))
+        else:
+            for i, sd in plt_layers(copy, theta, n_llm, dtype):
                 save_file(sd, str(folder / f"layer_{i}.safetensors"))
     config = {
         "model_kind": kind,
@@ -271,6 +259,7 @@ def export_circuit_tracer(
         "exported_by": "torchtitan_clt",
         "trained_activation": trained,
         "dtype": dtype_name(dtype),
+        **(coverage_note(copy, n_llm) or {}),  # layers / uncovered_layers for a subset
     }
     (folder / CONFIG_FILE).write_text(_yaml_dump(config))
     stale = folder / CONVERSION_FILE

@@ -1,0 +1,129 @@
+"""The per-layer tensors of a circuit-tracer folder, over every layer of the LLM.
+
+circuit-tracer counts layers from 0 and takes its layer count from the number of files, so a CLT
+or PLT trained on a subset of the LLM's layers (``data.layers``) is written over all of them. An
+uncovered layer holds features that never fire (``W_enc = 0``, ``b_enc = -1``: the pre-activation
+is -1 on every input, below ReLU's 0 and below the JumpReLU threshold 1 written with it) and zero
+decoders and ``b_dec``: its reconstruction is zero, so circuit-tracer keeps the whole MLP output
+of that layer as its error node. A covered CLT source writes its decoder rows at the offsets of
+the covered targets (zeros at the uncovered ones). Covering every layer gives the plain layout.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from torchtitan_clt.protocols.transcoder import Transcoder
+
+NEVER_FIRE_BIAS = -1.0
+NEVER_FIRE_THRESHOLD = 1.0
+
+
+def covered_layers(model: Transcoder) -> list[int]:
+    """The LLM layers the model reads, in increasing order (``args.layers``, else 0..L-1)."""
+    a = model.args
+    layers = [int(v) for v in (a.layers or range(a.n_layers))]
+    if len(layers) != a.n_layers or layers != sorted(set(layers)):
+        raise ValueError(f"model layers {layers}: expected {a.n_layers} distinct layers in increasing order.")
+    return layers
+
+
+def llm_layer_count(model: Transcoder, llm_n_layers: int | None = None, warn: bool = True) -> int:
+    """How many layers the folder gets: the LLM's (``llm_n_layers``, else ``args.extra``), else
+    up to the last covered layer, with a warning (circuit-tracer needs one file per LLM layer)."""
+    layers = covered_layers(model)
+    n = llm_n_layers if llm_n_layers is not None else model.args.extra.get("llm_n_layers")
+    if n is None:
+        if warn and layers != list(range(len(layers))):
+            warnings.warn(
+                f"circuit-tracer export: the LLM's layer count is unknown (pass llm_n_layers); "
+                f"writing layers 0..{layers[-1]}. circuit-tracer needs one file per LLM layer.",
+                stacklevel=3,
+            )
+        return layers[-1] + 1
+    if int(n) <= layers[-1]:
+        raise ValueError(f"llm_n_layers = {n}, but the model covers layer {layers[-1]}.")
+    return int(n)
+
+
+def _dead(F: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(F, d, dtype=dtype), torch.full((F,), NEVER_FIRE_BIAS, dtype=dtype)
+
+
+def clt_layers(
+    model: Transcoder, theta: torch.Tensor | None, n_llm: int, dtype: torch.dtype
+) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """``(layer, W_enc_{l} file tensors, W_dec_{l} file tensors)`` for l in 0..n_llm-1."""
+    layers = covered_layers(model)
+    pos = {layer: j for j, layer in enumerate(layers)}
+    F, d = model.args.features_per_layer, model.args.d_out
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(dtype).contiguous()
+
+    for i in range(n_llm):
+        j = pos.get(i)
+        if j is None:
+            w_enc, b_enc = _dead(F, model.args.d_in, dtype)
+            enc = {f"W_enc_{i}": w_enc, f"b_enc_{i}": b_enc}
+            w_dec = torch.zeros(F, n_llm - i, d, dtype=dtype)
+            th = torch.full((F,), NEVER_FIRE_THRESHOLD, dtype=dtype)
+        else:
+            enc = {f"W_enc_{i}": t(model.W_enc[j]), f"b_enc_{i}": t(model.b_enc[j])}
+            w_dec = torch.zeros(F, n_llm - i, d, dtype=dtype)
+            src = model.W_dec[j]  # [F, L - j, d]: targets layers[j], layers[j + 1], ...
+            offsets = torch.tensor([layers[j + o] - i for o in range(src.shape[1])])
+            w_dec[:, offsets] = t(src)
+            th = t(theta[j]) if theta is not None else None
+        # b_dec_{i} is the bias of target layer i (zero where nothing is reconstructed).
+        enc[f"b_dec_{i}"] = t(model.b_dec[j]) if j is not None else torch.zeros(d, dtype=dtype)
+        if theta is not None:
+            enc[f"threshold_{i}"] = th
+        yield i, enc, {f"W_dec_{i}": w_dec.contiguous()}
+
+
+def plt_layers(
+    model: Transcoder, theta: torch.Tensor | None, n_llm: int, dtype: torch.dtype
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """``(layer, layer_{l} file tensors)`` for l in 0..n_llm-1."""
+    pos = {layer: j for j, layer in enumerate(covered_layers(model))}
+    F, d = model.args.features_per_layer, model.args.d_out
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(dtype).contiguous()
+
+    for i in range(n_llm):
+        j = pos.get(i)
+        if j is None:
+            w_enc, b_enc = _dead(F, model.args.d_in, dtype)
+            sd = {"W_enc": w_enc, "W_dec": torch.zeros(F, d, dtype=dtype), "b_enc": b_enc}
+            sd["b_dec"] = torch.zeros(d, dtype=dtype)
+            th = torch.full((F,), NEVER_FIRE_THRESHOLD, dtype=dtype)
+        else:
+            sd = {
+                "W_enc": t(model.W_enc[j]),
+                "W_dec": t(model.W_dec[j]),
+                "b_enc": t(model.b_enc[j]),
+                "b_dec": t(model.b_dec[j]),
+            }
+            th = t(theta[j]) if theta is not None else None
+        if theta is not None:
+            sd["activation_function.threshold"] = th
+        yield i, sd
+
+
+def coverage_note(model: Transcoder, n_llm: int) -> dict[str, list[int]] | None:
+    """Config keys saying which layers are covered (None when all are), with a warning."""
+    layers = covered_layers(model)
+    if layers == list(range(n_llm)):
+        return None
+    uncovered = [i for i in range(n_llm) if i not in set(layers)]
+    warnings.warn(
+        f"circuit-tracer export: the model covers LLM layers {layers} of {n_llm}; layers {uncovered} "
+        "are written with features that never fire, so circuit-tracer keeps their MLPs as error nodes.",
+        stacklevel=3,
+    )
+    return {"layers": layers, "uncovered_layers": uncovered}
