@@ -1,5 +1,6 @@
-"""Tensor parallel over features: two gloo ranks, each holding half of every layer's features, give
-the single-process BatchTopK threshold, selection, loss and gradients (torch and Triton paths)."""
+"""Selection over ranks: two gloo ranks, each holding half of every layer's features (tensor
+parallel) or half of the rows (data parallel), give the single-process BatchTopK threshold, the
+TopK / BatchTopK selection, and the sparse step's loss and gradients (torch and Triton paths)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,16 @@ def _weights(n_layers, f, d):
     ]
 
 
+def _mask(idx: torch.Tensor, f: int) -> torch.Tensor:
+    """``[N, L, f]`` bool: which features ``idx`` keeps."""
+    m = torch.zeros(*idx.shape[:2], f + 1, dtype=torch.bool)
+    return m.scatter_(-1, torch.where(idx >= 0, idx, f), True)[..., :f]
+
+
 def _worker(rank: int, world: int, port: int, backend: str, scope: str) -> None:
     if backend == "triton":
         os.environ["TRITON_INTERPRET"] = "1"
-    from torchtitan_clt.kernels import dispatch
+    from torchtitan_clt.kernels.selection import Selection, select
     from torchtitan_clt.kernels.sparse_step import clt_sparse_loss
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -85,17 +92,17 @@ def _worker(rank: int, world: int, port: int, backend: str, scope: str) -> None:
         for a, b in zip(mine, ref_grads):
             assert torch.allclose(a.grad, b, rtol=1e-4, atol=1e-5)
         h = torch.einsum("nld,lfd->nlf", x, ws[0]) + ws[1]
-        tau_ref = dispatch.batchtopk_threshold(
-            h, k * n * (n_layers if scope == "all" else 1), scope, backend="torch"
-        )
-        tau = dispatch.batchtopk_threshold(
-            h[:, :, fs].contiguous(),
-            k * n * (n_layers if scope == "all" else 1),
-            scope,
-            backend=backend,
-            tp_group=dist.group.WORLD,
-        )
-        assert torch.equal(tau, tau_ref)
+        rs = slice(rank * n // world, (rank + 1) * n // world)  # this rank's rows (data parallel)
+        for sel in (Selection("batchtopk", k, scope), Selection("topk", k)):
+            idx_ref, tau_ref = select(h, sel, backend="torch")
+            ref = _mask(idx_ref, f)
+            idx, tau = select(h[:, :, fs].contiguous(), sel, backend, group=dist.group.WORLD)
+            assert torch.equal(_mask(idx, f // world), ref[:, :, fs]), sel
+            if sel.kind == "batchtopk":
+                assert torch.equal(tau, tau_ref)
+                idx, tau = select(h[rs].contiguous(), sel, backend, group=dist.group.WORLD, batch_scale=world)
+                assert torch.equal(_mask(idx, f), ref[rs]), sel
+                assert torch.equal(tau, tau_ref)
     finally:
         dist.destroy_process_group()
 

@@ -51,30 +51,29 @@ def topk_select(h: torch.Tensor, k: int, backend: str | None = None) -> tuple[to
 
 
 def batchtopk_threshold(
-    h: torch.Tensor, k_total: int, scope: str = "layer", backend: str | None = None, tp_group=None
+    h: torch.Tensor, k_total: int, scope: str = "layer", backend: str | None = None
 ) -> torch.Tensor:
     """``h [N, L, F]`` -> ``tau [L]`` fp32, the ``k_total``-th largest value of each layer
     (``scope="layer"``) or of all layers jointly (``"all"``, repeated L times). +inf if k_total<=0.
     Found by selection (radix select on the float bits / topk candidates + quickselect), never a
-    full sort. ``tp_group``: features sharded over these ranks; tau is then the global one."""
+    full sort. One process; over ranks use ``kernels.selection.select``."""
     if scope not in SCOPES:
         raise ValueError(f"batchtopk scope {scope!r}: use one of {SCOPES}")
     n, n_layers, f = h.shape
     if resolve_backend(h, backend) != "triton" or k_total <= 0 or h.numel() == 0:
-        return _sel_torch.batchtopk_threshold(h.detach(), k_total, scope, tp_group=tp_group)
+        return _sel_torch.batchtopk_threshold(h.detach(), k_total, scope)
     from torchtitan_clt.kernels import select_triton
 
-    world = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
     h = h.detach()
     if scope == "layer":
-        kth = torch.full((n_layers,), min(k_total, n * f * world), dtype=torch.long, device=h.device)
-        tau, _ = select_triton.radix_kth_largest(h, kth, tp_group)  # groups = layers, over [N, F]
+        kth = torch.full((n_layers,), min(k_total, n * f), dtype=torch.long, device=h.device)
+        tau, _ = select_triton.radix_kth_largest(h, kth)  # groups = layers, over [N, F]
         return tau
     hp = h.permute(1, 0, 2)
     # one group over every element; a [L, N, F]-stored tensor (the encoder's bmm output) is not copied
     h3 = hp.reshape(n_layers, 1, n * f) if hp.is_contiguous() else h.contiguous().reshape(n, 1, n_layers * f)
-    kth = torch.full((1,), min(k_total, h.numel() * world), dtype=torch.long, device=h.device)
-    tau, _ = select_triton.radix_kth_largest(h3, kth, tp_group)
+    kth = torch.full((1,), min(k_total, h.numel()), dtype=torch.long, device=h.device)
+    tau, _ = select_triton.radix_kth_largest(h3, kth)
     return tau.expand(n_layers).contiguous()
 
 
@@ -96,29 +95,37 @@ def compact(
     return idx, _gather_vals(h, idx)
 
 
-def batchtopk_select(
-    h: torch.Tensor,
-    k: int,
-    scope: str = "layer",
-    positive: bool = True,
-    backend: str | None = None,
-    tp_group=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BatchTopK: ``h [N, L, F]`` -> ``(idx, vals [N, L, K], tau [L])``. Keeps the ``k*N`` largest
-    per layer (``scope="layer"``) or ``k*N*L`` over all layers (``"all"``); entries equal to the
-    threshold are all kept. ``positive``: also drop entries <= 0 (BatchTopK of ReLU(h)).
-    ``tp_group``: h holds this rank's shard of the features; the threshold is global (the same on
-    every rank), ids stay local to the shard."""
+def batchtopk_select_ids(
+    h: torch.Tensor, k_total: int, scope: str = "layer", positive: bool = True, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK on one process: ``h [N, L, F]`` -> ``(idx [N, L, K], tau [L])``, the ``k_total``
+    largest per layer (``scope="layer"``) or over all layers (``"all"``); entries equal to the
+    threshold are all kept; ``positive`` also drops entries <= 0 (BatchTopK of ReLU(h))."""
     if scope not in SCOPES:
         raise ValueError(f"batchtopk scope {scope!r}: use one of {SCOPES}")
+    h = h.detach()
     if resolve_backend(h, backend) == "torch":
-        idx, tau = _sel_torch.batchtopk_select(h.detach(), k, scope, positive, tp_group=tp_group)
-        return idx, _gather_vals(h, idx), tau
+        return _sel_torch.batchtopk_select(h, k_total, scope, positive)
+    tau = batchtopk_threshold(h, k_total, scope, backend)
+    idx, _ = compact(h, tau, "positive" if positive else "ge", backend)
+    return idx, tau
+
+
+def batchtopk_select(
+    h: torch.Tensor, k: int, scope: str = "layer", positive: bool = True, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchTopK over this batch: ``h [N, L, F]`` -> ``(idx, vals [N, L, K], tau [L])``, the ``k*N``
+    largest per layer (``scope="layer"``) or ``k*N*L`` over all layers (``"all"``)."""
     n, n_layers, _ = h.shape
     k_total = k * n * (n_layers if scope == "all" else 1)
-    tau = batchtopk_threshold(h, k_total, scope, backend, tp_group)
-    idx, vals = compact(h, tau, "positive" if positive else "ge", backend)
-    return idx, vals, tau
+    idx, tau = batchtopk_select_ids(h, k_total, scope, positive, backend)
+    return idx, gather_selected(h, idx), tau
+
+
+def gather_selected(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``vals [N, L, K]`` = h at ``idx`` (0 at padding); differentiable, straight-through to the
+    selected pre-activations only."""
+    return _gather_vals(h, idx)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -8,7 +8,6 @@ Within a row the ids ascend.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from torchtitan_clt.kernels.layout_torch import one_thread
 
@@ -35,39 +34,21 @@ def _groups(t: torch.Tensor, scope: str) -> torch.Tensor:
     raise ValueError(f"batchtopk scope {scope!r}: use 'layer' or 'all'")
 
 
-def _all_gather_cols(t: torch.Tensor, group) -> torch.Tensor:
-    """``[G, M]`` on each rank -> ``[G, world*M]``: every rank's candidates side by side."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
-
-
-def _all_true(flag: bool, device, group) -> bool:
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item())
-
-
-def _threshold_with_candidates(h: torch.Tensor, k_total: int, scope: str, k_row: int, tp_group=None):
+def _threshold_with_candidates(h: torch.Tensor, k_total: int, scope: str, k_row: int):
     """``(tau [L], cand_vals, cand_idx [N, L, c])``: the exact k_total-th largest per group, found
     among each row's top-c candidates (one ``topk`` pass over h, parallel over rows, then a
     quickselect over N*c candidates). Exact when no row is cut off at or above tau (its smallest
     candidate is below tau): then every element >= tau is a candidate. Otherwise c grows (up to F,
-    where it is trivially exact). ``tp_group``: features sharded over these ranks (tensor parallel):
-    candidates are all-gathered, so every rank gets the same global tau."""
+    where it is trivially exact)."""
     n, n_layers, f = h.shape
     c = min(f, max(k_row, 1))
     while True:
         cand_v, cand_i = torch.topk(h, c, dim=-1, sorted=False)  # [N, L, c]
         groups = _groups(cand_v, scope)
-        if tp_group is not None:
-            groups = _all_gather_cols(groups, tp_group)
         kk = min(k_total, groups.shape[1])
         tau = groups.kthvalue(groups.shape[1] - kk + 1, dim=1).values.to(_tau_dtype(h))
         tau = tau.expand(n_layers)
         exact = c == f or bool((cand_v.amin(-1) < tau.to(h.dtype)[None, :]).all())
-        if tp_group is not None:
-            exact = _all_true(exact, h.device, tp_group)
         if exact:
             return tau.contiguous(), cand_v, cand_i
         c = min(f, 4 * c)
@@ -180,9 +161,7 @@ def _block_select(h: torch.Tensor, k_total: int, scope: str, positive: bool | No
         return tau_l, out.view(n_layers, n, width).permute(1, 0, 2)
 
 
-def batchtopk_threshold(
-    h: torch.Tensor, k_total: int, scope: str = "layer", k_row: int = 0, tp_group=None
-) -> torch.Tensor:
+def batchtopk_threshold(h: torch.Tensor, k_total: int, scope: str = "layer", k_row: int = 0) -> torch.Tensor:
     """``h [N, L, F]`` -> ``tau [L]`` (fp32; fp64 for fp64 input): the k_total-th largest value per
     layer (``layer``) or over all layers jointly (``all``, the same value repeated). Selection
     (block maxima or per-row topk candidates, then quickselect), never a full sort. ``k_row``: first guess of how many
@@ -192,14 +171,14 @@ def batchtopk_threshold(
     if k_total <= 0 or h.numel() == 0:
         return torch.full((n_layers,), float("inf"), dtype=_tau_dtype(h), device=h.device)
     per_row = k_total // (n * (n_layers if scope == "all" else 1)) + 1
-    if tp_group is None and not k_row:
+    if not k_row:
         found = _block_select(h, int(k_total), scope, None)
         if found is not None:
             return found[0]
         found = _two_tier(h, int(k_total), scope, per_row)
         if found is not None:
             return found[0]
-    return _threshold_with_candidates(h, int(k_total), scope, k_row or 4 * per_row, tp_group)[0]
+    return _threshold_with_candidates(h, int(k_total), scope, k_row or 4 * per_row)[0]
 
 
 def _kept_ids(vals, ids, tau_rows, positive: bool, f: int):
@@ -209,24 +188,24 @@ def _kept_ids(vals, ids, tau_rows, positive: bool, f: int):
     return torch.where(keep, ids, f), keep.sum(-1)
 
 
-def batchtopk_select(h: torch.Tensor, k: int, scope: str = "layer", positive: bool = True, tp_group=None):
-    """``h [N, L, F]`` -> ``(idx [N, L, K], tau [L])``: BatchTopK (k*N per layer or k*N*L in all),
-    ties at tau all kept, ``positive`` drops entries <= 0. The compaction works on the candidates
-    only (no second pass over h). ``tp_group``: see ``_threshold_with_candidates``; ids stay local.
+def batchtopk_select(h: torch.Tensor, k_total: int, scope: str = "layer", positive: bool = True):
+    """``h [N, L, F]`` -> ``(idx [N, L, K], tau [L])``: BatchTopK, the ``k_total`` largest per layer
+    (``layer``) or over all layers (``all``), ties at tau all kept, ``positive`` drops entries <= 0.
+    The compaction works on the candidates only (no second pass over h).
     ids are stored layer-major (``[L, N, K]``, returned as an ``[N, L, K]`` view) so the per-layer
     entry lists downstream are contiguous slices."""
     n, n_layers, f = h.shape
-    k_total = k * n * (n_layers if scope == "all" else 1)
     if k_total <= 0 or h.numel() == 0:
-        tau = batchtopk_threshold(h, 0, scope, tp_group=tp_group)
+        tau = batchtopk_threshold(h, 0, scope)
         return torch.full((n, n_layers, 0), -1, dtype=torch.long, device=h.device), tau
-    if tp_group is None:
-        found = _block_select(h, k_total, scope, positive)
-        if found is not None:
-            return found[1], found[0]
-    found = _two_tier(h, k_total, scope, k) if tp_group is None else None
+    k_total = min(int(k_total), h.numel() // (1 if scope == "all" else n_layers))
+    k = k_total // (n * (n_layers if scope == "all" else 1)) + 1  # mean kept per row, rounded up
+    found = _block_select(h, k_total, scope, positive)
+    if found is not None:
+        return found[1], found[0]
+    found = _two_tier(h, k_total, scope, k)
     if found is None:
-        tau, cand_v, cand_i = _threshold_with_candidates(h, k_total, scope, 4 * k + 1, tp_group)
+        tau, cand_v, cand_i = _threshold_with_candidates(h, k_total, scope, 4 * k + 1)
         found = (tau, (cand_v, cand_i, None), None)
     tau, (v1, i1, sat), tier2 = found
     th = tau.to(h.dtype)

@@ -69,13 +69,11 @@ def _radix_hist_kernel(
     tl.store(part_ptr + (g * n_prog + p) * 512 + tl.arange(0, 512), hist)
 
 
-def radix_kth_largest(
-    h3: torch.Tensor, kth: torch.Tensor, tp_group=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def radix_kth_largest(h3: torch.Tensor, kth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``h3 [A, G, M]`` (any strides), ``kth [G]`` int64 in [1, A*M] -> ``(tau [G] fp32, krem [G])``:
     tau the kth-largest value of each group; krem how many elements equal to tau are needed to make
-    exactly kth (the rest of the kth are > tau). ``tp_group``: the elements are sharded over these
-    ranks (tensor parallel over features); histograms are summed over it, so tau is global."""
+    exactly kth (the rest of the kth are > tau). Over ranks, ``kernels.selection`` refines a local
+    pick; this kernel stays local."""
     a_dim, g_dim, m_dim = h3.shape
     dev = h3.device
     rows_per_prog = max(1, triton.cdiv(a_dim, max(1, _TARGET_PROGRAMS // max(g_dim, 1))))
@@ -99,8 +97,6 @@ def radix_kth_largest(
             BLOCK=block,
         )
         hist = part.sum(1, dtype=torch.int64)[:, :256].contiguous()  # [G, 256]
-        if tp_group is not None:
-            torch.distributed.all_reduce(hist, group=tp_group)
         cum_ge = hist.flip(-1).cumsum(-1).flip(-1)  # elements with digit >= d
         digit = (cum_ge >= krem[:, None]).sum(-1) - 1  # cum_ge falls with d: the Trues are 0..digit
         digit = digit.clamp(0, 255)

@@ -13,38 +13,24 @@ decoder. Backward needs ``x``, the indices and the weights, never ``h`` (unless 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from torchtitan_clt.kernels import dispatch
 from torchtitan_clt.kernels.backend import options
+from torchtitan_clt.kernels.collectives import sum_partials
 from torchtitan_clt.kernels.layout_torch import one_thread
+from torchtitan_clt.kernels.selection import KINDS, Selection, select
 
-SELECTIONS = ("batchtopk", "topk")
-
-
-def _topk_layout(h: torch.Tensor, k: int, positive: bool, backend: str | None):
-    """TopK per token and layer in the sparse layout: ``h [N, L, F]`` -> ``idx, vals [N, L, k]``,
-    ids ascending, entries <= 0 dropped (-1) when ``positive`` (TopK of ReLU(h))."""
-    n, n_layers, f = h.shape
-    k = min(k, f)
-    vals, idx = dispatch.topk_select(h.reshape(n * n_layers, f), k, backend)
-    with one_thread(h.device):
-        if positive:
-            idx = torch.where(vals > 0, idx, -1)
-        key, order = torch.where(idx >= 0, idx, f).sort(-1)  # kept ids ascending, padding last
-        zero = torch.zeros((), dtype=vals.dtype, device=h.device)
-        vals = torch.where(key < f, vals.gather(-1, order), zero)
-        idx = torch.where(key < f, key, -1)
-    return idx.view(n, n_layers, k), vals.view(n, n_layers, k)
+SELECTIONS = KINDS
 
 
 class SparseEncode(torch.autograd.Function):
     """``x [N, L, d]``, ``W_enc [L, F, d]``, ``b_enc [L, F]`` -> ``(h [N, L, F], idx, vals [N, L, K],
-    tau [L])``: the pre-activations and their selection (``select``: BatchTopK with ``scope``, or
-    TopK per token and layer; ``tau`` is NaN for TopK).
+    tau [L])``: the pre-activations and their selection (``sel``, by ``selection.select`` over
+    ``group`` with ``batch_scale``; ``tau`` is NaN for TopK).
 
     Forward: ``h = W_enc x + b_enc`` (one batched matmul, stored ``[L, N, F]``), then select.
     Backward (straight-through to the selected pre-activations): the gradient at ``vals`` plus any
@@ -54,19 +40,12 @@ class SparseEncode(torch.autograd.Function):
     ``[N, L, F]`` matmul. A dense gradient at ``h`` (the pre-activation loss) takes the matmuls."""
 
     @staticmethod
-    def forward(ctx, x, w_enc, b_enc, k, scope, positive, backend, tp_group=None, select="batchtopk"):
+    def forward(ctx, x, w_enc, b_enc, sel: Selection, backend, group=None, batch_scale=1):
         xw = x.to(w_enc.dtype)  # an fp32 batch into bf16 weights: cast the batch, never the weights
         h = torch.baddbmm(b_enc.unsqueeze(1).to(w_enc.dtype), xw.transpose(0, 1), w_enc.transpose(1, 2))
         hp = h.permute(1, 0, 2)  # [N, L, F] view of the layer-major storage
-        if select == "batchtopk":
-            idx, vals, tau = dispatch.batchtopk_select(hp, k, scope, positive, backend, tp_group)
-        elif select == "topk":
-            if tp_group is not None:
-                raise NotImplementedError("sparse TopK over feature shards: use the dense path under tp")
-            idx, vals = _topk_layout(hp, k, positive, backend)
-            tau = torch.full((hp.shape[1],), float("nan"), device=h.device)
-        else:
-            raise ValueError(f"selection {select!r}: use one of {SELECTIONS}")
+        idx, tau = select(hp, sel, backend, group, batch_scale)
+        vals = dispatch.gather_selected(hp, idx)
         ctx.save_for_backward(xw, w_enc)
         ctx.idx = idx  # the very tensor the decoder gets: its cached layout is reused in backward
         ctx.backend, ctx.x_dtype = backend, x.dtype
@@ -93,10 +72,10 @@ class SparseEncode(torch.autograd.Function):
                 g = g.scatter_add(-1, idx.clamp(min=0), g_vals.to(g.dtype))
             thr = options().sparse_density_threshold
             if int(torch.count_nonzero(g)) > thr * g.numel():
-                return (*_dense_encoder_grads(ctx, g, x, w_enc), *([None] * 6))
+                return (*_dense_encoder_grads(ctx, g, x, w_enc), *([None] * 4))
             idx, g_vals = dispatch.compact(g, torch.zeros(n_layers, device=g.device), "nonzero", ctx.backend)
         elif g_vals is None:
-            return (None,) * 9
+            return (None,) * 7
         g_x = g_w = g_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g_w, g_b = dispatch.sparse_encoder_grads(idx, g_vals, x, n_features, ctx.backend)
@@ -111,7 +90,7 @@ class SparseEncode(torch.autograd.Function):
                 ],
                 1,
             ).to(ctx.x_dtype)
-        return g_x, g_w, g_b, None, None, None, None, None, None
+        return g_x, g_w, g_b, None, None, None, None
 
 
 def _dense_encoder_grads(ctx, g, x, w_enc):
@@ -150,19 +129,33 @@ class SparseCLTOutput:
         return (self.idx >= 0).sum(dim=(0, 2)).float() / max(self.idx.shape[0], 1)
 
 
-class _SumOverShards(torch.autograd.Function):
-    """All-reduce of per-shard partial sums whose consumer (the loss) is replicated on every rank:
-    the backward is the identity (each shard's part gets the gradient once, not world times)."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        t = t.clone()
-        torch.distributed.all_reduce(t, group=group)
-        return t
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+def sparse_forward(
+    x: torch.Tensor,
+    w_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    b_dec: torch.Tensor,
+    sel: Selection,
+    backend: str | None = None,
+    group=None,
+    batch_scale: int = 1,
+    tp_group=None,
+) -> SparseCLTOutput:
+    """Any layerwise family's forward, sparse end to end: encoder, ``select`` over ``group``, then
+    ``decode(idx, vals, bias) -> [N, L, d]`` (the family's sparse decoder). ``tp_group``: features
+    are sharded over these ranks; each decodes its own active features into a partial ŷ (zero
+    bias), the partials are summed (identity backward: every rank computes the same loss) and
+    ``b_dec`` is added once."""
+    h, idx, vals, tau = SparseEncode.apply(x, w_enc, b_enc, sel, backend, group, batch_scale)
+    if tp_group is None:
+        y_hat = decode(idx, vals, b_dec)
+    else:
+        part = decode(idx, vals, torch.zeros_like(b_dec))
+        y_hat = sum_partials(
+            part.float() if part.dtype in (torch.bfloat16, torch.float16) else part, tp_group
+        )
+        y_hat = y_hat + b_dec.to(y_hat.dtype)
+    return SparseCLTOutput(idx, vals, tau, y_hat, h)
 
 
 def clt_sparse_forward(
@@ -178,22 +171,24 @@ def clt_sparse_forward(
     density_threshold: float | None = None,
     tp_group=None,
     select: str = "batchtopk",
+    group=None,
+    batch_scale: int = 1,
 ) -> SparseCLTOutput:
-    """CLT forward with BatchTopK (or ``select="topk"``: TopK per token), sparse end to end. ``x [N, L, d_in]``, ``w_enc [L, F, d_in]``,
-    ``b_enc [L, F]``, ``w_dec[s] [F, L-s, d_out]``, ``b_dec [L, d_out]``.
+    """CLT forward with BatchTopK (or ``select="topk"``: TopK per token), sparse end to end.
+    ``x [N, L, d_in]``, ``w_enc [L, F, d_in]``, ``b_enc [L, F]``, ``w_dec[s] [F, L-s, d_out]``,
+    ``b_dec [L, d_out]``.
 
     ``tp_group``: tensor parallel over features. Each rank passes its shard of the features
     (``w_enc [L, F/tp, d]``, ``b_enc``, ``w_dec[s] [F/tp, L-s, d]``) and the full ``x``, ``b_dec``;
-    the BatchTopK threshold is global, ``idx`` local to the shard, ``y_hat`` the full sum."""
-    h, idx, vals, tau = SparseEncode.apply(x, w_enc, b_enc, k, scope, positive, backend, tp_group, select)
-    if tp_group is None:
-        y_hat = dispatch.clt_sparse_decode(idx, vals, w_dec, b_dec, backend, density_threshold)
-    else:
-        part = dispatch.clt_sparse_decode(
-            idx, vals, w_dec, torch.zeros_like(b_dec), backend, density_threshold
-        )
-        y_hat = _SumOverShards.apply(part, tp_group) + b_dec
-    return SparseCLTOutput(idx, vals, tau, y_hat, h)
+    ``idx`` is local to the shard, ``y_hat`` the full sum. ``group`` (default ``tp_group``): every
+    rank holding a different part of ``h``, with ``batch_scale`` = global / local batch."""
+
+    def decode(idx, vals, bias):
+        return dispatch.clt_sparse_decode(idx, vals, w_dec, bias, backend, density_threshold)
+
+    sel = Selection(select, k, scope, positive)
+    group = tp_group if group is None else group
+    return sparse_forward(x, w_enc, b_enc, decode, b_dec, sel, backend, group, batch_scale, tp_group)
 
 
 def _losses(y_hat, y, sparsity, n):
@@ -227,8 +222,7 @@ def clt_sparse_loss(
     if lambda_sparsity:
         norms = torch.stack([dispatch.decoder_row_norms(w) for w in w_dec])  # [L, F]
         sparsity = lambda_sparsity * dispatch.tanh_sparsity_sparse(out.idx, out.vals, norms, tanh_c).sum()
-        if tp_group is not None:
-            sparsity = _SumOverShards.apply(sparsity, tp_group)
+        sparsity = sum_partials(sparsity, tp_group)
     return _losses(out.y_hat, y, sparsity, x.shape[0])
 
 
@@ -249,9 +243,8 @@ def clt_dense_loss(
     n, n_layers, _ = x.shape
     n_features = w_enc.shape[1]
     h = torch.baddbmm(b_enc.unsqueeze(1), x.transpose(0, 1), w_enc.transpose(1, 2)).permute(1, 0, 2)
-    k_total = k * n * (n_layers if scope == "all" else 1)
-    tau = dispatch.batchtopk_threshold(h, k_total, scope, backend="torch")
-    acts = h * ((h >= tau[None, :, None]) & (h > 0))  # straight-through to the kept entries
+    idx, _ = select(h, Selection("batchtopk", k, scope), backend="torch")
+    acts = torch.zeros_like(h).scatter_add(-1, idx.clamp(min=0), dispatch.gather_selected(h, idx))
     y_hat = b_dec.expand(n, n_layers, b_dec.shape[-1])
     for s, w in enumerate(w_dec):
         contrib = (acts[:, s] @ w.reshape(n_features, -1)).view(n, n_layers - s, -1)
