@@ -150,7 +150,10 @@ def test_offline_load_through_snapshot_download(tmp_path):
         "HF_HUB_OFFLINE is set" in err["org/not-cached"]
         and "huggingface-cli download org/not-cached" in err["org/not-cached"]
     )
-    assert "no folder 'nope'" in err[f"hf://{REPO}/nope"] and "circuit_tracer" in err[f"hf://{REPO}/nope"]
+    assert (
+        "cached snapshot (HF_HUB_OFFLINE is set) has no folder 'nope'" in err[f"hf://{REPO}/nope"]
+        and "circuit_tracer" in err[f"hf://{REPO}/nope"]
+    )
     assert "--revision v9" in err[f"{REPO}@v9"]
 
 

@@ -111,8 +111,9 @@ def download(ref: HubRef) -> Path:
     folder = Path(root) / ref.subfolder
     if not folder.is_dir():
         have = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+        where = "the cached snapshot (HF_HUB_OFFLINE is set)" if _offline() else "the repo"
         raise FileNotFoundError(
-            f"{ref}: the repo has no folder {ref.subfolder!r} with loadable files (folders: "
+            f"{ref}: {where} has no folder {ref.subfolder!r} with loadable files (folders: "
             f"{', '.join(have) or 'none'})."
         )
     return folder
