@@ -387,6 +387,16 @@ class Trainer:
                         plain, self.run_folder / "circuit_tracer", dtype=dtype, calibration=calibration
                     )
                     logger.info(f"Exported circuit-tracer folder to {self.run_folder / 'circuit_tracer'}")
+        if cfg.eval.feature_examples_tokens > 0:
+            plain = self._gather_plain_model()
+            if plain is not None:  # rank 0
+                from torchtitan_clt.metrics.feature_files import trainer_feature_pass
+
+                src = self.source
+                with getattr(src, "llm_lock", contextlib.nullcontext()):
+                    trainer_feature_pass(
+                        cfg, self.run_folder, plain, getattr(src, "llm", None), getattr(src, "tokenizer", None)
+                    )
         self.metrics.close()
         self.source.close()
 

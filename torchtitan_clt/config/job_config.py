@@ -420,6 +420,14 @@ class Eval:
     dense_threshold: float = 0.1
     """Feature statistics: a feature firing on more than this fraction of eval tokens is dense."""
 
+    feature_examples_tokens: int = 0
+    """Held-out tokens for the feature examples written at the end (0: none): each feature's top
+    contexts, density and promoted tokens, as circuit-tracer's ``features/`` files and a browser
+    ``features/index.html``. ``scripts/features.py`` does it for any run or export."""
+
+    feature_examples: int = 8
+    """Top contexts kept per feature in the feature examples."""
+
 
 @dataclass
 class JobConfig:

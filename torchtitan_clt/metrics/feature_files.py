@@ -230,3 +230,36 @@ def run_feature_pass(
         time.perf_counter() - t0,
     )
     return summary
+
+
+def trainer_feature_pass(
+    job_config: Any, run_folder: Path, model: nn.Module, llm=None, tokenizer=None
+) -> dict:
+    """The end-of-training pass (``eval.feature_examples_tokens``): the run's ``circuit_tracer/``
+    export when it was just written (the features circuit-tracer traces with), else the trained
+    model folded; the LLM and tokenizer of the run's source when given; held-out text."""
+    from torchtitan_clt.checkpoint.circuit_tracer import is_circuit_tracer_folder, load_circuit_tracer
+    from torchtitan_clt.checkpoint.export import folded_cpu_copy
+    from torchtitan_clt.data.llm import load_llm
+    from torchtitan_clt.data.source import build_eval_token_loader
+
+    e, d = job_config.eval, job_config.data
+    ct = Path(run_folder) / "circuit_tracer"
+    if is_circuit_tracer_folder(ct) and job_config.checkpoint.export_circuit_tracer:
+        transcoder, source = load_circuit_tracer(ct), str(ct)
+    else:
+        transcoder, source = folded_cpu_copy(model), "trained model"
+    if llm is None or tokenizer is None:
+        llm, tokenizer = load_llm(d.model_path, d.model_dtype, "cpu")
+    batches = build_eval_token_loader(job_config, tokenizer, e.batch_size)
+    meta = {"name": job_config.job.name, "dictionary": source}
+    return run_feature_pass(
+        transcoder,
+        llm,
+        tokenizer,
+        batches,
+        e.feature_examples_tokens,
+        Path(run_folder) / "features",
+        e.feature_examples,
+        meta,
+    )
