@@ -34,6 +34,11 @@ METRICS = [  # (key, label, format)
     ("fvu", "FVU (fraction of variance unexplained)", "{:.4f}"),
     ("l0", "L0 (active features per token and layer)", "{:.1f}"),
     ("dead_frac", "dead features", "{:.1%}"),
+    (
+        "dense_frac",
+        "dense features (firing on more than eval.dense_threshold of tokens, default 10%)",
+        "{:.1%}",
+    ),
     ("ce_recovered_zero", "CE recovered (vs zero ablation)", "{:.1%}"),
     ("ce_recovered_mean", "CE recovered (vs mean ablation)", "{:.1%}"),
     ("delta_ce", "ΔCE, replacement − clean (nats)", "{:.4f}"),
