@@ -6,6 +6,7 @@ circuit-tracer the script says how to install it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import sys
@@ -18,10 +19,10 @@ pytest.importorskip("circuit_tracer")
 from torchtitan_clt.train import main as train_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import trace as trace_script  # noqa: E402  (scripts/trace.py, not the stdlib module)
-
-assert Path(trace_script.__file__).parent == ROOT / "scripts"
+# scripts/trace.py by path: "import trace" could be the standard library's module.
+_spec = importlib.util.spec_from_file_location("tclt_trace_script", ROOT / "scripts" / "trace.py")
+trace_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(trace_script)
 
 
 @pytest.fixture(scope="module")
