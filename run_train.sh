@@ -25,6 +25,13 @@ for a in "${args[@]+"${args[@]}"}"; do
 done
 [[ $has_config == 1 ]] || args=(--config "${CONFIG_FILE:-train_configs/demo_smollm2_clt.toml}" "${args[@]+"${args[@]}"}")
 
+if [[ " ${args[*]} " == *" --help "* || " ${args[*]} " == *" -h "* ]]; then
+  exec "$PYTHON" -m torchtitan_clt.train --help
+fi
+# Check the config before any worker starts (no torch import: well under a second); a bad field,
+# value or file prints one line and exits 2 (exit codes: README, "Exit codes").
+"$PYTHON" -m torchtitan_clt.config.check "${args[@]}" || exit $?
+
 NGPU=${NGPU:-1}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -43,6 +50,8 @@ export PYTHONUNBUFFERED=1
 # pages in again; raising the thresholds keeps them mapped (a large win for CPU training).
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NGPU" "${rdzv[@]}" \
+# torchtitan_clt.tools.launch is torchrun (same options) that exits with the worker's code without
+# a traceback and forwards SIGTERM / SIGUSR1 to the workers, which save and exit with 75.
+exec "$PYTHON" -m torchtitan_clt.tools.launch --nproc-per-node "$NGPU" "${rdzv[@]}" \
   --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
   -m torchtitan_clt.train "${args[@]}"

@@ -143,4 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torchtitan_clt.tools.exit_codes import user_errors
+
+    with user_errors("eval"):  # a missing or damaged input: one line, exit 2
+        sys.exit(main())

@@ -127,4 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torchtitan_clt.tools.exit_codes import user_errors
+
+    with user_errors("eval_conversion"):  # a missing or damaged input: one line, exit 2
+        sys.exit(main())

@@ -40,7 +40,8 @@ def main() -> None:
                 f"({time.perf_counter() - t0:.1f} s)"
             )
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # exit codes: torchtitan_clt/tools/exit_codes.py
 
 
 if __name__ == "__main__":

@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
             dist.init_process_group("gloo", timeout=timedelta(hours=24))  # only for the final barrier
         meta = write_activation_cache(cfg, out, rows, args.shard_rows, args.dtype, device, rank, world)
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # exit codes: torchtitan_clt/tools/exit_codes.py
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -159,6 +159,11 @@ def load_llm(
     if model_path.startswith("gguf:"):
         model_path = str(prepare_gguf(model_path))
     folder = local_folder(model_path)
+    if folder is None and model_path.startswith(("/", ".", "~")):
+        raise ConfigError(
+            f"data.model_path = {model_path!r}: no such folder. Give a local model folder, a Hugging "
+            "Face hub name, or gguf:<file>."
+        )
     if folder is not None and not (folder / "config.json").is_file():
         raise ConfigError(f"data.model_path = {model_path!r}: the folder has no config.json.")
     if folder is not None and not any((folder / f).is_file() for f in _WEIGHT_FILES):

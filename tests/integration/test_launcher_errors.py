@@ -1,0 +1,100 @@
+"""Every launcher path gives one line and exit code 2 for a bad config or input, never a traceback:
+``run_train.sh`` on one process, on two, and as two "nodes"; the scripts with ``--config FILE``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG = "train_configs/debug_model.toml"
+
+
+def _env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, **extra)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, *args, **env):
+    cmd = ["./run_train.sh", "--config", DEBUG, f"--job.dump_folder={tmp_path}", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _done(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def _assert_one_message(text: str, needle: str) -> None:
+    assert needle in text, text[-3000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+
+
+def test_bad_field_stops_before_torchrun_starts(tmp_path):
+    t0 = time.perf_counter()
+    rc, text = _done(_launch(tmp_path, "--model.features=3"))
+    took = time.perf_counter() - t0
+    assert rc == 2
+    _assert_one_message(text, "Unknown field in [model] 'features'. Did you mean 'features_per_layer'?")
+    assert text.count("\n") == 1  # that line and nothing else: no worker was started
+    print(f"config check: {took:.2f} s")
+
+
+def test_worker_side_error_on_two_processes_is_one_line(tmp_path):
+    # A family name is checked in the worker (it needs the registry): still one line, exit 2.
+    rc, text = _done(_launch(tmp_path, "--model.name=nosuch", NGPU="2"))
+    assert rc == 2
+    _assert_one_message(text, "model.name = 'nosuch' is not a registered model family")
+
+
+def test_two_nodes_both_exit_2_without_traceback(tmp_path):
+    port = str(_free_port())
+    procs = [
+        _launch(tmp_path, "--data.dataset=/no/such/file.txt", NGPU="1", NNODES="2", NODE_RANK=str(r),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_ID=f"t{port}")
+        for r in range(2)
+    ]  # fmt: skip
+    results = [_done(p) for p in procs]
+    assert [rc for rc, _ in results] == [2, 2], results
+    for _, text in results:
+        assert "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+    assert "data.dataset = '/no/such/file.txt': no such file or folder" in results[0][1]
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("scripts/estimate_memory.py", ["--config", DEBUG, "--modle.k=3"]),
+        ("scripts/cache_activations.py", ["--config", DEBUG, "--modle.k=3", "--out", "{tmp}/cache"]),
+    ],
+)
+def test_scripts_take_config_and_stop_with_one_line(tmp_path, script, args):
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    _assert_one_message(r.stdout + r.stderr, "Unknown config section 'modle'")
+
+
+@pytest.mark.parametrize(
+    "script, args, needle",
+    [
+        ("scripts/eval_conversion.py", ["{tmp}/nope"], "is neither a checkpoint"),
+        ("scripts/prepare_model.py", ["{tmp}/nope"], "no such folder"),
+    ],
+)
+def test_scripts_name_a_missing_input(tmp_path, script, args, needle):
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    _assert_one_message(r.stdout + r.stderr, needle)

@@ -1,0 +1,36 @@
+"""Exit codes of the trainer, the launcher and the scripts (README, "Exit codes").
+
+0   done
+1   a bug or an unexpected failure: the traceback says where
+2   the config, a file the run reads (data, activation cache, checkpoint, export) or the disk: a
+    one-line message names the field or the path and the fix; nothing was lost
+3   training cannot go on (non-finite loss or activations): the message names the step and cause
+75  stopped by SIGTERM / SIGUSR1 (preemption, SLURM's ``--signal``) after saving a checkpoint at
+    the step it reached: relaunch the same command to resume (75 is sysexits' EX_TEMPFAIL)
+128+N  a second signal N ended the run at once, without saving
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+OK = 0
+BUG = 1
+USER_ERROR = 2
+TRAINING_ERROR = 3
+PREEMPTED = 75
+
+
+@contextlib.contextmanager
+def user_errors(prog: str = "error") -> Iterator[None]:
+    """For scripts: a ``ConfigError`` / ``InputError`` (or a missing file) becomes one line on
+    stderr and exit code 2, not a traceback."""
+    from torchtitan_clt.config.manager import ConfigError
+
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        sys.exit(USER_ERROR)
