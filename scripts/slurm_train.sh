@@ -10,6 +10,11 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --output=slurm-%x-%j.out
+# Two minutes before the time limit SLURM sends USR1 to this script (B:), which forwards it to the
+# training: it finishes its step, saves a checkpoint and exits with 75; the job is then requeued
+# and the same command resumes from that checkpoint. Raise 120 if a checkpoint takes longer.
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
 set -euo pipefail
 
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
@@ -33,6 +38,22 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 echo "torchtitan_clt: $NNODES nodes × $NGPU GPUs, rendezvous $MASTER_ADDR:$MASTER_PORT (job $SLURM_JOB_ID)"
-# One srun task per node; SLURM_NODEID is that node's rank.
+# One srun task per node; SLURM_NODEID is that node's rank. srun runs in the background so that
+# this shell can take SLURM's signal and pass it on (srun forwards it to every task).
 srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-  bash -c 'NODE_RANK=$SLURM_NODEID exec "'"$ROOT"'/run_train.sh" "$@"' _ "$@"
+  bash -c 'NODE_RANK=$SLURM_NODEID exec "'"$ROOT"'/run_train.sh" "$@"' _ "$@" &
+srun_pid=$!
+forward() { echo "torchtitan_clt: got $1, asking the run to save and stop"; kill -"$1" "$srun_pid" 2>/dev/null || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+rc=0
+# `wait` returns early (> 128) when a trapped signal arrives: wait again until srun has ended.
+while true; do
+  wait "$srun_pid" && rc=0 || rc=$?
+  kill -0 "$srun_pid" 2>/dev/null || break
+done
+if [[ $rc == 75 ]]; then  # stopped by the signal after saving (exit codes: README)
+  echo "torchtitan_clt: checkpoint saved; requeueing job $SLURM_JOB_ID to resume"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

@@ -22,7 +22,7 @@ from torchtitan_clt.components.standardization import (
     init_b_dec_from_mean,
     resolve_b_dec_init,
 )
-from torchtitan_clt.config import ConfigError, JobConfig, help_text, load_config, to_toml
+from torchtitan_clt.config import ConfigError, InputError, JobConfig, help_text, load_config, to_toml
 from torchtitan_clt.data.source import SourceContext
 from torchtitan_clt.distributed.loss import build_loss_fn_for_mesh
 from torchtitan_clt.distributed.utils import check_config_consistent, init_distributed
@@ -35,8 +35,10 @@ from torchtitan_clt.protocols import (
     import_custom_modules,
 )
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
+from torchtitan_clt.tools.guards import all_finite, describe_nonfinite
 from torchtitan_clt.tools.logging import init_logger, logger
 from torchtitan_clt.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+from torchtitan_clt.tools.signals import Preempted, exit_now, stop_and_save, stop_on_signals
 from torchtitan_clt.tools.utils import device_from_config, set_determinism
 
 
@@ -164,6 +166,8 @@ class Trainer:
             f"{cfg.model.features_per_layer} features, d_in {src.d_in}, d_out {src.d_out}, "
             f"{n_params / 1e6:.1f} M parameters, device {self.device}, mesh {pd}"
         )
+        if hasattr(model, "decoder_path"):
+            logger.info(f"decoder: {model.decoder_path()}")
 
         self.forward = torch.compile(model.forward_std) if t.compile else model.forward_std
         self.optimizers = build_optimizer(model, cfg)
@@ -245,11 +249,15 @@ class Trainer:
         x, y = self.source.next_batch(self.micro_batch)  # [B, L, d_in], [B, L, d_out] raw
         self.data_wait_s += time.perf_counter() - t0
         m = self.model
+        batch_ok = all_finite(x, y)  # read with the loss check: no extra device sync
         xs, ys = m.standardize_in(x), m.standardize_out(y)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = self.forward(xs)
             loss, terms = self.loss_fn(m, out, ys, step)
-        if not torch.isfinite(loss):
+        if not bool(torch.isfinite(loss) & batch_ok):
+            if not bool(batch_ok):
+                src = self.source
+                raise TrainingError(describe_nonfinite(step, x, y, src.layers, src.hook_in, src.hook_out))
             bad = [k for k, v in terms.items() if not torch.isfinite(v)]
             raise TrainingError(
                 f"Non-finite loss at step {step}: {loss.item()} (non-finite terms: {', '.join(bad) or 'none'}; "
@@ -296,7 +304,7 @@ class Trainer:
         self.metrics.reset_timer(ts.step, ts.tokens)
         with maybe_enable_profiling(cfg, self.run_folder, ts.step) as profiler, maybe_enable_memory_snapshot(
             cfg, self.run_folder, ts.step
-        ) as mem_snapshot:
+        ) as mem_snapshot, stop_on_signals() as stop:
             while ts.step < t.steps:
                 ts.step += 1
                 step = ts.step
@@ -316,6 +324,8 @@ class Trainer:
                     profiler.step()
                 if mem_snapshot is not None:
                     mem_snapshot.step()
+                if (signum := stop.agreed()) and step < t.steps:  # SIGTERM / SIGUSR1 on any rank
+                    stop_and_save(self, step, stop, signum)
         self._finish()
         return last
 
@@ -444,12 +454,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv)
         trainer = Trainer(cfg)
         trainer.train()
+    except InputError as e:  # exit codes: tools/exit_codes.py
+        logger.error(f"Input error: {e}")
+        return 2
     except ConfigError as e:
         logger.error(f"Config error: {e}")
         return 2
     except TrainingError as e:
         logger.error(str(e))
         return 3
+    except Preempted as e:
+        logger.warning(str(e))
+        return 75
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -457,4 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 75:  # preempted, checkpoint written: skip the interpreter's slow teardown
+        exit_now(code)
+    sys.exit(code)

@@ -86,7 +86,7 @@ def test_missing_config_file(tmp_path, caplog):
     assert "does not exist" in caplog.text
 
 
-def test_nan_loss_stops_with_step_and_term(tmp_path, caplog):
+def test_nan_data_stops_with_step_and_layer(tmp_path, caplog):
     rc = _run(
         tmp_path,
         f"--job.custom_import={CUSTOM}",
@@ -97,7 +97,8 @@ def test_nan_loss_stops_with_step_and_term(tmp_path, caplog):
         "--checkpoint.enable=false",
     )
     assert rc == 3
-    assert "Non-finite loss at step 4" in caplog.text and "recon" in caplog.text
+    # The batch is checked before the loss: the message names the tensor and the layers.
+    assert "Non-finite activations at step 4: targets (mlp_out) at layer 0" in caplog.text
 
 
 def test_nan_activations_during_standardization_stop_cleanly(tmp_path, caplog):
