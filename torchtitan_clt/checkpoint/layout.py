@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from torchtitan_clt.config.manager import InputError
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 META_FILE = "meta.json"
@@ -40,13 +42,13 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path,
     path = Path(path)
     if (path / META_FILE).is_file():
         if step is not None and json.loads((path / META_FILE).read_text())["step"] != step:
-            raise ValueError(
+            raise InputError(
                 f"{path} holds step {json.loads((path / META_FILE).read_text())['step']}, not {step}."
             )
         run = path.parent.parent
         return path, run if (run / "config.toml").is_file() else None
     if TMP_DIR.match(path.name):
-        raise ValueError(f"{path} is an incomplete checkpoint (the save was interrupted); use another step.")
+        raise InputError(f"{path} is an incomplete checkpoint (the save was interrupted); use another step.")
     if not (path / "config.toml").is_file():
         raise FileNotFoundError(
             f"{path} is neither a checkpoint (step-N folder with {META_FILE}) nor a run folder (with config.toml)."
@@ -61,5 +63,5 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path,
     if step is None:
         step = done[-1]
     if step not in done:
-        raise ValueError(f"no complete checkpoint of step {step} in {folder} (complete: {done}).")
+        raise InputError(f"no complete checkpoint of step {step} in {folder} (complete: {done}).")
     return checkpoint_path(folder, step), path

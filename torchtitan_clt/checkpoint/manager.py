@@ -13,7 +13,10 @@ Layout: ``<run>/<checkpoint.folder>/step-N/`` holding
 A checkpoint is complete only when fully written: everything goes into ``step-N.tmp/``, which rank
 0 renames to ``step-N/`` after every rank finished (DCP's save ends with a gather, so rank 0's save
 returning means all ranks' files are written). A ``.tmp`` left by a killed process is skipped with
-a warning and removed by the next save.
+a warning and removed by the next save. ``files.json`` (``integrity``) lists what was written; a
+checkpoint that no longer matches it, or fails to load, is reported and the next older complete
+one is loaded instead. A save that fails (a full disk) removes its ``.tmp`` and stops the run with
+an ``InputError``; the checkpoints before it are untouched.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchtitan_clt.checkpoint import integrity
+from torchtitan_clt.checkpoint.integrity import Damaged, reason
 from torchtitan_clt.checkpoint.layout import (  # noqa: F401  (list_checkpoints: public here too)
     META_FILE,
     STATES_DIR,
@@ -45,7 +51,7 @@ from torchtitan_clt.checkpoint.layout import (  # noqa: F401  (list_checkpoints:
     resolve_checkpoint,
 )
 from torchtitan_clt.checkpoint.stateful import ModelWrapper, OptimizerWrapper, RNGState  # noqa: F401
-from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.config.manager import ConfigError, InputError
 from torchtitan_clt.tools.logging import logger
 
 try:
@@ -175,6 +181,14 @@ class CheckpointManager:
             tmp.mkdir(parents=True, exist_ok=False)
         _barrier()
 
+        try:
+            self._write(step, tmp, t0)
+        except (OSError, CheckpointException) as e:
+            self._abandon(step, tmp, e)
+        self._last_saved = step
+        return True
+
+    def _write(self, step: int, tmp: Path, t0: float) -> None:
         dcp_sd, blobs = self._split_states()
         meta = self._write_blobs(tmp, blobs)
         meta.update(
@@ -218,8 +232,20 @@ class CheckpointManager:
                 checkpoint_path(self.folder, step),
                 time.perf_counter() - t0,
             )
-        self._last_saved = step
-        return True
+
+    def _abandon(self, step: int, tmp: Path, err: BaseException) -> None:
+        """A save failed (e.g. ENOSPC): remove its partial folder, keep every complete one, stop."""
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        done, _ = list_checkpoints(self.folder)
+        keep = (
+            f"the previous checkpoint (step {done[-1]}) is intact" if done else "no earlier checkpoint exists"
+        )
+        raise InputError(
+            f"checkpoint: writing step {step} to {tmp} failed ({reason(err)}); the partial folder was "
+            f"removed and {keep}. Free space on that disk (or lower checkpoint.keep_latest_k, or set "
+            "checkpoint.folder elsewhere) and relaunch the same command to resume."
+        ) from err
 
     def wait(self) -> None:
         """Block until the background save (if any) is written and committed."""
@@ -227,7 +253,10 @@ class CheckpointManager:
             return
         fut, step = self._pending, self._pending_step
         self._pending = self._pending_step = None
-        fut.result()  # re-raises a failed write
+        try:
+            fut.result()  # re-raises a failed write
+        except (OSError, CheckpointException) as e:
+            self._abandon(step, self.folder / f"step-{step}.tmp", e)
         _barrier()
         logger.info("checkpoint: background save of step %d finished", step)
 
@@ -311,6 +340,7 @@ class CheckpointManager:
             logger.warning("checkpoint: %s=%s, sleeping before the commit", SLEEP_ENV, delay)
             time.sleep(delay)
         tmp, final = self.folder / f"step-{step}.tmp", checkpoint_path(self.folder, step)
+        integrity.write_manifest(tmp)
         old = None
         if final.exists():  # the same step saved again (e.g. after --checkpoint.load_step)
             old = final.with_name(f"step-{step}.replaced")
@@ -367,19 +397,54 @@ class CheckpointManager:
                 logger.info("checkpoint: none found in %s, starting from step 0", self.folder)
                 return None
             step = done[-1]
+            return self._load_latest_intact(done)
         elif step not in done:
             raise ConfigError(
                 f"checkpoint.load_step={step}: no complete checkpoint of that step in {self.folder} "
                 f"(complete: {done or 'none'}); pick one of them or -1 for the latest."
             )
-        self._load_from(checkpoint_path(self.folder, step))
+        try:
+            self._load_from(checkpoint_path(self.folder, step))
+        except Damaged as e:
+            raise InputError(
+                f"checkpoint {checkpoint_path(self.folder, step)} (checkpoint.load_step={step}) is "
+                f"damaged: {e}. Pick another step (complete: {done}) or -1 for the latest intact one."
+            ) from e
         self._last_saved = step
         return step
 
+    def _load_latest_intact(self, done: list[int]) -> int:
+        """Load the newest complete checkpoint that is not damaged, saying which were skipped."""
+        for i in range(len(done) - 1, -1, -1):
+            path = checkpoint_path(self.folder, done[i])
+            try:
+                self._load_from(path)
+            except Damaged as e:
+                if i == 0:
+                    raise InputError(
+                        f"checkpoint {path} is damaged ({e}) and no older complete checkpoint is left in "
+                        f"{self.folder}: restore it from a copy, or start over with --checkpoint.fresh_start=true "
+                        "(which moves the folder aside)."
+                    ) from e
+                logger.warning(
+                    "checkpoint: %s is damaged (%s); falling back to step %d. It is left in place for "
+                    "inspection (a new save of step %d replaces it)",
+                    path,
+                    e,
+                    done[i - 1],
+                    done[i],
+                )
+                continue
+            self._last_saved = done[i]
+            return done[i]
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _load_from(self, path: Path) -> None:
         t0 = time.perf_counter()
+        problem = self._agree(integrity.check(path))
+        if problem:
+            raise Damaged(problem)
         meta = json.loads((path / META_FILE).read_text())
-        same_world = meta["world_size"] == _world()
         dcp_keys = [k for k in self.states if k in meta["dcp_keys"]]
         missing = [
             k for k in self.states if k not in meta["dcp_keys"] + meta["shared_keys"] + meta["per_rank_keys"]
@@ -390,44 +455,29 @@ class CheckpointManager:
                 "it was written by a different setup: start fresh with --checkpoint.fresh_start=true."
             )
         self._check_model_args(meta, path)
+        # Every pickled state is read before anything is loaded, so a damaged file leaves the
+        # run's states as they were and the fallback loads an older checkpoint into clean ones.
+        try:
+            blobs, problem = self._read_blobs(path, meta), None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is damage
+            blobs, problem = {}, f"a states/ file does not read ({reason(e)})"
+        if problem := self._agree(problem):
+            raise Damaged(problem)
         if dcp_keys:
             # dcp.load calls state_dict() of each Stateful for the template, loads into it in
             # place (resharding to the current mesh), then calls load_state_dict().
-            with _quiet_dcp():
-                dcp.load(
-                    {k: self.states[k] for k in dcp_keys}, checkpoint_id=str(path), no_dist=not _dist_on()
-                )
-        for key in self.states:
-            if key in meta["shared_keys"]:
-                file = path / STATES_DIR / f"{key}.pt"
-            elif key in meta["per_rank_keys"]:
-                if not same_world and hasattr(self.states[key], "load_state_dict_from_ranks"):
-                    # The state knows how to merge every old rank's copy (e.g. per-rank data
-                    # positions re-split over the new ranks).
-                    sds = [
-                        torch.load(
-                            io.BytesIO((path / STATES_DIR / f"{key}.rank{r}.pt").read_bytes()),
-                            map_location="cpu",
-                            weights_only=False,
-                        )
-                        for r in range(meta["world_size"])
-                    ]
-                    self.states[key].load_state_dict_from_ranks(sds)
-                    continue
-                if not same_world:
-                    msg = (
-                        f"checkpoint state {key!r} differed between the {meta['world_size']} ranks "
-                        f"that saved it, so it cannot resume on {_world()} ranks"
+            try:
+                with _quiet_dcp():
+                    dcp.load(
+                        {k: self.states[k] for k in dcp_keys}, checkpoint_id=str(path), no_dist=not _dist_on()
                     )
-                    if key in RANK_LOCAL_OK:
-                        logger.warning("%s; keeping this process's current %s", msg, key)
-                        continue
-                    raise ConfigError(msg + ": resume with the same number of ranks, or start fresh.")
-                file = path / STATES_DIR / f"{key}.rank{_rank()}.pt"
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises on every rank
+                raise Damaged(f"the model / optimizer shards do not load ({reason(e)})") from e
+        for key, (kind, sd) in blobs.items():
+            if kind == "ranks":
+                self.states[key].load_state_dict_from_ranks(sd)
             else:
-                continue
-            sd = torch.load(io.BytesIO(file.read_bytes()), map_location="cpu", weights_only=False)
-            self.states[key].load_state_dict(sd)
+                self.states[key].load_state_dict(sd)
         logger.info(
             "checkpoint: loaded step %d from %s in %.2fs (saved on %d ranks)",
             meta["step"],
@@ -435,3 +485,41 @@ class CheckpointManager:
             time.perf_counter() - t0,
             meta["world_size"],
         )
+
+    def _read_blobs(self, path: Path, meta: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+        """key -> ("one", state dict) or ("ranks", every old rank's copy), read from ``states/``."""
+
+        def read(name: str) -> Any:
+            return torch.load(
+                io.BytesIO((path / STATES_DIR / name).read_bytes()), map_location="cpu", weights_only=False
+            )
+
+        same_world = meta["world_size"] == _world()
+        out: dict[str, tuple[str, Any]] = {}
+        for key in self.states:
+            if key in meta["shared_keys"]:
+                out[key] = ("one", read(f"{key}.pt"))
+            elif key in meta["per_rank_keys"]:
+                if same_world:
+                    out[key] = ("one", read(f"{key}.rank{_rank()}.pt"))
+                elif hasattr(self.states[key], "load_state_dict_from_ranks"):
+                    # The state knows how to merge every old rank's copy (e.g. per-rank data
+                    # positions re-split over the new ranks).
+                    out[key] = ("ranks", [read(f"{key}.rank{r}.pt") for r in range(meta["world_size"])])
+                else:
+                    msg = (
+                        f"checkpoint state {key!r} differed between the {meta['world_size']} ranks "
+                        f"that saved it, so it cannot resume on {_world()} ranks"
+                    )
+                    if key not in RANK_LOCAL_OK:
+                        raise ConfigError(msg + ": resume with the same number of ranks, or start fresh.")
+                    logger.warning("%s; keeping this process's current %s", msg, key)
+        return out
+
+    def _agree(self, problem: str | None) -> str | None:
+        """The first rank's problem, on every rank (all ranks fall back together)."""
+        if _world() == 1:
+            return problem
+        problems: list[str | None] = [None] * _world()
+        dist.all_gather_object(problems, problem, group=self._gloo)
+        return next((p for p in problems if p), None)

@@ -3,6 +3,8 @@
 Importing this package registers the built-in sources in ``data_source_registry``.
 """
 
+import warnings
+
 from torchtitan_clt.data.cache import CacheSource, build_cache_source
 from torchtitan_clt.data.cache_writer import write_activation_cache
 from torchtitan_clt.data.extraction import ActivationExtractor
@@ -40,3 +42,7 @@ __all__ = [
     "n_layers",
     "write_activation_cache",
 ]
+
+# torchdata's StatefulDataLoader calls the deprecated torch.set_vital each time a loader is built,
+# and torch warns about it (once per loader of a run): nothing a user can act on.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)

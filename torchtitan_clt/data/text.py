@@ -68,6 +68,14 @@ def _looks_like_path(name: str) -> bool:
 
 def local_files(name: str) -> list[str] | None:
     """Files named by a local file, folder or glob; ``None`` if ``name`` is not a local path."""
+    files = _local_files(name)
+    if files and all(os.path.getsize(f) == 0 for f in files):
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise ConfigError(f"data.dataset = {name!r}: every matching file is empty ({shown}); point it at the text.")
+    return files
+
+
+def _local_files(name: str) -> list[str] | None:
     path = os.path.expanduser(name)
     if os.path.isfile(path):
         return [path]
