@@ -187,9 +187,9 @@ class Drawn(Virtual):
         """Chunk c: fp32 [n] for the flat range [c·chunk, c·chunk + n)."""
         n = min(self.chunk, self.numel - c * self.chunk)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, f"{self.tag}/{c}"))
-        if self.dist == "uniform":
-            return torch.rand(n, generator=gen).mul_(2.0).sub_(1.0).mul_(self.scale)
-        return torch.randn(n, generator=gen).mul_(self.scale)
+        if self.dist == "uniform":  # one pass each: a + (b − a)·u, μ + σ·z
+            return torch.empty(n).uniform_(-self.scale, self.scale, generator=gen)
+        return torch.empty(n).normal_(0.0, self.scale, generator=gen)
 
     def chunks(self, box: Box):
         """(c, values, [(block, block ∩ box)]) for each chunk that meets ``box``, in order."""
