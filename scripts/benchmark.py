@@ -2,6 +2,9 @@
 
 Suites:
   train       training tokens/s of full trainer steps on synthetic activations (CLT, PLT, ...)
+  mesh        the same trainer on gloo meshes (1 process, dp_shard=2, tp=2) launched by torchrun on
+              this machine's cores, same global batch: tokens/s, time in collectives per step,
+              peak memory per rank, and scripts/estimate_memory.py's figure beside it
   extraction  activation extraction tokens/s vs a bare truncated forward of the same LLM
   kernels     the kernel suite (scripts/benchmark_kernels.py)
 
@@ -26,17 +29,27 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CASES = {
     # name: overrides (synthetic activations, one process)
     "clt_jumprelu_L6_d576_F2048": [
-        "--model.name=clt", "--model.activation=jumprelu", "--model.features_per_layer=2048",
-        "--data.synthetic_n_layers=6", "--data.synthetic_d_model=576",
+        "--model.name=clt",
+        "--model.activation=jumprelu",
+        "--model.features_per_layer=2048",
+        "--data.synthetic_n_layers=6",
+        "--data.synthetic_d_model=576",
     ],
     "clt_batchtopk_L6_d576_F2048_k16": [
-        "--model.name=clt", "--model.activation=batchtopk", "--model.k=16",
-        "--model.features_per_layer=2048", "--data.synthetic_n_layers=6", "--data.synthetic_d_model=576",
+        "--model.name=clt",
+        "--model.activation=batchtopk",
+        "--model.k=16",
+        "--model.features_per_layer=2048",
+        "--data.synthetic_n_layers=6",
+        "--data.synthetic_d_model=576",
         "--loss.sparsity=none",
     ],
     "plt_jumprelu_L6_d576_F2048": [
-        "--model.name=plt", "--model.activation=jumprelu", "--model.features_per_layer=2048",
-        "--data.synthetic_n_layers=6", "--data.synthetic_d_model=576",
+        "--model.name=plt",
+        "--model.activation=jumprelu",
+        "--model.features_per_layer=2048",
+        "--data.synthetic_n_layers=6",
+        "--data.synthetic_d_model=576",
     ],
 }
 
@@ -113,6 +126,154 @@ def trainer_steps(trainer, n: int) -> None:
         torch.cuda.synchronize()
 
 
+# name: (overrides, global batch, timed steps, layouts); synthetic activations, CLT BatchTopK
+MESH_CASES = {
+    "clt_batchtopk_all_L6_d576_F4096_k16": (
+        ["--model.features_per_layer=4096", "--model.k=16", "--data.synthetic_n_layers=6",
+         "--data.synthetic_d_model=576"],
+        512, 8, ["1", "dp_shard2", "tp2"],
+    ),
+    "clt_batchtopk_all_L12_d768_F8192_k32": (
+        ["--model.features_per_layer=8192", "--model.k=32", "--data.synthetic_n_layers=12",
+         "--data.synthetic_d_model=768"],
+        256, 6, ["1", "dp_shard2"],
+    ),
+}  # fmt: skip
+MESH_COMMON = [
+    "--model.name=clt", "--model.activation=batchtopk", "--model.batchtopk_scope=all",
+    "--loss.sparsity=none", "--training.device=cpu",
+]  # fmt: skip
+MESH_LAYOUTS = {  # name: (processes, overrides)
+    "1": (1, []),
+    "dp_shard2": (2, ["--parallelism.dp_shard=2", "--parallelism.tp=1"]),
+    "tp2": (2, ["--parallelism.dp_shard=1", "--parallelism.tp=2"]),
+}
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def mesh_worker(steps: int, batch_size: int, overrides: list[str], out: Path) -> None:
+    """One rank of a mesh benchmark (run under torchrun): warm-up, then ``steps`` timed steps."""
+    import os
+    import statistics
+
+    import torch.distributed as dist
+
+    from torchtitan_clt.tools.comm_timer import CommTimer
+
+    rss_start = _peak_rss_gib()
+    if True:  # every rank must resolve the same config: the run folder is the parent's
+        tmp = out / "run"
+        from torchtitan_clt.config import load_config
+        from torchtitan_clt.train import Trainer
+
+        cfg = load_config(
+            [
+                "--data.source=synthetic", f"--job.dump_folder={tmp}", f"--training.steps={steps + 2}",
+                f"--training.batch_size={batch_size}", "--checkpoint.enable=false", "--checkpoint.export=false",
+                "--metrics.enable_tensorboard=false", f"--metrics.log_freq={10**6}", *overrides,
+            ]
+        )  # fmt: skip
+        trainer = Trainer(cfg)
+        trainer_steps(trainer, 2)  # warm-up: allocation, lazy init, optimizer state
+        times, comm = [], []
+        with CommTimer() as timer:
+            for _ in range(steps):
+                timer.reset()
+                t0 = time.perf_counter()
+                trainer_steps(trainer, 1)
+                times.append(time.perf_counter() - t0)
+                comm.append(timer.total())
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        result = {
+            "rank": rank,
+            "s_per_step": statistics.median(times),
+            "step_times_s": times,
+            "comm_s_per_step": statistics.median(comm),
+            "peak_rss_gib": _peak_rss_gib(),
+            "rss_before_build_gib": rss_start,
+            "threads": torch.get_num_threads(),
+            "decoder_path": trainer.model.decoder_path() if hasattr(trainer.model, "decoder_path") else "",
+        }
+        trainer.metrics.close()
+        trainer.source.close()
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown of gloo threads
+
+
+def bench_mesh(case: str, rounds: int) -> dict:
+    """Every layout of ``case`` launched ``rounds`` times in turn (1, dp, tp, 1, dp, tp, ...)."""
+    import os
+    import statistics
+
+    overrides, batch, steps, layouts = MESH_CASES[case]
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "4294967296"),
+        MALLOC_TRIM_THRESHOLD_=os.environ.get("MALLOC_TRIM_THRESHOLD_", "4294967296"),
+    )  # what run_train.sh sets
+    runs: dict[str, list[list[dict]]] = {name: [] for name in layouts}
+    for _ in range(rounds):
+        for name in layouts:
+            n, mesh = MESH_LAYOUTS[name]
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [
+                    sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                    str(ROOT / "scripts" / "benchmark.py"), "--mesh-worker", f"--out={tmp}",
+                    f"--steps={steps}", f"--batch-size={batch}",
+                    *[f"--override={o}" for o in MESH_COMMON + overrides + mesh],
+                ]  # fmt: skip
+                r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                if r.returncode != 0:
+                    runs[name].append([{"error": r.stderr[-3000:], "returncode": r.returncode}])
+                    continue
+                runs[name].append([json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))])
+    out = {"case": case, "overrides": MESH_COMMON + overrides, "batch_size": batch, "steps": steps}
+    rows = {}
+    for name, launches in runs.items():
+        ok = [ranks for ranks in launches if "error" not in ranks[0]]
+        if not ok:
+            rows[name] = {"error": launches[0][0]["error"]}
+            continue
+        step_s = statistics.median(max(r["s_per_step"] for r in ranks) for ranks in ok)
+        rows[name] = {
+            "processes": MESH_LAYOUTS[name][0],
+            "s_per_step": step_s,
+            "tokens_per_s": batch / step_s,
+            "comm_s_per_step": statistics.median(max(r["comm_s_per_step"] for r in ranks) for ranks in ok),
+            "peak_rss_gib_per_rank": max(r["peak_rss_gib"] for ranks in ok for r in ranks),
+            "decoder_path": ok[0][0]["decoder_path"],
+            "launches": ok,
+            "estimate_gib_per_rank": _estimate_gib(MESH_COMMON + overrides + MESH_LAYOUTS[name][1], batch),
+        }
+    one = rows.get("1", {}).get("tokens_per_s")
+    for row in rows.values():
+        if one and "tokens_per_s" in row:
+            row["vs_one_process"] = row["tokens_per_s"] / one
+            row["compute_s_per_step"] = row["s_per_step"] - row["comm_s_per_step"]
+    out["layouts"] = rows
+    return out
+
+
+def _estimate_gib(overrides: list[str], batch: int) -> float:
+    """scripts/estimate_memory.py's per-rank total for the same config (on this CPU machine)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from estimate_memory import GiB, estimate
+
+    from torchtitan_clt.config import load_config
+
+    cfg = load_config(["--data.source=synthetic", f"--training.batch_size={batch}", *overrides])
+    p = cfg.parallelism
+    return estimate(cfg, p.dp_replicate * max(p.dp_shard, 1) * p.tp)["total"] / GiB
+
+
 def bench_extraction(model_path: str, layers: list[int], seq_len: int, batch: int, n_batches: int) -> dict:
     from torchtitan_clt.data.bench import bench_extraction as run
 
@@ -121,7 +282,10 @@ def bench_extraction(model_path: str, layers: list[int], seq_len: int, batch: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["train", "extraction", "kernels", "all"], default="train")
+    ap.add_argument("--suite", choices=["train", "mesh", "extraction", "kernels", "all"], default="train")
+    ap.add_argument("--mesh-cases", nargs="*", default=list(MESH_CASES))
+    ap.add_argument("--rounds", type=int, default=2, help="mesh: launches of each layout, alternated")
+    ap.add_argument("--mesh-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--cases", nargs="*", default=list(TRAIN_CASES))
@@ -145,6 +309,9 @@ def main() -> None:
         "False) of the same trainer, and report both",
     )
     args = ap.parse_args()
+    if args.mesh_worker:
+        mesh_worker(args.steps, args.batch_size, args.override, Path(args.out))
+        return
 
     result: dict = {
         "host": platform.node(),
@@ -158,11 +325,26 @@ def main() -> None:
             bench_train(c, args.steps, args.batch_size, args.override, args.compare_dense) for c in args.cases
         ]
         for r in result["train"]:
-            print(f"train {r['case']:40s} {r['tokens_per_s']:10.0f} tokens/s  {r['s_per_step']*1e3:8.1f} ms/step")
+            print(
+                f"train {r['case']:40s} {r['tokens_per_s']:10.0f} tokens/s  {r['s_per_step'] * 1e3:8.1f} ms/step"
+            )
             if "dense_activations_tokens_per_s" in r:
                 print(
                     f"      {'(dense activations)':40s} {r['dense_activations_tokens_per_s']:10.0f} tokens/s  "
                     f"sparse speed-up {r['sparse_speedup']:.2f}x"
+                )
+    if args.suite in ("mesh", "all"):
+        result["mesh"] = [bench_mesh(c, args.rounds) for c in args.mesh_cases]
+        for case in result["mesh"]:
+            for name, row in case["layouts"].items():
+                if "error" in row:
+                    print(f"mesh {case['case']} {name}: FAILED\n{row['error']}")
+                    continue
+                print(
+                    f"mesh {case['case']:38s} {name:10s} {row['tokens_per_s']:8.0f} tokens/s "
+                    f"({row.get('vs_one_process', 0):.2f}x one process), comm {row['comm_s_per_step'] * 1e3:6.0f} "
+                    f"ms/step, peak {row['peak_rss_gib_per_rank']:.2f} GiB/rank (estimate "
+                    f"{row['estimate_gib_per_rank']:.2f})"
                 )
     if args.suite in ("extraction", "all"):
         layers = [int(v) for v in args.layers.split(",") if v]
@@ -171,7 +353,9 @@ def main() -> None:
         print("extraction", json.dumps(r))
     if args.suite in ("kernels", "all"):
         out = Path(tempfile.mkdtemp()) / "kernels.json"
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_kernels.py"), "--out", str(out)], check=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "benchmark_kernels.py"), "--out", str(out)], check=True
+        )
         result["kernels"] = json.loads(out.read_text())
     text = json.dumps(result, indent=2)
     if args.out:

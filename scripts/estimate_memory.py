@@ -28,6 +28,7 @@ from torchtitan_clt.config import load_config  # noqa: E402
 from torchtitan_clt.distributed.parallel_dims import ParallelDims  # noqa: E402
 from torchtitan_clt.protocols import model_registry  # noqa: E402
 from torchtitan_clt.protocols.transcoder import TranscoderArgs  # noqa: E402
+from torchtitan_clt.tools.exit_codes import user_errors  # noqa: E402
 
 GiB = 2**30
 # Configs of well-known LLMs, so that the estimate works offline (values from their config.json).
@@ -45,9 +46,13 @@ KNOWN_LLMS = {
         num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
     ),
 }  # fmt: skip
-# Live tensors of shape [micro-batch, L, F/tp] at the peak of forward+backward (pre-activations,
-# activations, the loss's fp32 products, their gradients); fp32 each. Conservative.
-LIVE_FEATURE_TENSORS = 6
+# Live tensors of shape [micro-batch, L, F/tp] at the peak of forward+backward, fp32 each. Dense
+# activations: pre-activations, activations, the loss's products and their gradients. The sparse
+# step keeps the pre-activations and the dense activations (metrics, dead features), and a term
+# that reads h (AuxK, pre-activation loss) adds its gradient and one merged copy in backward.
+LIVE_FEATURE_TENSORS = {"dense": 6, "sparse": 4}
+# The interpreter, torch and the libraries before anything is built (measured peak RSS, CPU).
+CPU_RUNTIME_BYTES = int(0.3 * 2**30)
 H100_GIB = 79.0
 
 
@@ -117,6 +122,16 @@ def sharded_numel(model: torch.nn.Module, plan: dict, tp: int, fsdp: int) -> tup
     return per_gpu, tp_local
 
 
+def decoder_path(model: torch.nn.Module, dims: ParallelDims) -> str:
+    """What the training forward would run on this mesh (the model's own words)."""
+    from torchtitan_clt.protocols.transcoder import MeshGroups
+
+    if not hasattr(model, "decoder_path"):
+        return "dense"
+    model.set_mesh_groups(MeshGroups(batch_scale=dims.dp_degree, feature_shards=dims.tp))
+    return model.decoder_path()
+
+
 def estimate(cfg, ngpu: int) -> dict:
     p = cfg.parallelism
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, ngpu)
@@ -133,6 +148,7 @@ def estimate(cfg, ngpu: int) -> dict:
     )
     with torch.device("meta"):
         model = model_registry.get(m.name).build_fn(args)
+    path = decoder_path(model, dims)
     n_params = sum(q.numel() for q in model.parameters())
     per_gpu, tp_local = sharded_numel(model, tp_plan(m.name), tp, dims.dp_shard)
     gpu = torch.cuda.is_available() or t.device != "cpu"
@@ -144,13 +160,14 @@ def estimate(cfg, ngpu: int) -> dict:
     rows["AdamW m, v (fp32)"] = 8 * per_gpu
     if dims.fsdp_enabled:
         # FSDP gathers this GPU's tp shard for forward/backward, and holds unsharded grads until
-        # the reduce-scatter: one dictionary unit, so the whole tp shard at once.
+        # the reduce-scatter: one dictionary unit, so the whole tp shard at once; the
+        # reduce-scatter copies the unsharded grads into one flat input buffer (fp32 reduction).
         rows["FSDP gathered params + grads"] = 2 * compute_bytes * tp_local
+        rows["FSDP reduce-scatter input"] = 4 * tp_local
     elif compute_bytes == 2:
         rows["autocast bf16 weight copies"] = 2 * tp_local
-    rows[f"activations [B={B}, L, F/tp] x{LIVE_FEATURE_TENSORS}"] = (
-        LIVE_FEATURE_TENSORS * 4 * B * L * (F // tp)
-    )
+    live = LIVE_FEATURE_TENSORS["sparse" if path.startswith("sparse") else "dense"]
+    rows[f"activations [B={B}, L, F/tp] x{live}"] = live * 4 * B * L * (F // tp)
     rows["batch x, y, y_hat, grad (fp32)"] = 4 * 4 * B * L * d_model
     llm_bytes = 2 if gpu else 4
     if llm is not None:
@@ -165,6 +182,8 @@ def estimate(cfg, ngpu: int) -> dict:
         buf = d.buffer_tokens * L * 2 * d_model * llm_bytes
         if buf_dev == "cuda":
             rows["shuffle buffer (on GPU)"] = buf
+    if not gpu:
+        rows["runtime (interpreter, torch)"] = CPU_RUNTIME_BYTES
     total = sum(rows.values())
     # FLOPs per training token (multiply-add = 2). Weight gradients double the forward; inputs
     # need no gradient, so the encoder costs 2x its forward and the decoder 3x (dacts + dW).
@@ -183,7 +202,7 @@ def estimate(cfg, ngpu: int) -> dict:
         flops["LLM extraction (fwd, truncated)"] = 2 * llm["params"] * llm["used_frac"]
     return {
         "dims": dims, "n_params": n_params, "per_gpu": per_gpu, "rows": rows, "total": total,
-        "flops": flops, "L": L, "d": d_model, "F": F, "B": B, "llm": llm,
+        "flops": flops, "L": L, "d": d_model, "F": F, "B": B, "llm": llm, "decoder_path": path,
         "buffer_cpu": (d.buffer_tokens * L * 2 * d_model * llm_bytes) if llm is not None else 0,
     }  # fmt: skip
 
@@ -194,6 +213,7 @@ def report(cfg, est: dict) -> str:
         f"{cfg.model.name} / {cfg.model.activation}: L={est['L']} d={est['d']} F={est['F']} "
         f"({est['L'] * est['F'] / 1e6:.2f} M features), {est['n_params'] / 1e9:.2f} B parameters",
         f"mesh: {dims}, micro-batch {est['B']} rows per GPU",
+        f"decoder: {est['decoder_path']}",
         "",
         f"{'per GPU':<44}{'GiB':>10}",
     ]
@@ -212,18 +232,22 @@ def report(cfg, est: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("config")
+    ap.add_argument("config", nargs="?", help="TOML config (or --config FILE, as for run_train.sh)")
+    ap.add_argument("--config", dest="config_opt", metavar="FILE", default=None)
     ap.add_argument(
         "--ngpu", type=int, default=0, help="total GPUs (world size); default: the mesh's product or 8"
     )
     ap.add_argument("--sweep", default="", help="comma list of GPU counts to compare, e.g. 8,16,32,64")
     ns, overrides = ap.parse_known_args(argv)
-    cfg = load_config(["--config", ns.config, *overrides])
-    p = cfg.parallelism
-    ngpu = ns.ngpu or (
-        p.dp_replicate * p.dp_shard * p.tp if p.dp_shard > 0 else max(8, p.dp_replicate * p.tp)
-    )
-    print(report(cfg, estimate(cfg, ngpu)))
+    if not (ns.config or ns.config_opt):
+        ap.error("give the config: --config FILE (or FILE)")
+    with user_errors("estimate_memory"):  # a bad config or file: one line, exit 2
+        cfg = load_config(["--config", ns.config_opt or ns.config, *overrides])
+        p = cfg.parallelism
+        ngpu = ns.ngpu or (
+            p.dp_replicate * p.dp_shard * p.tp if p.dp_shard > 0 else max(8, p.dp_replicate * p.tp)
+        )
+        print(report(cfg, estimate(cfg, ngpu)))
     if ns.sweep:
         print(f"\n{'GPUs':>6}{'GiB per GPU':>14}  fits H100-80GB")
         for n in [int(v) for v in ns.sweep.split(",")]:

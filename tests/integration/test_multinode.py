@@ -16,10 +16,10 @@ import subprocess
 import sys
 
 import pytest
-from test_parallel import ACTIVATIONS, BASE, ROOT, assert_same_training, reference_run
+from test_parallel import ACTIVATIONS, BASE, ROOT, SPARSE, assert_same_training, reference_run
 
 MESH = ["--parallelism.dp_shard=1", "--parallelism.tp=2"]
-ACT = ACTIVATIONS["batchtopk_all"]
+ACT = ACTIVATIONS["batchtopk_all"] + SPARSE
 
 
 def _free_port() -> int:

@@ -1,8 +1,12 @@
-"""The trainer on a gloo mesh trains exactly like one process (the issue's acceptance test).
+"""The trainer on a gloo mesh trains exactly like one process, on the sparse path.
 
-A CLT with JumpReLU and one with BatchTopK across layers are trained for 20 steps by
+A CLT with JumpReLU, TopK, and BatchTopK per layer and across layers is trained for 20 steps by
 ``run_train.sh`` (torchrun) with 1 process, 2 (dp), 2 (tp) and 4 (dp_shard 2 × tp 2) processes on
-the same global batches. The logged loss of every step and the exported final weights must agree.
+the same global batches. The logged loss of every step and the exported final weights must agree
+with one process on the sparse path and with one process on the dense path
+(``kernels.sparse_density_threshold = 0``). Every rank of every sparse run must have run the
+sparse step (TopK / BatchTopK: ``SparseEncode``; JumpReLU: the sparse decoder ``decode_entries``), counted
+by a spy this module installs in each worker (it is the run's ``job.custom_import``).
 
 Tolerance, from fp32 reordering only (tp partial sums and the dp gradient average add in another
 order than one process; measured differences are ~1e-7): losses within 1e-5 relative, final
@@ -45,8 +49,17 @@ BASE = [
 
 ACTIVATIONS = {
     "jumprelu": ["--model.activation=jumprelu"],
+    "topk": ["--model.activation=topk", "--loss.sparsity=none"],
+    "batchtopk_layer": [
+        "--model.activation=batchtopk",
+        "--model.batchtopk_scope=layer",
+        "--loss.sparsity=none",
+    ],
     "batchtopk_all": ["--model.activation=batchtopk", "--model.batchtopk_scope=all", "--loss.sparsity=none"],
 }
+# k / F = 4 / 16 per tp rank: the sparse step is taken below this density threshold, never above 0.
+SPARSE = ["--kernels.sparse_density_threshold=1.0"]
+DENSE = ["--kernels.sparse_density_threshold=0.0"]
 
 LAYOUTS = {  # name: (NGPU, overrides)
     "dp2": (2, ["--parallelism.dp_shard=2", "--parallelism.tp=1"]),
@@ -57,6 +70,7 @@ LAYOUTS = {  # name: (NGPU, overrides)
 
 def run_training(folder: Path, name: str, ngpu: int, overrides: list[str], env_extra=None) -> Path:
     env = dict(os.environ, NGPU=str(ngpu), OMP_NUM_THREADS="1", PYTHON=sys.executable, **(env_extra or {}))
+    env[SPY_ENV] = str(folder / name)
     cmd = [
         "bash",
         str(ROOT / "run_train.sh"),
@@ -92,32 +106,57 @@ def assert_same_training(run: Path, ref: Path, steps: int = STEPS) -> None:
         assert diff <= 1e-4, f"{k}: max |Δ| {diff} after {STEPS} steps"
 
 
-def reference_run(tmp_path_factory, activation: str) -> Path:
+def reference_run(tmp_path_factory, activation: str, path: str = "sparse") -> Path:
     """The one-process run, made once per pytest session (test_multinode.py reuses it)."""
     folder = tmp_path_factory.getbasetemp() / "parallel_references"
-    run = folder / f"ref_{activation}"
+    name = f"ref_{activation}" + ("" if path == "sparse" else f"_{path}")
+    run = folder / name
     if not (run / "export" / "model.safetensors").is_file():
         folder.mkdir(exist_ok=True)
-        run_training(folder, f"ref_{activation}", 1, BASE + ACTIVATIONS[activation])
+        run_training(
+            folder, name, 1, BASE + ACTIVATIONS[activation] + (SPARSE if path == "sparse" else DENSE)
+        )
     return run
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    return {act: reference_run(tmp_path_factory, act) for act in ACTIVATIONS}
+def sparse_calls(run: Path, ngpu: int) -> list[dict]:
+    """What the spy counted on each rank (written when the worker exits)."""
+    return [json.loads((run / f"spy_rank{r}.json").read_text()) for r in range(ngpu)]
+
+
+def assert_took_sparse_path(run: Path, ngpu: int, activation: str) -> None:
+    key = "sparse_decode" if activation == "jumprelu" else "sparse_encode"
+    for rank, calls in enumerate(sparse_calls(run, ngpu)):
+        assert calls[key] >= STEPS, f"rank {rank} of {run.name}: {calls} (sparse path not taken)"
+        if activation != "jumprelu":
+            assert calls["activation_forward"] == 0, f"rank {rank}: dense selection ran {calls}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_sparse_path_matches_dense_path(tmp_path_factory, activation):
+    sparse = reference_run(tmp_path_factory, activation)
+    dense = reference_run(tmp_path_factory, activation, "dense")
+    assert_took_sparse_path(sparse, 1, activation)
+    dense_calls = sparse_calls(dense, 1)[0]
+    assert dense_calls["sparse_encode"] == 0 and dense_calls["sparse_decode"] == 0, dense_calls
+    # The reference itself must have trained, or equal losses would prove nothing.
+    ref_losses = losses(sparse)
+    assert sum(ref_losses[-5:]) < 0.97 * sum(ref_losses[:5])
+    assert_same_training(sparse, dense)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_layout_matches_one_process(tmp_path, references, layout, activation):
+def test_layout_matches_one_process(tmp_path, tmp_path_factory, layout, activation):
     ngpu, mesh = LAYOUTS[layout]
-    run = run_training(tmp_path, f"{layout}_{activation}", ngpu, BASE + ACTIVATIONS[activation] + mesh)
-    ref = references[activation]
-    # The reference itself must have trained, or equal losses would prove nothing.
-    ref_losses = losses(ref)
-    assert sum(ref_losses[-5:]) < 0.97 * sum(ref_losses[:5])
-    assert_same_training(run, ref)
+    run = run_training(
+        tmp_path, f"{layout}_{activation}", ngpu, BASE + ACTIVATIONS[activation] + SPARSE + mesh
+    )
+    assert_took_sparse_path(run, ngpu, activation)
+    assert_same_training(run, reference_run(tmp_path_factory, activation))
+    assert_same_training(run, reference_run(tmp_path_factory, activation, "dense"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,5 +208,41 @@ class _Sliced:
         return self.inner.describe()
 
 
+SPY_ENV = "TCLT_TEST_SPY_DIR"
+
+
+def _install_spy() -> None:
+    """Count, in this worker, the sparse steps, the sparse JumpReLU decodes and the dense
+    TopK / BatchTopK activations; written to ``$TCLT_TEST_SPY_DIR/spy_rank{r}.json`` at exit."""
+    import atexit
+
+    from torchtitan_clt.kernels import sparse_step
+    from torchtitan_clt.models import activations
+    from torchtitan_clt.models.clt import model as clt_model
+
+    counts = {"sparse_encode": 0, "sparse_decode": 0, "activation_forward": 0}
+
+    def counted(fn, key):
+        def run(*a, **kw):
+            counts[key] += 1
+            return fn(*a, **kw)
+
+        return run
+
+    sparse_step.SparseEncode.forward = staticmethod(
+        counted(sparse_step.SparseEncode.forward, "sparse_encode")
+    )
+    clt_model.decode_entries = counted(clt_model.decode_entries, "sparse_decode")
+    activations._Selecting.forward = counted(activations._Selecting.forward, "activation_forward")
+
+    def write() -> None:
+        rank = os.environ.get("RANK", "0")
+        Path(os.environ[SPY_ENV], f"spy_rank{rank}.json").write_text(json.dumps(counts))
+
+    atexit.register(write)
+
+
 if __name__ != "__main__" and not __name__.startswith("test_") and "torchtitan_clt_custom" in __name__:
     _register_source()
+    if os.environ.get(SPY_ENV):
+        _install_spy()

@@ -1,5 +1,6 @@
-"""The CLT's sparse training forward (TopK / BatchTopK through ``kernels.sparse_step``) against its
-dense path, in float64: outputs, every loss term used with them, all gradients, tracked thresholds."""
+"""The sparse training forward (TopK / BatchTopK through ``kernels.sparse_step``) of the CLT, the PLT
+and the SAE against their dense path, in float64: outputs, every loss term used with them, all
+gradients, tracked thresholds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from helpers import tiny_model
 
 from torchtitan_clt import kernels
 from torchtitan_clt.config import JobConfig
+from torchtitan_clt.kernels.selection import Selection
 from torchtitan_clt.metrics.training import DeadFeatureTracker
 from torchtitan_clt.models.losses import build_loss_fn
 
@@ -26,8 +28,8 @@ def _restore_kernel_options():
     kernels.configure(before.backend, before.sparse_density_threshold)
 
 
-def _model(act: str, scope: str) -> torch.nn.Module:
-    m = tiny_model("clt", act, L=L, d=D, F=F, batchtopk_scope=scope, decoder_norm="concat", seed=3)
+def _model(act: str, scope: str, family: str = "clt") -> torch.nn.Module:
+    m = tiny_model(family, act, L=L, d=D, F=F, batchtopk_scope=scope, decoder_norm="concat", seed=3)
     with torch.no_grad():  # biases away from 0 so no selection sits on a tie
         m.b_enc.copy_(torch.randn(L, F, generator=torch.Generator().manual_seed(4)) * 0.1)
         m.b_dec.copy_(torch.randn(L, D, generator=torch.Generator().manual_seed(5)))
@@ -57,10 +59,10 @@ def _step(m, xs, ys, loss_fn, density_threshold: float):
 
 
 @pytest.mark.parametrize("act,scope", CASES)
-@pytest.mark.parametrize("lambda_preact", [0.0, 0.2])
-def test_sparse_forward_matches_dense_path_float64(backend, act, scope, lambda_preact):
+@pytest.mark.parametrize("family,lambda_preact", [("clt", 0.0), ("clt", 0.2), ("plt", 0.0), ("sae", 0.2)])
+def test_sparse_forward_matches_dense_path_float64(backend, act, scope, family, lambda_preact):
     kernels.configure(backend=backend)
-    sparse_m = _model(act, scope)
+    sparse_m = _model(act, scope, family)
     dense_m = copy.deepcopy(sparse_m)
     g = torch.Generator().manual_seed(7)
     xs, ys = torch.randn(B, L, D, generator=g).double(), torch.randn(B, L, D, generator=g).double()
@@ -85,7 +87,8 @@ def test_sparse_forward_matches_dense_path_float64(backend, act, scope, lambda_p
     for name in terms_d:
         torch.testing.assert_close(terms_s[name], terms_d[name], **tol, msg=name)
     torch.testing.assert_close(loss_s, loss_d, **tol)
-    assert set(grads_s) == set(grads_d) and {"W_enc", "b_enc", "W_dec.0", "b_dec"} <= set(grads_d)
+    w_dec = "W_dec.0" if family == "clt" else "W_dec"
+    assert set(grads_s) == set(grads_d) and {"W_enc", "b_enc", w_dec, "b_dec"} <= set(grads_d)
     for name in grads_d:
         torch.testing.assert_close(grads_s[name], grads_d[name], **tol, msg=name)
     act_s, act_d = sparse_m.activation, dense_m.activation
@@ -97,12 +100,12 @@ def test_density_switch_and_eval_take_the_dense_path():
     m = _model("batchtopk", "layer")
     xs = torch.randn(4, L, D, dtype=torch.float64)
     kernels.configure(sparse_density_threshold=0.05)
-    assert m._sparse_selection() == ("batchtopk", "layer")
+    assert m.sparse_selection() == Selection("batchtopk", 2, "layer")
     kernels.configure(sparse_density_threshold=0.01)  # k / F = 2 / 128 > 1 %: dense
-    assert m._sparse_selection() is None
+    assert m.sparse_selection() is None
     kernels.configure(sparse_density_threshold=0.05)
     m.eval()  # BatchTopK at inference is JumpReLU with the tracked threshold: dense
-    assert m._sparse_selection() is None
+    assert m.sparse_selection() is None
     assert "SparseEncode" not in type(m.forward_std(xs).pre_acts.grad_fn).__name__
     relu = tiny_model("clt", "relu", L=L, d=D, F=F)
-    assert relu._sparse_selection() is None
+    assert relu.sparse_selection() is None

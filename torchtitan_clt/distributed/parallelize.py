@@ -1,4 +1,4 @@
-"""The shared body of the families' ``parallelize_fn``: TP, distributed activation, then FSDP2.
+"""The shared body of the families' ``parallelize_fn``: TP, the model's process groups, then FSDP2.
 
 A family passes only its tensor-parallel plan (which axis of each parameter is the feature axis);
 the order is TorchTitan's: tensor parallelism first (parameters become tp DTensors), then FSDP2
@@ -14,8 +14,8 @@ from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.distributed.fsdp import apply_fsdp, mixed_precision_policy
 from torchtitan_clt.distributed.parallel_dims import ParallelDims
 from torchtitan_clt.distributed.tensor_parallel import apply_tp
-from torchtitan_clt.distributed.topk import distribute_activation
 from torchtitan_clt.distributed.utils import device_type_for
+from torchtitan_clt.protocols.transcoder import MeshGroups
 from torchtitan_clt.tools.logging import logger
 
 
@@ -38,10 +38,16 @@ def parallelize_transcoder(
         apply_tp(model, parallel_dims.get_mesh("tp"), tp_plan)
         tp_group = parallel_dims.get_group("tp")
     # BatchTopK selects over the global batch and all features: every rank holds a different part
-    # of [B, L, F], so the whole world takes part. TopK needs only the tp group.
-    activation = getattr(model, "activation", None)
-    if activation is not None:
-        distribute_activation(activation, dist.group.WORLD, parallel_dims.dp_degree, tp_group)
+    # of [B, L, F], so the whole world takes part. TopK and the decoder's partial sums need only tp.
+    if hasattr(model, "set_mesh_groups"):
+        model.set_mesh_groups(
+            MeshGroups(
+                batch=dist.group.WORLD,
+                features=tp_group,
+                batch_scale=parallel_dims.dp_degree,
+                feature_shards=parallel_dims.tp,
+            )
+        )
     if parallel_dims.fsdp_enabled:
         p = job_config.parallelism
         mp = mixed_precision_policy(job_config, device_type_for(job_config))

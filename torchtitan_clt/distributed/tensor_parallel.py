@@ -125,14 +125,16 @@ def _decode_std_reduced(model: nn.Module, fn, tp_group, bias_name: str):
     """decode_std on local features with a zero bias, partials summed over tp, then the bias."""
 
     @functools.wraps(fn)
-    def run(acts: torch.Tensor) -> torch.Tensor:
+    def run(acts: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         acts = _to_local(acts)
+        args = tuple(_to_local(a) for a in args)
+        kwargs = {k: _to_local(v) for k, v in kwargs.items()}
         with local_params(model):
             mod, name = _owner(model, bias_name)
             bias = mod._parameters[name]
             mod._parameters[name] = torch.zeros_like(bias).detach()
             try:
-                y = fn(acts)
+                y = fn(acts, *args, **kwargs)
             finally:
                 mod._parameters[name] = bias
             # Summed in fp32: tp partials in bf16 (FSDP mixed precision) would lose precision.

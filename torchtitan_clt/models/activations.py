@@ -5,7 +5,11 @@ activations of the same shape. Every one also offers, for export and for losses:
 - ``init_weights()``: reset its parameters / buffers (after ``to_empty``);
 - ``feature_thresholds()``: θ  # [L, F] in pre-activation units (0 for ReLU);
 - ``jumprelu_equivalent``: whether, in eval mode, it *is* JumpReLU(θ = feature_thresholds()),
-  so a circuit-tracer export reproduces it exactly (TopK's threshold is only an approximation).
+  so a circuit-tracer export reproduces it exactly (TopK's threshold is only an approximation);
+- ``selection()``: the ``kernels.selection.Selection`` it makes now (TopK, BatchTopK in training),
+  or None for an elementwise function: the families' sparse step selects with it;
+- ``grad_support(h)``: where ∂L/∂a is needed although a = 0 (JumpReLU's threshold window), or None;
+- ``mesh_groups``: set by the family's ``parallelize_fn`` (selection over ranks).
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import math
 import torch
 from torch import nn
 
-from torchtitan_clt.models.common import copy_full_, new_param
+from torchtitan_clt.kernels import dispatch
+from torchtitan_clt.kernels.selection import Selection, min_selected, select
+from torchtitan_clt.models.common import new_param
+from torchtitan_clt.models.init import Constant, init_param_
 from torchtitan_clt.protocols.registry import activation_registry
-from torchtitan_clt.protocols.transcoder import TranscoderArgs, parse_dtype
+from torchtitan_clt.protocols.transcoder import MeshGroups, TranscoderArgs, parse_dtype
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -71,9 +78,20 @@ def step(h: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor
     return _StepFn.apply(h, theta, bandwidth)
 
 
-class ReLU(nn.Module):
-    jumprelu_equivalent = True
+class Activation(nn.Module):
+    """Defaults shared by the activations: elementwise, no extra gradient support, one process."""
 
+    jumprelu_equivalent = True
+    mesh_groups = MeshGroups()
+
+    def selection(self) -> Selection | None:
+        return None
+
+    def grad_support(self, h: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class ReLU(Activation):
     def __init__(self, args: TranscoderArgs):
         super().__init__()
         self.n_layers, self.n_features = args.n_layers, args.features_per_layer
@@ -88,10 +106,8 @@ class ReLU(nn.Module):
         return torch.zeros(self.n_layers, self.n_features)
 
 
-class JumpReLU(nn.Module):
+class JumpReLU(Activation):
     """a = h · 1[h > θ], θ = exp(log_threshold)  # [L, F], trained through the STE above."""
-
-    jumprelu_equivalent = True
 
     def __init__(self, args: TranscoderArgs):
         super().__init__()
@@ -110,20 +126,27 @@ class JumpReLU(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return jumprelu(h, self.threshold(), self.bandwidth)
 
+    def grad_support(self, h: torch.Tensor) -> torch.Tensor | None:
+        """``[B, L, F]`` bool: the STE's threshold gradient reads ∂L/∂a also where a = 0 but
+        |h − θ| < ε/2, so a sparse decoder must carry those entries (with value 0)."""
+        if not torch.is_grad_enabled():
+            return None
+        return (h.detach() - self.threshold().detach()).abs() < self.bandwidth / 2
+
     def init_weights(self) -> None:
-        full = torch.full(tuple(self.log_threshold.shape), math.log(self.threshold_init))
-        copy_full_(self.log_threshold, full)
+        # this rank's shard only (models/init.py)
+        init_param_(self.log_threshold, Constant(self.log_threshold.shape, math.log(self.threshold_init)))
 
     def feature_thresholds(self) -> torch.Tensor:
         return self.threshold().detach()
 
 
-class _ThresholdTracker(nn.Module):
+class _ThresholdTracker(Activation):
     """EMA of the smallest selected positive activation per layer: ``threshold  # [L]``.
 
     A layer's first observation sets it; ``threshold_updates  # [L]`` counts observations.
-    Observations are taken on this process's batch; the subclasses in distributed/topk.py reduce
-    them over ranks so that every rank tracks the same threshold.
+    Observations are minima over every rank's batch (``mesh_groups.batch``), so every rank tracks
+    the same threshold.
     """
 
     def __init__(self, args: TranscoderArgs):
@@ -158,33 +181,47 @@ class _ThresholdTracker(nn.Module):
         return self.threshold[:, None].expand(self.n_layers, self.n_features).clone()
 
 
-def _min_positive(vals: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    inf = torch.tensor(float("inf"), dtype=vals.dtype, device=vals.device)
-    return torch.where(vals > 0, vals, inf).amin(dim=dims)
+def _to_dense(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``[B, L, F]`` relu'd values of ``h`` at ``idx``, zeros elsewhere; gradients reach the kept
+    pre-activations only."""
+    vals = torch.relu(dispatch.gather_selected(h, idx))
+    return torch.zeros_like(h).scatter_add(-1, idx.clamp(min=0), vals)
 
 
-class TopK(_ThresholdTracker):
+class _Selecting(_ThresholdTracker):
+    """TopK and BatchTopK: ``kernels.selection.select`` over the ranks of ``mesh_groups``."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        g = self.mesh_groups
+        sel = self.selection()
+        group = g.features if sel.kind == "topk" else g.batch
+        idx, _ = select(h, sel, group=group, batch_scale=g.batch_scale)
+        if self.training:
+            self._observe(self.observed_min(h, idx))
+        return _to_dense(h, idx)
+
+    def observed_min(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``[L]`` what ``_observe`` takes from a selection: the smallest kept value over all
+        ranks, per layer (one value for all layers under BatchTopK scope ``all``)."""
+        m = min_selected(h, idx, self.mesh_groups.batch)
+        return m.amin().expand(len(m)) if getattr(self, "scope", "layer") == "all" else m
+
+
+class TopK(_Selecting):
     """Per token and layer keep the k largest positive pre-activations. Eval mode stays TopK; the
     tracked threshold only serves a JumpReLU conversion (circuit-tracer export)."""
 
     jumprelu_equivalent = False
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        k = min(self.k, h.shape[-1])
-        vals, idx = h.topk(k, dim=-1, sorted=False)  # [B, L, k]
-        vals = torch.relu(vals)
-        if self.training:
-            self._observe(_min_positive(vals.detach(), (0, 2)))
-        return torch.zeros_like(h).scatter(-1, idx, vals)
+    def selection(self) -> Selection:
+        return Selection("topk", self.k)
 
 
-class BatchTopK(_ThresholdTracker):
+class BatchTopK(_Selecting):
     """Keep the k·B largest positive pre-activations of each layer over the batch (scope
-    ``layer``) or the k·B·L largest across all layers (scope ``all``; one shared threshold).
-    Gradients reach the selected pre-activations only. In eval mode it is JumpReLU with the
-    tracked threshold, so a token's features do not depend on the rest of its batch."""
-
-    jumprelu_equivalent = True
+    ``layer``) or the k·B·L largest across all layers (scope ``all``; one shared threshold), B the
+    global batch. Gradients reach the selected pre-activations only. In eval mode it is JumpReLU
+    with the tracked threshold, so a token's features do not depend on the rest of its batch."""
 
     def __init__(self, args: TranscoderArgs):
         super().__init__(args)
@@ -194,23 +231,14 @@ class BatchTopK(_ThresholdTracker):
             )
         self.scope = args.batchtopk_scope
 
+    def selection(self) -> Selection | None:
+        return Selection("batchtopk", self.k, self.scope) if self.training else None
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.training:
             thr = self.threshold.to(h.dtype)[:, None]  # [L, 1]
             return h * (h > thr).to(h.dtype)
-        B, L, F = h.shape
-        if self.scope == "layer":
-            flat = h.transpose(0, 1).reshape(L, B * F)  # [L, B*F]
-            vals, idx = flat.topk(min(self.k * B, B * F), dim=-1, sorted=False)
-            vals = torch.relu(vals)
-            self._observe(_min_positive(vals.detach(), (1,)))
-            out = torch.zeros_like(flat).scatter(-1, idx, vals)
-            return out.reshape(L, B, F).transpose(0, 1)
-        flat = h.reshape(-1)  # [B*L*F]
-        vals, idx = flat.topk(min(self.k * B * L, flat.numel()), sorted=False)
-        vals = torch.relu(vals)
-        self._observe(_min_positive(vals.detach(), (0,)).expand(L))
-        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(B, L, F)
+        return super().forward(h)
 
 
 activation_registry.register("relu", ReLU)

@@ -1,21 +1,23 @@
-"""Pieces shared by the families: deterministic init helpers and the per-layer encoder.
+"""Pieces shared by the families: DTensor helpers and the per-layer encoder.
 
-Init always draws full fp32 tensors on the CPU from one ``torch.Generator``, in a fixed order, and
-copies them in; a DTensor parameter receives ``distribute_tensor(full)`` on its own mesh and
-placements. So the same seed gives the same weights on any device and mesh shape.
+Init is per shard (``models/init.py``): each parameter's values are a virtual full tensor drawn in
+fixed chunks from the seed, and every rank writes only its own shard, so the same seed gives the
+same weights on any device and mesh shape without any rank holding a full parameter.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from torchtitan_clt import kernels
+from torchtitan_clt.kernels.selection import Selection
+from torchtitan_clt.kernels.sparse_step import sparse_forward
+from torchtitan_clt.models.init import Constant, Drawn, Virtual, init_param_
 from torchtitan_clt.protocols.registry import activation_registry
-from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, parse_dtype
+from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, TranscoderOutput, parse_dtype
 
 try:  # public since torch 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -73,46 +75,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
-# Rows (features) are drawn in fixed chunks, each from its own generator seeded by (seed, tag,
-# chunk): values never depend on how a tensor is split, so a sharded init can later draw only the
-# rows a rank owns.
-INIT_CHUNK_ROWS = 1024
-
-
-def derived_seed(seed: int, tag: str) -> int:
-    digest = hashlib.sha256(f"{seed}/{tag}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def chunked_rows(
-    seed: int,
-    tag: str,
-    shape: tuple[int, ...],
-    sample: Callable[[torch.Generator, tuple[int, ...]], torch.Tensor],
-) -> torch.Tensor:
-    """A [n_rows, ...] fp32 CPU tensor drawn chunk by chunk along dim 0 (see INIT_CHUNK_ROWS)."""
-    parts = []
-    for i, r0 in enumerate(range(0, shape[0], INIT_CHUNK_ROWS)):
-        gen = torch.Generator().manual_seed(derived_seed(seed, f"{tag}/{i}"))
-        parts.append(sample(gen, (min(INIT_CHUNK_ROWS, shape[0] - r0), *shape[1:])))
-    return torch.cat(parts) if parts else torch.empty(shape)
-
-
-def uniform(gen: torch.Generator, shape: tuple[int, ...], bound: float) -> torch.Tensor:
-    return (torch.rand(shape, generator=gen, dtype=torch.float32) * 2.0 - 1.0) * bound
-
-
-def normalize_rows(w: torch.Tensor, norm: float) -> torch.Tensor:
-    """Scale each row w[i] (all dims after the first taken together) to L2 norm ``norm``."""
-    n = w.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return w * (norm / n).view(-1, *([1] * (w.dim() - 1)))
-
-
-def random_directions(gen: torch.Generator, shape: tuple[int, ...], norm: float) -> torch.Tensor:
-    """Isotropic random rows (dims after the first together) of norm ``norm``."""
-    return normalize_rows(torch.randn(shape, generator=gen, dtype=torch.float32), norm)
-
-
 def check_norm_mode(mode: str) -> None:
     if mode not in ("concat", "sum"):
         raise ValueError(f"decoder norm mode must be 'concat' or 'sum' (got {mode!r}).")
@@ -127,8 +89,19 @@ class LayerwiseTranscoder(Transcoder):
     """A transcoder whose layer l encodes only x_l: h_l = W_enc,l x_l + b_enc,l.
 
     Parameters: ``W_enc  # [L, F, d_in]``, ``b_enc  # [L, F]``, ``b_dec  # [L, d_out]`` and
-    the module ``activation``. Families add their decoder weights.
+    the module ``activation``. Families add their decoder weights, ``decode_std(acts, support)``
+    and ``decode_selected(idx, vals, bias)`` (the sparse decoder of the sparse step).
+
+    ``forward_std`` is sparse on every mesh: TopK / BatchTopK (in training) run the sparse step
+    (``kernels.sparse_step.sparse_forward``: encoder, selection over ``mesh_groups``, sparse
+    decode into a partial ŷ summed over the feature shards, sparse encoder backward); an
+    elementwise activation (JumpReLU, ReLU) decodes sparsely whenever its active fraction is under
+    ``kernels.sparse_density_threshold``, carrying the entries its gradient needs
+    (``activation.grad_support``).
     """
+
+    sparse_forward = True
+    """False keeps TopK / BatchTopK on the dense activations (benchmarks compare the two)."""
 
     def __init__(self, args: TranscoderArgs):
         super().__init__(args)
@@ -138,6 +111,83 @@ class LayerwiseTranscoder(Transcoder):
         self.b_enc = new_param(L, F, dtype=dtype)
         self.b_dec = new_param(L, args.d_out, dtype=dtype)
         self.activation = activation_registry.get(args.activation)(args)
+
+    def local_features(self) -> int:
+        """Features per layer on this rank (all of them unless tensor parallel)."""
+        return self.args.features_per_layer // self.mesh_groups.feature_shards
+
+    def sparse_selection(self) -> Selection | None:
+        """The selection the sparse step runs now, or None (elementwise activation, eval-mode
+        BatchTopK, ``sparse_forward`` off, or k above the density threshold)."""
+        sel = self.activation.selection() if self.sparse_forward else None
+        # k / F is the active fraction on every rank too: features shard k along with F.
+        if sel is None or sel.k > kernels.options().sparse_density_threshold * self.args.features_per_layer:
+            return None
+        return sel
+
+    def decoder_path(self) -> str:
+        """In words, what the training forward runs (logged once at start)."""
+        act, g = self.activation, self.mesh_groups
+        was = act.training
+        act.train(True)
+        try:
+            sel = act.selection()
+            plan = self.sparse_selection()
+        finally:
+            act.train(was)
+        backend = (
+            kernels.resolve_backend(self.b_dec, None) if not self.b_dec.is_meta else kernels.options().backend
+        )
+        where = f" over {g.feature_shards} feature shards" if g.feature_shards > 1 else ""
+        where += f", selection over a {g.batch_scale}x batch" if g.batch_scale > 1 else ""
+        if plan is not None:
+            return f"sparse ({backend}): {plan.kind} k={plan.k} select -> sparse decode{where}"
+        if sel is None:
+            thr = kernels.options().sparse_density_threshold
+            return (
+                f"sparse ({backend}) while the active fraction of {self.args.activation} is below "
+                f"{thr:g}, dense above it{where}"
+            )
+        if not self.sparse_forward:
+            return "dense: model.sparse_forward is off"
+        return (
+            f"dense: k={sel.k} is over kernels.sparse_density_threshold x {self.args.features_per_layer} "
+            f"features (raise --kernels.sparse_density_threshold or model.features_per_layer)"
+        )
+
+    def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
+        sel = self.sparse_selection()
+        dec_norms = None if self.args.decoder_norm == "none" else self.decoder_norms(self.args.decoder_norm)
+        if sel is None:
+            h = self.pre_acts(xs)
+            a = self.activation(h)
+            support = self.activation.grad_support(h) if self.training else None
+            y = self.decode_std(a) if support is None else self.decode_std(a, support=support)
+            return TranscoderOutput(pre_acts=h, acts=a, y_hat=y, dec_norms=dec_norms)
+        g, act = self.mesh_groups, self.activation
+        out = sparse_forward(
+            xs,
+            self.W_enc,
+            self.b_enc,
+            self.decode_selected,
+            self.b_dec,
+            sel,
+            group=g.features if sel.kind == "topk" else g.batch,
+            batch_scale=g.batch_scale,
+            tp_group=g.features,
+        )
+        if self.training:
+            act._observe(act.observed_min(out.pre_acts, out.idx))
+        return TranscoderOutput(
+            pre_acts=out.pre_acts,
+            acts=out.to_dense(self.local_features()),
+            y_hat=out.y_hat,
+            dec_norms=dec_norms,
+        )
+
+    def decode_selected(self, idx: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The sparse decoder: ``idx, vals [N, L, K]`` (this rank's features) -> ``[N, L, d_out]``."""
+        raise NotImplementedError
 
     def pre_acts(self, xs: torch.Tensor) -> torch.Tensor:
         # One batched matmul over layers: [L, B, d] @ [L, d, F] -> [L, B, F].
@@ -151,22 +201,15 @@ class LayerwiseTranscoder(Transcoder):
         self.W_enc.copy_(W.to(self.W_enc.dtype))
         self.b_enc.copy_(b.to(self.b_enc.dtype))
 
-    def _init_encoder(self, seed: int, tied_from: Callable[[int], torch.Tensor]) -> None:
-        """Encoder init: layer i's W_enc = ``tied_from(i)``  # [F, d] when ``tied_init`` (and
-        d_in == d_out), else U(±1/sqrt(F)) as in Anthropic's CLT (Ameisen et al. 2025); b_enc = 0."""
+    def _init_encoder(self, seed: int, tied: Virtual) -> None:
+        """Encoder init: W_enc = ``tied``  # [L, F, d] (virtual, e.g. the decoder's own block) when
+        ``tied_init`` (and d_in == d_out), else U(±1/sqrt(F)) as in Anthropic's CLT (Ameisen et al.
+        2025); b_enc = 0. Each rank draws only its shard (``models/init.py``)."""
         L, F, d_in = self.args.n_layers, self.args.features_per_layer, self.args.d_in
-        tied = self.args.tied_init and self.args.d_in == self.args.d_out
-        bound = 1.0 / math.sqrt(F)
-        W_enc = torch.stack(
-            [
-                tied_from(i)
-                if tied
-                else chunked_rows(seed, f"W_enc.{i}", (F, d_in), lambda g, s: uniform(g, s, bound))
-                for i in range(L)
-            ]
-        )
-        copy_full_(self.W_enc, W_enc)
-        copy_full_(self.b_enc, torch.zeros(L, F))
+        if not (self.args.tied_init and self.args.d_in == self.args.d_out):
+            tied = Drawn(seed, "W_enc", (L, F, d_in), "uniform", 1.0 / math.sqrt(F))
+        init_param_(self.W_enc, tied)
+        init_param_(self.b_enc, Constant((L, F)))
 
     def _finish_init(self) -> None:
         """Non-weight state: identity standardization and the activation's own init."""

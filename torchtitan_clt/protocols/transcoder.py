@@ -157,6 +157,22 @@ class TranscoderOutput:
     term that decodes other activations (AuxK) passes it to ``decode_std``."""
 
 
+@dataclass(frozen=True)
+class MeshGroups:
+    """The process groups a sharded model computes over, handed in by its ``parallelize_fn`` (the
+    model never builds them). One process: all ``None`` / 1."""
+
+    batch: Any = None
+    """Every rank holding a different part of ``[B, L, F]`` (dp × tp): BatchTopK selects over it."""
+    features: Any = None
+    """Ranks holding the same rows and different features (tp): TopK selects over it and the
+    decoder's partial ŷ is summed over it."""
+    batch_scale: int = 1
+    """Global batch / this rank's batch (the data-parallel degree)."""
+    feature_shards: int = 1
+    """How many ranks split the features (tp)."""
+
+
 class Transcoder(nn.Module):
     """Base class: standardization buffers, the raw-unit public API, and the training path.
 
@@ -173,6 +189,14 @@ class Transcoder(nn.Module):
         self.register_buffer("in_scale", torch.ones(L, args.d_in, dtype=torch.float32))
         self.register_buffer("out_mean", torch.zeros(L, args.d_out, dtype=torch.float32))
         self.register_buffer("out_scale", torch.ones(L, args.d_out, dtype=torch.float32))
+        self.mesh_groups = MeshGroups()
+
+    def set_mesh_groups(self, groups: MeshGroups) -> None:
+        """Called by ``parallelize_fn``: the groups the forward's selection and decoder reduce over."""
+        self.mesh_groups = groups
+        act = getattr(self, "activation", None)
+        if act is not None:
+            act.mesh_groups = groups
 
     # --- standardization -------------------------------------------------------------------
     def reset_standardization(self) -> None:

@@ -58,6 +58,9 @@ class MatryoshkaCLT(CrossLayerTranscoder):
             lo = hi
         return outs
 
+    def decoder_path(self) -> str:
+        return "dense: the nested prefixes decode with matmuls (matryoshka_clt has no sparse step yet)"
+
     def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
         h = self.pre_acts(xs)
         a = self.activation(h)

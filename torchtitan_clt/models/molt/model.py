@@ -26,15 +26,8 @@ import torch
 from torch import nn
 
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.models.activations import JumpReLU
-from torchtitan_clt.models.common import (
-    LayerwiseTranscoder,
-    check_norm_mode,
-    chunked_rows,
-    copy_full_,
-    new_param,
-    random_directions,
-)
+from torchtitan_clt.models.common import LayerwiseTranscoder, check_norm_mode, new_param
+from torchtitan_clt.models.init import Constant, Drawn, RowNormalized, TransformScaled, init_param_
 from torchtitan_clt.protocols.transcoder import TranscoderArgs, TranscoderOutput, parse_dtype
 
 MOLT_GATE_INIT_NORM = 0.1
@@ -132,13 +125,16 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
             outs.append(z.reshape(-1, a * r) @ Ua)
         return torch.stack(outs)
 
+    def decoder_path(self) -> str:
+        return "sparse: each layer applies only the transforms whose gate is open"
+
     def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
         h = self.pre_acts(xs)
         a = self.activation(h)
         used = a != 0
-        if isinstance(self.activation, JumpReLU) and torch.is_grad_enabled():
-            # The STE's threshold gradient also reads ∂L/∂a where a = 0 but |h − θ| < ε/2.
-            used = used | ((h - self.activation.threshold()).abs() < self.activation.bandwidth / 2)
+        support = self.activation.grad_support(h)  # JumpReLU's threshold window (∂L/∂a where a = 0)
+        if support is not None:
+            used = used | support
         return TranscoderOutput(
             pre_acts=h,
             acts=a,
@@ -179,38 +175,16 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
         a = self.args
         L, N = a.n_layers, a.features_per_layer
         norm = a.decoder_init_norm or MOLT_TRANSFORM_INIT_NORM
-        for g, (r, n) in enumerate(self.groups):
-            Vs, Us = [], []
-            for layer in range(L):
-                V = chunked_rows(
-                    seed,
-                    f"V.{g}.{layer}",
-                    (n, r, a.d_in),
-                    lambda gen, s: torch.randn(s, generator=gen) / math.sqrt(a.d_in),
-                )
-                U = chunked_rows(
-                    seed, f"U.{g}.{layer}", (n, r, a.d_out), lambda gen, s: torch.randn(s, generator=gen)
-                )
-                cur = ((U @ U.transpose(1, 2)) * (V @ V.transpose(1, 2))).sum((1, 2)).sqrt()  # [n]
-                Us.append(U * (norm / cur.clamp_min(1e-12))[:, None, None])
-                Vs.append(V)
-            copy_full_(self.V[g], torch.stack(Vs))
-            copy_full_(self.U[g], torch.stack(Us))
-            copy_full_(self.V_bias[g], torch.zeros(L, n, r))
-        W_g = torch.stack(
-            [
-                chunked_rows(
-                    seed,
-                    f"W_enc.{i}",
-                    (N, a.d_in),
-                    lambda gen, s: random_directions(gen, s, MOLT_GATE_INIT_NORM),
-                )
-                for i in range(L)
-            ]
-        )
-        copy_full_(self.W_enc, W_g)
-        copy_full_(self.b_enc, torch.zeros(L, N))
-        copy_full_(self.b_dec, torch.zeros(L, a.d_out))
+        for g, (r, n) in enumerate(self.groups):  # each rank draws only its shards (models/init.py)
+            V = Drawn(seed, f"V.{g}", (L, n, r, a.d_in), "normal", 1.0 / math.sqrt(a.d_in))
+            U = Drawn(seed, f"U.{g}", (L, n, r, a.d_out), "normal", 1.0)
+            init_param_(self.V[g], V)
+            init_param_(self.U[g], TransformScaled(U, V, norm))
+            init_param_(self.V_bias[g], Constant((L, n, r)))
+        W_g = RowNormalized(Drawn(seed, "W_enc", (L, N, a.d_in), "normal", 1.0), 2, MOLT_GATE_INIT_NORM)
+        init_param_(self.W_enc, W_g)
+        init_param_(self.b_enc, Constant((L, N)))
+        init_param_(self.b_dec, Constant((L, a.d_out)))
         self._finish_init()
 
     @torch.no_grad()

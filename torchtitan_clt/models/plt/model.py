@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from torchtitan_clt.models.common import (
-    LayerwiseTranscoder,
-    check_norm_mode,
-    chunked_rows,
-    copy_full_,
-    new_param,
-    random_directions,
-)
+from torchtitan_clt import kernels
+from torchtitan_clt.models.common import LayerwiseTranscoder, check_norm_mode, new_param
+from torchtitan_clt.models.init import Constant, Drawn, RowNormalized, init_param_
 from torchtitan_clt.protocols.transcoder import TranscoderArgs, parse_dtype
 
 # Decoder rows start as random directions of norm 0.1 with W_enc = W_decᵀ (Anthropic's
@@ -30,11 +25,21 @@ class PerLayerTranscoder(LayerwiseTranscoder):
             args.n_layers, args.features_per_layer, args.d_out, dtype=parse_dtype(args.dtype)
         )
 
-    def decode_std(self, acts: torch.Tensor) -> torch.Tensor:
+    def decode_std(self, acts: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
+        """acts  # [B, L, F] -> ŷ  # [B, L, d_out]. Sparse below ``kernels.sparse_density_threshold``
+        active fraction (the entries of ``support`` are decoded too, with weight 0, so that
+        JumpReLU's threshold gradient reaches them), else one batched matmul."""
+        used = acts != 0 if support is None else (acts != 0) | support
+        if acts.numel() and int(used.sum()) <= kernels.options().sparse_density_threshold * acts.numel():
+            idx, _ = kernels.compact(used.to(acts.dtype), torch.zeros(acts.shape[1]), "nonzero")
+            return self.decode_selected(idx, kernels.dispatch.gather_selected(acts, idx), self.b_dec)
         acts = acts.to(self.W_dec.dtype)
         # [L, B, F] @ [L, F, d] -> [L, B, d]
         y = torch.bmm(acts.transpose(0, 1), self.W_dec).transpose(0, 1)
         return y + self.b_dec
+
+    def decode_selected(self, idx: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return kernels.plt_sparse_decode(idx, vals, self.W_dec, bias, density_threshold=1.0)
 
     def decoder_norms(self, mode: str = "concat") -> torch.Tensor:
         check_norm_mode(mode)  # one target per feature: both modes agree
@@ -44,20 +49,11 @@ class PerLayerTranscoder(LayerwiseTranscoder):
     def init_weights(self, seed: int) -> None:
         a = self.args
         norm = a.decoder_init_norm or PLT_DECODER_INIT_NORM
-        W_dec = torch.stack(
-            [
-                chunked_rows(
-                    seed,
-                    f"W_dec.{i}",
-                    (a.features_per_layer, a.d_out),
-                    lambda g, s: random_directions(g, s, norm),
-                )
-                for i in range(a.n_layers)
-            ]
-        )
-        copy_full_(self.W_dec, W_dec)
-        copy_full_(self.b_dec, torch.zeros(a.n_layers, a.d_out))
-        self._init_encoder(seed, lambda i: W_dec[i])
+        shape = (a.n_layers, a.features_per_layer, a.d_out)
+        W_dec = RowNormalized(Drawn(seed, "W_dec", shape, "normal", 1.0), 2, norm)  # random directions
+        init_param_(self.W_dec, W_dec)  # this rank's shard only (models/init.py)
+        init_param_(self.b_dec, Constant((a.n_layers, a.d_out)))
+        self._init_encoder(seed, W_dec)
         self._finish_init()
 
     @torch.no_grad()
