@@ -22,9 +22,7 @@ from torchtitan_clt.kernels import dispatch
 from torchtitan_clt.kernels.backend import options
 from torchtitan_clt.kernels.collectives import sum_partials
 from torchtitan_clt.kernels.layout_torch import one_thread
-from torchtitan_clt.kernels.selection import KINDS, Selection, select
-
-SELECTIONS = KINDS
+from torchtitan_clt.kernels.selection import Selection, select
 
 
 class SparseEncode(torch.autograd.Function):
