@@ -298,6 +298,11 @@ class Parallelism:
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     """FSDP2 reshard policy after forward."""
 
+    gloo_ring_collectives: bool = True
+    """On gloo (CPU), FSDP2 gathers parameters and reduces gradients with point-to-point rings
+    instead of gloo's all-gather / reduce-scatter (about 4x faster between processes on one host);
+    NCCL always keeps its own."""
+
     mixed_precision_param: Literal["float32", "bfloat16"] = "bfloat16"
     """FSDP2 parameter dtype during compute on GPU."""
 

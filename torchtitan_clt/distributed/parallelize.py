@@ -51,7 +51,10 @@ def parallelize_transcoder(
     if parallel_dims.fsdp_enabled:
         p = job_config.parallelism
         mp = mixed_precision_policy(job_config, device_type_for(job_config))
-        apply_fsdp(model, parallel_dims.get_mesh("fsdp"), mp, p.fsdp_reshard_after_forward)
+        apply_fsdp(
+            model, parallel_dims.get_mesh("fsdp"), mp, p.fsdp_reshard_after_forward,
+            ring_collectives=p.gloo_ring_collectives,
+        )
     logger.info(
         f"parallelized {type(model).__name__}: tp={parallel_dims.tp}, "
         f"fsdp={'HSDP' if parallel_dims.hsdp_enabled else 'FSDP' if parallel_dims.fsdp_enabled else 'off'}"

@@ -21,6 +21,8 @@ COLLECTIVES = (
     "broadcast",
     "barrier",
     "all_to_all_single",
+    "isend",
+    "irecv",
 )
 
 

@@ -1,0 +1,85 @@
+"""The gloo ring collectives FSDP2 uses on CPU equal gloo's own all-gather / reduce-scatter
+(2 and 3 ranks, SUM and AVG, sizes that split into several pieces), and a fully_shard module
+given them trains to the same weights as with the native collectives while only the rings run."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torchtitan_clt.distributed import ring_comm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ring_comm._PIECE_BYTES = 1000  # several pieces per chunk
+        g = torch.Generator().manual_seed(rank)
+        n = 777
+        shard = torch.randn(n, generator=g, dtype=torch.float64)
+        ref = torch.empty(world * n, dtype=torch.float64)
+        dist.all_gather_into_tensor(ref, shard)
+        out = torch.full((world * n,), float("nan"), dtype=torch.float64)
+        ring_comm.ring_all_gather(out, shard, None)
+        assert torch.equal(out, ref)
+
+        full = torch.randn(world * n, generator=g, dtype=torch.float64)
+        for average in (False, True):
+            ref_out = torch.empty(n, dtype=torch.float64)
+            dist.reduce_scatter_tensor(ref_out, full.clone(), op=dist.ReduceOp.AVG if average else dist.ReduceOp.SUM)
+            mine = torch.empty(n, dtype=torch.float64)
+            ring_comm.ring_reduce_scatter(mine, full.clone(), None, average=average)
+            torch.testing.assert_close(mine, ref_out, rtol=1e-14, atol=1e-14)
+
+        # fully_shard with and without the rings: same weights after two optimizer steps.
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        weights = []
+        for ring in (False, True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 12 * world), torch.nn.Linear(12 * world, 4))
+            fully_shard(model, mesh=mesh)
+            used = ring_comm.use_ring_collectives(model, None) if ring else False
+            assert used == ring
+            calls = {"isend": 0}
+            real_isend = dist.isend
+
+            def counting_isend(*a, **k):
+                calls["isend"] += 1
+                return real_isend(*a, **k)
+
+            dist.isend = counting_isend
+            try:
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                x = torch.randn(5, 8, generator=torch.Generator().manual_seed(10 + rank))
+                for _ in range(2):
+                    model(x).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+            finally:
+                dist.isend = real_isend
+            assert (calls["isend"] > 0) == ring  # the rings ran, and only when asked
+            weights.append([p.full_tensor().detach().clone() for p in model.parameters()])
+        for a, b in zip(*weights):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_collectives_match_gloo(world):
+    if ring_comm.AllGather is None:
+        pytest.skip("this torch has no FSDP2 custom collectives")
+    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
