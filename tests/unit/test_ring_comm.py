@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from torchtitan_clt.distributed import ring_comm
+from torchtitan_clt.tools.comm_timer import CommTimer
 
 
 def _free_port() -> int:
@@ -36,7 +37,9 @@ def _worker(rank: int, world: int, port: int) -> None:
         full = torch.randn(world * n, generator=g, dtype=torch.float64)
         for average in (False, True):
             ref_out = torch.empty(n, dtype=torch.float64)
-            dist.reduce_scatter_tensor(ref_out, full.clone(), op=dist.ReduceOp.AVG if average else dist.ReduceOp.SUM)
+            dist.reduce_scatter_tensor(
+                ref_out, full.clone(), op=dist.ReduceOp.AVG if average else dist.ReduceOp.SUM
+            )
             mine = torch.empty(n, dtype=torch.float64)
             ring_comm.ring_reduce_scatter(mine, full.clone(), None, average=average)
             torch.testing.assert_close(mine, ref_out, rtol=1e-14, atol=1e-14)
@@ -51,26 +54,16 @@ def _worker(rank: int, world: int, port: int) -> None:
             torch.manual_seed(0)
             model = torch.nn.Sequential(torch.nn.Linear(8, 12 * world), torch.nn.Linear(12 * world, 4))
             fully_shard(model, mesh=mesh)
-            used = ring_comm.use_ring_collectives(model, None) if ring else False
+            used = ring_comm.use_ring_collectives(model) if ring else False
             assert used == ring
-            calls = {"isend": 0}
-            real_isend = dist.isend
-
-            def counting_isend(*a, **k):
-                calls["isend"] += 1
-                return real_isend(*a, **k)
-
-            dist.isend = counting_isend
-            try:
+            with CommTimer() as timer:  # counts calls to dist.isend, which only the rings make
                 opt = torch.optim.SGD(model.parameters(), lr=0.1)
                 x = torch.randn(5, 8, generator=torch.Generator().manual_seed(10 + rank))
                 for _ in range(2):
                     model(x).square().mean().backward()
                     opt.step()
                     opt.zero_grad()
-            finally:
-                dist.isend = real_isend
-            assert (calls["isend"] > 0) == ring  # the rings ran, and only when asked
+            assert (timer.calls.get("isend", 0) > 0) == ring  # the rings ran, and only when asked
             weights.append([p.full_tensor().detach().clone() for p in model.parameters()])
         for a, b in zip(*weights):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -300,7 +300,7 @@ class Parallelism:
 
     gloo_ring_collectives: bool = True
     """On gloo (CPU), FSDP2 gathers parameters and reduces gradients with point-to-point rings
-    instead of gloo's all-gather / reduce-scatter (about 4x faster between processes on one host);
+    instead of gloo's all-gather / reduce-scatter, which are slower between processes on one host;
     NCCL always keeps its own."""
 
     mixed_precision_param: Literal["float32", "bfloat16"] = "bfloat16"

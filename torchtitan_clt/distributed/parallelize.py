@@ -52,7 +52,10 @@ def parallelize_transcoder(
         p = job_config.parallelism
         mp = mixed_precision_policy(job_config, device_type_for(job_config))
         apply_fsdp(
-            model, parallel_dims.get_mesh("fsdp"), mp, p.fsdp_reshard_after_forward,
+            model,
+            parallel_dims.get_mesh("fsdp"),
+            mp,
+            p.fsdp_reshard_after_forward,
             ring_collectives=p.gloo_ring_collectives,
         )
     logger.info(

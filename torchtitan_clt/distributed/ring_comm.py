@@ -1,9 +1,8 @@
 """FSDP2's all-gather and reduce-scatter as rings of point-to-point sends, for gloo.
 
-Why: gloo's own ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` move a 256 MB flat buffer
-between two processes on this 2-core machine in ~0.40 s each, while one ``isend``/``irecv``
-exchange of the same bytes takes ~0.10 s, and its reduce-scatter copies the whole input once
-more. FSDP2 lets a module swap its collectives (``set_custom_all_gather`` /
+Why: between processes on one host, gloo's own ``all_gather_into_tensor`` /
+``reduce_scatter_tensor`` are several times slower than an ``isend``/``irecv`` exchange of the
+same bytes (measured in benchmarks/results/cpu_mesh_ring_2026-12-02.json). FSDP2 lets a module swap its collectives (``set_custom_all_gather`` /
 ``set_custom_reduce_scatter``), so on gloo the dictionary's parameters are gathered and its
 gradients reduced by the rings below; NCCL keeps its native collectives.
 
@@ -94,12 +93,13 @@ if AllGather is not None:
             return None
 
 
-def use_ring_collectives(fsdp_module, group) -> bool:
-    """Give ``fsdp_module`` (a ``fully_shard`` result) the ring collectives when ``group`` is gloo
-    and this torch lets FSDP2 swap them; True when it did."""
+def use_ring_collectives(fsdp_module) -> bool:
+    """Give ``fsdp_module`` (a ``fully_shard`` result) the ring collectives when the job runs on
+    gloo and this torch lets FSDP2 swap them; True when it did. FSDP2 passes each call its own
+    shard group, which the rings use."""
     if AllGather is None or not hasattr(fsdp_module, "set_custom_all_gather"):
         return False
-    if dist.get_backend(group) != "gloo" or dist.get_world_size(group) < 2:
+    if dist.get_backend() != "gloo" or dist.get_world_size() < 2:
         return False
     fsdp_module.set_custom_all_gather(RingAllGather())
     fsdp_module.set_custom_reduce_scatter(RingReduceScatter())
