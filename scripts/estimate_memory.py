@@ -53,6 +53,8 @@ KNOWN_LLMS = {
 LIVE_FEATURE_TENSORS = {"dense": 6, "sparse": 4}
 # The interpreter, torch and the libraries before anything is built (measured peak RSS, CPU).
 CPU_RUNTIME_BYTES = int(0.3 * 2**30)
+# A gloo process group and the DTensor machinery on top of that, per rank (measured, CPU).
+CPU_DIST_RUNTIME_BYTES = int(0.1 * 2**30)
 H100_GIB = 79.0
 
 
@@ -184,6 +186,8 @@ def estimate(cfg, ngpu: int) -> dict:
             rows["shuffle buffer (on GPU)"] = buf
     if not gpu:
         rows["runtime (interpreter, torch)"] = CPU_RUNTIME_BYTES
+        if ngpu > 1:
+            rows["runtime (gloo process group, DTensor)"] = CPU_DIST_RUNTIME_BYTES
     total = sum(rows.values())
     # FLOPs per training token (multiply-add = 2). Weight gradients double the forward; inputs
     # need no gradient, so the encoder costs 2x its forward and the decoder 3x (dacts + dW).

@@ -6,7 +6,9 @@ the same global batches. The logged loss of every step and the exported final we
 with one process on the sparse path and with one process on the dense path
 (``kernels.sparse_density_threshold = 0``). Every rank of every sparse run must have run the
 sparse step (TopK / BatchTopK: ``SparseEncode``; JumpReLU: the sparse decoder ``decode_entries``), counted
-by a spy this module installs in each worker (it is the run's ``job.custom_import``).
+by a spy this module installs in each worker (it is the run's ``job.custom_import``); the same spy
+checks that FSDP gathered the parameters through the gloo point-to-point ring
+(``distributed/ring_comm.py``) and that no other layout did.
 
 Tolerance, from fp32 reordering only (tp partial sums and the dp gradient average add in another
 order than one process; measured differences are ~1e-7): losses within 1e-5 relative, final
@@ -124,10 +126,13 @@ def sparse_calls(run: Path, ngpu: int) -> list[dict]:
     return [json.loads((run / f"spy_rank{r}.json").read_text()) for r in range(ngpu)]
 
 
-def assert_took_sparse_path(run: Path, ngpu: int, activation: str) -> None:
+def assert_took_sparse_path(run: Path, ngpu: int, activation: str, fsdp: bool = False) -> None:
     key = "sparse_decode" if activation == "jumprelu" else "sparse_encode"
     for rank, calls in enumerate(sparse_calls(run, ngpu)):
         assert calls[key] >= STEPS, f"rank {rank} of {run.name}: {calls} (sparse path not taken)"
+        # FSDP on gloo gathers the parameters through the point-to-point ring once per step.
+        rings = calls["ring_all_gather"]
+        assert rings >= STEPS if fsdp else rings == 0, f"rank {rank} of {run.name}: {calls} (rings)"
         if activation != "jumprelu":
             assert calls["activation_forward"] == 0, f"rank {rank}: dense selection ran {calls}"
 
@@ -154,7 +159,7 @@ def test_layout_matches_one_process(tmp_path, tmp_path_factory, layout, activati
     run = run_training(
         tmp_path, f"{layout}_{activation}", ngpu, BASE + ACTIVATIONS[activation] + SPARSE + mesh
     )
-    assert_took_sparse_path(run, ngpu, activation)
+    assert_took_sparse_path(run, ngpu, activation, fsdp="--parallelism.dp_shard=2" in mesh)
     assert_same_training(run, reference_run(tmp_path_factory, activation))
     assert_same_training(run, reference_run(tmp_path_factory, activation, "dense"))
 
@@ -216,11 +221,12 @@ def _install_spy() -> None:
     TopK / BatchTopK activations; written to ``$TCLT_TEST_SPY_DIR/spy_rank{r}.json`` at exit."""
     import atexit
 
+    from torchtitan_clt.distributed import ring_comm
     from torchtitan_clt.kernels import sparse_step
     from torchtitan_clt.models import activations
     from torchtitan_clt.models.clt import model as clt_model
 
-    counts = {"sparse_encode": 0, "sparse_decode": 0, "activation_forward": 0}
+    counts = {"sparse_encode": 0, "sparse_decode": 0, "activation_forward": 0, "ring_all_gather": 0}
 
     def counted(fn, key):
         def run(*a, **kw):
@@ -234,6 +240,7 @@ def _install_spy() -> None:
     )
     clt_model.decode_entries = counted(clt_model.decode_entries, "sparse_decode")
     activations._Selecting.forward = counted(activations._Selecting.forward, "activation_forward")
+    ring_comm.ring_all_gather = counted(ring_comm.ring_all_gather, "ring_all_gather")
 
     def write() -> None:
         rank = os.environ.get("RANK", "0")
