@@ -2,13 +2,13 @@
 
 Why: between processes on one host, gloo's own ``all_gather_into_tensor`` /
 ``reduce_scatter_tensor`` are several times slower than an ``isend``/``irecv`` exchange of the
-same bytes (measured in benchmarks/results/cpu_mesh_ring_2026-12-02.json). FSDP2 lets a module swap its collectives (``set_custom_all_gather`` /
-``set_custom_reduce_scatter``), so on gloo the dictionary's parameters are gathered and its
+same bytes (measured in benchmarks/results/cpu_mesh_ring_2026-12-02.json). FSDP2 lets a module
+swap its collectives (``set_custom_all_gather`` / ``set_custom_reduce_scatter``), so on gloo the dictionary's parameters are gathered and its
 gradients reduced by the rings below; NCCL keeps its native collectives.
 
 Both rings move (w−1)/w of the buffer per rank, in w−1 steps of one chunk to the next rank and
 one from the previous. The reduce-scatter accumulates in its input buffer (FSDP2's own
-temporary, discarded after the call) and holds one chunk of scratch.
+temporary, discarded after the call) and receives into two pieces of scratch kept per dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - older torch: FSDP2 keeps gloo's collec
     AllGather = ReduceScatter = None  # type: ignore[assignment,misc]
 
 # Messages above this are sent in pieces, so a large chunk is not one blocking transfer.
-_PIECE_BYTES = 32 << 20
+_PIECE_BYTES = 8 << 20
 
 
 def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group) -> None:
@@ -55,16 +55,49 @@ def ring_all_gather(output: torch.Tensor, input: torch.Tensor, group) -> None:
         _exchange(chunks[(r - i + 1) % w], nxt, chunks[(r - i) % w], prv, group)
 
 
+# Receive buffers of the reduce-scatter, kept across calls: gloo receiving into freshly allocated
+# memory page-faults as it copies (an exchange took twice as long as into touched memory).
+_SCRATCH_PIECES = 4
+_scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _scratch_pieces(like: torch.Tensor, numel: int) -> torch.Tensor:
+    """``[_SCRATCH_PIECES, numel]`` receive buffers of ``like``'s dtype and device."""
+    key = (like.dtype, like.device)
+    buf = _scratch.get(key)
+    if buf is None or buf.shape[1] < numel:
+        buf = torch.zeros(_SCRATCH_PIECES, numel, dtype=like.dtype, device=like.device)
+        _scratch[key] = buf
+    return buf
+
+
 def ring_reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, average: bool) -> None:
     """``output  # [n]`` ← Σ (or mean) over ranks of chunk ``rank`` of ``input  # [w·n]``.
 
-    ``input`` is overwritten with partial sums."""
+    ``input`` is overwritten with partial sums. Each step sends one chunk and receives the
+    previous rank's in pieces, into the kept buffers in turn, adding each piece as it arrives
+    while the next ones are in flight."""
     r, w, nxt, prv = _neighbours(group)
     chunks = input.view(w, -1)
-    scratch = torch.empty_like(chunks[0])
+    n = chunks.shape[1]
+    step = max(1, min(n, _PIECE_BYTES // input.element_size()))
+    bufs = _scratch_pieces(input, step)
+    pieces = [(lo, min(step, n - lo)) for lo in range(0, n, step)]
     for i in range(w - 1):  # step i: send the partial sum of chunk r−i−1, add into chunk r−i−2
-        _exchange(chunks[(r - i - 1) % w], nxt, scratch, prv, group)
-        chunks[(r - i - 2) % w] += scratch
+        send, acc = chunks[(r - i - 1) % w], chunks[(r - i - 2) % w]
+        sends = [dist.isend(send[lo : lo + m], nxt, group=group) for lo, m in pieces]
+
+        def post(j: int):
+            return dist.irecv(bufs[j % _SCRATCH_PIECES, : pieces[j][1]], prv, group=group)
+
+        recvs = [post(j) for j in range(min(_SCRATCH_PIECES, len(pieces)))]
+        for j, (lo, m) in enumerate(pieces):
+            recvs[j].wait()
+            acc[lo : lo + m] += bufs[j % _SCRATCH_PIECES, :m]
+            if j + _SCRATCH_PIECES < len(pieces):  # its buffer is free again
+                recvs.append(post(j + _SCRATCH_PIECES))
+        for work in sends:
+            work.wait()
     if average:
         torch.div(chunks[r], w, out=output.view(-1))
     else:
