@@ -227,16 +227,32 @@ def clt_plain_dense_loss(x, y, w_enc, b_enc, w_dec, b_dec, k: int, scope: str = 
     return loss, {"recon": loss.detach()}
 
 
-STEP_LOSSES = {"sparse": clt_sparse_loss, "dense": clt_dense_loss, "plain_dense": clt_plain_dense_loss}
+STEP_LOSSES = {
+    "sparse": clt_sparse_loss,
+    "dense": clt_dense_loss,
+    "plain_dense": clt_plain_dense_loss,
+    "plain_dense_default_adamw": clt_plain_dense_loss,
+}
 
 
 def bench_step(
-    dev, n, n_layers, f, d, k, reps, ceil, dtype, which=("sparse", "dense", "plain_dense")
+    dev,
+    n,
+    n_layers,
+    f,
+    d,
+    k,
+    reps,
+    ceil,
+    dtype,
+    which=("sparse", "dense", "plain_dense", "plain_dense_default_adamw"),
 ) -> list[dict]:
     """Whole CLT step (forward, backward, fused AdamW) with BatchTopK: the sparse step, the same
-    step with a dense decoder (our selection), and a plain PyTorch dense step (``torch.topk``)."""
+    step with a dense decoder (our selection), and a plain PyTorch dense step (``torch.topk``),
+    also as a user writes it first, with ``torch.optim.AdamW``'s default implementation."""
     params = make_clt(dev, n_layers, f, d, dtype)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opts = {"plain_dense_default_adamw": torch.optim.AdamW(params, lr=1e-4)}
     x = torch.randn(n, n_layers, d, device=dev, dtype=dtype)
     y = torch.randn(n, n_layers, d, device=dev, dtype=dtype)
     span = n_layers * (n_layers + 1) // 2
@@ -254,11 +270,12 @@ def bench_step(
     out = []
 
     def step(kind):
-        opt.zero_grad(set_to_none=True)
+        o = opts.get(kind, opt)
+        o.zero_grad(set_to_none=True)
         args = (x, y, params[0], params[1], params[2:-1], params[-1], k, "layer")
         loss, _ = STEP_LOSSES[kind](*args)
         loss.backward()
-        opt.step()
+        o.step()
 
     # alternate the two kinds, so that both see the same machine load (CPU hosts are often shared)
     times: dict[str, list[float]] = {kind: [] for kind in which}
@@ -284,7 +301,7 @@ def bench_step(
     t_opt = timeit(lambda: opt.step(), dev, reps)
     out.append(row("clt_step", "adamw_fused_only", t_opt, **shape))
     by = {r["impl"]: r["ms"] for r in out}
-    for base in ("dense", "plain_dense"):
+    for base in ("dense", "plain_dense", "plain_dense_default_adamw"):
         if "sparse" in by and base in by:
             out.append(
                 {"op": "clt_step", "impl": f"{base}_over_sparse", "ratio": by[base] / by["sparse"], **shape}
