@@ -11,8 +11,8 @@ latest checkpoint) or a circuit-tracer folder. The LLM is the run's ``data.model
 the graph JSON that circuit-tracer's local UI serves goes to ``--out`` (``<slug>.json`` and
 ``graph-metadata.json``), with the feature files of the graph's features copied from the run's
 ``features/`` (``scripts/features.py``) into ``--out/features/`` so the UI shows their examples.
-Prints the scores and the most influential features with their layers; ``--json`` adds a line
-of JSON per prompt. Needs circuit-tracer: ``pip install '.[trace]'``.
+Prints the scores and the most influential features with their layers, and writes them to
+``--out/scores.json``; ``--json`` adds a line of JSON per prompt. Needs circuit-tracer: ``pip install '.[trace]'``.
 """
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if a.json:
             print(json.dumps(res))
+    # The scores beside the graphs, so a run's numbers outlive the terminal.
+    (out / "scores.json").write_text(json.dumps(results, indent=1))
     print(
         f"\ngraph files in {out}; view them with\n  {sys.executable} -m circuit_tracer start-server "
         f"--graph_file_dir {out}\nand open http://localhost:8032/index.html"

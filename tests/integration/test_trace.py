@@ -79,6 +79,7 @@ def test_trace_prints_scores_and_the_ui_serves_the_graph(run, tmp_path, monkeypa
     res = json.loads(next(line for line in text.splitlines() if line.startswith("{")))
     assert 0 < res["replacement_score"] <= 1 and 0 < res["completeness_score"] <= 1
     assert res["top_features"] and all(f["layer"] in (0, 2) for f in res["top_features"])  # covered only
+    assert json.loads((out / "scores.json").read_text()) == [res]
     slug = res["slug"]
     doc = json.loads((out / f"{slug}.json").read_text())
     GraphModel(**doc)  # circuit-tracer's schema for the graph JSON
