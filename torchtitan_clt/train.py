@@ -7,6 +7,7 @@ Run through ``./run_train.sh`` (torchrun), or ``python -m torchtitan_clt.train``
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from torchtitan_clt.distributed.loss import build_loss_fn_for_mesh
 from torchtitan_clt.distributed.utils import check_config_consistent, init_distributed
 from torchtitan_clt.metrics.logger import MetricsLogger
 from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
+from torchtitan_clt.models.activations import BatchTopK
 from torchtitan_clt.protocols import (
     activation_registry,
     data_source_registry,
@@ -210,6 +212,7 @@ class Trainer:
         if self.train_state.step == 0:
             self._standardize()
         self.evaluator = None
+        self._batchtopk_fit = None  # the inference threshold fitted at the end (_calibrated)
         if (cfg.eval.enable or cfg.eval.every > 0) and self.rank == 0:
             from torchtitan_clt.metrics.evaluator import build_evaluator
 
@@ -251,7 +254,9 @@ class Trainer:
         m = self.model
         batch_ok = all_finite(x, y)  # read with the loss check: no extra device sync
         xs, ys = m.standardize_in(x), m.standardize_out(y)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
             out = self.forward(xs)
             loss, terms = self.loss_fn(m, out, ys, step)
         if not bool(torch.isfinite(loss) & batch_ok):
@@ -261,7 +266,7 @@ class Trainer:
             bad = [k for k, v in terms.items() if not torch.isfinite(v)]
             raise TrainingError(
                 f"Non-finite loss at step {step}: {loss.item()} (non-finite terms: {', '.join(bad) or 'none'}; "
-                f"terms {({k: float(v) for k, v in terms.items()})}). Lower optimizer.lr, raise "
+                f"terms { ({k: float(v) for k, v in terms.items()}) }). Lower optimizer.lr, raise "
                 "training.max_norm clipping, or check the data for NaNs. Weights were not updated."
             )
         (loss / self.cfg.training.grad_accum_steps).backward()
@@ -302,9 +307,11 @@ class Trainer:
         t_window = time.perf_counter()
         self.data_wait_s = 0.0
         self.metrics.reset_timer(ts.step, ts.tokens)
-        with maybe_enable_profiling(cfg, self.run_folder, ts.step) as profiler, maybe_enable_memory_snapshot(
-            cfg, self.run_folder, ts.step
-        ) as mem_snapshot, stop_on_signals() as stop:
+        with (
+            maybe_enable_profiling(cfg, self.run_folder, ts.step) as profiler,
+            maybe_enable_memory_snapshot(cfg, self.run_folder, ts.step) as mem_snapshot,
+            stop_on_signals() as stop,
+        ):
             while ts.step < t.steps:
                 ts.step += 1
                 step = ts.step
@@ -352,9 +359,12 @@ class Trainer:
         }
         return self.metrics.log(step, metrics) or metrics
 
-    def _evaluate(self, step: int, open_loop: bool) -> dict | None:
-        """Replacement-model evaluation on held-out text, once (rank 0), on a gathered model."""
+    def _evaluate(self, step: int, open_loop: bool, calibration=None) -> dict | None:
+        """Replacement-model evaluation on held-out text, once (rank 0), on a gathered model
+        (with ``calibration``: its BatchTopK threshold fitted to those training rows first)."""
         plain = self._gather_plain_model() if (self.cfg.eval.enable or self.cfg.eval.every) else None
+        if calibration is not None:
+            plain = self._calibrated(plain, calibration)
         result = None
         if plain is not None and self.evaluator is not None:
             with getattr(self.source, "llm_lock", contextlib.nullcontext()):  # the prefetch shares the LLM
@@ -367,8 +377,16 @@ class Trainer:
     def _finish(self) -> None:
         cfg = self.cfg
         result = None
+        # Training rows for the inference threshold of BatchTopK and the circuit-tracer conversion.
+        uses = (
+            cfg.eval.enable or cfg.eval.every > 0 or cfg.checkpoint.export or cfg.eval.feature_examples_tokens
+        )
+        need = cfg.checkpoint.export_circuit_tracer or (self.model_args.activation == "batchtopk" and uses)
+        calibration = self._calibration_batches() if need else []
         if cfg.eval.enable or cfg.eval.every > 0:
-            result = self._evaluate(self.train_state.step, open_loop=cfg.eval.open_loop)
+            result = self._evaluate(
+                self.train_state.step, open_loop=cfg.eval.open_loop, calibration=calibration
+            )
         if self.rank == 0:
             from torchtitan_clt.metrics.report import write_report
 
@@ -380,9 +398,8 @@ class Trainer:
             logger.info(f"Report written to {self.run_folder / 'report'}")
         if self.checkpointer is not None:
             self.checkpointer.close()
-        calibration = self._calibration_batches() if cfg.checkpoint.export_circuit_tracer else []
         if cfg.checkpoint.export or cfg.checkpoint.export_circuit_tracer:
-            plain = self._gather_plain_model()
+            plain = self._calibrated(self._gather_plain_model(), calibration)
             if plain is not None:
                 from torchtitan_clt.checkpoint.export import export_native
 
@@ -398,21 +415,47 @@ class Trainer:
                     )
                     logger.info(f"Exported circuit-tracer folder to {self.run_folder / 'circuit_tracer'}")
         if cfg.eval.feature_examples_tokens > 0:
-            plain = self._gather_plain_model()
+            plain = self._calibrated(self._gather_plain_model(), calibration)
             if plain is not None:  # rank 0
                 from torchtitan_clt.metrics.feature_files import trainer_feature_pass
 
                 src = self.source
                 with getattr(src, "llm_lock", contextlib.nullcontext()):
                     trainer_feature_pass(
-                        cfg, self.run_folder, plain, getattr(src, "llm", None), getattr(src, "tokenizer", None)
+                        cfg,
+                        self.run_folder,
+                        plain,
+                        getattr(src, "llm", None),
+                        getattr(src, "tokenizer", None),
                     )
         self.metrics.close()
         self.source.close()
 
+    def _calibrated(self, plain, calibration):
+        """``plain`` with its BatchTopK inference threshold fitted to the training rows
+        ``calibration`` (once; logged and written to report/batchtopk_threshold.json)."""
+        act = getattr(plain, "activation", None)
+        if not calibration or not isinstance(act, BatchTopK):
+            return plain
+        if self._batchtopk_fit is None:
+            from torchtitan_clt.models.conversion import fit_batchtopk_threshold
+
+            fit = fit_batchtopk_threshold(plain, calibration)
+            self._batchtopk_fit = act.threshold.detach().cpu().clone()  # exact; the JSON rounds
+            thr, ema = (sum(fit[k]) / len(fit[k]) for k in ("threshold", "tracked_ema"))
+            logger.info(
+                f"BatchTopK inference threshold fitted on {fit['tokens']} training tokens (L0 {fit['k']} "
+                f"on them): mean {thr:.4g}, was {ema:.4g} (tracked EMA)"
+            )
+            (self.run_folder / "report").mkdir(parents=True, exist_ok=True)
+            (self.run_folder / "report" / "batchtopk_threshold.json").write_text(json.dumps(fit, indent=1))
+        act.threshold.copy_(self._batchtopk_fit.to(act.threshold.device))
+        return plain
+
     def _calibration_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Raw training rows for the JumpReLU conversion of a TopK / BatchTopK export. Every rank
-        draws them (the stream source's TP all-gather is collective); rank 0 converts."""
+        """Raw training rows for the JumpReLU conversion of a TopK / BatchTopK export and for the
+        BatchTopK inference threshold. Every rank draws them (the stream source's TP all-gather is
+        collective); rank 0 uses them."""
         tokens = self.cfg.checkpoint.export_calibration_tokens
         if tokens <= 0 or self.model_args.activation not in ("topk", "batchtopk"):
             return []
@@ -429,7 +472,9 @@ class Trainer:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if self.rank != 0:
             return None
         plain = self.spec.build_fn(self.model_args)

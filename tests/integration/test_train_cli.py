@@ -179,3 +179,22 @@ def test_topk_run_exports_a_calibrated_circuit_tracer_folder(tmp_path):
     report = json.loads((tmp_path / "debug_model/circuit_tracer/conversion.json").read_text())
     assert report["converted"] is True and report["calibration_tokens"] == 512
     assert abs(report["l0_after_mean"] - 8) <= 0.8
+
+
+def test_batchtopk_run_fits_its_inference_threshold_to_training_rows(tmp_path):
+    """At the end of a BatchTopK run the eval-mode threshold is fitted on training rows
+    (``checkpoint.export_calibration_tokens``) so that k features fire per token and layer on them:
+    the held-out eval and the native export use it (held-out L0 within 5% of k), and the report
+    says what it replaced (the tracked EMA of the smallest selected value, below the fit)."""
+    from safetensors.torch import load_file
+
+    args = ["--training.steps=20", "--model.activation=batchtopk", "--model.k=8", "--loss.sparsity=none"]
+    assert _run(tmp_path, *args, "--eval.enable=true", "--checkpoint.export_calibration_tokens=1024") == 0
+    run = tmp_path / "debug_model"
+    fit = json.loads((run / "report" / "batchtopk_threshold.json").read_text())
+    assert fit["tokens"] == 1024 and fit["k"] == 8
+    exported = load_file(str(run / "export" / "model.safetensors"))["activation.threshold"]
+    torch.testing.assert_close(exported, torch.tensor(fit["threshold"]), atol=1e-6, rtol=0)
+    assert all(t > e for t, e in zip(fit["threshold"], fit["tracked_ema"])), fit
+    held_out_l0 = json.loads((run / "report" / "eval.json").read_text())["headline"]["l0"]
+    assert abs(held_out_l0 - 8) <= 0.05 * 8, held_out_l0

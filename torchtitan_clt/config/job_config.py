@@ -343,10 +343,13 @@ class Checkpoint:
     """Also write a circuit-tracer folder (``circuit_tracer/``) at the end."""
 
     export_calibration_tokens: int = 4096
-    """TopK / BatchTopK models become JumpReLU for the circuit-tracer export: rows of the training
-    data (drawn after the last step) that set each feature's threshold and match each layer's L0
-    (``conversion.json`` reports L0 and FVU before and after). 0: the per-layer threshold tracked
-    in training, uncalibrated. ``scripts/export.py`` does the same for any saved step."""
+    """Rows of the training data, drawn after the last step, that calibrate TopK / BatchTopK
+    inference. BatchTopK: its threshold is fitted so that k features fire per token and layer on
+    them, for the end-of-run eval, the native export and the feature examples
+    (``report/batchtopk_threshold.json``). The circuit-tracer export (JumpReLU): each feature's
+    threshold and each layer's L0 (``conversion.json`` reports L0 and FVU before and after). 0:
+    the threshold tracked in training, uncalibrated. ``scripts/export.py`` does the circuit-tracer
+    conversion for any saved step."""
 
     export_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of exported weights."""

@@ -15,6 +15,7 @@ activations of the same shape. Every one also offers, for export and for losses:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -239,6 +240,28 @@ class BatchTopK(_Selecting):
             thr = self.threshold.to(h.dtype)[:, None]  # [L, 1]
             return h * (h > thr).to(h.dtype)
         return super().forward(h)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, pre_acts: Iterable[torch.Tensor], n_rows: int) -> torch.Tensor:
+        """Set the eval-mode threshold so that on ``n_rows`` rows (their ``[n, L, F]``
+        pre-activations, in batches) exactly k features fire per token and layer on average (ties
+        aside): per layer the (k·N+1)-th largest value (scope ``all``: the (k·N·L+1)-th over every
+        layer), never below 0. The tracked EMA of the smallest selected value sits below that
+        quantile, so its eval L0 is above k. Returns the new ``threshold  # [L]``."""
+        groups = self.n_layers if self.scope == "layer" else 1
+        rank = self.k * n_rows * (self.n_layers // groups)  # values to keep above the threshold
+        top, seen = None, 0  # the rank+1 largest values so far, per group
+        for h in pre_acts:
+            seen += h.shape[0]
+            flat = h.float().transpose(0, 1).reshape(groups, -1)
+            if top is not None:
+                flat = torch.cat([top.to(flat.device), flat], dim=1)
+            top = flat.topk(min(rank + 1, flat.shape[1]), dim=1).values
+        if top is None or seen != n_rows:
+            raise ValueError(f"calibrate_threshold: got {seen} rows of pre-activations, expected {n_rows}")
+        thr = top[:, rank] if top.shape[1] > rank else torch.zeros(groups, device=top.device)
+        self.threshold.copy_(thr.clamp_min(0.0).expand(self.n_layers).to(self.threshold.device))
+        return self.threshold.clone()
 
 
 activation_registry.register("relu", ReLU)

@@ -335,3 +335,26 @@ def to_jumprelu(
             fvu_after_mean=after.get("fvu", math.nan),
         )
     return new, report
+
+
+@torch.no_grad()
+def fit_batchtopk_threshold(model: Transcoder, batches: Iterable) -> dict[str, Any] | None:
+    """Fit a BatchTopK model's inference threshold to raw training rows ``batches`` (``(x, y)``
+    pairs; ``BatchTopK.calibrate_threshold``: k active per token and layer on them) in place.
+    Returns what was fitted (tokens, k, scope, the threshold and the tracked EMA it replaces), or
+    None for another activation or no rows."""
+    act = getattr(model, "activation", None)
+    rows = _batches(batches)
+    if not isinstance(act, BatchTopK) or not rows:
+        return None
+    ema = act.threshold.clone()
+    dev = next(model.parameters()).device
+    n = sum(x.shape[0] for x, _ in rows)
+    thr = act.calibrate_threshold((model.pre_acts(model.standardize_in(x.to(dev))) for x, _ in rows), n)
+    return {
+        "tokens": n,
+        "k": act.k,
+        "scope": act.scope,
+        "threshold": [round(float(v), 6) for v in thr],
+        "tracked_ema": [round(float(v), 6) for v in ema],
+    }
