@@ -4,8 +4,6 @@ given them trains to the same weights as with the native collectives while only 
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,14 +13,9 @@ from torchtitan_clt.distributed import ring_comm
 from torchtitan_clt.tools.comm_timer import CommTimer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str) -> None:
+    # a file store: no TCP port to race other processes for
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         ring_comm._PIECE_BYTES = 1000  # several pieces per chunk
         g = torch.Generator().manual_seed(rank)
@@ -72,7 +65,7 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_ring_collectives_match_gloo(world):
+def test_ring_collectives_match_gloo(world, tmp_path):
     if ring_comm.AllGather is None:
         pytest.skip("this torch has no FSDP2 custom collectives")
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
