@@ -3,12 +3,14 @@
 Why: between processes on one host, gloo's own ``all_gather_into_tensor`` /
 ``reduce_scatter_tensor`` are several times slower than an ``isend``/``irecv`` exchange of the
 same bytes (measured in benchmarks/results/cpu_mesh_ring_2026-12-02.json). FSDP2 lets a module
-swap its collectives (``set_custom_all_gather`` / ``set_custom_reduce_scatter``), so on gloo the dictionary's parameters are gathered and its
-gradients reduced by the rings below; NCCL keeps its native collectives.
+swap its collectives (``set_custom_all_gather`` / ``set_custom_reduce_scatter``), so on gloo the
+dictionary's parameters are gathered and its gradients reduced by the rings below; NCCL keeps its
+native collectives.
 
 Both rings move (w−1)/w of the buffer per rank, in w−1 steps of one chunk to the next rank and
 one from the previous. The reduce-scatter accumulates in its input buffer (FSDP2's own
-temporary, discarded after the call) and receives into two pieces of scratch kept per dtype.
+temporary, discarded after the call) and receives into ``_SCRATCH_PIECES`` pieces of scratch
+kept per dtype.
 """
 
 from __future__ import annotations
