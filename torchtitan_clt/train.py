@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_clt import kernels
+from torchtitan_clt.components.decoder_constraint import build_decoder_constraint
 from torchtitan_clt.components.lr_scheduler import build_lr_scheduler
 from torchtitan_clt.components.optimizer import build_optimizer, clip_grad_norm_
 from torchtitan_clt.components.standardization import (
@@ -30,6 +31,7 @@ from torchtitan_clt.distributed.utils import check_config_consistent, init_distr
 from torchtitan_clt.metrics.logger import MetricsLogger
 from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
 from torchtitan_clt.models.activations import BatchTopK
+from torchtitan_clt.models.losses import dead_after_tokens_of
 from torchtitan_clt.protocols import (
     activation_registry,
     data_source_registry,
@@ -157,6 +159,9 @@ class Trainer:
             model.init_weights(cfg.job.seed)
             # Buffers come out of to_empty uninitialized; a family's init need not know about them.
             model.reset_standardization()
+        self.decoder_constraint = build_decoder_constraint(model, cfg.model)
+        if self.decoder_constraint is not None:
+            self.decoder_constraint.normalize()
         self.model = model
         if cfg.checkpoint.export_circuit_tracer:
             from torchtitan_clt.checkpoint.circuit_tracer import check_exportable
@@ -180,7 +185,7 @@ class Trainer:
         self.dead = DeadFeatureTracker(
             src.n_layers,
             cfg.model.features_per_layer,
-            cfg.loss.dead_after_tokens,
+            dead_after_tokens_of(cfg),
             device=self.device,
             group=self.dp_group,
         )
@@ -290,8 +295,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(t.grad_accum_steps):
             loss_sum += self._micro_step(step, fvu, l0_sum)
+        if self.decoder_constraint is not None:
+            self.decoder_constraint.project_grads()
         grad_norm = clip_grad_norm_(self.model.parameters(), t.max_norm)
         self.optimizers.step()
+        if self.decoder_constraint is not None:
+            self.decoder_constraint.normalize()
         self.lr_schedulers.step()
         self.optimizers.zero_grad()
         return loss_sum / t.grad_accum_steps, grad_norm, l0_sum

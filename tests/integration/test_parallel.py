@@ -7,8 +7,8 @@ with one process on the sparse path and with one process on the dense path
 (``kernels.sparse_density_threshold = 0``). Every rank of every sparse run must have run the
 sparse step (TopK / BatchTopK: ``SparseEncode``; JumpReLU: the sparse decoder ``decode_entries``), counted
 by a spy this module installs in each worker (it is the run's ``job.custom_import``); the same spy
-checks that FSDP gathered the parameters through the gloo point-to-point ring
-(``distributed/ring_comm.py``) and that no other layout did.
+checks that FSDP gathered the parameters and reduce-scattered the gradients through the gloo
+point-to-point rings (``distributed/ring_comm.py``) and that no other layout did.
 
 Tolerance, from fp32 reordering only (tp partial sums and the dp gradient average add in another
 order than one process; measured differences are ~1e-7): losses within 1e-5 relative, final
@@ -132,9 +132,11 @@ def assert_took_sparse_path(run: Path, ngpu: int, activation: str, fsdp: bool = 
     key = "sparse_decode" if activation == "jumprelu" else "sparse_encode"
     for rank, calls in enumerate(sparse_calls(run, ngpu)):
         assert calls[key] >= STEPS, f"rank {rank} of {run.name}: {calls} (sparse path not taken)"
-        # FSDP on gloo gathers the parameters through the point-to-point ring once per step.
-        rings = calls["ring_all_gather"]
-        assert rings >= STEPS if fsdp else rings == 0, f"rank {rank} of {run.name}: {calls} (rings)"
+        # FSDP on gloo gathers the parameters and reduce-scatters the gradients through the
+        # point-to-point rings at least once per step each.
+        for ring in ("ring_all_gather", "ring_reduce_scatter"):
+            n = calls[ring]
+            assert n >= STEPS if fsdp else n == 0, f"rank {rank} of {run.name}: {calls} ({ring})"
         if activation != "jumprelu":
             assert calls["activation_forward"] == 0, f"rank {rank}: dense selection ran {calls}"
 
@@ -228,7 +230,13 @@ def _install_spy() -> None:
     from torchtitan_clt.models import activations
     from torchtitan_clt.models.clt import model as clt_model
 
-    counts = {"sparse_encode": 0, "sparse_decode": 0, "activation_forward": 0, "ring_all_gather": 0}
+    counts = {
+        "sparse_encode": 0,
+        "sparse_decode": 0,
+        "activation_forward": 0,
+        "ring_all_gather": 0,
+        "ring_reduce_scatter": 0,
+    }
 
     def counted(fn, key):
         def run(*a, **kw):
@@ -243,6 +251,7 @@ def _install_spy() -> None:
     clt_model.decode_entries = counted(clt_model.decode_entries, "sparse_decode")
     activations._Selecting.forward = counted(activations._Selecting.forward, "activation_forward")
     ring_comm.ring_all_gather = counted(ring_comm.ring_all_gather, "ring_all_gather")
+    ring_comm.ring_reduce_scatter = counted(ring_comm.ring_reduce_scatter, "ring_reduce_scatter")
 
     def write() -> None:
         rank = os.environ.get("RANK", "0")

@@ -139,7 +139,8 @@ def test_auxk_term_reads_the_dead_feature_tracker():
     tracker.update_fired(torch.tensor([[True, False, False]]), 10)  # features 1, 2 silent for 10 tokens
     loss, terms = loss_fn(m, out, y, 2)
     assert terms["auxk"].item() == pytest.approx(7 / 6.5)
-    assert loss.item() == pytest.approx(terms["recon"].item() + 0.5 * 7 / 6.5)
+    # α is relative to the FVU: the term is weighted by α·L·d_out (L = 1 layer, d_out = 2 here)
+    assert loss.item() == pytest.approx(terms["recon"].item() + 0.5 * (1 * 2) * 7 / 6.5)
 
 
 def test_matryoshka_loss_with_one_prefix_is_the_plain_loss():

@@ -166,10 +166,20 @@ def validate(cfg: JobConfig) -> None:
     need(t.steps > 0, f"training.steps must be positive, got {t.steps}.")
     need(t.batch_size > 0, f"training.batch_size must be positive, got {t.batch_size}.")
     need(t.grad_accum_steps > 0, "training.grad_accum_steps must be positive.")
+    need(cfg.loss.dead_after_tokens >= 0, "loss.dead_after_tokens must be >= 0 (0: auto).")
+    need(cfg.loss.auxk_alpha >= 0, f"loss.auxk_alpha must be >= 0 (0: off), got {cfg.loss.auxk_alpha}.")
     need(
         t.batch_size % t.grad_accum_steps == 0,
         f"training.batch_size ({t.batch_size}) must be divisible by training.grad_accum_steps "
         f"({t.grad_accum_steps}).",
+    )
+    need(
+        not (m.activation == "batchtopk" and t.grad_accum_steps > 1),
+        f"model.activation = 'batchtopk' selects the top k·N over the batch one forward sees; with "
+        f"training.grad_accum_steps = {t.grad_accum_steps} that is a micro-batch, not the step's batch, so "
+        "the run would train a different (noisier) selection than the one it reports. Set "
+        "training.grad_accum_steps = 1 (spread the batch over more data-parallel ranks, or lower "
+        "training.batch_size), or use model.activation = 'topk'.",
     )
     need(m.features_per_layer > 0, "model.features_per_layer must be positive.")
     need(m.k > 0, "model.k must be positive.")

@@ -95,6 +95,9 @@ class LossTerm:
     """fn(model, out, y_std, step) -> unweighted scalar."""
     weight: Callable[[int], float]
     """Coefficient at a step."""
+    scale: Callable[[Transcoder], float] | None = None
+    """A model-dependent factor on the coefficient (AuxK: α is relative to the FVU, the
+    reconstruction term a sum over the model's L·d_out standardized target dimensions)."""
 
 
 class LossFn:
@@ -113,6 +116,8 @@ class LossFn:
         for term in self.terms:
             value = term.fn(model, out, y_std, step)
             w = term.weight(step)
+            if term.scale is not None:
+                w = w * term.scale(model)
             contrib = value if w == 1.0 else w * value
             loss = contrib if loss is None else loss + contrib
             logged[term.name] = value.detach()
@@ -127,6 +132,25 @@ def _thresholds(model: Transcoder, like: torch.Tensor) -> torch.Tensor:
     act = model.activation
     theta = act.feature_thresholds() if hasattr(act, "feature_thresholds") else torch.zeros(like.shape[-2:])
     return theta.detach().to(device=like.device, dtype=torch.float32)
+
+
+def dead_after_tokens_of(job_config: Any) -> int:
+    """``loss.dead_after_tokens``, with ``0`` (auto) resolved: silent for 1/20 of the run's
+    tokens (``training.steps × training.batch_size``), at most 10 M tokens."""
+    n = job_config.loss.dead_after_tokens
+    if n > 0:
+        return int(n)
+    t = job_config.training
+    return int(max(1, min(DEAD_AFTER_TOKENS_MAX, t.steps * t.batch_size // DEAD_RUN_FRACTION)))
+
+
+DEAD_AFTER_TOKENS_MAX = 10_000_000
+DEAD_RUN_FRACTION = 20
+
+
+def recon_dims(model: Transcoder) -> float:
+    """L·d_out: the reconstruction term at FVU 1 with standardized targets."""
+    return float(model.args.n_layers * model.args.d_out)
 
 
 def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
@@ -173,7 +197,8 @@ def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
             )
         )
         weight_names["preact"] = "lambda_preact"
-    if lc.auxk_alpha > 0:
+    alpha = lc.auxk_alpha
+    if alpha > 0:
         if dead_features is None:
             raise ValueError(
                 "loss.auxk_alpha > 0 needs the dead-feature tracker: build_loss_fn(cfg, dead_features=tracker)."
@@ -183,5 +208,5 @@ def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
         def auxk(model: Transcoder, out: TranscoderOutput, y: torch.Tensor, step: int) -> torch.Tensor:
             return auxk_loss(model, out, y, dead_features.dead_mask(), k_aux)
 
-        terms.append(LossTerm("auxk", auxk, lambda step: lc.auxk_alpha))
+        terms.append(LossTerm("auxk", auxk, lambda step: alpha, scale=recon_dims))
     return LossFn(terms, weight_names)

@@ -302,6 +302,11 @@ class Transcoder(nn.Module):
         """Per-feature decoder norm  # [L, F]; ``mode`` is ``concat`` or ``sum`` over targets."""
         raise NotImplementedError
 
+    def decoder_rows(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        """``[(param, dims)]``: the decoder parameters and the dimensions one feature's row spans
+        (what ``model.decoder_unit_norm`` keeps at norm 1); [] for a family without such rows."""
+        return []
+
     def init_weights(self, seed: int) -> None:
         """Deterministic init from ``seed``: the same weights on any device and mesh."""
         raise NotImplementedError

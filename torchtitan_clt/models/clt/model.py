@@ -82,6 +82,9 @@ class CrossLayerTranscoder(LayerwiseTranscoder):
             norms = [torch.linalg.vector_norm(W, dim=2).sum(dim=1) for W in self.W_dec]
         return torch.stack(norms)  # [L, F]
 
+    def decoder_rows(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        return [(W, (1, 2)) for W in self.W_dec]  # a feature's writes to every later layer
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Decoder blocks W_dec,s→t ~ U(±1/sqrt(L·d_out)) (Ameisen et al. 2025, "Circuit

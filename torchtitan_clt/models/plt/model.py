@@ -45,6 +45,9 @@ class PerLayerTranscoder(LayerwiseTranscoder):
         check_norm_mode(mode)  # one target per feature: both modes agree
         return torch.linalg.vector_norm(self.W_dec, dim=-1)
 
+    def decoder_rows(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        return [(self.W_dec, (2,))]
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         a = self.args
