@@ -7,6 +7,8 @@ Suites:
               peak memory per rank, and scripts/estimate_memory.py's figure beside it
   extraction  activation extraction tokens/s vs a bare truncated forward of the same LLM
   kernels     the kernel suite (scripts/benchmark_kernels.py)
+  quality     dictionary quality on a fixed SmolLM2 recipe (scripts/benchmark_quality.py): held-out
+              FVU, L0, dead fraction, CE recovered per activation
 
   .venv/bin/python scripts/benchmark.py --suite train --out benchmarks/results/cpu_train.json
 """
@@ -282,7 +284,7 @@ def bench_extraction(model_path: str, layers: list[int], seq_len: int, batch: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["train", "mesh", "extraction", "kernels", "all"], default="train")
+    ap.add_argument("--suite", choices=["train", "mesh", "extraction", "kernels", "quality", "all"], default="train")
     ap.add_argument("--mesh-cases", nargs="*", default=list(MESH_CASES))
     ap.add_argument("--rounds", type=int, default=2, help="mesh: launches of each layout, alternated")
     ap.add_argument("--mesh-worker", action="store_true", help=argparse.SUPPRESS)
@@ -357,6 +359,12 @@ def main() -> None:
             [sys.executable, str(ROOT / "scripts" / "benchmark_kernels.py"), "--out", str(out)], check=True
         )
         result["kernels"] = json.loads(out.read_text())
+    if args.suite == "quality":  # minutes per row: not part of "all"
+        out = Path(tempfile.mkdtemp()) / "quality.json"
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "benchmark_quality.py"), "--out", str(out)], check=True
+        )
+        result["quality"] = json.loads(out.read_text())
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
