@@ -128,7 +128,7 @@ def main() -> None:
     if args.write_reference:
         ok = [r for r in result["rows"] if "error" not in r]
         ref = {
-            "recipe": "quality benchmark, SmolLM2 L0-7, F=2048",
+            "recipe": "SmolLM2 L0-7, F=2048, 234 x 512 tokens",
             "source": args.out or "scripts/benchmark_quality.py",
             "time": result["time"],
             "rows": [{k: r[k] for k in ("row", "fvu", "l0", "dead_frac", "ce_recovered_zero")} for r in ok],

@@ -152,3 +152,39 @@ def test_report_without_eval_and_nan_to_null(tmp_path):
     doc = json.loads((tmp_path / "other" / "eval.json").read_text())
     assert [e["step"] for e in doc["evaluations"]] == [1, 3]
     assert (tmp_path / "other" / "fvu_vs_l0.png").is_file()
+
+
+def test_fvu_l0_plot_draws_the_quality_benchmark_rows(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from torchtitan_clt.metrics import report
+
+    ref = tmp_path / "quality_reference.json"
+    ref.write_text(
+        json.dumps(
+            {
+                "recipe": "SmolLM2 L0-7",
+                "rows": [
+                    {"row": "topk_k16", "l0": 16.0, "fvu": 0.38},
+                    {"row": "bad", "l0": None, "fvu": 0.5},
+                ],
+            }
+        )
+    )
+    monkeypatch.setattr(report, "QUALITY_REFERENCE", ref)
+    assert report.quality_reference() == [
+        {"label": "topk_k16", "recipe": "SmolLM2 L0-7", "l0": 16.0, "fvu": 0.38}
+    ]
+    fig = Figure()
+    train = [{"step": 1, "l0": 15.0, "fvu": 0.6}]
+    assert report._plot_fvu_vs_l0(fig, train, [], report.quality_reference())
+    ax = fig.axes[0]
+    diamonds = [ln for ln in ax.get_lines() if ln.get_marker() == "D"]
+    assert [(list(ln.get_xdata()), list(ln.get_ydata())) for ln in diamonds] == [([16.0], [0.38])]
+    assert any("topk_k16" in t.get_text() for t in ax.texts)
+    # the shipped reference (package data) holds the benchmark's rows, each a finite FVU-L0 point
+    monkeypatch.setattr(
+        report, "QUALITY_REFERENCE", Path(report.__file__).with_name("quality_reference.json")
+    )
+    shipped = report.quality_reference()
+    assert {r["label"] for r in shipped} >= {"topk_k16", "batchtopk_layer_k16"}

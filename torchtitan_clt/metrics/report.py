@@ -85,11 +85,14 @@ def write_report(
     feature_stats: dict | None = None,
     out_dir: str | Path | None = None,
     history: list[dict[str, Any]] | None = None,
+    reference: list[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write ``<run_folder>/report/eval.json`` and the plots; returns {name: path} of what was
     written. ``out_dir`` writes there instead; ``run_folder`` None: no training curves.
     ``history``: more evaluation records (``step`` + ``Evaluator.log_metrics``), e.g. one per
-    checkpoint; they replace the logged evaluation of the same step."""
+    checkpoint; they replace the logged evaluation of the same step. ``reference``: points
+    ``{"label", "l0", "fvu"}`` drawn beside the run on the FVU–L0 plot (default: the quality
+    benchmark's rows, ``quality_reference()``)."""
     if out_dir is None and run_folder is None:
         raise ValueError("write_report: give run_folder, out_dir or both.")
     folder = Path(out_dir) if out_dir is not None else Path(run_folder) / REPORT_DIR
@@ -112,7 +115,9 @@ def write_report(
         "loss_fvu.png": lambda f: _plot_loss_fvu(f, train, evals),
         "l0_per_layer.png": lambda f: _plot_l0(f, feature_stats, train, eval_results),
         "density_histogram.png": lambda f: _plot_density(f, feature_stats, eval_results),
-        "fvu_vs_l0.png": lambda f: _plot_fvu_vs_l0(f, train, evals),
+        "fvu_vs_l0.png": lambda f: _plot_fvu_vs_l0(
+            f, train, evals, quality_reference() if reference is None else reference
+        ),
         "ce_recovered_per_layer.png": lambda f: _plot_ce_recovered(f, eval_results),
         "decoder_norm_by_offset.png": lambda f: _plot_offsets(f, feature_stats),
     }
@@ -221,7 +226,24 @@ def _plot_density(fig, fs: dict | None, ev: dict | None) -> bool:
     return True
 
 
-def _plot_fvu_vs_l0(fig, train: list[dict], evals: list[dict]) -> bool:
+QUALITY_REFERENCE = Path(__file__).with_name("quality_reference.json")
+
+
+def quality_reference() -> list[dict[str, Any]]:
+    """The quality benchmark's rows (``scripts/benchmark_quality.py``, copied into the package
+    with ``--write-reference``) as FVU–L0 points; [] when none are shipped."""
+    if not QUALITY_REFERENCE.is_file():
+        return []
+    doc = json.loads(QUALITY_REFERENCE.read_text(encoding="utf-8"))
+    recipe = doc.get("recipe", "quality benchmark")
+    return [
+        {"label": r["row"], "recipe": recipe, "l0": r["l0"], "fvu": r["fvu"]}
+        for r in doc.get("rows", [])
+        if _finite(r.get("l0")) and _finite(r.get("fvu"))
+    ]
+
+
+def _plot_fvu_vs_l0(fig, train: list[dict], evals: list[dict], reference: list[dict] | None = None) -> bool:
     pts = [(r["l0"], r["fvu"], r["step"]) for r in train if _finite(r.get("l0")) and _finite(r.get("fvu"))]
     epts = [
         (r["eval_l0"], r["eval_fvu"], r["step"])
@@ -242,9 +264,28 @@ def _plot_fvu_vs_l0(fig, train: list[dict], evals: list[dict]) -> bool:
         )
         fig.colorbar(sc, ax=ax, label="step")
     if epts:
-        ax.plot([p[0] for p in epts], [p[1] for p in epts], "r*-", ms=11, lw=1, label="held-out evals (labelled by step)")
+        ax.plot(
+            [p[0] for p in epts],
+            [p[1] for p in epts],
+            "r*-",
+            ms=11,
+            lw=1,
+            label="held-out evals (labelled by step)",
+        )
         for l0, fvu, step in epts:
             ax.annotate(f"{step}", (l0, fvu), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    for i, r in enumerate(reference or []):
+        legend = f"quality benchmark rows ({r.get('recipe', '')})" if i == 0 else None
+        ax.plot([r["l0"]], [r["fvu"]], "D", color="0.45", ms=6, label=legend)
+        # rows often sit close together: stagger their labels
+        ax.annotate(
+            r["label"],
+            (r["l0"], r["fvu"]),
+            textcoords="offset points",
+            xytext=(6, 8 - 10 * (i % 3)),
+            fontsize=7,
+            color="0.35",
+        )
     ax.set_yscale("log")
     ax.set(
         title="Sparsity vs reconstruction over training",
