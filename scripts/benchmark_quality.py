@@ -44,16 +44,12 @@ ROWS = {
     ],
 }
 
-# glibc otherwise returns every large freed block to the OS and each step page-faults again
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
-
 
 def run_row(name: str, overrides: list[str], folder: Path, eval_tokens: int) -> dict:
+    # run_train.sh: the user's command (its CPU allocator settings and the config check included)
     cmd = [
-        sys.executable,
-        "-m",
-        "torchtitan_clt.train",
-        "--job.config_file",
+        str(ROOT / "run_train.sh"),
+        "--config",
         str(CONFIG),
         f"--job.dump_folder={folder}",
         f"--job.name={name}",
@@ -64,7 +60,12 @@ def run_row(name: str, overrides: list[str], folder: Path, eval_tokens: int) -> 
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, **_MALLOC_ENV}, capture_output=True, text=True, check=False
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

@@ -197,8 +197,7 @@ def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
             )
         )
         weight_names["preact"] = "lambda_preact"
-    alpha = lc.auxk_alpha
-    if alpha > 0:
+    if lc.auxk_alpha > 0:
         if dead_features is None:
             raise ValueError(
                 "loss.auxk_alpha > 0 needs the dead-feature tracker: build_loss_fn(cfg, dead_features=tracker)."
@@ -208,5 +207,5 @@ def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
         def auxk(model: Transcoder, out: TranscoderOutput, y: torch.Tensor, step: int) -> torch.Tensor:
             return auxk_loss(model, out, y, dead_features.dead_mask(), k_aux)
 
-        terms.append(LossTerm("auxk", auxk, lambda step: alpha, scale=recon_dims))
+        terms.append(LossTerm("auxk", auxk, lambda step: lc.auxk_alpha, scale=recon_dims))
     return LossFn(terms, weight_names)
