@@ -60,6 +60,9 @@ def _worker(rank: int, world: int, store: str) -> None:
             weights.append([p.full_tensor().detach().clone() for p in model.parameters()])
         for a, b in zip(*weights):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        # both ranks done before either tears its pairs down (a rank exiting while its peer's
+        # last transfer is still closing is a teardown race gloo can report as an error)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
