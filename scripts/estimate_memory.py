@@ -195,12 +195,15 @@ def estimate(cfg, ngpu: int) -> dict:
     enc = 2 * L * F * d_model
     dec_dense = 2 * F * d_model * n_pairs
     dec_sparse = 2 * k * d_model * n_pairs
+    # The skip path costs 2x its forward in training, like the encoder.
+    skip = 2 * L * d_model * d_model if getattr(model, "W_skip", None) is not None else 0
     flops = {
         "encoder fwd": enc,
         "decoder fwd (dense)": dec_dense,
         "decoder fwd (sparse, k active/layer)": dec_sparse,
-        "train step, sparse decoder (fwd+bwd)": 2 * enc + 3 * dec_sparse,
-        "train step, dense decoder (fwd+bwd)": 2 * enc + 3 * dec_dense,
+        **({"skip path fwd": skip} if skip else {}),
+        "train step, sparse decoder (fwd+bwd)": 2 * (enc + skip) + 3 * dec_sparse,
+        "train step, dense decoder (fwd+bwd)": 2 * (enc + skip) + 3 * dec_dense,
     }
     if llm is not None:
         flops["LLM extraction (fwd, truncated)"] = 2 * llm["params"] * llm["used_frac"]

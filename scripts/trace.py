@@ -39,12 +39,13 @@ def load_transcoders(folder: Path, device, dtype):
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
-    from torchtitan_clt.checkpoint.circuit_tracer import CLT_KIND, read_config
+    from torchtitan_clt.checkpoint.circuit_tracer import CLT_KIND, load_clt_skip, read_config
 
     cfg = read_config(folder)
     hooks = dict(feature_input_hook=cfg["feature_input_hook"], feature_output_hook=cfg["feature_output_hook"])
     if cfg["model_kind"] == CLT_KIND:
-        return load_clt(str(folder), scan=SCAN, device=device, dtype=dtype, lazy_decoder=False, **hooks), cfg
+        clt = load_clt(str(folder), scan=SCAN, device=device, dtype=dtype, lazy_decoder=False, **hooks)
+        return load_clt_skip(clt, folder), cfg
     paths = {int(p.stem.split("_")[1]): str(p) for p in folder.glob("layer_*.safetensors")}
     ts = load_transcoder_set(
         paths, scan=SCAN, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=False, **hooks

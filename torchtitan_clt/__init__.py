@@ -15,7 +15,8 @@ def load_pretrained(path, device: str | torch.device = "cpu", dtype: torch.dtype
     repo (``"org/name"``, ``"org/name@revision"``, ``"hf://org/name/sub/folder"``) as a
     ``Transcoder`` in eval mode.
 
-    ``model.encode(x)`` / ``model.decode(acts)`` / ``model(x)`` take and give raw activations,
+    ``model.encode(x)`` / ``model.decode(acts, x)`` / ``model(x)`` take and give raw activations (x
+    in decode: the skip path of a dictionary that has one),
     ``x  # [N, n_layers, d_in]``. Imports torch lazily so that ``import torchtitan_clt`` stays light.
     """
     from torchtitan_clt.checkpoint.export import load_pretrained as _load

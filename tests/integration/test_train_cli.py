@@ -49,7 +49,7 @@ def test_debug_run_trains_logs_and_exports(tmp_path):
     assert y.shape == (5, 4, 64) and torch.isfinite(y).all()
     acts = model.encode(x)
     assert acts.shape == (5, 4, 128)
-    torch.testing.assert_close(model.decode(acts), y)
+    torch.testing.assert_close(model.decode(acts, x), y)  # x: the skip path (on by default)
 
 
 def test_resolved_config_reloads(tmp_path):

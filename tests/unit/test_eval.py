@@ -117,6 +117,8 @@ def _build(family, layers, d=64, F_=32, seed=0, act="relu", zero=False, **kw):
         if not zero:
             m.b_enc.copy_(0.2 * torch.randn(m.b_enc.shape, generator=g))
             m.b_dec.copy_(0.1 * torch.randn(m.b_dec.shape, generator=g))
+            if getattr(m, "W_skip", None) is not None:  # zero at init: make the skip path write
+                m.W_skip.copy_(0.2 * torch.randn(m.W_skip.shape, generator=g))
     if not zero:  # standardization buffers in play: the fast paths must apply them too
         L = len(layers)
         m.set_standardization(
@@ -285,14 +287,19 @@ FAMILIES = {
     "matryoshka_clt": dict(act="topk", k=4),
     "plt": dict(act="relu"),
     "molt": dict(act="relu", extra={"molt_ranks": [4, 2]}),
+    # model.skip_connection: the spliced target gains the linear path from its own layer's input
+    "clt+skip": dict(act="relu", skip_connection=True),
+    "matryoshka_clt+skip": dict(act="topk", k=4, skip_connection=True),
+    "plt+skip": dict(act="relu", skip_connection=True),
 }
 
 
 @pytest.mark.parametrize("fast", [True, False])
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_closed_loop_matches_fixed_point_reference(llama, family, fast, monkeypatch):
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_closed_loop_matches_fixed_point_reference(llama, case, fast, monkeypatch):
     monkeypatch.setattr(splice, "FAST_PATHS", fast)
-    clt = _build(family, [0, 1, 3], seed=3, **FAMILIES[family])
+    family = case.split("+")[0]
+    clt = _build(family, [0, 1, 3], seed=3, **FAMILIES[case])
     assert is_cross_layer(clt) == (family in ("clt", "matryoshka_clt"))
     ops = splice._LayerOps(clt)
     assert (ops.clt or ops.plt) == (fast and family != "molt")

@@ -175,7 +175,7 @@ def test_export_script_saelens_from_a_checkpoint(tmp_path):
     x = torch.randn(32, 2, 8)
     for i in range(2):
         sl = Transcoder.load_from_disk(run / "exports" / "step-2" / "saelens" / f"layer_{i}")
-        assert sl.cfg.architecture() == "jumprelu_transcoder"
+        assert sl.cfg.architecture() == "jumprelu_skip_transcoder"  # PLTs train with a skip path by default
         with torch.no_grad():
             assert rel(sl(x[:, i]), model(x)[:, i]) < 1e-4
     assert script.main([str(tmp_path / "clt"), "--format", "saelens"]) == 2

@@ -5,6 +5,9 @@ CLT folder: per source layer l, ``W_enc_{l}.safetensors`` holding ``W_enc_{l}  #
 ``threshold_{l}  # [F]`` (θ itself, not log θ); ``W_dec_{l}.safetensors`` holding
 ``W_dec_{l}  # [F, L−l, d]``. PLT set: ``layer_{l}.safetensors`` with ``W_enc  # [F, d]``,
 ``W_dec  # [F, d]``, ``b_enc  # [F]``, ``b_dec  # [d]`` and ``activation_function.threshold  # [F]``.
+A skip path (``model.skip_connection``) goes to ``W_skip_{l}  # [d, d]`` in the CLT's encoder files
+(circuit-tracer's ``load_clt`` skips it: ``load_clt_skip`` attaches it) and ``W_skip  # [d, d]``
+(x @ W_skip.T) in each PLT layer file, which ``load_transcoder_set`` reads.
 Both carry ``config.yaml``: ``model_kind``, ``model_name``, ``feature_input_hook``,
 ``feature_output_hook`` (circuit-tracer's TransformerLens hook names).
 
@@ -328,12 +331,13 @@ def load_circuit_tracer(
             else None
         )
         W_dec = {f"W_dec.{i}": _read(folder / f"W_dec_{i}.safetensors")[f"W_dec_{i}"] for i in range(L)}
+        W_skip = torch.stack([enc[i][f"W_skip_{i}"] for i in range(L)]) if "W_skip_0" in enc[0] else None
         family = "clt"
     elif kind == PLT_KIND:
         layers = [_read(p) for p in _layer_files(folder, r"^layer_(\d+)\.safetensors$")]
-        if "W_skip" in layers[0]:
-            raise ValueError(f"{folder}: transcoders with skip connections (W_skip) are not supported.")
         L = len(layers)
+        # Stored [d_out, d_in] (x @ W_skip.T); ours is [L, d_in, d_out].
+        W_skip = torch.stack([s["W_skip"].T for s in layers]) if "W_skip" in layers[0] else None
         W_enc = torch.stack([s["W_enc"] for s in layers])
         b_enc = torch.stack([s["b_enc"] for s in layers])
         b_dec = torch.stack([s["b_dec"] for s in layers])
@@ -358,6 +362,7 @@ def load_circuit_tracer(
         hook_in=back[hooks[0]],
         hook_out=back[hooks[1]],
         layers=list(range(L)),
+        skip_connection=W_skip is not None,
     )
     with torch.device("meta"):
         model = model_registry.get(family).build_fn(args)
@@ -365,11 +370,30 @@ def load_circuit_tracer(
     model.reset_standardization()
     sd = dict(model.state_dict())
     sd.update({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, **W_dec})
+    if W_skip is not None:
+        sd["W_skip"] = W_skip.contiguous()
     if theta is not None:
         # θ = 0 gives log θ = -inf, whose exp is 0 again: JumpReLU(0) is ReLU, exactly.
         sd["activation.log_threshold"] = theta.float().log()
     model.load_state_dict(sd)
     return model.eval()
+
+
+def load_clt_skip(clt: Any, folder: str | Path) -> Any:
+    """Give circuit-tracer's ``CrossLayerTranscoder`` (from ``load_clt(folder)``) the skip path our
+    export writes as ``W_skip_{l}`` in ``W_enc_{l}.safetensors``: circuit-tracer's class runs
+    ``W_skip`` (reconstruction and attribution), but its ``load_clt`` does not read it (0.5.0).
+    Returns ``clt``, unchanged when the folder has no skip path."""
+    folder = Path(folder)
+    files = _layer_files(folder, r"^W_enc_(\d+)\.safetensors$")
+    with safe_open(str(files[0]), framework="pt") as f:
+        if "W_skip_0" not in f.keys():
+            return clt
+    ref = clt.b_dec
+    W = torch.stack([_read(p)[f"W_skip_{i}"] for i, p in enumerate(files)]).to(ref.device, ref.dtype)
+    clt.W_skip = torch.nn.Parameter(W, requires_grad=False)  # [L, d, d], as its x @ W_skip[l]
+    clt.skip_connection = True
+    return clt
 
 
 def is_circuit_tracer_folder(path: str | Path) -> bool:

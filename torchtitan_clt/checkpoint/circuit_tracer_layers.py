@@ -80,6 +80,10 @@ def clt_layers(
             th = t(theta[j]) if theta is not None else None
         # b_dec_{i} is the bias of target layer i (zero where nothing is reconstructed).
         enc[f"b_dec_{i}"] = t(model.b_dec[j]) if j is not None else torch.zeros(d, dtype=dtype)
+        if model.W_skip is not None:
+            # [d_in, d_out], as the CLT's x @ W_skip[i]; load_clt does not read it (load_clt_skip does).
+            skip = model.W_skip[j] if j is not None else torch.zeros(model.args.d_in, d)
+            enc[f"W_skip_{i}"] = t(skip)
         if theta is not None:
             enc[f"threshold_{i}"] = th
         yield i, enc, {f"W_dec_{i}": w_dec.contiguous()}
@@ -110,6 +114,11 @@ def plt_layers(
                 "b_dec": t(model.b_dec[j]),
             }
             th = t(theta[j]) if theta is not None else None
+        if model.W_skip is not None:
+            # [d_out, d_in]: circuit-tracer's single-layer transcoder adds x @ W_skip.T.
+            sd["W_skip"] = (
+                t(model.W_skip[j].T) if j is not None else torch.zeros(d, model.args.d_in, dtype=dtype)
+            )
         if theta is not None:
             sd["activation_function.threshold"] = th
         yield i, sd

@@ -211,6 +211,7 @@ def render_model_card(
         out.append("- `report/`: the run's evaluation (`eval.json`) and plots.")
     if "training_config.toml" in files:
         out.append("- `training_config.toml`: the training configuration.")
+    skip = bool(a.get("skip_connection"))
     out.append("\n## Load it\n")
     out += [
         "```python",
@@ -218,7 +219,7 @@ def render_model_card(
         "",
         f'model = torchtitan_clt.load_pretrained("{repo_id}")  # "{repo_id}@<revision>" for a branch, tag or commit',
         f"acts = model.encode(x)     # x [N, {len(layers)}, {a.get('d_in', 'd_in')}] raw activations -> [N, {len(layers)}, {a.get('features_per_layer', 'F')}]",
-        "y_hat = model.decode(acts)  # raw units",
+        "y_hat = model.decode(acts, x)  # raw units" + ("; x adds the skip path" if skip else ""),
         "```",
         "",
     ]
@@ -236,6 +237,15 @@ def render_model_card(
             f'or as a torchtitan_clt model: `torchtitan_clt.load_pretrained("hf://{repo_id}/circuit_tracer")`.',
             "",
         ]
+        if skip and a.get("family") != "plt":
+            out += [
+                "This CLT has a skip path (`W_skip_{l}` in `W_enc_{l}.safetensors`), which circuit-tracer's "
+                "`load_clt` does not read: without it the replacement model leaves that part of each MLP "
+                "output to the error nodes. Load the transcoder with `load_clt` and then "
+                "`torchtitan_clt.checkpoint.circuit_tracer.load_clt_skip(clt, folder)`, and pass it to "
+                "`ReplacementModel.from_pretrained_and_transcoders`.",
+                "",
+            ]
     else:
         out.append(
             "No `circuit_tracer/` folder here: circuit-tracer loads CLTs and per-layer transcoders that "

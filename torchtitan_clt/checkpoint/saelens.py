@@ -15,7 +15,9 @@ from its ``saes/*.py`` and ``loading/pretrained_sae_loaders.py``; checked by
 
 Architectures: an SAE (``model.name = 'sae'``) goes to ``standard`` (ReLU), ``jumprelu``
 (JumpReLU, and BatchTopK: in eval mode it *is* JumpReLU with its tracked threshold) or ``topk``; a
-per-layer transcoder to ``transcoder`` (ReLU) or ``jumprelu_transcoder`` (JumpReLU, BatchTopK).
+per-layer transcoder to ``transcoder`` (ReLU) or ``jumprelu_transcoder`` (JumpReLU, BatchTopK),
+or, with a skip path (``model.skip_connection``), to ``skip_transcoder`` / ``jumprelu_skip_transcoder``
+with ``W_skip  # [d_out, d_in]``.
 sae-lens has no TopK transcoder and no crosslayer or MOLT form: those are refused with the reason.
 Standardization is folded first, so every folder takes and gives raw activations.
 """
@@ -78,8 +80,10 @@ def saelens_architecture(model: torch.nn.Module) -> str:
             )
     act = model.activation
     is_sae = args.family == "sae"
+    # A skip transcoder (model.skip_connection) is sae-lens' skip variant of the same architecture.
+    skip = "skip_" if getattr(model, "W_skip", None) is not None else ""
     if isinstance(act, ReLU):
-        return "standard" if is_sae else "transcoder"
+        return "standard" if is_sae else f"{skip}transcoder"
     if isinstance(act, TopK):
         if is_sae:
             return "topk"
@@ -96,7 +100,7 @@ def saelens_architecture(model: torch.nn.Module) -> str:
                 f"{(updates == 0).nonzero().flatten().tolist()} was never estimated (it is tracked "
                 "while training); train some steps before exporting."
             )
-        return "jumprelu" if is_sae else "jumprelu_transcoder"
+        return "jumprelu" if is_sae else f"jumprelu_{skip}transcoder"
     raise SAELensExportError(
         f"{what}: activation {type(act).__name__} is neither ReLU, JumpReLU nor TopK, the "
         "activations sae-lens can run; use the native export (load_pretrained)."
@@ -187,6 +191,8 @@ def export_saelens(
             }
             if theta is not None:
                 sd["threshold"] = t(theta[i])
+            if copy.W_skip is not None:
+                sd["W_skip"] = t(copy.W_skip[i].T)  # [d_out, d_in]: sae-lens adds x @ W_skip.T
             save_file(sd, str(sub / WEIGHTS_FILE))
             cfg = layer_config(copy, i, architecture, dtype, dict(metadata or {}))
             (sub / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Families whose target differs from their input and whose decoder is the features' alone: the
+# ones ``model.skip_connection`` applies to.
+SKIP_FAMILIES = ("clt", "matryoshka_clt", "plt")
+
 
 @dataclass
 class Job:
@@ -76,6 +80,16 @@ class Model:
 
     tied_init: bool = True
     """Initialize the encoder as the transpose of the decoder."""
+
+    skip_connection: Literal["auto", "true", "false"] = "auto"
+    """A linear path from each layer's input to its own target, trained with the features:
+    ŷ_l += x_l W_skip,l (``W_skip  # [L, d_in, d_out]``, zero at init), as in skip transcoders
+    (Paulo et al. 2025, "Transcoders beat sparse autoencoders for interpretability"). The
+    features are left to explain what a linear map cannot. ``clt``, ``matryoshka_clt`` and
+    ``plt`` only (an SAE's skip path would be the identity; a MOLT's transforms already are linear
+    maps of the input). ``auto``: on for those families (it lowered the quality benchmark's
+    held-out FVU the most of everything tried: benchmarks/results/), off for the others. Exported
+    natively, to circuit-tracer (``W_skip``; ``load_clt_skip`` for a CLT) and to sae-lens."""
 
     b_dec_init: Literal["auto", "zero", "mean"] = "auto"
     """Initial output bias: ``zero``, or ``mean`` (the target mean, estimated with the

@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from torchtitan_clt.config.job_config import JobConfig
+from torchtitan_clt.config.job_config import SKIP_FAMILIES, JobConfig
 
 HELP_HINT = "Run `./run_train.sh --help` to list every field with its documentation."
 
@@ -66,6 +66,8 @@ def _coerce(value: Any, tp: Any, where: str, from_cli: bool) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and "true" in choices:
+            value = str(value).lower()  # TOML true / false for an "auto" / "true" / "false" switch
         if from_cli and isinstance(value, str) and not isinstance(choices[0], str):
             value = _coerce(value, type(choices[0]), where, True)
         if value not in choices:
@@ -200,6 +202,12 @@ def validate(cfg: JobConfig) -> None:
     need(m.jumprelu_bandwidth > 0, "model.jumprelu_bandwidth must be positive.")
     need(0 < m.threshold_ema_decay < 1, "model.threshold_ema_decay must be in (0, 1).")
     need(m.jumprelu_threshold_init > 0, "model.jumprelu_threshold_init must be positive.")
+    need(
+        m.skip_connection != "true" or m.name in SKIP_FAMILIES,
+        f"model.skip_connection is for {', '.join(SKIP_FAMILIES)} (got model.name = {m.name!r}): an "
+        "SAE's skip path would be the identity and a MOLT's transforms are linear maps already; set "
+        'model.skip_connection = "false" (or "auto").',
+    )
 
 
 def load_config(

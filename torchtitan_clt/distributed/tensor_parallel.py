@@ -41,6 +41,7 @@ from torchtitan_clt.protocols.transcoder import TranscoderOutput
 # Methods run on local shards. forward_std / encode / decode / forward are the entry points;
 # the inner ones are wrapped too so a direct call also works (the swap is re-entrant).
 LOCAL_METHODS = ("forward_std", "encode", "decode", "forward", "pre_acts", "decoder_norms", "decode_std")
+LOCAL_METHODS += ("skip_std",)
 
 
 def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:

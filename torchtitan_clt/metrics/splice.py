@@ -9,6 +9,8 @@ attribute if it has one, else whether it has per-source decoders ``W_dec[s]  # [
 A family whose decoder also reads the input (``decode_needs_input``, MOLT) is decoded with it:
 source s's write is ``decode(A_s, X_s) − decode(0, X_s)`` and the bias path ``decode(0, 0)``,
 exact when all-zero features give an output that does not depend on the input (MOLT: b_dec).
+A skip path (``W_skip``, ``model.skip_connection``) reads only its own layer's input and writes
+its own target: ``skip_write`` adds it to that target, beside what the features write.
 Cost: one full-width encode and decode per covered layer and forward, in token chunks.
 
 Fast paths (same numbers, L× less work): the built-in families' own per-layer pieces are used
@@ -127,7 +129,19 @@ class _LayerOps:
         """Layer i's output  # [c, d_out] raw."""
         tc = self.tc
         a = self.encode(i, x).to(tc.W_dec.dtype)
-        return (a @ tc.W_dec[i] + tc.b_dec[i]).float() * tc.out_scale[i] + tc.out_mean[i]
+        y = (a @ tc.W_dec[i] + tc.b_dec[i]).float() * tc.out_scale[i] + tc.out_mean[i]
+        skip = skip_write(tc, i, x)
+        return y if skip is None else y + skip
+
+
+def skip_write(tc: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor | None:
+    """Layer i's skip path from its input ``x  # [c, d_in]`` raw to its own target  # [c, d_out]
+    raw, no bias (None without one)."""
+    W = getattr(tc, "W_skip", None)
+    if W is None:
+        return None
+    xs = (x - tc.in_mean[i]) / tc.in_scale[i]
+    return (xs.to(W.dtype) @ W[i]).float() * tc.out_scale[i]
 
 
 class _Writes:
@@ -173,6 +187,8 @@ class _Writes:
                     y[:, [k for k, _ in later]] += w[:, [o for _, o in later]]
             else:
                 y += self._generic_write(i, xc)[:, self.targets]
+            if self.cross and i in self.targets and (skip := skip_write(self.tc, i, xc)) is not None:
+                y[:, self.targets.index(i)] += skip  # decode() above leaves the skip path out
 
     def _one_layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         X = torch.zeros(x.shape[0], self.L, self.d_in, device=self.device)
@@ -189,6 +205,8 @@ class _Writes:
         """``decode`` of any family: ``x  # [c, L, d_in]`` raw goes to those that read it."""
         if getattr(self.tc, "decode_needs_input", False):
             return self.tc.decode(acts, x)
+        if getattr(self.tc, "W_skip", None) is not None:
+            return self.tc.decode(acts, features_only=True)  # skip_write adds the skip path
         return self.tc.decode(acts)
 
     def _generic_write(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +217,7 @@ class _Writes:
         if getattr(self.tc, "decode_needs_input", False):
             # The zero-feature output at this input, not at x = 0: exactly source i's write.
             return (self._decode(A, X) - self._decode(torch.zeros_like(A), X)).float()
-        return self.tc.decode(A).float() - self.base  # [c, L, d_out]: source i's write
+        return self._decode(A, X).float() - self.base  # [c, L, d_out]: source i's write
 
     def output(self, i: int) -> torch.Tensor:
         """Replacement at dictionary layer i  # [n, d_out]."""

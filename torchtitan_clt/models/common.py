@@ -110,6 +110,10 @@ class LayerwiseTranscoder(Transcoder):
         self.W_enc = new_param(L, F, args.d_in, dtype=dtype)
         self.b_enc = new_param(L, F, dtype=dtype)
         self.b_dec = new_param(L, args.d_out, dtype=dtype)
+        if args.skip_connection:
+            self.W_skip = new_param(L, args.d_in, args.d_out, dtype=dtype)
+        else:
+            self.register_parameter("W_skip", None)
         self.activation = activation_registry.get(args.activation)(args)
 
     def local_features(self) -> int:
@@ -163,7 +167,7 @@ class LayerwiseTranscoder(Transcoder):
             a = self.activation(h)
             support = self.activation.grad_support(h) if self.training else None
             y = self.decode_std(a) if support is None else self.decode_std(a, support=support)
-            return TranscoderOutput(pre_acts=h, acts=a, y_hat=y, dec_norms=dec_norms)
+            return TranscoderOutput(pre_acts=h, acts=a, y_hat=self._add_skip(y, xs), dec_norms=dec_norms)
         g, act = self.mesh_groups, self.activation
         out = sparse_forward(
             xs,
@@ -181,9 +185,31 @@ class LayerwiseTranscoder(Transcoder):
         return TranscoderOutput(
             pre_acts=out.pre_acts,
             acts=out.to_dense(self.local_features()),
-            y_hat=out.y_hat,
+            y_hat=self._add_skip(out.y_hat, xs),
             dec_norms=dec_norms,
         )
+
+    def skip_std(self, xs: torch.Tensor) -> torch.Tensor | None:
+        # Replicated under tp and added after the feature partials are summed: counted once.
+        if self.W_skip is None:
+            return None
+        W = self.W_skip  # [L, d_in, d_out]
+        return torch.bmm(xs.to(W.dtype).transpose(0, 1), W).transpose(0, 1)  # [B, L, d_out]
+
+    def _add_skip(self, y: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        skip = self.skip_std(xs)
+        return y if skip is None else y + skip.to(y.dtype)
+
+    @torch.no_grad()
+    def fold_standardization(self) -> None:
+        # Skip path in standardized units: S (x − μ)/σ → raw x: (S/σ) x − (μ/σ)·S, the constant
+        # going to b_dec before the family scales b_dec and the outputs by σ' (and adds μ').
+        if self.W_skip is not None:
+            S = self.W_skip.float() / self.in_scale[:, :, None]
+            b = self.b_dec.float() - torch.einsum("ld,lde->le", self.in_mean, S)
+            self.b_dec.copy_(b.to(self.b_dec.dtype))
+            self.W_skip.copy_((S * self.out_scale[:, None, :]).to(self.W_skip.dtype))
+        super().fold_standardization()
 
     def decode_selected(self, idx: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The sparse decoder: ``idx, vals [N, L, K]`` (this rank's features) -> ``[N, L, d_out]``."""
@@ -212,7 +238,10 @@ class LayerwiseTranscoder(Transcoder):
         init_param_(self.b_enc, Constant((L, F)))
 
     def _finish_init(self) -> None:
-        """Non-weight state: identity standardization and the activation's own init."""
+        """The skip path at zero (skip transcoders start as the plain dictionary), identity
+        standardization and the activation's own init."""
+        if self.W_skip is not None:
+            init_param_(self.W_skip, Constant(tuple(self.W_skip.shape)))
         self.reset_standardization()
         init = getattr(self.activation, "init_weights", None)
         if init is not None:

@@ -67,7 +67,7 @@ def _batches(batches: Iterable | None) -> list[tuple[torch.Tensor, torch.Tensor 
 
 
 def _decode_raw(model: Transcoder, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return model.unstandardize_out(model.decode_std_with(acts, model.standardize_in(x)))
+    return model.unstandardize_out(model.reconstruct_std(acts, model.standardize_in(x)))
 
 
 @torch.no_grad()
@@ -271,6 +271,7 @@ def to_jumprelu(
     ys = None  # raw targets of the calibration rows, for the threshold fit and the decoder refit
     if calib:
         xss = [src.standardize_in(x) for x, _ in calib]
+        xs_all = torch.cat(xss)
         hs = [src.pre_acts(xs).float() for xs in xss]
         sel = [source_acts(src, h) for h in hs]  # BatchTopK: per batch as given
         fired = torch.cat([a != 0 for a in sel])  # [N, L, F]
@@ -289,7 +290,7 @@ def to_jumprelu(
             # y when the batches have it, else what the source model writes.
             ys = torch.cat(
                 [
-                    y.float() if y is not None else src.unstandardize_out(src.decode_std_with(a, xs)).float()
+                    y.float() if y is not None else src.unstandardize_out(src.reconstruct_std(a, xs)).float()
                     for (_, y), a, xs in zip(calib, sel, xss)
                 ]
             )
@@ -298,7 +299,7 @@ def to_jumprelu(
             theta, gain, shift, report["refine_history"] = fit_thresholds(
                 src,
                 h,
-                torch.cat(xss),
+                xs_all,
                 ys,
                 theta.to(h.device),
                 target.float() / h.shape[0],
@@ -313,10 +314,13 @@ def to_jumprelu(
         del xss
     new = _jumprelu_model(src, theta, encoder)
     if report["refit_decoder"]:
-        # The converted codes are its activation of the pre-activations already at hand.
-        fit_decoder(new, new.activation(h).float(), new.standardize_out(ys).float())
+        # The converted codes are its activation of the pre-activations already at hand; the
+        # decoder is fitted to what the skip path (if any) leaves.
+        target = new.standardize_out(ys).float()
+        skip = new.skip_std(xs_all)
+        fit_decoder(new, new.activation(h).float(), target if skip is None else target - skip.float())
     if calib:
-        del h
+        del h, xs_all
     report.update(converted=True, calibrated=bool(calibrate and calib), family=new.args.family)
     ev = eval_batches if eval_batches is not None else (calib or None)
     if ev is not None:

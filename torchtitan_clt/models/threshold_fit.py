@@ -41,7 +41,7 @@ def fit_thresholds(
     """θ  # [L, F] after ``steps`` Adam steps on minibatches of the N rows, and a short history.
 
     ``h  # [N, L, F]`` pre-activations, ``xs  # [N, L, d_in]`` standardized inputs (read by a
-    MOLT's decoder only), ``ys  # [N, L, d_out]`` raw targets (FVU in raw units, as reported), ``target_l0  # [L]``
+    MOLT's decoder and the skip path), ``ys  # [N, L, d_out]`` raw targets (FVU in raw units, as reported), ``target_l0  # [L]``
     features per token. θ = 0 features (ReLU) stay at 0; the model's parameters are not trained.
     Returns (θ, gain, shift, history), gain and shift  # [L, F] (1 and 0 when not fitted)."""
     N, L, F = h.shape
@@ -69,9 +69,7 @@ def fit_thresholds(
                 th = log_theta.exp().masked_fill(fixed, 0.0)
                 # One jumprelu call per layer: its bandwidth is a float, and ours is per layer.
                 a = torch.stack([jumprelu(hb[:, k], th[k], float(eps[k])) for k in range(L)], dim=1)
-                y_hat = model.unstandardize_out(
-                    model.decode_std_with(a, xs[rows] if model.decode_needs_input else None)
-                )
+                y_hat = model.unstandardize_out(model.reconstruct_std(a, xs[rows]))
                 fvu = (yb - y_hat.float()).pow(2).sum(-1).mean(0) / var  # [L]
                 l0 = torch.stack([step(hb[:, k], th[k], float(eps[k])).sum(-1).mean() for k in range(L)])
                 pen = ((l0 - target_l0) / target_l0.clamp_min(1e-6)).pow(2)

@@ -35,6 +35,14 @@ def _needs_decoder_norms(loss_cfg: Any) -> bool:
     return loss_cfg.sparsity != "none" or loss_cfg.lambda_preact > 0
 
 
+def skip_connection_of(model_cfg: Any) -> bool:
+    """Whether ``model.skip_connection`` (``auto`` / ``true`` / ``false``) turns the skip path on."""
+    from torchtitan_clt.config.job_config import SKIP_FAMILIES
+
+    setting = model_cfg.skip_connection
+    return model_cfg.name in SKIP_FAMILIES if setting == "auto" else setting == "true"
+
+
 def family_fields(model_cfg: Any) -> dict[str, Any]:
     """The [model] fields that belong to one family, named ``<family's first word>_...``
     (``molt_ranks`` for ``molt``, ``matryoshka_prefixes`` for ``matryoshka_clt``): they travel in
@@ -75,6 +83,8 @@ class TranscoderArgs:
     """Initial norm of each feature's decoder row (0: family default)."""
     tied_init: bool = True
     """Initialize the encoder from the decoder."""
+    skip_connection: bool = False
+    """A trained linear path ``W_skip  # [L, d_in, d_out]`` from x_l to ŷ_l (``model.skip_connection``)."""
     dtype: str = "float32"
     """Parameter dtype."""
     decoder_norm: str = "concat"
@@ -119,6 +129,7 @@ class TranscoderArgs:
             threshold_ema_decay=m.threshold_ema_decay,
             decoder_init_norm=m.decoder_init_norm,
             tied_init=m.tied_init,
+            skip_connection=skip_connection_of(m),
             dtype=m.dtype,
             decoder_norm=cfg.loss.decoder_norm if _needs_decoder_norms(cfg.loss) else "none",
             extra=family_fields(m),
@@ -256,12 +267,28 @@ class Transcoder(nn.Module):
         """x  # [N, L, d_in] raw -> acts  # [N, L, F]"""
         return self.activation(self.pre_acts(self.standardize_in(x)))
 
-    def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        """acts  # [N, L, F] -> y_hat  # [N, L, d_out] raw"""
-        return self.unstandardize_out(self.decode_std(acts))
+    def decode(
+        self, acts: torch.Tensor, x: torch.Tensor | None = None, *, features_only: bool = False
+    ) -> torch.Tensor:
+        """acts  # [N, L, F] -> y_hat  # [N, L, d_out] raw. A dictionary with a skip path
+        (``model.skip_connection``) also needs its input ``x  # [N, L, d_in]`` raw, whose linear
+        path is added; ``features_only=True`` leaves it out (what the features and the bias write)."""
+        y = self.decode_std(acts)
+        if not features_only and getattr(self, "W_skip", None) is not None:
+            if x is None:
+                raise ValueError(
+                    "this dictionary has a skip path (W_skip): its output depends on the input too. "
+                    "Call model.decode(acts, x) or model(x); model.decode(acts, features_only=True) "
+                    "gives what the features and the bias write alone."
+                )
+            y = y + self.skip_std(self.standardize_in(x))
+        return self.unstandardize_out(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        skip = self.skip_std(self.standardize_in(x))
+        if skip is None:  # decode(acts): a family may override it with that signature
+            return self.decode(self.encode(x))
+        return self.decode(self.encode(x), x)
 
     # --- training path (standardized units) ------------------------------------------------
     def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
@@ -297,6 +324,17 @@ class Transcoder(nn.Module):
                 raise ValueError(f"{type(self).__name__} decodes from the input too: pass xs.")
             return self.decode_std(acts, xs)
         return self.decode_std(acts)
+
+    def skip_std(self, xs: torch.Tensor) -> torch.Tensor | None:
+        """The linear skip path  # [B, L, d_out] standardized (None without one)."""
+        return None
+
+    def reconstruct_std(self, acts: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """The whole standardized ŷ from features ``acts`` at input ``xs``: decoder, bias and
+        skip path (``decode_std_with`` leaves the skip path out)."""
+        y = self.decode_std_with(acts, xs)
+        skip = self.skip_std(xs)
+        return y if skip is None else y + skip
 
     def decoder_norms(self, mode: str = "concat") -> torch.Tensor:
         """Per-feature decoder norm  # [L, F]; ``mode`` is ``concat`` or ``sum`` over targets."""

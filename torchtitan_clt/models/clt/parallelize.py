@@ -12,6 +12,7 @@ CLT_TP_PLAN: dict[str, int | None] = {
     r"b_enc": 1,  # [L, F]
     r"W_dec\.\d+": 0,  # [F, L-s, d_out] per source layer s
     r"activation\.log_threshold": 1,  # [L, F] (JumpReLU)
+    r"W_skip": None,  # [L, d_in, d_out]: replicated, added after the partial sums (skip_connection)
     r"b_dec": None,  # [L, d_out]: added once, after the decoder's partial sums are reduced
 }
 

@@ -64,7 +64,7 @@ class MatryoshkaCLT(CrossLayerTranscoder):
     def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
         h = self.pre_acts(xs)
         a = self.activation(h)
-        ys = self.decode_prefixes_std(a)
+        ys = [self._add_skip(y, xs) for y in self.decode_prefixes_std(a)]  # every prefix has the skip path
         return TranscoderOutput(
             pre_acts=h,
             acts=a,
