@@ -12,7 +12,9 @@ inside a run folder. Of ``--data``, only the documents a training stream holds o
 99) are read, so the training text is never scored; ``--whole`` reads every document (for a text
 the dictionary never trained on). Writes ``eval.json`` and PNG plots to ``--out`` (default
 ``<run>/report``, or ``./eval_report`` outside a run folder), with the training curves when the
-run's ``metrics.jsonl`` is there.
+run's ``metrics.jsonl`` is there. A BatchTopK checkpoint's inference threshold is first fitted on
+``checkpoint.export_calibration_tokens`` rows of the run's training text (k per token and layer on
+them), as the end of a run does before its own eval and export.
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ def load_dictionary(path: Path, step: int | None, device: str):
 
     model, meta = load_model_from_checkpoint(path, step=step, device=device)
     return model.float().eval(), f"checkpoint step {meta.get('step')}"
+
+
+def calibrate_batchtopk(run: Path | None, model, tokens: int) -> str:
+    """A BatchTopK checkpoint holds the threshold tracked in training; fit its inference threshold
+    on ``tokens`` rows of the run's training text (k per token and layer on them), as the end of
+    a run does for its own eval and export. Returns what was done, for the log line."""
+    from torchtitan_clt.checkpoint.calibration import run_batches
+    from torchtitan_clt.models.conversion import fit_batchtopk_threshold
+
+    fit = fit_batchtopk_threshold(model, run_batches(run, model, tokens, why="eval")[0])
+    if fit is None:
+        return " (BatchTopK: threshold tracked in training)"
+    return f" (BatchTopK threshold fitted on {fit['tokens']} training tokens)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluator = Evaluator(cfg, device)
         for k, step in enumerate(steps):
             model, kind = load_dictionary(args.path, step, device)
+            if kind.startswith("checkpoint") and model.args.activation == "batchtopk":
+                kind += calibrate_batchtopk(run, model, cfg.checkpoint.export_calibration_tokens)
             print(
                 f"Loaded {kind}: {model.args.family}, layers {model.args.layers}, "
                 f"{model.args.hook_in} -> {model.args.hook_out}, {model.args.features_per_layer} features/layer"

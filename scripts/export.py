@@ -12,7 +12,8 @@ A TopK / BatchTopK model goes to circuit-tracer as JumpReLU, its thresholds cali
 ``--calib-tokens`` tokens of the run's training text (its LLM and dataset, from config.toml) and
 the result measured on ``--eval-tokens`` held-out tokens: ``circuit_tracer/conversion.json``. With
 ``--calib-tokens 0``, or when the LLM or the text cannot be read, the tracked per-layer threshold is
-exported instead, with a warning.
+exported instead, with a warning. A BatchTopK model's inference threshold is fitted on the same
+training rows (k features per token and layer on them, as at the end of a run) before any export.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -32,35 +32,15 @@ logger = logging.getLogger("export")
 
 
 def conversion_batches(run: Path | None, model, calib_tokens: int, eval_tokens: int):
-    """(calibration, held-out) raw activation batches for a TopK / BatchTopK model's JumpReLU
-    conversion, from the run's LLM and text; ([], None) with a warning when they cannot be had."""
+    """(calibration, held-out) raw activation batches for a TopK / BatchTopK model (its JumpReLU
+    conversion, and BatchTopK's inference threshold), from the run's LLM and text; ([], None)
+    with a warning when they cannot be had."""
+    from torchtitan_clt.checkpoint.calibration import run_batches
     from torchtitan_clt.models.activations import BatchTopK, TopK
 
-    if not isinstance(model.activation, (TopK, BatchTopK)) or calib_tokens <= 0:
+    if not isinstance(model.activation, (TopK, BatchTopK)):
         return [], None
-    try:
-        if run is None:
-            raise FileNotFoundError("no run folder (config.toml) to read the LLM and text from")
-        from torchtitan_clt.checkpoint.calibration import activation_batches
-        from torchtitan_clt.config.manager import load_config
-        from torchtitan_clt.data.llm import load_llm
-
-        cfg = load_config(["--config", str(run / "config.toml")], check=False)
-        if cfg.data.source == "synthetic":
-            raise ValueError("the run trained on synthetic activations, which have no LLM or text")
-        llm, tok = load_llm(cfg.data.model_path, cfg.data.model_dtype, "cpu")
-        a = model.args
-        kw = dict(llm=llm, tokenizer=tok, layers=list(a.layers), hooks=(a.hook_in, a.hook_out))
-        calib = activation_batches(cfg, calib_tokens, "train", **kw)
-        held = activation_batches(cfg, eval_tokens, "held_out", **kw) if eval_tokens > 0 else None
-        return calib, held or None
-    except Exception as e:  # noqa: BLE001  (any failure to read data falls back, loudly)
-        warnings.warn(
-            f"export: no calibration activations ({type(e).__name__}: {e}); the {model.args.activation} "
-            "model is exported with its tracked per-layer threshold.",
-            stacklevel=2,
-        )
-        return [], None
+    return run_batches(run, model, calib_tokens, eval_tokens, why="export")
 
 
 def export_checkpoint(
@@ -77,6 +57,7 @@ def export_checkpoint(
     from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
     from torchtitan_clt.checkpoint.export import export_native
     from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint, resolve_checkpoint
+    from torchtitan_clt.models.conversion import fit_batchtopk_threshold
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r}).")
@@ -93,10 +74,22 @@ def export_checkpoint(
     out = Path(out) if out is not None else (run or ckpt.parent.parent) / "exports" / f"step-{meta['step']}"
     written: dict[str, Path] = {}
     extra = {"checkpoint": str(ckpt), "step": meta["step"]}
+    to_ct = fmt in ("circuit_tracer", "both")
+    calib, held = [], None
+    if to_ct or model.args.activation == "batchtopk":  # the JumpReLU conversion; BatchTopK's threshold
+        calib, held = conversion_batches(run, model, calib_tokens, eval_tokens if to_ct else 0)
+    fit = fit_batchtopk_threshold(model, calib)  # BatchTopK at inference: k per token on training rows
+    if fit is not None:
+        extra["batchtopk_threshold"] = fit
+        logger.info(
+            "BatchTopK inference threshold fitted on %d training tokens: mean %.4g (tracked EMA %.4g)",
+            fit["tokens"],
+            sum(fit["threshold"]) / len(fit["threshold"]),
+            sum(fit["tracked_ema"]) / len(fit["tracked_ema"]),
+        )
     if fmt in ("native", "both"):
         written["native"] = export_native(model, out / "export", dtype=DTYPES[dtype], extra_meta=extra)
-    if fmt in ("circuit_tracer", "both"):
-        calib, held = conversion_batches(run, model, calib_tokens, eval_tokens)
+    if to_ct:
         written["circuit_tracer"] = export_circuit_tracer(
             model,
             out / "circuit_tracer",

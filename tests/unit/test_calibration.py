@@ -79,3 +79,46 @@ def test_export_script_falls_back_without_data(tmp_path):
     (tmp_path / "config.toml").write_text('[data]\nsource = "synthetic"\n')
     with pytest.warns(UserWarning, match="synthetic"):
         assert mod.conversion_batches(tmp_path, m, 4096, 4096) == ([], None)
+
+
+def test_batchtopk_checkpoint_is_calibrated_by_the_export_and_eval_scripts(tmp_path):
+    """A BatchTopK checkpoint holds the threshold tracked in training. scripts/export.py (native)
+    and scripts/eval.py fit it on the run's training rows first: on those rows, k fire per token
+    and layer (the tracked threshold gives another L0)."""
+    from torchtitan_clt.checkpoint.calibration import run_batches
+    from torchtitan_clt.checkpoint.export import load_pretrained
+    from torchtitan_clt.config import load_config
+    from torchtitan_clt.train import Trainer
+
+    cfg = _cfg()
+    args = [
+        f"--job.dump_folder={tmp_path}", "--job.name=btk", "--data.source=stream",
+        f"--data.model_path={cfg.data.model_path}", "--data.model_dtype=float32",
+        f"--data.dataset={cfg.data.dataset}", "--data.seq_len=12", "--data.layers=[0,2]",
+        "--data.hook_in=mlp_in", "--data.hook_out=mlp_out", "--data.llm_batch_size=4",
+        "--data.buffer_tokens=256", "--model.name=plt", "--model.activation=batchtopk", "--model.k=3",
+        "--model.features_per_layer=32", "--training.steps=4", "--training.batch_size=64",
+        "--training.device=cpu", "--checkpoint.interval=4", "--checkpoint.export=false",
+        "--checkpoint.export_calibration_tokens=200", "--metrics.enable_tensorboard=false",
+        "--standardize.estimate_tokens=64", "--eval.enable=false",
+    ]  # fmt: skip
+    Trainer(load_config(args)).train()
+    run = tmp_path / "btk"
+    written = _export_script().export_checkpoint(run, fmt="native", calib_tokens=200)
+    exported = load_pretrained(written["native"])
+    calib, _ = run_batches(run, exported, 200)
+    x = torch.cat([b[0] for b in calib])
+    with torch.no_grad():
+        l0 = (exported.encode(x) != 0).sum(-1).float().mean(0)  # [L] on the calibration rows
+    torch.testing.assert_close(l0, torch.full_like(l0, 3.0), atol=0.05, rtol=0)
+    # eval.py's loader: the checkpoint as saved (tracked threshold), then fitted.
+    spec = importlib.util.spec_from_file_location("eval_script", ROOT / "scripts" / "eval.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    model, kind = ev.load_dictionary(run, None, "cpu")
+    with torch.no_grad():
+        before = (model.encode(x) != 0).sum(-1).float().mean(0)
+    assert (before - 3.0).abs().max() > 0.05  # the tracked threshold misses k on these rows
+    assert "fitted on" in ev.calibrate_batchtopk(run, model, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(model.activation.threshold, exported.activation.threshold)

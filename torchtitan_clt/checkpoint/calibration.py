@@ -12,6 +12,8 @@ start, so the same call gives the same batches.
 from __future__ import annotations
 
 import logging
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,3 +65,35 @@ def activation_batches(
     if n < tokens:
         logger.warning("calibration: the %s text gave %d of the %d tokens asked for.", split, n, tokens)
     return out
+
+
+def run_batches(
+    run: Path | None, model: Any, calib_tokens: int, eval_tokens: int = 0, why: str = "calibration"
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    """(training-text, held-out) raw batches for ``model`` (its layers and hooks) from the LLM and
+    text of the run folder ``run`` (its ``config.toml``), as the scripts that work on a saved
+    checkpoint need them; ``([], None)`` with a warning naming ``why`` when they cannot be had."""
+    if calib_tokens <= 0:
+        return [], None
+    try:
+        if run is None:
+            raise FileNotFoundError("no run folder (config.toml) to read the LLM and text from")
+        from torchtitan_clt.config.manager import load_config
+        from torchtitan_clt.data.llm import load_llm
+
+        cfg = load_config(["--config", str(Path(run) / "config.toml")], check=False)
+        if cfg.data.source == "synthetic":
+            raise ValueError("the run trained on synthetic activations, which have no LLM or text")
+        llm, tok = load_llm(cfg.data.model_path, cfg.data.model_dtype, "cpu")
+        a = model.args
+        kw = dict(llm=llm, tokenizer=tok, layers=list(a.layers), hooks=(a.hook_in, a.hook_out))
+        calib = activation_batches(cfg, calib_tokens, "train", **kw)
+        held = activation_batches(cfg, eval_tokens, "held_out", **kw) if eval_tokens > 0 else None
+        return calib, held or None
+    except Exception as e:  # noqa: BLE001  (any failure to read data falls back, loudly)
+        warnings.warn(
+            f"{why}: no activations of the run's text ({type(e).__name__}: {e}); the "
+            f"{model.args.activation} model keeps its tracked per-layer threshold.",
+            stacklevel=2,
+        )
+        return [], None
