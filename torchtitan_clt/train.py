@@ -172,6 +172,7 @@ class Trainer:
             f"{cfg.model.name} ({cfg.model.activation}): {src.n_layers} layers × "
             f"{cfg.model.features_per_layer} features, d_in {src.d_in}, d_out {src.d_out}, "
             f"{n_params / 1e6:.1f} M parameters, device {self.device}, mesh {pd}"
+            + (", with a linear skip path (model.skip_connection)" if self.model_args.skip_connection else "")
         )
         if hasattr(model, "decoder_path"):
             logger.info(f"decoder: {model.decoder_path()}")

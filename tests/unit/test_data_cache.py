@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data import SourceContext, cache_writer, load_llm, write_activation_cache
-from torchtitan_clt.data.cache import CacheBlocks, block_location, main, read_meta, shard_path
+from torchtitan_clt.data.cache import CacheBlocks, block_location, read_meta, shard_path
+from torchtitan_clt.data.cache_writer import main
 from torchtitan_clt.data.text import TextSpec
 from torchtitan_clt.data.tokenize import build_token_loader
 from torchtitan_clt.protocols import data_source_registry

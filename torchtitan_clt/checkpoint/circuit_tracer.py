@@ -44,6 +44,7 @@ from torchtitan_clt.checkpoint.circuit_tracer_layers import (
     llm_layer_count,
     plt_layers,
 )
+from torchtitan_clt.checkpoint.plain import folded_cpu_copy, is_rank0, unwrap
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.models.activations import BatchTopK, ReLU, TopK
 from torchtitan_clt.models.clt.model import CrossLayerTranscoder
@@ -74,15 +75,6 @@ class CircuitTracerExportError(ConfigError):
     ``ConfigError``: the trainer can check before training, see ``check_exportable``)."""
 
 
-def _unwrap(model: torch.nn.Module) -> Transcoder:
-    return getattr(model, "_orig_mod", model)
-
-
-def _is_rank0() -> bool:
-    d = torch.distributed
-    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
-
-
 def check_exportable(
     model: torch.nn.Module, llm_n_layers: int | None = None, require_thresholds: bool = True
 ) -> str:
@@ -91,7 +83,7 @@ def check_exportable(
     Call it with ``require_thresholds=False`` right after building the model (before training) to
     stop a run whose end-of-training export would fail; ``llm_n_layers`` (else
     ``args.extra["llm_n_layers"]``) lets it check that every LLM layer is covered."""
-    model = _unwrap(model)
+    model = unwrap(model)
     args: TranscoderArgs = model.args
     what = f"model.name={args.family!r}, activation={args.activation!r}"
     if args.family == "sae" or args.hook_in == args.hook_out:
@@ -223,12 +215,10 @@ def export_circuit_tracer(
     ``calibration`` / ``eval_batches``: raw ``(x, y)`` activation batches for the JumpReLU
     conversion of a TopK / BatchTopK model and for its before / after report (module docstring);
     ``conversion_options``: more ``to_jumprelu`` arguments (``thresholds``, ``refine_steps``, ...)."""
-    from torchtitan_clt.checkpoint.export import folded_cpu_copy
-
     calibration = list(calibration or [])
     kind = check_exportable(model, llm_n_layers, require_thresholds=not calibration)
     copy = folded_cpu_copy(model)  # fp32, standardization folded, eval mode
-    if not _is_rank0():
+    if not is_rank0():
         return None
     trained = copy.args.activation
     # Pre-activations do not change when folding, so neither do thresholds fitted on them.

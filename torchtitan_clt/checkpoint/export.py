@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from torchtitan_clt.checkpoint.plain import folded_cpu_copy, is_rank0
 from torchtitan_clt.config.manager import ConfigError, InputError
-from torchtitan_clt.models.common import full_tensor
 from torchtitan_clt.protocols.registry import model_registry
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, dtype_name
 
@@ -22,35 +22,6 @@ FORMAT = "torchtitan_clt.native"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def _unwrap(model: torch.nn.Module) -> Transcoder:
-    # torch.compile wraps the module; its state_dict keys gain an "_orig_mod." prefix.
-    model = getattr(model, "_orig_mod", model)
-    if not isinstance(model, Transcoder):
-        raise TypeError(f"expected a Transcoder, got {type(model).__name__}.")
-    return model
-
-
-def _is_rank0() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def folded_cpu_copy(model: torch.nn.Module) -> Transcoder:
-    """An fp32 CPU copy of ``model`` with standardization folded, in eval mode; ``model`` is left
-    untouched. Sharded (DTensor) state is gathered, so call it on every rank."""
-    model = _unwrap(model)
-    state = {}
-    for name, value in model.state_dict().items():
-        value = full_tensor(value).detach().to("cpu")
-        state[name] = value.float() if value.is_floating_point() else value
-    args = TranscoderArgs.from_dict(model.args.to_dict())
-    args.dtype = "float32"
-    copy = model_registry.get(args.family).build_fn(args)
-    copy.load_state_dict(state)
-    copy.fold_standardization()
-    return copy.eval()
 
 
 def activation_info(model: Transcoder) -> dict[str, Any]:
@@ -74,7 +45,7 @@ def export_native(
     """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder on rank 0
     (None elsewhere: only rank 0 writes, but every rank must call it to gather sharded weights)."""
     copy = folded_cpu_copy(model)
-    if not _is_rank0():
+    if not is_rank0():
         return None
     copy.to(dtype)
     args = TranscoderArgs.from_dict(copy.args.to_dict())

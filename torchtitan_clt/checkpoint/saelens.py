@@ -159,11 +159,11 @@ def export_saelens(
     elsewhere: every rank must call it when the model is sharded). ``model`` is left untouched.
     ``metadata``: more keys for each ``cfg.json``'s metadata (e.g. ``context_size``,
     ``dataset_path``)."""
-    from torchtitan_clt.checkpoint.export import _is_rank0, folded_cpu_copy
+    from torchtitan_clt.checkpoint.plain import folded_cpu_copy, is_rank0
 
     architecture = saelens_architecture(model)
     copy = folded_cpu_copy(model)  # fp32, standardization folded, eval mode
-    if not _is_rank0():
+    if not is_rank0():
         return None
     a = copy.args
     theta = copy.activation.feature_thresholds().detach().float() if "jumprelu" in architecture else None

@@ -33,19 +33,14 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data.buffer import ShuffleBuffer
+from torchtitan_clt.data.cache_layout import FORMAT, META_FILE, shard_path
 from torchtitan_clt.data.llm import model_name
 from torchtitan_clt.data.source import ActivationSource, BufferedSource, SourceContext
 from torchtitan_clt.data.tokenize import reader_shards
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "meta.json"
-FORMAT = 2  # meta.json's "format": the block layout described above
 _OPEN_FILES = 64  # memory-mapped shards kept open per reader
-
-
-def shard_path(folder: Path | str, index: int) -> Path:
-    return Path(folder) / f"shard_{index:05d}.safetensors"
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -388,14 +383,3 @@ def _as_rows(block: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, to
 
 def build_cache_source(job_config: Any, ctx: SourceContext) -> ActivationSource:
     return CacheSource(job_config, ctx)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m torchtitan_clt.data.cache`` = ``scripts/cache_activations.py``."""
-    from torchtitan_clt.data.cache_writer import main as writer_main
-
-    writer_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.data.cache import FORMAT, META_FILE, shard_path
+from torchtitan_clt.data.cache_layout import FORMAT, META_FILE, shard_path
 from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.hooks import check_layers, d_model, n_layers
 from torchtitan_clt.data.llm import load_llm, model_name
