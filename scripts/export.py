@@ -24,9 +24,9 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
+from torchtitan_clt.tools.dtypes import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EXPORT_DTYPES = ("float32", "bfloat16")  # of tools.dtypes.DTYPES
 FORMATS = ["native", "circuit_tracer", "both", "saelens"]
 logger = logging.getLogger("export")
 
@@ -69,8 +69,8 @@ def export_checkpoint(
             from torchtitan_clt.config.manager import load_config
 
             dtype = load_config(["--config", str(run / "config.toml")], check=False).checkpoint.export_dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r}).")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)} (got {dtype!r}).")
     out = Path(out) if out is not None else (run or ckpt.parent.parent) / "exports" / f"step-{meta['step']}"
     written: dict[str, Path] = {}
     extra = {"checkpoint": str(ckpt), "step": meta["step"]}
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--format", default="both", choices=FORMATS, help="both: native and circuit_tracer; saelens: SAE / PLT only"
     )
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: checkpoint.export_dtype")
+    p.add_argument("--dtype", default=None, choices=list(EXPORT_DTYPES), help="default: checkpoint.export_dtype")
     p.add_argument("--out", default=None, help="output folder (default: <run>/exports/step-N)")
     p.add_argument(
         "--calib-tokens",

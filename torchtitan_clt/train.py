@@ -65,26 +65,6 @@ class TrainState:
         self.tokens = int(sd["tokens"])
 
 
-class RNGState:
-    """Global RNG states (torch CPU / CUDA, Python), so code drawing from them resumes exactly."""
-
-    def state_dict(self) -> dict:
-        import random
-
-        sd = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            sd["cuda"] = torch.cuda.get_rng_state()
-        return sd
-
-    def load_state_dict(self, sd: dict) -> None:
-        import random
-
-        torch.set_rng_state(sd["torch"])
-        random.setstate(sd["python"])
-        if "cuda" in sd and torch.cuda.is_available():
-            torch.cuda.set_rng_state(sd["cuda"])
-
-
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -196,7 +176,7 @@ class Trainer:
         self.checkpointer = None
         if cfg.checkpoint.enable:
             from torchtitan_clt.checkpoint.manager import CheckpointManager
-            from torchtitan_clt.checkpoint.stateful import ModelWrapper
+            from torchtitan_clt.checkpoint.stateful import ModelWrapper, RNGState
 
             self.checkpointer = CheckpointManager(
                 self.run_folder,

@@ -281,3 +281,21 @@ def test_different_model_is_refused_with_a_message(tmp_path):
         CheckpointManager(tmp_path, job, {"model": ModelWrapper(clt(16))}).load()
     same = clt(8)
     CheckpointManager(tmp_path, job, {"model": ModelWrapper(same)}).load()
+
+
+def test_rng_state_restores_its_own_and_the_older_trainer_layout():
+    import random
+
+    for layout in ("current", "older"):  # older: {"torch", "python"}, as the trainer's own class wrote
+        torch.manual_seed(3)
+        random.seed(3)
+        sd = RNGState().state_dict()
+        if layout == "older":
+            sd = {"torch": sd["cpu"], "python": sd["python"]}
+        want = (torch.rand(4), random.random())
+        torch.manual_seed(99)
+        random.seed(99)
+        RNGState().load_state_dict(sd)
+        got = (torch.rand(4), random.random())
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        assert got[1] == want[1]

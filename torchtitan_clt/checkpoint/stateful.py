@@ -61,10 +61,13 @@ class RNGState(Stateful):
         import random
 
         random.setstate(state_dict["python"])
-        torch.set_rng_state(state_dict["cpu"])
+        # "torch" / one CUDA state: what the trainer's own RNGState wrote before this one served it.
+        torch.set_rng_state(state_dict["cpu"] if "cpu" in state_dict else state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             states = state_dict["cuda"]
-            if len(states) == torch.cuda.device_count():
+            if isinstance(states, torch.Tensor):
+                torch.cuda.set_rng_state(states)
+            elif len(states) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states)
             else:
                 logger.warning(

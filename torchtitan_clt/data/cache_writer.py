@@ -38,10 +38,10 @@ from torchtitan_clt.data.llm import load_llm, model_name
 from torchtitan_clt.data.source import text_spec
 from torchtitan_clt.data.text import HELD_OUT_EVERY
 from torchtitan_clt.data.tokenize import build_token_loader
+from torchtitan_clt.tools.dtypes import DTYPES
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def progress_path(folder: Path, rank: int) -> Path:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.tools.dtypes import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
@@ -43,9 +43,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ConfigError(f"data.model_dtype = {dtype!r}: choose auto, {', '.join(_DTYPES)}.")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ConfigError(f"data.model_dtype = {dtype!r}: choose auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
 
 
 def cache_root() -> Path:

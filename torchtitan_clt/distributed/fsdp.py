@@ -8,11 +8,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from torchtitan_clt.distributed.ring_comm import use_ring_collectives
+from torchtitan_clt.tools.dtypes import DTYPES
 
 # Methods other than ``forward`` that read parameters: FSDP must gather them around each call.
 FSDP_FORWARD_METHODS = ("forward_std", "encode", "decode", "decoder_norms")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def mixed_precision_policy(job_config, device_type: str) -> MixedPrecisionPolicy | None:
@@ -23,7 +23,7 @@ def mixed_precision_policy(job_config, device_type: str) -> MixedPrecisionPolicy
     if job_config.training.mixed_precision == "fp32":
         return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy(
-        param_dtype=_DTYPES[p.mixed_precision_param], reduce_dtype=_DTYPES[p.mixed_precision_reduce]
+        param_dtype=DTYPES[p.mixed_precision_param], reduce_dtype=DTYPES[p.mixed_precision_reduce]
     )
 
 

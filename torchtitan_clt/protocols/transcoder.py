@@ -15,20 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; use one of {', '.join(_DTYPES)}.")
-    return _DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, dt in _DTYPES.items():
-        if dt == dtype:
-            return name
-    raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(_DTYPES)}.")
+from torchtitan_clt.tools.dtypes import dtype_name, parse_dtype  # noqa: F401  (re-exported: the families import them here)
 
 
 def _needs_decoder_norms(loss_cfg: Any) -> bool:
