@@ -28,6 +28,7 @@ from torchtitan_clt.config import ConfigError, InputError, JobConfig, help_text,
 from torchtitan_clt.data.source import SourceContext
 from torchtitan_clt.distributed.loss import build_loss_fn_for_mesh
 from torchtitan_clt.distributed.utils import check_config_consistent, init_distributed
+from torchtitan_clt.errors import TrainingError
 from torchtitan_clt.metrics.logger import MetricsLogger
 from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
 from torchtitan_clt.models.activations import BatchTopK
@@ -44,10 +45,6 @@ from torchtitan_clt.tools.logging import init_logger, logger
 from torchtitan_clt.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_clt.tools.signals import Preempted, exit_now, stop_and_save, stop_on_signals
 from torchtitan_clt.tools.utils import device_from_config, set_determinism
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step and the cause."""
 
 
 class TrainState:

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from torchtitan_clt.errors import HubError
+
 HF_PREFIX = "hf://"
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _REPO = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^@\s]+))?$")
@@ -36,10 +38,6 @@ LOADABLE_FILES = (
     "W_dec_*.safetensors",
     "layer_*.safetensors",
 )
-
-
-class HubError(RuntimeError):
-    """A Hub operation could not be done; the message says what to do."""
 
 
 @dataclass(frozen=True)

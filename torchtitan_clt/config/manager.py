@@ -19,18 +19,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from torchtitan_clt.config.job_config import SKIP_FAMILIES, JobConfig
+from torchtitan_clt.errors import ConfigError, InputError  # noqa: F401  (importable from here too)
 
 HELP_HINT = "Run `./run_train.sh --help` to list every field with its documentation."
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run; the message names the field and how to fix it."""
-
-
-class InputError(ConfigError):
-    """A file the run reads or writes (data, activation cache, checkpoint, export, the disk) is
-    missing, damaged or does not match the config; the message names the path and what to do.
-    Like a ``ConfigError`` it ends the run with exit code 2 and no traceback."""
 
 
 def field_docs(cls: type) -> dict[str, str]:

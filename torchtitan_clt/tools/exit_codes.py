@@ -27,7 +27,7 @@ PREEMPTED = 75
 def user_errors(prog: str = "error") -> Iterator[None]:
     """For scripts: a ``ConfigError`` / ``InputError`` (or a missing file) becomes one line on
     stderr and exit code 2, not a traceback."""
-    from torchtitan_clt.config.manager import ConfigError
+    from torchtitan_clt.errors import ConfigError
 
     try:
         yield
