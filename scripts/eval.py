@@ -61,12 +61,12 @@ def calibrate_batchtopk(run: Path | None, model, tokens: int) -> str:
     on ``tokens`` rows of the run's training text (k per token and layer on them), as the end of
     a run does for its own eval and export. Returns what was done, for the log line."""
     from torchtitan_clt.checkpoint.calibration import run_batches
-    from torchtitan_clt.models.conversion import fit_batchtopk_threshold
+    from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold
 
     fit = fit_batchtopk_threshold(model, run_batches(run, model, tokens, why="eval")[0])
     if fit is None:
         return " (BatchTopK: threshold tracked in training)"
-    return f" (BatchTopK threshold fitted on {fit['tokens']} training tokens)"
+    return f" ({describe_batchtopk_fit(fit)})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,7 +57,7 @@ def export_checkpoint(
     from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
     from torchtitan_clt.checkpoint.export import export_native
     from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint, resolve_checkpoint
-    from torchtitan_clt.models.conversion import fit_batchtopk_threshold
+    from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r}).")
@@ -81,12 +81,7 @@ def export_checkpoint(
     fit = fit_batchtopk_threshold(model, calib)  # BatchTopK at inference: k per token on training rows
     if fit is not None:
         extra["batchtopk_threshold"] = fit
-        logger.info(
-            "BatchTopK inference threshold fitted on %d training tokens: mean %.4g (tracked EMA %.4g)",
-            fit["tokens"],
-            sum(fit["threshold"]) / len(fit["threshold"]),
-            sum(fit["tracked_ema"]) / len(fit["tracked_ema"]),
-        )
+        logger.info(describe_batchtopk_fit(fit))
     if fmt in ("native", "both"):
         written["native"] = export_native(model, out / "export", dtype=DTYPES[dtype], extra_meta=extra)
     if to_ct:

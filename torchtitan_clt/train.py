@@ -425,15 +425,11 @@ class Trainer:
         if not calibration or not isinstance(act, BatchTopK):
             return plain
         if self._batchtopk_fit is None:
-            from torchtitan_clt.models.conversion import fit_batchtopk_threshold
+            from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold
 
             fit = fit_batchtopk_threshold(plain, calibration)
             self._batchtopk_fit = act.threshold.detach().cpu().clone()  # exact; the JSON rounds
-            thr, ema = (sum(fit[k]) / len(fit[k]) for k in ("threshold", "tracked_ema"))
-            logger.info(
-                f"BatchTopK inference threshold fitted on {fit['tokens']} training tokens (L0 {fit['k']} "
-                f"on them): mean {thr:.4g}, was {ema:.4g} (tracked EMA)"
-            )
+            logger.info(describe_batchtopk_fit(fit))
             (self.run_folder / "report").mkdir(parents=True, exist_ok=True)
             (self.run_folder / "report" / "batchtopk_threshold.json").write_text(json.dumps(fit, indent=1))
         act.threshold.copy_(self._batchtopk_fit.to(act.threshold.device))

@@ -374,13 +374,15 @@ def load_clt_skip(clt: Any, folder: str | Path) -> Any:
     export writes as ``W_skip_{l}`` in ``W_enc_{l}.safetensors``: circuit-tracer's class runs
     ``W_skip`` (reconstruction and attribution), but its ``load_clt`` does not read it (0.5.0).
     Returns ``clt``, unchanged when the folder has no skip path."""
-    folder = Path(folder)
-    files = _layer_files(folder, r"^W_enc_(\d+)\.safetensors$")
-    with safe_open(str(files[0]), framework="pt") as f:
-        if "W_skip_0" not in f.keys():
-            return clt
+    files = _layer_files(Path(folder), r"^W_enc_(\d+)\.safetensors$")
+    blocks = []
+    for i, path in enumerate(files):
+        with safe_open(str(path), framework="pt") as f:  # this key only: load_clt read the rest
+            if f"W_skip_{i}" not in f.keys():
+                return clt
+            blocks.append(f.get_tensor(f"W_skip_{i}"))
     ref = clt.b_dec
-    W = torch.stack([_read(p)[f"W_skip_{i}"] for i, p in enumerate(files)]).to(ref.device, ref.dtype)
+    W = torch.stack(blocks).to(ref.device, ref.dtype)
     clt.W_skip = torch.nn.Parameter(W, requires_grad=False)  # [L, d, d], as its x @ W_skip[l]
     clt.skip_connection = True
     return clt

@@ -196,10 +196,6 @@ class LayerwiseTranscoder(Transcoder):
         W = self.W_skip  # [L, d_in, d_out]
         return torch.bmm(xs.to(W.dtype).transpose(0, 1), W).transpose(0, 1)  # [B, L, d_out]
 
-    def _add_skip(self, y: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        skip = self.skip_std(xs)
-        return y if skip is None else y + skip.to(y.dtype)
-
     @torch.no_grad()
     def fold_standardization(self) -> None:
         # Skip path in standardized units: S (x − μ)/σ → raw x: (S/σ) x − (μ/σ)·S, the constant

@@ -362,3 +362,12 @@ def fit_batchtopk_threshold(model: Transcoder, batches: Iterable) -> dict[str, A
         "threshold": [round(float(v), 6) for v in thr],
         "tracked_ema": [round(float(v), 6) for v in ema],
     }
+
+
+def describe_batchtopk_fit(fit: dict[str, Any]) -> str:
+    """One line for a ``fit_batchtopk_threshold`` result (the logs of the trainer and scripts)."""
+    thr, ema = (sum(fit[k]) / len(fit[k]) for k in ("threshold", "tracked_ema"))
+    return (
+        f"BatchTopK inference threshold fitted on {fit['tokens']} training tokens (L0 {fit['k']} on "
+        f"them): mean {thr:.4g}, was {ema:.4g} (tracked EMA)"
+    )

@@ -268,12 +268,11 @@ class Transcoder(nn.Module):
                     "Call model.decode(acts, x) or model(x); model.decode(acts, features_only=True) "
                     "gives what the features and the bias write alone."
                 )
-            y = y + self.skip_std(self.standardize_in(x))
+            y = self._add_skip(y, self.standardize_in(x))
         return self.unstandardize_out(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = self.skip_std(self.standardize_in(x))
-        if skip is None:  # decode(acts): a family may override it with that signature
+        if getattr(self, "W_skip", None) is None:  # decode(acts): a family may override it so
             return self.decode(self.encode(x))
         return self.decode(self.encode(x), x)
 
@@ -319,9 +318,11 @@ class Transcoder(nn.Module):
     def reconstruct_std(self, acts: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """The whole standardized ŷ from features ``acts`` at input ``xs``: decoder, bias and
         skip path (``decode_std_with`` leaves the skip path out)."""
-        y = self.decode_std_with(acts, xs)
+        return self._add_skip(self.decode_std_with(acts, xs), xs)
+
+    def _add_skip(self, y: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         skip = self.skip_std(xs)
-        return y if skip is None else y + skip
+        return y if skip is None else y + skip.to(y.dtype)
 
     def decoder_norms(self, mode: str = "concat") -> torch.Tensor:
         """Per-feature decoder norm  # [L, F]; ``mode`` is ``concat`` or ``sum`` over targets."""
