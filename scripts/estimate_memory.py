@@ -5,7 +5,7 @@
         --model.features_per_layer=16384
 
 The dictionary is built on the meta device through the model registry (its real parameters, no
-memory used) and sharded on paper the way ``parallelize_fn`` shards it: feature axes over tp (the
+memory used) and sharded on paper the way ``distributed.parallelize`` shards it: feature axes over tp (the
 family's tensor-parallel plan), then everything over the FSDP shard degree. The LLM is built on
 the meta device from its config (a local folder, the Hugging Face cache, or the built-in table
 below for well-known models, so no network is needed). Estimates, not measurements: the
@@ -95,15 +95,8 @@ def llm_stats(cfg) -> dict:
 
 
 def tp_plan(family: str) -> dict[str, int | None]:
-    """The family's tensor-parallel plan, when its parallelize module declares one."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"torchtitan_clt.models.{family}.parallelize")
-    except ModuleNotFoundError:
-        return {}
-    plans = [v for k, v in vars(mod).items() if k.endswith("TP_PLAN")]
-    return plans[0] if plans else {}
+    """The family's tensor-parallel plan (its ``ModelSpec.tp_plan``; empty: no tensor parallelism)."""
+    return model_registry.get(family).tp_plan or {}
 
 
 def sharded_numel(model: torch.nn.Module, plan: dict, tp: int, fsdp: int) -> tuple[int, int]:

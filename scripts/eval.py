@@ -42,7 +42,6 @@ def find_run_folder(path: Path) -> Path | None:
 
 def load_dictionary(path: Path, step: int | None, device: str):
     """(plain Transcoder in eval mode, what it was loaded as)."""
-    import torchtitan_clt.models  # noqa: F401  (registers the built-in families)
     from torchtitan_clt.checkpoint.circuit_tracer import is_circuit_tracer_folder, load_circuit_tracer
     from torchtitan_clt.checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
 

@@ -46,7 +46,6 @@ def tiny_args(
 
 def tiny_model(*args: Any, seed: int = 0, **kw: Any):
     """``tiny_args(...)`` built through the registry and initialized with ``seed``."""
-    import torchtitan_clt.models  # noqa: F401  (registers the families)
     from torchtitan_clt.protocols import model_registry
 
     a = tiny_args(*args, **kw)

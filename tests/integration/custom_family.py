@@ -6,8 +6,9 @@ Used by test_train_cli.py; nothing in the package knows these names.
 import torch
 from torch import nn
 
-from torchtitan_clt.data.source import SourceContext
+from torchtitan_clt.data.source import ActivationSource, SourceContext
 from torchtitan_clt.protocols import ModelSpec, activation_registry, data_source_registry, register_model_spec
+from torchtitan_clt.protocols.model_spec import ExportLayout
 from torchtitan_clt.protocols.transcoder import Transcoder
 
 
@@ -46,10 +47,17 @@ class TiedSAE(Transcoder):
         self.b_dec.zero_()
 
     def _fold_into_weights(self, in_mean, in_scale, out_mean, out_scale):
-        raise NotImplementedError("tied weights cannot absorb standardization")
+        identity = (in_mean == 0).all() & (in_scale == 1).all() & (out_mean == 0).all() & (out_scale == 1).all()
+        if not bool(identity):
+            raise ValueError("tied weights cannot absorb standardization: train with standardize.* = none")
 
 
-class ToySource:
+def tied_layer_tensors(model, j):
+    """What the per-layer export formats read: the one matrix serves as encoder and decoder."""
+    return {"W_enc": model.W[j], "b_enc": model.b_enc[j], "W_dec": model.W[j], "b_dec": model.b_dec[j], "W_skip": None}
+
+
+class ToySource(ActivationSource):  # no LLM: llm is None
     """y = 2·x on Gaussian x: a fixed map any dictionary can learn."""
 
     def __init__(self, cfg, ctx: SourceContext):
@@ -85,7 +93,14 @@ class NaNSource(ToySource):
 
 
 if "tied_sae" not in __import__("torchtitan_clt.protocols", fromlist=["model_registry"]).model_registry:
-    register_model_spec(ModelSpec(name="tied_sae", build_fn=TiedSAE, description="test family"))
+    register_model_spec(
+        ModelSpec(
+            name="tied_sae",
+            build_fn=TiedSAE,
+            export_layout=ExportLayout("per_layer", tied_layer_tensors),
+            description="test family",
+        )
+    )
     activation_registry.register("squared_relu", SquaredReLU)
     data_source_registry.register("toy", ToySource)
     data_source_registry.register("toy_nan", NaNSource)

@@ -1,4 +1,4 @@
-"""parallelize_fn alone (no trainer): a CLT / PLT on a gloo mesh trains like one process.
+"""distributed.parallelize alone (no trainer): a CLT / PLT on a gloo mesh trains like one process.
 
 Each layout runs as ``torchrun --standalone`` on this file. Every rank builds the sharded model on
 the meta device (parallelize -> to_empty -> init_weights, the trainer's order) *and* a one-process
@@ -91,13 +91,6 @@ STEPS = 6
 L, D, F, B, K = 3, 8, 16, 24, 3
 
 
-def _parallelize_fns():
-    from torchtitan_clt.models.clt.parallelize import parallelize_clt
-    from torchtitan_clt.models.plt.parallelize import parallelize_plt
-
-    return {"clt": parallelize_clt, "plt": parallelize_plt}
-
-
 def _worker(layout: str, cases: str, out_path: str) -> None:
     from torchtitan_clt.config import JobConfig
     from torchtitan_clt.distributed import init_distributed
@@ -131,6 +124,7 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
     from torch.distributed.tensor import DTensor
 
     from torchtitan_clt.distributed.loss import build_loss_fn_for_mesh
+    from torchtitan_clt.distributed.parallelize import parallelize_model
     from torchtitan_clt.distributed.utils import clip_grad_norm_
     from torchtitan_clt.models import build_loss_fn
     from torchtitan_clt.protocols import model_registry
@@ -154,7 +148,7 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
     ref.init_weights(seed=7)
     with torch.device("meta"):
         model = spec.build_fn(args)
-    model = (spec.parallelize_fn or _parallelize_fns()[family])(model, dims, cfg)
+    model = parallelize_model(model, spec, dims, cfg)
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
 

@@ -129,6 +129,57 @@ def test_user_family_activation_and_source_from_config(tmp_path):
     assert rows[-1]["fvu"] < 0.5 * rows[0]["fvu"]
 
 
+def test_user_family_exports_natively_and_to_circuit_tracer_through_its_spec(tmp_path):
+    """A family from a user's file (its ModelSpec's export_layout; nothing in the package knows
+    it) trains, and its two exports compute what it computes: the native one reloads as the
+    user's class, the circuit-tracer one is read by circuit-tracer's own loader."""
+    ct_plt = pytest.importorskip("circuit_tracer.transcoder.single_layer_transcoder")
+    rc = _run(
+        tmp_path,
+        f"--job.custom_import={CUSTOM}",
+        "--model.name=tied_sae",
+        "--model.activation=relu",
+        "--model.features_per_layer=32",
+        "--data.source=toy",
+        "--standardize.inputs=none",
+        "--standardize.targets=none",
+        "--training.steps=150",
+        "--training.batch_size=64",
+        "--loss.lambda_sparsity=0",
+        "--optimizer.lr=3e-3",
+        "--checkpoint.enable=false",
+        "--checkpoint.export=true",
+        "--checkpoint.export_circuit_tracer=true",
+    )
+    assert rc == 0
+    run = tmp_path / "debug_model"
+    rows = _metrics(tmp_path, "debug_model")
+    assert rows[-1]["fvu"] < 0.5 * rows[0]["fvu"]
+    native = torchtitan_clt.load_pretrained(run / "export")
+    assert type(native).__name__ == "TiedSAE"
+    x = torch.randn(50, 2, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = native.encode(x)  # [N, L, F]
+        y = native.decode(a)
+    assert (a > 0).any() and (a == 0).any()
+    ct = run / "circuit_tracer"
+    paths = {i: str(ct / f"layer_{i}.safetensors") for i in range(2)}
+    ts = ct_plt.load_transcoder_set(
+        paths,
+        scan="toy",
+        feature_input_hook="hook_resid_mid",
+        feature_output_hook="hook_mlp_out",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        lazy_encoder=False,
+        lazy_decoder=False,
+    )
+    with torch.no_grad():
+        a_ct = ts.encode(x.transpose(0, 1))  # [L, N, F]
+        torch.testing.assert_close(a_ct, a.transpose(0, 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ts.decode(a_ct, None), y.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
 def test_help_lists_every_field():
     out = subprocess.run(
         [sys.executable, "-m", "torchtitan_clt.train", "--help"], capture_output=True, text=True, check=True

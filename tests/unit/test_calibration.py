@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import torchtitan_clt.models  # noqa: F401  (registers the families)
 from torchtitan_clt.checkpoint.calibration import activation_batches
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.llm import load_llm
+from torchtitan_clt.data.pipeline import LLMHandle
 from torchtitan_clt.data.text import TextSpec
 from torchtitan_clt.data.tokenize import build_token_loader
 from torchtitan_clt.protocols import model_registry
@@ -34,8 +34,8 @@ def _cfg() -> JobConfig:
 def test_training_and_held_out_activations():
     cfg = _cfg()
     llm, tok = load_llm(cfg.data.model_path, "float32", "cpu")
-    train = activation_batches(cfg, 100, "train", llm=llm, tokenizer=tok, contexts_per_batch=4)
-    held = activation_batches(cfg, 40, "held_out", llm=llm, tokenizer=tok, contexts_per_batch=4)
+    train = activation_batches(cfg, 100, "train", llm=LLMHandle(llm, tok), contexts_per_batch=4)
+    held = activation_batches(cfg, 40, "held_out", llm=LLMHandle(llm, tok), contexts_per_batch=4)
     assert sum(x.shape[0] for x, _ in train) >= 100 and sum(x.shape[0] for x, _ in held) >= 40
     x, y = train[0]
     assert x.shape == y.shape == (4 * 11, 2, llm.config.hidden_size) and x.dtype == torch.float32
@@ -48,7 +48,7 @@ def test_training_and_held_out_activations():
     # Held-out documents are other text: none of their batches is a training batch.
     assert all(hx.shape != tx.shape or not torch.allclose(hx, tx) for hx, _ in held for tx, _ in train)
     with pytest.raises(ValueError, match="split"):
-        activation_batches(cfg, 10, "test", llm=llm, tokenizer=tok)
+        activation_batches(cfg, 10, "test", llm=LLMHandle(llm, tok))
 
 
 def _export_script():

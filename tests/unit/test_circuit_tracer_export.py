@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 
-import torchtitan_clt.models  # noqa: F401  (registers the families and activations)
 from torchtitan_clt.checkpoint.circuit_tracer import (
     CircuitTracerExportError,
     check_exportable,

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import torchtitan_clt.models  # noqa: F401  (registers the families)
 from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.hooks import decoder_layers, hook_module, output_tensor
 from torchtitan_clt.data.llm import load_llm
@@ -372,7 +371,7 @@ def test_evaluator_runs_a_molt(tmp_path):
     c, z = r["replacement"]["closed_loop"], r["replacement"]["zero_ablation"]
     assert c["ce"] == pytest.approx(z["ce"], rel=1e-5) and c["kl"] == pytest.approx(z["kl"], rel=1e-5)
     assert r["feature_stats"]["l0"] == 0.0
-    ex = ActivationExtractor(ev.llm, "mlp_in", "mlp_out", [0, 1, 2])
+    ex = ActivationExtractor(ev.llm.model, "mlp_in", "mlp_out", [0, 1, 2])
     y = torch.cat([ex(t)[1] for t in ev.batches]).double()  # [N, L, d]
     fvu = (y.pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2))).tolist()
     assert r["feature_stats"]["fvu_per_layer"] == pytest.approx(fvu, rel=1e-4)

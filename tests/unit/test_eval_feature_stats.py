@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import torchtitan_clt.models  # noqa: F401  (registers the families)
 from torchtitan_clt.metrics.feature_stats import decoder_norms_by_offset, feature_stats
 from torchtitan_clt.protocols import model_registry
 from torchtitan_clt.protocols.transcoder import TranscoderArgs

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import torchtitan_clt.models  # noqa: F401  (registers the families)
 from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
 from torchtitan_clt.checkpoint.export import export_native
 from torchtitan_clt.protocols import model_registry

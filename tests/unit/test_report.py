@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import torchtitan_clt.models  # noqa: F401  (registers the families)
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.metrics.eval import SpliceSpec, compute_baselines
 from torchtitan_clt.metrics.evaluator import build_evaluator
@@ -99,7 +98,7 @@ def test_evaluator_runs_and_logs(run):
     assert len(fs["fvu_per_layer"]) == 3 and fs["l0"] > 0
     assert "open_loop" not in results[0]["replacement"]
     assert results[0]["replacement"]["zero_ablation"] == r["zero_ablation"]
-    fresh = compute_baselines(ev.llm, ev.batches, SpliceSpec.of(_clt([0, 1, 2]), ev.llm), per_layer=True)
+    fresh = compute_baselines(ev.llm.model, ev.batches, SpliceSpec.of(_clt([0, 1, 2]), ev.llm.model), per_layer=True)
     assert r["open_loop"]["ce_zero_ablation"] == pytest.approx([z["ce"] for z in fresh.zero_per_layer])
     assert r["open_loop"]["ce_mean_ablation"] == pytest.approx([z["ce"] for z in fresh.mean_per_layer])
     assert r["zero_ablation"]["ce"] == pytest.approx(fresh.zero["ce"])

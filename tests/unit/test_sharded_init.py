@@ -20,7 +20,6 @@ import torch
 from helpers import tiny_args
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import torchtitan_clt.models  # noqa: F401  (registers the families)
 from torchtitan_clt.models import init as I
 from torchtitan_clt.protocols import model_registry
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
@@ -192,8 +191,8 @@ def _gloo_worker(rank: int, world: int, store: str) -> None:
         # whole models on dp2×tp2 (CLT / PLT, tp then FSDP2) and HSDP 2×2 (MOLT): one process's bits
         from torchtitan_clt.distributed.fsdp import apply_fsdp
         from torchtitan_clt.distributed.tensor_parallel import apply_tp
-        from torchtitan_clt.models.clt.parallelize import CLT_TP_PLAN
-        from torchtitan_clt.models.plt.parallelize import PLT_TP_PLAN
+        from torchtitan_clt.models.clt import CLT_TP_PLAN
+        from torchtitan_clt.models.plt import PLT_TP_PLAN
 
         for family, plan, kw in [
             ("clt", CLT_TP_PLAN, {}),
@@ -248,7 +247,7 @@ _REF: dict[str, torch.Tensor] = {}  # the one-process twin, inherited by the for
 
 def _simulated_rank(rank: int, layout, args: TranscoderArgs, materialize: bool, world: int = 32) -> dict:
     """One rank of a 32-rank fake process group (in a forked child): the trainer's order, meta
-    build -> parallelize_clt -> to_empty -> init_weights under LiveBytes."""
+    build -> parallelize_model -> to_empty -> init_weights under LiveBytes."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -259,6 +258,7 @@ def _simulated_rank(rank: int, layout, args: TranscoderArgs, materialize: bool, 
 
     from torchtitan_clt.config import JobConfig
     from torchtitan_clt.distributed.parallel_dims import ParallelDims
+    from torchtitan_clt.distributed.parallelize import parallelize_model
 
     torch.set_num_threads(1)
     I.INIT_CHUNK = TWIN_CHUNK
@@ -272,7 +272,7 @@ def _simulated_rank(rank: int, layout, args: TranscoderArgs, materialize: bool, 
     spec = model_registry.get("clt")
     with torch.device("meta"):
         model = spec.build_fn(args)
-    model = spec.parallelize_fn(model, dims, cfg)
+    model = parallelize_model(model, spec, dims, cfg)
     res = {"boxes": {}, "shard_bytes": 0}
     for name, p in model.named_parameters():
         box = I.shard_box(p)

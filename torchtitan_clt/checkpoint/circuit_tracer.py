@@ -47,8 +47,7 @@ from torchtitan_clt.checkpoint.circuit_tracer_layers import (
 from torchtitan_clt.checkpoint.plain import folded_cpu_copy, is_rank0, unwrap
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.models.activations import BatchTopK, ReLU, TopK
-from torchtitan_clt.models.clt.model import CrossLayerTranscoder
-from torchtitan_clt.models.plt.model import PerLayerTranscoder
+from torchtitan_clt.protocols.model_spec import export_layout_of
 from torchtitan_clt.protocols.registry import model_registry
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, dtype_name
 
@@ -86,21 +85,20 @@ def check_exportable(
     model = unwrap(model)
     args: TranscoderArgs = model.args
     what = f"model.name={args.family!r}, activation={args.activation!r}"
-    if args.family == "sae" or args.hook_in == args.hook_out:
+    if args.hook_in == args.hook_out:
         raise CircuitTracerExportError(
             f"{what} reads and writes the same hook ({args.hook_in}): an SAE is not a transcoder, "
             "and circuit-tracer only loads transcoders (MLP input -> MLP output). Use the native "
             "export (load_pretrained) instead."
         )
-    if isinstance(model, CrossLayerTranscoder):
-        kind = CLT_KIND
-    elif isinstance(model, PerLayerTranscoder):
-        kind = PLT_KIND
-    else:
+    layout = export_layout_of(model)
+    if layout is None:
         raise CircuitTracerExportError(
             f"{what}: circuit-tracer represents crosslayer transcoders and per-layer transcoder "
-            f"sets only, not a {type(model).__name__}. Use the native export instead."
+            f"sets only, and the family's ModelSpec declares no export_layout for a "
+            f"{type(model).__name__}. Use the native export instead."
         )
+    kind = CLT_KIND if layout.kind == "crosslayer" else PLT_KIND
     if args.hook_in not in INPUT_HOOKS or args.hook_out not in OUTPUT_HOOKS:
         raise CircuitTracerExportError(
             f"{what} maps {args.hook_in} -> {args.hook_out}; circuit-tracer's replacement model "
@@ -236,12 +234,13 @@ def export_circuit_tracer(
     a = copy.args
     n_llm = llm_layer_count(copy, llm_n_layers)
     with torch.no_grad():
+        tensors = export_layout_of(copy).layer_tensors
         if kind == CLT_KIND:
-            for i, enc, dec in clt_layers(copy, theta, n_llm, dtype):
+            for i, enc, dec in clt_layers(copy, tensors, theta, n_llm, dtype):
                 save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
                 save_file(dec, str(folder / f"W_dec_{i}.safetensors"))
         else:
-            for i, sd in plt_layers(copy, theta, n_llm, dtype):
+            for i, sd in plt_layers(copy, tensors, theta, n_llm, dtype):
                 save_file(sd, str(folder / f"layer_{i}.safetensors"))
     config = {
         "model_kind": kind,

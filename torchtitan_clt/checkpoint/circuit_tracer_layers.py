@@ -12,11 +12,14 @@ the covered targets (zeros at the uncovered ones). Covering every layer gives th
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from torchtitan_clt.protocols.transcoder import Transcoder
+
+# fn(model, j) -> layer j's W_enc, b_enc, W_dec, b_dec, W_skip (protocols.model_spec.ExportLayout).
+LayerTensors = Callable[[Transcoder, int], dict[str, "torch.Tensor | None"]]
 
 NEVER_FIRE_BIAS = -1.0
 NEVER_FIRE_THRESHOLD = 1.0
@@ -54,50 +57,53 @@ def _dead(F: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
 
 
 def clt_layers(
-    model: Transcoder, theta: torch.Tensor | None, n_llm: int, dtype: torch.dtype
+    model: Transcoder, tensors: LayerTensors, theta: torch.Tensor | None, n_llm: int, dtype: torch.dtype
 ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-    """``(layer, W_enc_{l} file tensors, W_dec_{l} file tensors)`` for l in 0..n_llm-1."""
+    """``(layer, W_enc_{l} file tensors, W_dec_{l} file tensors)`` for l in 0..n_llm-1;
+    ``tensors(model, j)``: the family's layer-j tensors (``ModelSpec.export_layout``)."""
     layers = covered_layers(model)
     pos = {layer: j for j, layer in enumerate(layers)}
     F, d = model.args.features_per_layer, model.args.d_out
+    skip = tensors(model, 0)["W_skip"] is not None
 
     def t(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(dtype).contiguous()
+        return x.detach().to(dtype, copy=True).contiguous()  # a copy: a family may share tensors
 
     for i in range(n_llm):
         j = pos.get(i)
+        w_dec = torch.zeros(F, n_llm - i, d, dtype=dtype)
         if j is None:
             w_enc, b_enc = _dead(F, model.args.d_in, dtype)
-            enc = {f"W_enc_{i}": w_enc, f"b_enc_{i}": b_enc}
-            w_dec = torch.zeros(F, n_llm - i, d, dtype=dtype)
+            enc = {f"W_enc_{i}": w_enc, f"b_enc_{i}": b_enc, f"b_dec_{i}": torch.zeros(d, dtype=dtype)}
             th = torch.full((F,), NEVER_FIRE_THRESHOLD, dtype=dtype)
+            w_skip = torch.zeros(model.args.d_in, d)
         else:
-            enc = {f"W_enc_{i}": t(model.W_enc[j]), f"b_enc_{i}": t(model.b_enc[j])}
-            w_dec = torch.zeros(F, n_llm - i, d, dtype=dtype)
-            src = model.W_dec[j]  # [F, L - j, d]: targets layers[j], layers[j + 1], ...
+            w = tensors(model, j)
+            # b_dec_{i} is the bias of target layer i (zero where nothing is reconstructed).
+            enc = {f"W_enc_{i}": t(w["W_enc"]), f"b_enc_{i}": t(w["b_enc"]), f"b_dec_{i}": t(w["b_dec"])}
+            src = w["W_dec"]  # [F, L - j, d]: targets layers[j], layers[j + 1], ...
             offsets = torch.tensor([layers[j + o] - i for o in range(src.shape[1])])
             w_dec[:, offsets] = t(src)
             th = t(theta[j]) if theta is not None else None
-        # b_dec_{i} is the bias of target layer i (zero where nothing is reconstructed).
-        enc[f"b_dec_{i}"] = t(model.b_dec[j]) if j is not None else torch.zeros(d, dtype=dtype)
-        if model.W_skip is not None:
+            w_skip = w["W_skip"]
+        if skip:
             # [d_in, d_out], as the CLT's x @ W_skip[i]; load_clt does not read it (load_clt_skip does).
-            skip = model.W_skip[j] if j is not None else torch.zeros(model.args.d_in, d)
-            enc[f"W_skip_{i}"] = t(skip)
+            enc[f"W_skip_{i}"] = t(w_skip)
         if theta is not None:
             enc[f"threshold_{i}"] = th
         yield i, enc, {f"W_dec_{i}": w_dec.contiguous()}
 
 
 def plt_layers(
-    model: Transcoder, theta: torch.Tensor | None, n_llm: int, dtype: torch.dtype
+    model: Transcoder, tensors: LayerTensors, theta: torch.Tensor | None, n_llm: int, dtype: torch.dtype
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """``(layer, layer_{l} file tensors)`` for l in 0..n_llm-1."""
+    """``(layer, layer_{l} file tensors)`` for l in 0..n_llm-1 (``tensors`` as in ``clt_layers``)."""
     pos = {layer: j for j, layer in enumerate(covered_layers(model))}
     F, d = model.args.features_per_layer, model.args.d_out
+    skip = tensors(model, 0)["W_skip"] is not None
 
     def t(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(dtype).contiguous()
+        return x.detach().to(dtype, copy=True).contiguous()  # a copy: a family may share tensors
 
     for i in range(n_llm):
         j = pos.get(i)
@@ -106,19 +112,15 @@ def plt_layers(
             sd = {"W_enc": w_enc, "W_dec": torch.zeros(F, d, dtype=dtype), "b_enc": b_enc}
             sd["b_dec"] = torch.zeros(d, dtype=dtype)
             th = torch.full((F,), NEVER_FIRE_THRESHOLD, dtype=dtype)
+            w_skip = torch.zeros(model.args.d_in, d)
         else:
-            sd = {
-                "W_enc": t(model.W_enc[j]),
-                "W_dec": t(model.W_dec[j]),
-                "b_enc": t(model.b_enc[j]),
-                "b_dec": t(model.b_dec[j]),
-            }
+            w = tensors(model, j)
+            sd = {k: t(w[k]) for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
             th = t(theta[j]) if theta is not None else None
-        if model.W_skip is not None:
+            w_skip = w["W_skip"]
+        if skip:
             # [d_out, d_in]: circuit-tracer's single-layer transcoder adds x @ W_skip.T.
-            sd["W_skip"] = (
-                t(model.W_skip[j].T) if j is not None else torch.zeros(d, model.args.d_in, dtype=dtype)
-            )
+            sd["W_skip"] = t(w_skip.T)
         if theta is not None:
             sd["activation_function.threshold"] = th
         yield i, sd

@@ -28,7 +28,6 @@ def load_model_from_checkpoint(path: str | Path, step: int | None = None, device
         import_custom_modules(
             load_config(["--config", str(run / "config.toml")], check=False).job.custom_import
         )
-    import torchtitan_clt.models  # noqa: F401  (registers the built-in families)
 
     if not meta.get("model_args"):
         raise ValueError(

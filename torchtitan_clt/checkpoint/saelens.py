@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.models.activations import ReLU, TopK
-from torchtitan_clt.models.plt.model import PerLayerTranscoder
+from torchtitan_clt.protocols.model_spec import export_layout_of
 from torchtitan_clt.protocols.transcoder import Transcoder, dtype_name
 
 CFG_FILE = "cfg.json"
@@ -62,13 +62,14 @@ def saelens_architecture(model: torch.nn.Module) -> str:
     model = getattr(model, "_orig_mod", model)
     args = model.args
     what = f"model.name={args.family!r}, activation={args.activation!r}"
-    if args.family in ("clt", "matryoshka_clt"):
+    layout = export_layout_of(model)
+    if layout is not None and layout.kind == "crosslayer":
         raise SAELensExportError(
             f"{what}: a crosslayer transcoder's features write to every later layer, and sae-lens "
             "stores one encoder and one decoder per layer (SAEs and per-layer transcoders only). "
             "Use the native export (load_pretrained) or --format circuit_tracer, which loads CLTs."
         )
-    if not isinstance(model, PerLayerTranscoder):
+    if layout is None:
         raise SAELensExportError(
             f"{what}: sae-lens has no form for a {type(model).__name__} (it stores a linear "
             "encoder and decoder per layer); use the native export (load_pretrained)."
@@ -79,9 +80,9 @@ def saelens_architecture(model: torch.nn.Module) -> str:
                 f"{what}: hook point {hook!r} has no TransformerLens name (known: {', '.join(TL_HOOKS)})."
             )
     act = model.activation
-    is_sae = args.family == "sae"
+    is_sae = args.hook_in == args.hook_out  # an SAE reconstructs its input
     # A skip transcoder (model.skip_connection) is sae-lens' skip variant of the same architecture.
-    skip = "skip_" if getattr(model, "W_skip", None) is not None else ""
+    skip = "skip_" if layout.layer_tensors(model, 0)["W_skip"] is not None else ""
     if isinstance(act, ReLU):
         return "standard" if is_sae else f"{skip}transcoder"
     if isinstance(act, TopK):
@@ -176,23 +177,25 @@ def export_saelens(
         (stale.parent / CFG_FILE).unlink(missing_ok=True)
 
     def t(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(dtype).contiguous()
+        return x.detach().to(dtype, copy=True).contiguous()  # a copy: a family may share tensors
 
+    tensors = export_layout_of(copy).layer_tensors
     with torch.no_grad():
         for i in range(a.n_layers):
             layer = a.layers[i] if a.layers else i
             sub = folder / layer_folder_name(layer)
             sub.mkdir(exist_ok=True)
+            w = tensors(copy, i)
             sd = {
-                "W_enc": t(copy.W_enc[i].T),  # [d_in, F]
-                "b_enc": t(copy.b_enc[i]),
-                "W_dec": t(copy.W_dec[i]),  # [F, d_out]
-                "b_dec": t(copy.b_dec[i]),
+                "W_enc": t(w["W_enc"].T),  # [d_in, F]
+                "b_enc": t(w["b_enc"]),
+                "W_dec": t(w["W_dec"]),  # [F, d_out]
+                "b_dec": t(w["b_dec"]),
             }
             if theta is not None:
                 sd["threshold"] = t(theta[i])
-            if copy.W_skip is not None:
-                sd["W_skip"] = t(copy.W_skip[i].T)  # [d_out, d_in]: sae-lens adds x @ W_skip.T
+            if w["W_skip"] is not None:
+                sd["W_skip"] = t(w["W_skip"].T)  # [d_out, d_in]: sae-lens adds x @ W_skip.T
             save_file(sd, str(sub / WEIGHTS_FILE))
             cfg = layer_config(copy, i, architecture, dtype, dict(metadata or {}))
             (sub / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,8 +1,9 @@
-"""The shared body of the families' ``parallelize_fn``: TP, the model's process groups, then FSDP2.
+"""Sharding applied to a family's model from outside: TP, the model's process groups, then FSDP2.
 
-A family passes only its tensor-parallel plan (which axis of each parameter is the feature axis);
-the order is TorchTitan's: tensor parallelism first (parameters become tp DTensors), then FSDP2
-wraps those over the data-parallel mesh.
+A family declares only its tensor-parallel plan on its ``ModelSpec`` (which axis of each
+parameter is the feature axis); the model code never imports this package. The order is
+TorchTitan's: tensor parallelism first (parameters become tp DTensors), then FSDP2 wraps those
+over the data-parallel mesh.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from torchtitan_clt.distributed.tensor_parallel import apply_tp
 from torchtitan_clt.distributed.utils import device_type_for
 from torchtitan_clt.protocols.transcoder import MeshGroups
 from torchtitan_clt.tools.logging import logger
+
+
+def parallelize_model(model: nn.Module, spec, parallel_dims: ParallelDims, job_config) -> nn.Module:
+    """``spec.parallelize_fn`` when the family brings its own, else ``spec.tp_plan`` + FSDP2."""
+    if spec.parallelize_fn is not None:
+        return spec.parallelize_fn(model, parallel_dims, job_config)
+    return parallelize_transcoder(model, parallel_dims, job_config, spec.tp_plan)
 
 
 def parallelize_transcoder(

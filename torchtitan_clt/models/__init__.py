@@ -1,4 +1,5 @@
-"""Dictionary families and activations; importing this fills the model and activation registries.
+"""Dictionary families and activations. Each family registers its ``ModelSpec`` when its package is
+imported, which ``model_registry.get(name)`` does on lookup (``protocols/registry.py``).
 
 Families (``model.name``) and their initialization defaults (``init_weights(seed)``; the options
 ``model.decoder_init_norm``, ``model.tied_init``, ``model.jumprelu_threshold_init`` and
@@ -21,7 +22,6 @@ are centered). Activations: relu, jumprelu, topk, batchtopk (scope ``layer`` or 
 family, except ``matryoshka_clt``: topk / batchtopk only.
 """
 
-from torchtitan_clt.models import activations, clt, matryoshka, molt, plt, sae  # noqa: F401  (registration)
 from torchtitan_clt.models.losses import build_loss_fn
 
-__all__ = ["activations", "clt", "matryoshka", "molt", "plt", "sae", "build_loss_fn"]
+__all__ = ["build_loss_fn"]

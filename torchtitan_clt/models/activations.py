@@ -9,7 +9,7 @@ activations of the same shape. Every one also offers, for export and for losses:
 - ``selection()``: the ``kernels.selection.Selection`` it makes now (TopK, BatchTopK in training),
   or None for an elementwise function: the families' sparse step selects with it;
 - ``grad_support(h)``: where ∂L/∂a is needed although a = 0 (JumpReLU's threshold window), or None;
-- ``mesh_groups``: set by the family's ``parallelize_fn`` (selection over ranks).
+- ``mesh_groups``: set by ``distributed.parallelize`` (selection over ranks).
 """
 
 from __future__ import annotations

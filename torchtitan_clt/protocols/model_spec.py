@@ -1,12 +1,48 @@
-"""``ModelSpec``: everything the trainer needs to know about a family, found by name."""
+"""``ModelSpec``: everything the trainer and the exporters need to know about a family, by name.
+
+A family declares data, not code that reaches into other rooms: which parameter axis is the
+feature axis (``tp_plan``, read by ``distributed.parallelize``) and which per-layer tensors its
+weights give the per-layer export formats (``export_layout``, read by ``checkpoint.circuit_tracer``
+and ``checkpoint.saelens``). So a family registered from a user's file (``job.custom_import``)
+trains on a mesh and exports without a line of the package changing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+import torch
 
 from torchtitan_clt.protocols.registry import model_registry
+
+
+def layerwise_tensors(model: Any, j: int) -> dict[str, torch.Tensor | None]:
+    """Layer ``j``'s tensors of a model with ``W_enc [L, F, d_in]``, ``b_enc [L, F]``,
+    ``W_dec`` (``[L, F, d_out]``, or a list of ``[F, L-j, d_out]`` for a crosslayer model),
+    ``b_dec [L, d_out]`` and an optional ``W_skip [L, d_in, d_out]``."""
+    skip = getattr(model, "W_skip", None)
+    return {
+        "W_enc": model.W_enc[j],  # [F, d_in]
+        "b_enc": model.b_enc[j],  # [F]
+        "W_dec": model.W_dec[j],  # [F, d_out] per layer, [F, L-j, d_out] crosslayer
+        "b_dec": model.b_dec[j],  # [d_out]
+        "W_skip": skip[j] if skip is not None else None,  # [d_in, d_out]: y += x @ W_skip
+    }
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """How a family's weights map onto the per-layer formats (circuit-tracer, sae-lens)."""
+
+    kind: Literal["crosslayer", "per_layer"]
+    """``crosslayer``: layer j's features write to layers j..L-1 (circuit-tracer's CLT);
+    ``per_layer``: to layer j only (circuit-tracer's transcoder set, sae-lens)."""
+
+    layer_tensors: Callable[[Any, int], dict[str, torch.Tensor | None]] = layerwise_tensors
+    """``fn(model, j)`` -> ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``W_skip`` (or None) of
+    layer j, shaped as ``layerwise_tensors`` documents, on a folded single-device copy."""
 
 
 @dataclass
@@ -17,16 +53,28 @@ class ModelSpec:
     build_fn: Callable[..., Any]
     """``build_fn(args: TranscoderArgs) -> Transcoder``; called under the meta device."""
 
+    tp_plan: dict[str, int | None] | None = None
+    """Parameter name (regex) -> the axis sharded over tp (the feature axis), or None to
+    replicate it. ``None`` for the whole plan: no tensor parallelism (data parallelism still works)."""
+
     parallelize_fn: Callable[..., Any] | None = None
-    """``parallelize_fn(model, parallel_dims, job_config) -> model``: applies TP / FSDP from outside."""
+    """``fn(model, parallel_dims, job_config) -> model``, for a family that needs more than
+    ``tp_plan`` + FSDP2; ``None``: ``distributed.parallelize.parallelize_transcoder``."""
 
     activations: tuple[str, ...] | None = None
     """Activations this family supports (``None``: every registered one)."""
 
-    export_circuit_tracer_fn: Callable[..., Any] | None = None
-    """``fn(model, folder, meta: dict)`` writing a circuit-tracer folder, if the family has one."""
+    export_layout: ExportLayout | None = None
+    """``None``: native export only (``load_pretrained``)."""
 
     description: str = ""
+    """One line, listed when ``model.name`` is unknown."""
+
+
+def export_layout_of(model: Any) -> ExportLayout | None:
+    """The export layout the family of ``model`` (``args.family``) declares, if any."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return model_registry.get(model.args.family).export_layout
 
 
 def register_model_spec(spec: ModelSpec) -> ModelSpec:

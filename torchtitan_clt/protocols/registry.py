@@ -1,7 +1,8 @@
 """Name -> builder registries for families, activations and activation sources.
 
 User code registers its own entries from a module named in ``job.custom_import``; a duplicate
-name is an error so that a typo cannot silently replace a built-in.
+name is an error so that a typo cannot silently replace a built-in. Built-ins are imported on
+lookup: asking for ``clt`` imports ``models/clt`` and nothing of the other families.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, config_field: str):
+    def __init__(self, kind: str, config_field: str, builtins: dict[str, str] | str):
+        """``builtins``: name -> the module that registers it, or one module registering them all."""
         self.kind = kind
         self.config_field = config_field
         self._items: dict[str, T] = {}
+        self._builtins = builtins
 
     def register(self, name: str, item: T) -> T:
         if name in self._items:
@@ -30,41 +33,57 @@ class Registry(Generic[T]):
         self._items[name] = item
         return item
 
+    def _load(self, name: str | None) -> None:
+        if isinstance(self._builtins, str):
+            importlib.import_module(self._builtins)
+        elif name is None:
+            for module in self._builtins.values():
+                importlib.import_module(module)
+        elif name not in self._items and name in self._builtins:
+            importlib.import_module(self._builtins[name])
+
     def get(self, name: str) -> T:
-        _load_builtins()
+        self._load(name)
         if name not in self._items:
+            self._load(None)
+            known = [
+                f"{n} ({d})" if (d := getattr(self._items[n], "description", "")) else n for n in self.names()
+            ]
             raise ConfigError(
                 f"{self.config_field} = {name!r} is not a registered {self.kind}: choose one of "
-                f"{', '.join(sorted(self._items))}, or register your own from a module named in "
-                "job.custom_import."
+                f"{', '.join(known)}, or register your own from a module named in job.custom_import."
             )
         return self._items[name]
 
     def names(self) -> list[str]:
-        _load_builtins()
+        self._load(None)
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
-        _load_builtins()
+        self._load(name)
         return name in self._items
 
 
+_FAMILIES = {
+    name: f"torchtitan_clt.models.{pkg}"
+    for name, pkg in {
+        "clt": "clt",
+        "plt": "plt",
+        "sae": "sae",
+        "molt": "molt",
+        "matryoshka_clt": "matryoshka",
+    }.items()
+}
 # ModelSpec objects, keyed by family name (model.name).
-model_registry: Registry[Any] = Registry("model family", "model.name")
+model_registry: Registry[Any] = Registry("model family", "model.name", _FAMILIES)
 # Activation classes: cls(args: TranscoderArgs) -> nn.Module, keyed by model.activation.
-activation_registry: Registry[Callable[..., Any]] = Registry("activation", "model.activation")
+activation_registry: Registry[Callable[..., Any]] = Registry(
+    "activation", "model.activation", "torchtitan_clt.models.activations"
+)
 # Activation sources: builder(job_config, ctx: SourceContext) -> ActivationSource, keyed by data.source.
-data_source_registry: Registry[Callable[..., Any]] = Registry("activation source", "data.source")
-
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        importlib.import_module("torchtitan_clt.models")
-        importlib.import_module("torchtitan_clt.data")
+data_source_registry: Registry[Callable[..., Any]] = Registry(
+    "activation source", "data.source", "torchtitan_clt.data"
+)
 
 
 def import_custom_modules(modules: list[str]) -> None:

@@ -157,7 +157,7 @@ class TranscoderOutput:
 
 @dataclass(frozen=True)
 class MeshGroups:
-    """The process groups a sharded model computes over, handed in by its ``parallelize_fn`` (the
+    """The process groups a sharded model computes over, handed in by ``distributed.parallelize`` (the
     model never builds them). One process: all ``None`` / 1."""
 
     batch: Any = None
@@ -190,7 +190,7 @@ class Transcoder(nn.Module):
         self.mesh_groups = MeshGroups()
 
     def set_mesh_groups(self, groups: MeshGroups) -> None:
-        """Called by ``parallelize_fn``: the groups the forward's selection and decoder reduce over."""
+        """Called by ``distributed.parallelize``: the groups the forward's selection and decoder reduce over."""
         self.mesh_groups = groups
         act = getattr(self, "activation", None)
         if act is not None:

@@ -1,14 +1,24 @@
 from torchtitan_clt.models.clt.model import CrossLayerTranscoder, build_clt
-from torchtitan_clt.models.clt.parallelize import parallelize_clt
-from torchtitan_clt.protocols.model_spec import ModelSpec, register_model_spec
+from torchtitan_clt.protocols.model_spec import ExportLayout, ModelSpec, register_model_spec
+
+# Parameter (regex) -> feature axis sharded over tp; None: replicated.
+CLT_TP_PLAN: dict[str, int | None] = {
+    r"W_enc": 1,  # [L, F, d_in]
+    r"b_enc": 1,  # [L, F]
+    r"W_dec\.\d+": 0,  # [F, L-s, d_out] per source layer s
+    r"activation\.log_threshold": 1,  # [L, F] (JumpReLU)
+    r"W_skip": None,  # [L, d_in, d_out]: replicated, added after the partial sums (skip_connection)
+    r"b_dec": None,  # [L, d_out]: added once, after the decoder's partial sums are reduced
+}
 
 register_model_spec(
     ModelSpec(
         name="clt",
         build_fn=build_clt,
-        parallelize_fn=parallelize_clt,
+        tp_plan=CLT_TP_PLAN,
+        export_layout=ExportLayout("crosslayer"),
         description="Crosslayer transcoder: a layer-s feature writes to every layer t >= s.",
     )
 )
 
-__all__ = ["CrossLayerTranscoder", "build_clt"]
+__all__ = ["CLT_TP_PLAN", "CrossLayerTranscoder", "build_clt"]

@@ -1,14 +1,24 @@
 from torchtitan_clt.models.plt.model import PerLayerTranscoder, build_plt
-from torchtitan_clt.models.plt.parallelize import parallelize_plt
-from torchtitan_clt.protocols.model_spec import ModelSpec, register_model_spec
+from torchtitan_clt.protocols.model_spec import ExportLayout, ModelSpec, register_model_spec
+
+# Parameter (regex) -> feature axis sharded over tp; None: replicated.
+PLT_TP_PLAN: dict[str, int | None] = {
+    r"W_enc": 1,  # [L, F, d_in]
+    r"b_enc": 1,  # [L, F]
+    r"W_dec": 1,  # [L, F, d_out]
+    r"activation\.log_threshold": 1,  # [L, F] (JumpReLU)
+    r"W_skip": None,  # [L, d_in, d_out]: replicated, added after the partial sums (skip_connection)
+    r"b_dec": None,  # [L, d_out]: added once, after the decoder's partial sums are reduced
+}
 
 register_model_spec(
     ModelSpec(
         name="plt",
         build_fn=build_plt,
-        parallelize_fn=parallelize_plt,
+        tp_plan=PLT_TP_PLAN,
+        export_layout=ExportLayout("per_layer"),
         description="Per-layer transcoder: layer l's features read x_l and write only y_l.",
     )
 )
 
-__all__ = ["PerLayerTranscoder", "build_plt"]
+__all__ = ["PLT_TP_PLAN", "PerLayerTranscoder", "build_plt"]

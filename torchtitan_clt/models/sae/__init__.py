@@ -1,12 +1,13 @@
+from torchtitan_clt.models.plt import PLT_TP_PLAN
 from torchtitan_clt.models.sae.model import SparseAutoencoder, build_sae
-from torchtitan_clt.models.sae.parallelize import parallelize_sae
-from torchtitan_clt.protocols.model_spec import ModelSpec, register_model_spec
+from torchtitan_clt.protocols.model_spec import ExportLayout, ModelSpec, register_model_spec
 
 register_model_spec(
     ModelSpec(
         name="sae",
         build_fn=build_sae,
-        parallelize_fn=parallelize_sae,
+        tp_plan=PLT_TP_PLAN,  # an SAE computes what a per-layer transcoder does
+        export_layout=ExportLayout("per_layer"),
         description="Sparse autoencoder: reads and writes one hook point (data.hook_in = data.hook_out).",
     )
 )
