@@ -75,8 +75,8 @@ class Model:
     """Keep each feature's whole decoder row at norm 1 through training (gradient along the row
     removed before each step, row renormalized after). ``auto``: on for TopK and BatchTopK, whose
     selection otherwise depends on how a feature splits its scale between encoder and decoder.
-    Off by default: on the quality benchmark's TopK row it left the held-out FVU within noise
-    (0.389 vs 0.383 at lr 1e-3, 0.385 vs 0.391 at 3e-3)."""
+    Off by default: on the quality benchmark it left the held-out FVU within noise
+    (benchmarks/results/defaults.md)."""
 
     tied_init: bool = True
     """Initialize the encoder as the transpose of the decoder."""
@@ -88,7 +88,7 @@ class Model:
     features are left to explain what a linear map cannot. ``clt``, ``matryoshka_clt`` and
     ``plt`` only (an SAE's skip path would be the identity; a MOLT's transforms already are linear
     maps of the input). ``auto``: on for those families (it lowered the quality benchmark's
-    held-out FVU the most of everything tried: benchmarks/results/), off for the others. Exported
+    held-out FVU the most of everything tried: benchmarks/results/defaults.md), off for the others. Exported
     natively, to circuit-tracer (``W_skip``; ``load_clt_skip`` for a CLT) and to sae-lens."""
 
     b_dec_init: Literal["auto", "zero", "mean"] = "auto"
@@ -137,9 +137,9 @@ class Loss:
     """Coefficient α of the AuxK loss ‖e − ê‖²/‖e − ē‖² (the k_aux largest dead pre-activations
     reconstruct the residual e = y − ŷ), relative to the FVU as in Gao et al. (1/32) and sparsify:
     the term enters the loss as α·L·d_out·AuxK, ``recon`` being a sum over the L·d_out
-    standardized target dimensions. 0 disables it (the default: on the quality benchmark's TopK
-    row α = 1/32 halved the dead fraction, 18% -> 8%, but moved the held-out FVU only 0.383 ->
-    0.379, and its dense top-k over the dead features made the run ~2.5× slower)."""
+    standardized target dimensions. 0 disables it (the default: on the quality benchmark it lowered
+    the dead fraction but not the held-out FVU beyond noise, and its dense top-k over the dead
+    features slows the run; benchmarks/results/defaults.md)."""
 
     auxk_k: int = 512
     """Dead features used by AuxK per token."""
@@ -236,8 +236,8 @@ class Data:
 class Standardize:
     inputs: Literal["none", "scalar", "per_dim"] = "per_dim"
     """Standardize inputs per layer by a scalar or per dimension (``per_dim``: each dimension
-    centered and scaled to unit variance; on the quality benchmark's TopK row, per_dim inputs
-    and targets gave held-out FVU 0.383 against 0.426 for scalar; benchmarks/results/)."""
+    centered and scaled to unit variance; the default because it gave the lower held-out FVU on
+    the quality benchmark: benchmarks/results/defaults.md)."""
 
     targets: Literal["none", "scalar", "per_dim"] = "per_dim"
     """Standardize targets per layer by a scalar or per dimension (see ``inputs``)."""

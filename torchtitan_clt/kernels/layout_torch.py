@@ -23,9 +23,9 @@ _CHUNK_ELEMS = 1 << 24
 @contextlib.contextmanager
 def one_thread(device: torch.device) -> Iterator[None]:
     """Run the block on one CPU thread. Index bookkeeping (sorts, bincounts, arithmetic over ~1e5
-    ids) split over a busy pool waits on its slowest thread at every op: measured 10-20x slower
-    with 2 threads than with 1 on a loaded 2-core host (Layout.build 210 ms vs 15 ms). The big ops
-    (matmuls, gathers) keep the pool."""
+    ids) split over a busy pool waits on its slowest thread at every op, many times slower than
+    one thread on a loaded host (benchmarks/results/defaults.md). The big ops (matmuls, gathers)
+    keep the pool."""
     n = torch.get_num_threads()
     if device.type != "cpu" or n == 1:
         yield
