@@ -154,3 +154,25 @@ def test_batchtopk_k_larger_than_batch():
     h = torch.tensor([[[1.0, -1.0]], [[0.5, 2.0]]])
     assert torch.equal(act(h), torch.relu(h))
     assert math.isclose(act.threshold.item(), 0.5)
+
+
+@pytest.mark.parametrize("decay, ok", [(0.0, True), (0.5, True), (0.999, True), (1.0, False), (-0.1, False)])
+def test_config_and_activation_agree_on_threshold_ema_decay(decay, ok):
+    """The loader's check and the activation's own accept and refuse the same values."""
+    from torchtitan_clt.config import ConfigError, load_config
+
+    def config_accepts() -> bool:
+        try:
+            load_config([f"--model.threshold_ema_decay={decay}"])
+        except ConfigError:
+            return False
+        return True
+
+    def activation_accepts() -> bool:
+        try:
+            BatchTopK(_args(2, 3, k=1, threshold_ema_decay=decay))
+        except ValueError:
+            return False
+        return True
+
+    assert config_accepts() is ok and activation_accepts() is ok

@@ -191,7 +191,7 @@ def validate(cfg: JobConfig) -> None:
     need(cfg.checkpoint.interval > 0, "checkpoint.interval must be positive.")
     need(cfg.loss.lambda_sparsity >= 0, "loss.lambda_sparsity must be non-negative.")
     need(m.jumprelu_bandwidth > 0, "model.jumprelu_bandwidth must be positive.")
-    need(0 < m.threshold_ema_decay < 1, "model.threshold_ema_decay must be in (0, 1).")
+    need(0 <= m.threshold_ema_decay < 1, "model.threshold_ema_decay must be in [0, 1).")  # as the activation
     need(m.jumprelu_threshold_init > 0, "model.jumprelu_threshold_init must be positive.")
     need(
         m.skip_connection != "true" or m.name in SKIP_FAMILIES,
