@@ -31,11 +31,10 @@ def _activations(cfg, model, calib_tokens: int, eval_tokens: int, cache: Path | 
         if saved["calib_tokens"] >= calib_tokens and saved["eval_tokens"] >= eval_tokens:
             return saved["calib"], saved["held_out"]
     from torchtitan_clt.checkpoint.calibration import activation_batches
-    from torchtitan_clt.data.llm import load_llm
+    from torchtitan_clt.data.pipeline import load_llm_handle
 
-    llm, tok = load_llm(cfg.data.model_path, cfg.data.model_dtype, "cpu")
     a = model.args
-    kw = dict(llm=llm, tokenizer=tok, layers=list(a.layers), hooks=(a.hook_in, a.hook_out))
+    kw = dict(llm=load_llm_handle(cfg, "cpu"), layers=list(a.layers), hooks=(a.hook_in, a.hook_out))
     calib = activation_batches(cfg, calib_tokens, "train", **kw)
     held = activation_batches(cfg, eval_tokens, "held_out", **kw)
     if cache is not None:

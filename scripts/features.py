@@ -28,18 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def feature_pass(path, out=None, tokens=16384, examples=8, model=None, data=None, batch=8, progress=True):
     """Load ``path`` (run or export) and its LLM, run the pass, write ``out``; returns the summary."""
     from torchtitan_clt.checkpoint.run_inputs import find_run, load_dictionary, run_config
-    from torchtitan_clt.data.llm import load_llm
-    from torchtitan_clt.data.source import build_eval_token_loader
+    from torchtitan_clt.data.pipeline import load_llm_handle, token_loader
     from torchtitan_clt.metrics.feature_files import run_feature_pass
 
     transcoder, source = load_dictionary(path)
     run = find_run(path)
     cfg = run_config(run, model, data)
-    llm, tok = load_llm(cfg.data.model_path, "float32", "cpu")
+    llm = load_llm_handle(cfg, "cpu", "float32")
     out = Path(out) if out else (run if run is not None else Path(path).parent) / "features"
-    batches = build_eval_token_loader(cfg, tok, batch)
+    batches = token_loader(cfg, llm.tokenizer, batch, held_out=True)
     meta = {"name": run.name if run is not None else Path(path).name, "dictionary": str(source)}
-    return run_feature_pass(transcoder, llm, tok, batches, tokens, out, examples, meta, progress)
+    return run_feature_pass(transcoder, llm, batches, tokens, out, examples, meta, progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,6 @@ Run through ``./run_train.sh`` (torchrun), or ``python -m torchtitan_clt.train``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -199,13 +198,7 @@ class Trainer:
         if (cfg.eval.enable or cfg.eval.every > 0) and self.rank == 0:
             from torchtitan_clt.metrics.evaluator import build_evaluator
 
-            with getattr(src, "llm_lock", contextlib.nullcontext()):  # the prefetch shares the tokenizer
-                self.evaluator = build_evaluator(
-                    cfg,
-                    self.device,
-                    llm=getattr(src, "llm", None),
-                    tokenizer=getattr(src, "tokenizer", None),
-                )
+            self.evaluator = build_evaluator(cfg, self.device, llm=src.llm)  # the source's LLM, if any
         ts = self.train_state
         self.metrics = MetricsLogger(
             self.run_folder, cfg, self.rank, device=self.device, start_step=ts.step, start_tokens=ts.tokens
@@ -354,8 +347,7 @@ class Trainer:
             plain = self._calibrated(plain, calibration)
         result = None
         if plain is not None and self.evaluator is not None:
-            with getattr(self.source, "llm_lock", contextlib.nullcontext()):  # the prefetch shares the LLM
-                result = self.evaluator.run(plain.to(self.device), step, open_loop=open_loop)
+            result = self.evaluator.run(plain.to(self.device), step, open_loop=open_loop)
             self.metrics.log(step, self.evaluator.log_metrics(result))
         if dist.is_initialized():
             dist.barrier()
@@ -406,15 +398,7 @@ class Trainer:
             if plain is not None:  # rank 0
                 from torchtitan_clt.metrics.feature_files import trainer_feature_pass
 
-                src = self.source
-                with getattr(src, "llm_lock", contextlib.nullcontext()):
-                    trainer_feature_pass(
-                        cfg,
-                        self.run_folder,
-                        plain,
-                        getattr(src, "llm", None),
-                        getattr(src, "tokenizer", None),
-                    )
+                trainer_feature_pass(cfg, self.run_folder, plain, self.source.llm)  # holds the LLM's lock
         self.metrics.close()
         self.source.close()
 

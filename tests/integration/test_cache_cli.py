@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torchtitan_clt.config import load_config
 from torchtitan_clt.data import load_llm, write_activation_cache
 from torchtitan_clt.data.cache import shard_path
+from torchtitan_clt.data.pipeline import LLMHandle
 from torchtitan_clt.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def test_torchrun_two_ranks_write_what_each_rank_would(tmp_path):
     cfg = load_config(["--config", DEBUG])
     llm, tok = load_llm(cfg.data.model_path)
     for rank in (1, 0):
-        write_activation_cache(cfg, ref, 1200, 500, "float32", rank=rank, world=2, llm=llm, tokenizer=tok)
+        write_activation_cache(cfg, ref, 1200, 500, "float32", rank=rank, world=2, llm=LLMHandle(llm, tok))
     for i in range(4):
         a, b = load_file(str(shard_path(out, i))), load_file(str(shard_path(ref, i)))
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])

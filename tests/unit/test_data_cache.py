@@ -18,6 +18,7 @@ from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data import SourceContext, cache_writer, load_llm, write_activation_cache
 from torchtitan_clt.data.cache import CacheBlocks, block_location, read_meta, shard_path
 from torchtitan_clt.data.cache_writer import main
+from torchtitan_clt.data.pipeline import LLMHandle
 from torchtitan_clt.data.text import TextSpec
 from torchtitan_clt.data.tokenize import build_token_loader
 from torchtitan_clt.protocols import data_source_registry
@@ -48,12 +49,12 @@ def cache(tmp_path_factory, llm):
     folder = tmp_path_factory.mktemp("cache") / "c"
     assert (
         write_activation_cache(
-            _cfg(), folder, 200, 32, "float32", rank=1, world=2, llm=llm[0], tokenizer=llm[1]
+            _cfg(), folder, 200, 32, "float32", rank=1, world=2, llm=LLMHandle(*llm)
         )
         is None
     )
     meta = write_activation_cache(
-        _cfg(), folder, 200, 32, "float32", rank=0, world=2, llm=llm[0], tokenizer=llm[1]
+        _cfg(), folder, 200, 32, "float32", rank=0, world=2, llm=LLMHandle(*llm)
     )
     return folder, meta
 
@@ -251,7 +252,7 @@ def test_meta_mismatch_errors(cache, tmp_path):
 def test_disk_space_refusal(tmp_path, monkeypatch, llm):
     monkeypatch.setattr(cache_writer.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
     with pytest.raises(ConfigError, match="GiB are free"):
-        write_activation_cache(_cfg(), tmp_path / "c", 1000, llm=llm[0], tokenizer=llm[1])
+        write_activation_cache(_cfg(), tmp_path / "c", 1000, llm=LLMHandle(*llm))
     assert not list((tmp_path / "c").iterdir())  # refused before writing anything
 
 
@@ -269,19 +270,19 @@ def test_interrupted_writer_resumes_to_the_same_cache(cache, tmp_path, monkeypat
     args = (_cfg(), folder, 200, 32, "float32")
     monkeypatch.setattr(cache_writer, "save_file", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        write_activation_cache(*args, rank=0, world=2, llm=llm[0], tokenizer=llm[1])
+        write_activation_cache(*args, rank=0, world=2, llm=LLMHandle(*llm))
     assert torch.load(folder / "progress_rank00000.pt", weights_only=True)["blocks"] == 4
     assert not (folder / "meta.json").exists()
     monkeypatch.setattr(cache_writer, "save_file", real)
     assert (
-        write_activation_cache(*args, rank=0, world=2, llm=llm[0], tokenizer=llm[1]) is None
+        write_activation_cache(*args, rank=0, world=2, llm=LLMHandle(*llm)) is None
     )  # rank 1 missing
-    meta = write_activation_cache(*args, rank=1, world=2, llm=llm[0], tokenizer=llm[1])
+    meta = write_activation_cache(*args, rank=1, world=2, llm=LLMHandle(*llm))
     assert meta == ref_meta
     for i in range(meta["n_shards"]):
         want, got = load_file(str(shard_path(ref_folder, i))), load_file(str(shard_path(folder, i)))
         assert torch.equal(want["x"], got["x"]) and torch.equal(want["y"], got["y"])
-    assert write_activation_cache(*args, rank=0, world=2, llm=llm[0], tokenizer=llm[1]) == meta  # done: no-op
+    assert write_activation_cache(*args, rank=0, world=2, llm=LLMHandle(*llm)) == meta  # done: no-op
 
 
 def test_cli_tokens_and_bf16(tmp_path, capsys, llm):

@@ -19,6 +19,7 @@ from torchtitan_clt.config import JobConfig
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data import SourceContext, load_llm
 from torchtitan_clt.data.buffer import ShuffleBuffer
+from torchtitan_clt.data.pipeline import LLMHandle
 from torchtitan_clt.data.source import StreamSource
 from torchtitan_clt.data.text import TextSpec
 from torchtitan_clt.data.tokenize import PackedTokens
@@ -66,7 +67,7 @@ def _cfg(text: str, **data) -> JobConfig:
 def _ranks(cfg, llm, n: int) -> list[StreamSource]:
     out = []
     for r in range(n):
-        src = StreamSource(cfg, SourceContext(dp_rank=r, dp_degree=n, seed=7), llm=llm[0], tokenizer=llm[1])
+        src = StreamSource(cfg, SourceContext(dp_rank=r, dp_degree=n, seed=7), llm=LLMHandle(*llm))
         src.extractor = _fake_extract
         out.append(src)
     return out

@@ -47,8 +47,8 @@ def test_stream_shapes_and_values():
     x, y = src.next_batch(50)
     assert x.shape == (50, 2, 64) and y.shape == (50, 2, 64) and x.dtype == torch.float32
     # The rows are rows of a direct extraction of the first refill's contexts, x and y paired.
-    loader = build_token_loader(TextSpec("shakespeare"), src.tokenizer, 16, 2)
-    ext = ActivationExtractor(src.llm, "resid_mid", "mlp_out", [0, 2])
+    loader = build_token_loader(TextSpec("shakespeare"), src.llm.tokenizer, 16, 2)
+    ext = ActivationExtractor(src.llm.model, "resid_mid", "mlp_out", [0, 2])
     pairs = [ext(b) for _, b in zip(range(2), loader)]
     rx, ry = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     # Matched by nearest row within float tolerance (batching may round the last bits differently).

@@ -14,9 +14,12 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from torchtitan_clt.data.pipeline import LLMHandle
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +29,7 @@ def activation_batches(
     job_config: Any,
     tokens: int,
     split: str = "train",
-    llm: torch.nn.Module | None = None,
-    tokenizer: Any = None,
+    llm: LLMHandle | None = None,
     device: str | torch.device = "cpu",
     contexts_per_batch: int = 8,
     layers: list[int] | None = None,
@@ -36,24 +38,15 @@ def activation_batches(
     """About ``tokens`` non-BOS positions of ``job_config.data``'s text as raw fp32 (x, y) on the
     CPU, ``contexts_per_batch × (seq_len − 1)`` rows per pair. ``layers`` / ``hooks`` default to
     the config's (give the model's ``args.layers`` and ``(hook_in, hook_out)`` to be sure)."""
-    from torchtitan_clt.data.extraction import ActivationExtractor
-    from torchtitan_clt.data.llm import load_llm
-    from torchtitan_clt.data.source import build_eval_token_loader, text_spec
-    from torchtitan_clt.data.tokenize import build_token_loader
+    from torchtitan_clt.data.pipeline import load_llm_handle, token_loader
 
     if split not in ("train", "held_out"):
         raise ValueError(f"split must be 'train' or 'held_out' (got {split!r}).")
     d = job_config.data
-    if llm is None or tokenizer is None:
-        llm, tokenizer = load_llm(d.model_path, d.model_dtype, device)
-    if split == "train":
-        loader = build_token_loader(
-            text_spec(job_config), tokenizer, d.seq_len, contexts_per_batch, loop=False
-        )
-    else:
-        loader = build_eval_token_loader(job_config, tokenizer, contexts_per_batch)
+    llm = llm or load_llm_handle(job_config, device)
+    loader = token_loader(job_config, llm.tokenizer, contexts_per_batch, split == "held_out", loop=False)
     hook_in, hook_out = hooks or (d.hook_in, d.hook_out)
-    extractor = ActivationExtractor(llm, hook_in, hook_out, list(layers if layers is not None else d.layers))
+    extractor = llm.extractor(hook_in, hook_out, layers if layers is not None else d.layers)
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     n = 0
     for batch in loader:
@@ -79,14 +72,13 @@ def run_batches(
         if run is None:
             raise FileNotFoundError("no run folder (config.toml) to read the LLM and text from")
         from torchtitan_clt.config.manager import load_config
-        from torchtitan_clt.data.llm import load_llm
+        from torchtitan_clt.data.pipeline import load_llm_handle
 
         cfg = load_config(["--config", str(Path(run) / "config.toml")], check=False)
         if cfg.data.source == "synthetic":
             raise ValueError("the run trained on synthetic activations, which have no LLM or text")
-        llm, tok = load_llm(cfg.data.model_path, cfg.data.model_dtype, "cpu")
         a = model.args
-        kw = dict(llm=llm, tokenizer=tok, layers=list(a.layers), hooks=(a.hook_in, a.hook_out))
+        kw = dict(llm=load_llm_handle(cfg, "cpu"), layers=list(a.layers), hooks=(a.hook_in, a.hook_out))
         calib = activation_batches(cfg, calib_tokens, "train", **kw)
         held = activation_batches(cfg, eval_tokens, "held_out", **kw) if eval_tokens > 0 else None
         return calib, held or None

@@ -32,16 +32,13 @@ from safetensors.torch import save_file
 
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data.cache_layout import FORMAT, META_FILE, shard_path
-from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.hooks import check_layers, d_model, n_layers
-from torchtitan_clt.data.llm import load_llm, model_name
-from torchtitan_clt.data.source import text_spec
+from torchtitan_clt.data.llm import model_name
+from torchtitan_clt.data.pipeline import LLMHandle, load_llm_handle, token_loader
 from torchtitan_clt.data.text import HELD_OUT_EVERY
-from torchtitan_clt.data.tokenize import build_token_loader
 from torchtitan_clt.tools.dtypes import DTYPES
 
 logger = logging.getLogger(__name__)
-
 
 
 def progress_path(folder: Path, rank: int) -> Path:
@@ -166,8 +163,7 @@ def write_activation_cache(
     device: str | torch.device = "cpu",
     rank: int = 0,
     world: int = 1,
-    llm: Any = None,
-    tokenizer: Any = None,
+    llm: LLMHandle | None = None,
 ) -> dict[str, Any] | None:
     """Extract at least ``rows`` activation rows of ``data``'s model and text into ``folder``.
 
@@ -180,10 +176,9 @@ def write_activation_cache(
     d = job_config.data
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if llm is None:
-        llm, tokenizer = load_llm(d.model_path, d.model_dtype, device)
-    layers = check_layers(llm, list(d.layers))
-    plan = _plan(job_config, llm, layers, rows, shard_rows, dtype, world)
+    llm = llm or load_llm_handle(job_config, device)
+    layers = check_layers(llm.model, list(d.layers))
+    plan = _plan(job_config, llm.model, layers, rows, shard_rows, dtype, world)
     if (folder / META_FILE).exists():
         meta = json.loads((folder / META_FILE).read_text())
         if {k: meta.get(k) for k in plan} != plan:
@@ -197,9 +192,9 @@ def write_activation_cache(
     per_rank, per_shard, block_rows = plan["blocks_per_rank"], plan["shard_blocks"], plan["block_rows"]
     _check_disk(folder, plan, per_rank - prog["blocks"])
 
-    extractor = ActivationExtractor(llm, d.hook_in, d.hook_out, layers, dtype=DTYPES[dtype])
-    loader = build_token_loader(
-        text_spec(job_config), tokenizer, d.seq_len, d.llm_batch_size, rank, world, d.num_workers
+    extractor = llm.extractor(d.hook_in, d.hook_out, layers, DTYPES[dtype])
+    loader = token_loader(
+        job_config, llm.tokenizer, d.llm_batch_size, dp_rank=rank, dp_degree=world, num_workers=d.num_workers
     )
     if prog["loader"] is not None:
         loader.load_state_dict(prog["loader"])

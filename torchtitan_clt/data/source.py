@@ -21,7 +21,6 @@ shards from where the old refills ended.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +29,10 @@ import torch.distributed as dist
 
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data.buffer import ShuffleBuffer
-from torchtitan_clt.data.extraction import ActivationExtractor
 from torchtitan_clt.data.hooks import check_layers, d_model, family, n_layers
-from torchtitan_clt.data.llm import load_llm, model_name
-from torchtitan_clt.data.text import TextSpec
-from torchtitan_clt.data.tokenize import build_token_loader, default_num_shards, reader_shards, shard_states
+from torchtitan_clt.data.llm import model_name
+from torchtitan_clt.data.pipeline import LLMHandle, load_llm_handle, token_loader
+from torchtitan_clt.data.tokenize import default_num_shards, reader_shards, shard_states
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +63,8 @@ class ActivationSource:
     hook_out: str
     llm_n_layers: int | None = None
     """The LLM's total layer count (circuit-tracer exports must cover all of them), if known."""
+    llm: LLMHandle | None = None
+    """The LLM the source reads, shared with the trainer's evaluation; None if it reads none."""
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -101,11 +101,6 @@ def _tp_info(group: Any) -> tuple[int, int]:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
-
-
-def text_spec(job_config: Any) -> TextSpec:
-    d = job_config.data
-    return TextSpec(d.dataset, d.dataset_config, d.dataset_split, d.text_field)
 
 
 class BufferedSource(ActivationSource):
@@ -155,20 +150,15 @@ class BufferedSource(ActivationSource):
 class StreamSource(BufferedSource):
     """Activations read live from an LLM forward over this rank's share of the text."""
 
-    def __init__(self, job_config: Any, ctx: SourceContext, llm: Any = None, tokenizer: Any = None):
+    def __init__(self, job_config: Any, ctx: SourceContext, llm: LLMHandle | None = None):
         d = job_config.data
         self.device = torch.device(ctx.device)
-        if llm is None:
-            llm, tokenizer = load_llm(d.model_path, d.model_dtype, self.device)
-        family(llm)  # unsupported architectures stop here, with the supported list
-        self.llm, self.tokenizer = llm, tokenizer
-        self.layers = check_layers(llm, list(d.layers))
+        self.llm = llm = llm or load_llm_handle(job_config, self.device)
+        family(llm.model)  # unsupported architectures stop here, with the supported list
+        self.layers = check_layers(llm.model, list(d.layers))
         self.n_layers = len(self.layers)
-        self.llm_n_layers = n_layers(llm)
-        # Held while the buffer tokenizes and extracts (possibly on the prefetch thread); anyone else
-        # using this LLM or tokenizer (the evaluator shares them) holds it too.
-        self.llm_lock = threading.Lock()
-        self.d_in = self.d_out = d_model(llm)
+        self.llm_n_layers = n_layers(llm.model)
+        self.d_in = self.d_out = d_model(llm.model)
         self.hook_in, self.hook_out = d.hook_in, d.hook_out
         self.model_name = model_name(d.model_path)
 
@@ -176,8 +166,7 @@ class StreamSource(BufferedSource):
         self.tp_group = ctx.tp_group
         self.dp_rank, self.dp_degree = ctx.dp_rank, ctx.dp_degree
         self.reader, self.readers = ctx.dp_rank * self.tp_size + self.tp_rank, ctx.dp_degree * self.tp_size
-        self.spec, self.seq_len, self.llm_batch_size = text_spec(job_config), d.seq_len, d.llm_batch_size
-        self.num_workers = d.num_workers
+        self.job_config, self.num_workers = job_config, d.num_workers
         if d.text_shards < 0:
             raise ConfigError(
                 f"data.text_shards = {d.text_shards}: give a positive number, or 0 for the default."
@@ -186,8 +175,8 @@ class StreamSource(BufferedSource):
         self._set_text_shards(d.text_shards or default_num_shards(self.readers, d.num_workers))
         self._start: dict[int, dict[str, Any]] = {}  # where own shards begin (resume on other ranks)
         self.loader = self._token_loader(self.reader, self.readers, self.num_workers)
-        llm_dtype = next(llm.parameters()).dtype
-        self.extractor = ActivationExtractor(llm, d.hook_in, d.hook_out, self.layers, dtype=llm_dtype)
+        llm_dtype = next(llm.model.parameters()).dtype
+        self.extractor = llm.extractor(d.hook_in, d.hook_out, self.layers, llm_dtype)
         buffer_device = self.device if d.buffer_device == "auto" else torch.device(d.buffer_device)
         prefetch = d.prefetch and self.tp_size == 1  # the TP all-gather must stay on the main thread
         self.buffer = ShuffleBuffer(
@@ -198,7 +187,7 @@ class StreamSource(BufferedSource):
             buffer_device,
             ctx.seed,
             prefetch,
-            self.llm_lock,
+            llm.lock,  # held while the buffer tokenizes and extracts, possibly on the prefetch thread
             replay=self._replay,
         )
         rows = d.buffer_tokens * self.n_layers * (self.d_in + self.d_out) * llm_dtype.itemsize
@@ -229,11 +218,10 @@ class StreamSource(BufferedSource):
         self.text_shards = self._checked_shards(shards, self.readers, "text", "text reader", note)
 
     def _token_loader(self, reader: int, readers: int, workers: int) -> Any:
-        return build_token_loader(
-            self.spec,
-            self.tokenizer,
-            self.seq_len,
-            self.llm_batch_size,
+        return token_loader(
+            self.job_config,
+            self.llm.tokenizer,
+            self.job_config.data.llm_batch_size,
             dp_rank=reader,
             dp_degree=readers,
             num_workers=workers,
@@ -360,23 +348,7 @@ def build_stream_source(job_config: Any, ctx: SourceContext) -> ActivationSource
 def build_eval_token_loader(
     job_config: Any, tokenizer: Any, batch_size: int, dp_rank: int = 0, dp_degree: int = 1
 ):
-    """Finite held-out token batches ``[batch_size, seq_len]`` for evaluation.
-
-    ``eval.dataset`` empty or equal to ``data.dataset``: the documents the training stream holds
-    out (global index ``i % 100 == 99``). Another dataset: all of it.
-    """
-    spec = text_spec(job_config)
-    other = job_config.eval.dataset
-    held_out = not other or other == spec.dataset
-    if not held_out:
-        spec = TextSpec(other, "", spec.split, spec.text_field)
-    return build_token_loader(
-        spec,
-        tokenizer,
-        job_config.data.seq_len,
-        batch_size,
-        dp_rank=dp_rank,
-        dp_degree=dp_degree,
-        held_out=held_out,
-        loop=False,
+    """Finite held-out token batches ``[batch_size, seq_len]`` for evaluation (``token_loader``)."""
+    return token_loader(
+        job_config, tokenizer, batch_size, held_out=True, dp_rank=dp_rank, dp_degree=dp_degree
     )

@@ -1,6 +1,6 @@
 """Periodic evaluation during training: the LLM and the held-out token batches, built once.
 
-    evaluator = build_evaluator(job_config, device, llm=source.llm, tokenizer=source.tokenizer)
+    evaluator = build_evaluator(job_config, device, llm=source.llm)   # the source's LLMHandle, or None
     result = evaluator.run(plain_model, step)       # rank 0 only, a plain (gathered) model
     metrics_logger.log(step, evaluator.log_metrics(result))
     write_report(run_folder, result["replacement"], result["feature_stats"])   # at the end
@@ -8,7 +8,8 @@
 ``run`` returns ``{"step", "replacement": evaluate_replacement(...), "feature_stats":
 feature_stats(...)}``; the feature statistics are taken on the activations of the same held-out
 tokens (BOS excluded). The ablation baselines do not depend on the dictionary: they are computed
-on the first ``run`` and reused.
+on the first ``run`` and reused. The evaluator holds the handle's lock while it runs the LLM or
+tokenizer (a stream source's prefetch thread shares them).
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import torch
 from torch import nn
 
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.data.extraction import ActivationExtractor
-from torchtitan_clt.data.llm import load_llm
-from torchtitan_clt.data.source import build_eval_token_loader
+from torchtitan_clt.data.pipeline import LLMHandle, load_llm_handle, token_loader
 from torchtitan_clt.metrics.eval import (
     Baselines,
     SpliceSpec,
@@ -38,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def held_out_batches(job_config: Any, tokenizer: Any, tokens: int, batch_size: int) -> list[torch.Tensor]:
     """Held-out token batches ``[batch_size, seq_len]`` (CPU) until ``tokens`` tokens are reached."""
-    loader = build_eval_token_loader(job_config, tokenizer, batch_size)
+    loader = token_loader(job_config, tokenizer, batch_size, held_out=True)
     batches: list[torch.Tensor] = []
     n = 0
     for batch in loader:
@@ -66,17 +65,15 @@ class Evaluator:
         self,
         job_config: Any,
         device: torch.device | str = "cpu",
-        llm: nn.Module | None = None,
-        tokenizer: Any = None,
+        llm: LLMHandle | None = None,
     ):
-        e, d = job_config.eval, job_config.data
+        e = job_config.eval
         self.device = torch.device(device)
-        if llm is None or tokenizer is None:
-            llm, tokenizer = load_llm(d.model_path, d.model_dtype, self.device)
-        self.llm, self.tokenizer = llm, tokenizer
+        self.llm = llm = llm or load_llm_handle(job_config, self.device)
         self.open_loop = e.open_loop
         self.dense_threshold = e.dense_threshold
-        self.batches = held_out_batches(job_config, tokenizer, e.tokens, e.batch_size)
+        with llm.lock:
+            self.batches = held_out_batches(job_config, llm.tokenizer, e.tokens, e.batch_size)
         self._baselines: Baselines | None = None
         self.last: dict[str, Any] | None = None
         logger.info(
@@ -95,20 +92,22 @@ class Evaluator:
         ``open_loop``: override ``eval.open_loop`` for this run (e.g. only at the end)."""
         t0 = time.perf_counter()
         open_loop = self.open_loop if open_loop is None else open_loop
-        spec = SpliceSpec.of(transcoder, self.llm)
-        b = self._baselines
-        if b is None or b.spec != spec:
-            b = compute_baselines(self.llm, self.batches, spec, per_layer=open_loop)
-        elif open_loop and not b.zero_per_layer:
-            b = compute_baselines(self.llm, self.batches, spec, per_layer=True, reuse=b)
-        self._baselines = b
-        replacement = evaluate_replacement(
-            self.llm, transcoder, self.batches, open_loop=open_loop, baselines=b
-        )
-        stats = FeatureStatsAccumulator(transcoder, self.dense_threshold)
-        extractor = ActivationExtractor(self.llm, spec.hook_in, spec.hook_out, spec.layers)
-        for tokens in self.batches:
-            stats.update(*extractor(tokens))
+        llm = self.llm.model
+        spec = SpliceSpec.of(transcoder, llm)
+        with self.llm.lock:
+            b = self._baselines
+            if b is None or b.spec != spec:
+                b = compute_baselines(llm, self.batches, spec, per_layer=open_loop)
+            elif open_loop and not b.zero_per_layer:
+                b = compute_baselines(llm, self.batches, spec, per_layer=True, reuse=b)
+            self._baselines = b
+            replacement = evaluate_replacement(
+                llm, transcoder, self.batches, open_loop=open_loop, baselines=b
+            )
+            stats = FeatureStatsAccumulator(transcoder, self.dense_threshold)
+            extractor = self.llm.extractor(spec.hook_in, spec.hook_out, spec.layers)
+            for tokens in self.batches:
+                stats.update(*extractor(tokens))
         self.last = {"step": step, "replacement": replacement, "feature_stats": stats.compute()}
         c = replacement["closed_loop"]
         logger.info(
@@ -145,7 +144,7 @@ class Evaluator:
 
 
 def build_evaluator(
-    job_config: Any, device: torch.device | str = "cpu", llm: nn.Module | None = None, tokenizer: Any = None
+    job_config: Any, device: torch.device | str = "cpu", llm: LLMHandle | None = None
 ) -> Evaluator:
-    """The trainer's evaluator; pass the activation source's LLM and tokenizer to share them."""
-    return Evaluator(job_config, device, llm, tokenizer)
+    """The trainer's evaluator; pass the activation source's ``llm`` to share it."""
+    return Evaluator(job_config, device, llm)

@@ -6,8 +6,8 @@ circuit-tracer's graph nodes carry, layer = the LLM layer), in the schema its UI
 ``histogram``, ``quantile_values``, ``activation_frequency``). Beside them ``features/index.html``
 and ``features/pages/`` (``feature_html``) and ``features/summary.json``.
 
-``run_feature_pass`` is the whole job for a dictionary and its LLM: stream held-out token batches
-through the extractor (progress bar with ETA), collect, write.
+``run_feature_pass`` is the whole job for a dictionary and its LLM (an ``LLMHandle``): stream
+held-out token batches through the extractor (progress bar with ETA), collect, write.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from torchtitan_clt.metrics.feature_examples import (
     FeatureExamplesAccumulator,
     decoder_logits,
 )
+
+if TYPE_CHECKING:
+    from torchtitan_clt.data.pipeline import LLMHandle
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +190,7 @@ def write_feature_examples(
 @torch.no_grad()
 def run_feature_pass(
     transcoder: nn.Module,
-    llm: nn.Module,
-    tokenizer: Any,
+    llm: LLMHandle,
     batches: Iterable[torch.Tensor],
     tokens: int,
     folder: str | Path,
@@ -200,11 +202,9 @@ def run_feature_pass(
     every feature of ``transcoder`` and write them to ``folder`` (see ``write_feature_examples``)."""
     from tqdm.auto import tqdm
 
-    from torchtitan_clt.data.extraction import ActivationExtractor
-
     a = transcoder.args
     layers = list(a.layers or range(a.n_layers))
-    extractor = ActivationExtractor(llm, a.hook_in, a.hook_out, layers)
+    extractor = llm.extractor(a.hook_in, a.hook_out, layers)
     acc = FeatureExamplesAccumulator(transcoder, n_examples)
     t0 = time.perf_counter()
     bar = tqdm(total=tokens, unit="tok", desc="feature examples", disable=not progress)
@@ -218,9 +218,9 @@ def run_feature_pass(
         bar.update(batch.numel())
     bar.close()
     ex = acc.result()
-    top, bottom = decoder_logits(transcoder, llm)
+    top, bottom = decoder_logits(transcoder, llm.model)
     info = {"seconds": round(time.perf_counter() - t0, 1), "examples_per_feature": n_examples}
-    summary = write_feature_examples(ex, folder, layers, tokenizer, top, bottom, {**info, **(meta or {})})
+    summary = write_feature_examples(ex, folder, layers, llm.tokenizer, top, bottom, {**info, **(meta or {})})
     logger.info(
         "feature examples: %d tokens, %d of %d features fired, written to %s (index.html) in %.0f s",
         ex.tokens_seen,
@@ -233,33 +233,32 @@ def run_feature_pass(
 
 
 def trainer_feature_pass(
-    job_config: Any, run_folder: Path, model: nn.Module, llm=None, tokenizer=None
+    job_config: Any, run_folder: Path, model: nn.Module, llm: LLMHandle | None = None
 ) -> dict:
     """The end-of-training pass (``eval.feature_examples_tokens``): the run's ``circuit_tracer/``
     export when it was just written (the features circuit-tracer traces with), else the trained
-    model folded; the LLM and tokenizer of the run's source when given; held-out text."""
+    model folded; the LLM of the run's source when given (its lock held: the source's prefetch
+    thread may share it); held-out text."""
     from torchtitan_clt.checkpoint.circuit_tracer import is_circuit_tracer_folder, load_circuit_tracer
     from torchtitan_clt.checkpoint.export import folded_cpu_copy
-    from torchtitan_clt.data.llm import load_llm
-    from torchtitan_clt.data.source import build_eval_token_loader
+    from torchtitan_clt.data.pipeline import load_llm_handle, token_loader
 
-    e, d = job_config.eval, job_config.data
+    e = job_config.eval
     ct = Path(run_folder) / "circuit_tracer"
     if is_circuit_tracer_folder(ct) and job_config.checkpoint.export_circuit_tracer:
         transcoder, source = load_circuit_tracer(ct), str(ct)
     else:
         transcoder, source = folded_cpu_copy(model), "trained model"
-    if llm is None or tokenizer is None:
-        llm, tokenizer = load_llm(d.model_path, d.model_dtype, "cpu")
-    batches = build_eval_token_loader(job_config, tokenizer, e.batch_size)
+    llm = llm or load_llm_handle(job_config, "cpu")
+    batches = token_loader(job_config, llm.tokenizer, e.batch_size, held_out=True)
     meta = {"name": job_config.job.name, "dictionary": source}
-    return run_feature_pass(
-        transcoder,
-        llm,
-        tokenizer,
-        batches,
-        e.feature_examples_tokens,
-        Path(run_folder) / "features",
-        e.feature_examples,
-        meta,
-    )
+    with llm.lock:
+        return run_feature_pass(
+            transcoder,
+            llm,
+            batches,
+            e.feature_examples_tokens,
+            Path(run_folder) / "features",
+            e.feature_examples,
+            meta,
+        )
