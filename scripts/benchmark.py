@@ -120,7 +120,6 @@ def bench_train(
 
 def trainer_steps(trainer, n: int) -> None:
     """Run n more optimizer steps of an already built trainer (no logging, no checkpoints)."""
-    trainer.data_wait_s = 0.0
     for _ in range(n):
         trainer.train_state.step += 1
         trainer.train_step(trainer.train_state.step)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from torchtitan_clt.data.source import ActivationSource
+
 ROOT = Path(__file__).resolve().parents[2]
 THIS = Path(__file__).resolve()
 STEPS = 20
@@ -193,7 +195,7 @@ def _register_source() -> None:
     data_source_registry.register("dp_sliced_synthetic", build)
 
 
-class _Sliced:
+class _Sliced(ActivationSource):
     def __init__(self, inner, rank: int, degree: int):
         self.inner, self.rank, self.degree = inner, rank, degree
         for k in ("n_layers", "d_in", "d_out", "layers", "model_name", "hook_in", "hook_out"):

@@ -1,0 +1,1 @@
+"""The trainer's parts: builders (``build``), one step (``step``), what follows the loop (``finish``)."""

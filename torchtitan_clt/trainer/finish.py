@@ -1,0 +1,114 @@
+"""After the loop: held-out evaluation, the report, the exports and the feature pass.
+
+The model is gathered onto rank 0 once (``gather_plain_model``) and every finisher reads that
+copy. A BatchTopK model first gets its inference threshold fitted on training rows
+(``BatchTopKFit``), so the evaluation, the exports and the feature examples all see the model as
+it will be used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from torchtitan_clt.config import JobConfig
+from torchtitan_clt.models.activations import BatchTopK
+from torchtitan_clt.protocols import ModelSpec
+from torchtitan_clt.protocols.transcoder import TranscoderArgs
+from torchtitan_clt.tools.logging import logger
+
+
+def eval_wanted(cfg: JobConfig) -> bool:
+    """Whether the run evaluates on held-out text (at the end, or every ``eval.every`` steps)."""
+    return cfg.eval.enable or cfg.eval.every > 0
+
+
+def gather_plain_model(model: Any, spec: ModelSpec, args: TranscoderArgs, world_size: int) -> Any:
+    """A single-device copy of the (possibly sharded) model on rank 0; None elsewhere (collective)."""
+    if not dist.is_initialized() or world_size == 1:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    plain = spec.build_fn(args)
+    plain.load_state_dict(sd)
+    return plain
+
+
+def calibration_batches(cfg: JobConfig, args: TranscoderArgs, source: Any) -> list[tuple[torch.Tensor, ...]]:
+    """Raw training rows for the JumpReLU conversion of a TopK / BatchTopK export and for the
+    BatchTopK inference threshold. Every rank draws them (the stream source's tp all-gather is
+    collective); rank 0 uses them."""
+    tokens = cfg.checkpoint.export_calibration_tokens
+    if tokens <= 0 or args.activation not in ("topk", "batchtopk"):
+        return []
+    batch = min(tokens, cfg.training.batch_size)
+    with torch.no_grad():
+        return [
+            tuple(t.detach().to("cpu", torch.float32) for t in source.next_batch(batch))
+            for _ in range(-(-tokens // batch))
+        ]
+
+
+@dataclass
+class BatchTopKFit:
+    """The BatchTopK inference threshold fitted to training rows, once; applied to any copy."""
+
+    run_folder: Path
+    batches: list
+    threshold: torch.Tensor | None = field(default=None, init=False)
+
+    def __call__(self, plain: Any) -> Any:
+        act = getattr(plain, "activation", None)
+        if not self.batches or not isinstance(act, BatchTopK):
+            return plain
+        if self.threshold is None:
+            from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold
+
+            fit = fit_batchtopk_threshold(plain, self.batches)
+            self.threshold = act.threshold.detach().cpu().clone()  # exact; the JSON rounds
+            logger.info(describe_batchtopk_fit(fit))
+            report = self.run_folder / "report"
+            report.mkdir(parents=True, exist_ok=True)
+            (report / "batchtopk_threshold.json").write_text(json.dumps(fit, indent=1))
+        act.threshold.copy_(self.threshold.to(act.threshold.device))
+        return plain
+
+
+def export_all(cfg: JobConfig, plain: Any, run_folder: Path, calibration: list) -> None:
+    """The native and circuit-tracer exports the config asks for (rank 0, a gathered model)."""
+    from torchtitan_clt.checkpoint.export import export_native
+
+    dtype = getattr(torch, cfg.checkpoint.export_dtype)
+    if cfg.checkpoint.export:
+        export_native(plain, run_folder / "export", dtype=dtype)
+        logger.info(f"Exported to {run_folder / 'export'}")
+    if cfg.checkpoint.export_circuit_tracer:
+        from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
+
+        export_circuit_tracer(plain, run_folder / "circuit_tracer", dtype=dtype, calibration=calibration)
+        logger.info(f"Exported circuit-tracer folder to {run_folder / 'circuit_tracer'}")
+
+
+def write_run_report(run_folder: Path, result: dict | None) -> None:
+    from torchtitan_clt.metrics.report import write_report
+
+    write_report(
+        run_folder,
+        result["replacement"] if result else None,
+        result["feature_stats"] if result else None,
+    )
+    logger.info(f"Report written to {run_folder / 'report'}")
+
+
+def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any) -> None:
+    from torchtitan_clt.metrics.feature_files import trainer_feature_pass
+
+    trainer_feature_pass(cfg, run_folder, plain, llm)  # holds the LLM's lock

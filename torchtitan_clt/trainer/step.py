@@ -1,0 +1,110 @@
+"""One optimizer step: ``grad_accum_steps`` micro-batches forward and backward, then the update.
+
+``TrainStep`` holds the parts a step touches and returns a ``StepStats``; it keeps nothing of one
+step for the next except what the parts themselves keep (the optimizer, the dead-feature counts).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchtitan_clt.components.optimizer import clip_grad_norm_
+from torchtitan_clt.errors import TrainingError
+from torchtitan_clt.metrics.training import FVUAccumulator, l0_per_layer
+from torchtitan_clt.tools.guards import all_finite, describe_nonfinite
+
+
+@dataclass
+class StepStats:
+    """What one step measured; device tensors, read only when the step is logged."""
+
+    loss: torch.Tensor
+    """Mean total loss over the micro-batches (scalar)."""
+    grad_norm: torch.Tensor
+    """Before clipping."""
+    terms: dict[str, torch.Tensor]
+    """The loss's terms, each the mean over the micro-batches."""
+    data_wait_s: float
+    """Seconds spent waiting for activations."""
+    fvu: FVUAccumulator | None = None
+    """The raw-unit FVU sums of the step's rows, when collected."""
+    l0: list[torch.Tensor] = field(default_factory=list)
+    """``[L]`` mean L0 per micro-batch, when collected."""
+
+
+@dataclass
+class TrainStep:
+    model: Any
+    forward: Any
+    """``model.forward_std`` (compiled when ``training.compile``)."""
+    loss_fn: Any
+    optimizers: Any
+    lr_schedulers: Any
+    source: Any
+    dead: Any
+    decoder_constraint: Any
+    micro_batch: int
+    grad_accum_steps: int
+    max_norm: float
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    def __call__(self, step: int, collect: bool = False) -> StepStats:
+        """Train one step; ``collect``: also gather the FVU sums and L0 (the logged steps)."""
+        stats = StepStats(
+            loss=torch.zeros((), device=self.device),
+            grad_norm=torch.zeros(()),
+            terms={},
+            data_wait_s=0.0,
+            fvu=FVUAccumulator() if collect else None,
+        )
+        for _ in range(self.grad_accum_steps):
+            self._micro_step(step, stats)
+        n = self.grad_accum_steps
+        stats.loss /= n
+        stats.terms = {k: v / n for k, v in stats.terms.items()}
+        if self.decoder_constraint is not None:
+            self.decoder_constraint.project_grads()
+        stats.grad_norm = clip_grad_norm_(self.model.parameters(), self.max_norm)
+        self.optimizers.step()
+        if self.decoder_constraint is not None:
+            self.decoder_constraint.normalize()
+        self.lr_schedulers.step()
+        self.optimizers.zero_grad()
+        return stats
+
+    def _micro_step(self, step: int, stats: StepStats) -> None:
+        t0 = time.perf_counter()
+        x, y = self.source.next_batch(self.micro_batch)  # [B, L, d_in], [B, L, d_out] raw
+        stats.data_wait_s += time.perf_counter() - t0
+        m = self.model
+        batch_ok = all_finite(x, y)  # read with the loss check: no extra device sync
+        xs, ys = m.standardize_in(x), m.standardize_out(y)
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
+            out = self.forward(xs)
+            loss, terms = self.loss_fn(m, out, ys, step)
+        if not bool(torch.isfinite(loss) & batch_ok):
+            if not bool(batch_ok):
+                src = self.source
+                raise TrainingError(describe_nonfinite(step, x, y, src.layers, src.hook_in, src.hook_out))
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            raise TrainingError(
+                f"Non-finite loss at step {step}: {loss.item()} (non-finite terms: {', '.join(bad) or 'none'}; "
+                f"terms { ({k: float(v) for k, v in terms.items()}) }). Lower optimizer.lr, raise "
+                "training.max_norm clipping, or check the data for NaNs. Weights were not updated."
+            )
+        (loss / self.grad_accum_steps).backward()
+        acts = out.acts.detach()
+        self.dead.update(acts, x.shape[0])
+        if stats.fvu is not None:
+            with torch.no_grad():
+                stats.fvu.update(y, m.unstandardize_out(out.y_hat.detach().float()))
+                stats.l0.append(l0_per_layer(acts))
+        for k, v in terms.items():
+            stats.terms[k] = stats.terms.get(k, 0.0) + v.detach().float()
+        stats.loss += loss.detach()
