@@ -3,6 +3,8 @@
 Used by test_train_cli.py; nothing in the package knows these names.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -18,6 +20,13 @@ class SquaredReLU(nn.Module):
 
     def forward(self, h):
         return torch.relu(h) ** 2
+
+
+@dataclass
+class TiedOptions:
+    """The family's own [model] fields (``--model.init_scale=...``)."""
+
+    init_scale: float = 0.1
 
 
 class TiedSAE(Transcoder):
@@ -42,7 +51,7 @@ class TiedSAE(Transcoder):
 
     def init_weights(self, seed):
         g = torch.Generator().manual_seed(seed)
-        self.W.copy_(torch.randn(self.W.shape, generator=g) * 0.1)
+        self.W.copy_(torch.randn(self.W.shape, generator=g) * self.args.extra["init_scale"])
         self.b_enc.zero_()
         self.b_dec.zero_()
 
@@ -98,6 +107,7 @@ if "tied_sae" not in __import__("torchtitan_clt.protocols", fromlist=["model_reg
             name="tied_sae",
             build_fn=TiedSAE,
             export_layout=ExportLayout("per_layer", tied_layer_tensors),
+            options=TiedOptions,
             description="test family",
         )
     )

@@ -180,6 +180,31 @@ def test_user_family_exports_natively_and_to_circuit_tracer_through_its_spec(tmp
         torch.testing.assert_close(ts.decode(a_ct, None), y.transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
+def test_user_family_declares_its_own_fields(tmp_path, caplog):
+    """``ModelSpec.options``: a user family's [model] fields reach its build_fn typed, travel in the
+    export and the resolved config, and a misspelt one stops the run naming the right one."""
+    common = (f"--job.custom_import={CUSTOM}", "--model.name=tied_sae", "--model.activation=relu",
+              "--data.source=toy", "--standardize.inputs=none", "--standardize.targets=none",
+              "--model.features_per_layer=8", "--training.steps=1", "--lr_scheduler.warmup_steps=0",
+              "--optimizer.lr=1e-12", "--checkpoint.enable=false")  # fmt: skip
+    assert _run(tmp_path, *common, "--model.init_scale=0.25", "--job.name=a") == 0
+    a = torchtitan_clt.load_pretrained(tmp_path / "a" / "export")
+    assert a.args.extra["init_scale"] == 0.25  # a float, parsed from the command line
+    from torchtitan_clt.config import load_config
+
+    again = load_config(["--config", str(tmp_path / "a" / "config.toml")])
+    assert again.model.options == {"init_scale": 0.25}
+    # Not given: the family's default (0.1), and the same seed's weights 2.5 times smaller.
+    assert _run(tmp_path, *common, "--job.name=b") == 0
+    b = torchtitan_clt.load_pretrained(tmp_path / "b" / "export")
+    assert b.args.extra["init_scale"] == 0.1
+    torch.testing.assert_close(a.W, 2.5 * b.W, rtol=1e-5, atol=1e-7)
+    assert _run(tmp_path, *common, "--model.init_scal=0.25", "--job.name=c") == 2
+    assert "Unknown field in [model] 'init_scal'. Did you mean 'init_scale'?" in caplog.text
+    assert _run(tmp_path, *common, "--model.init_scale=big", "--job.name=d") == 2
+    assert "model.init_scale expects a number, got 'big'" in caplog.text
+
+
 def test_help_lists_every_field():
     out = subprocess.run(
         [sys.executable, "-m", "torchtitan_clt.train", "--help"], capture_output=True, text=True, check=True

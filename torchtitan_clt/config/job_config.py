@@ -7,7 +7,7 @@ valid choices; the loader checks them before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 # Families whose target differs from their input and whose decoder is the features' alone: the
 # ones ``model.skip_connection`` applies to.
@@ -107,6 +107,11 @@ class Model:
     matryoshka_prefixes: list[int] = field(default_factory=list)
     """``matryoshka_clt``: nested feature-prefix sizes m_1 < ... < m_G (features_per_layer is
     appended when missing). Empty: F/16, F/8, F/4, F/2, F."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    """The options of a family registered from ``job.custom_import`` (its ``ModelSpec.options``
+    dataclass), written as [model] keys of their own (``--model.my_option=3``); the trainer
+    checks them against the family once it is imported."""
 
 
 @dataclass

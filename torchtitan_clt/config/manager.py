@@ -22,6 +22,7 @@ from torchtitan_clt.config.job_config import SKIP_FAMILIES, JobConfig
 from torchtitan_clt.errors import ConfigError, InputError  # noqa: F401  (importable from here too)
 
 HELP_HINT = "Run `./run_train.sh --help` to list every field with its documentation."
+FAMILY_OPTIONS = "options"  # Model's dict of a user family's own fields
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -116,16 +117,40 @@ def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
     return ConfigError(f"Unknown {kind} {name!r}.{hint} Valid: {', '.join(known)}. {HELP_HINT}")
 
 
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against ``tp`` (a string is parsed as from the command line); for fields
+    the loader cannot know in advance: a user family's options (``ModelSpec.options``)."""
+    return _coerce(value, tp, where, isinstance(value, str))
+
+
 def _apply(cfg: Any, section: str, key: str, value: Any, from_cli: bool, cfg_cls: type) -> None:
     sections = _sections(cfg_cls)
     if section not in sections:
         raise _unknown("config section", section, list(sections))
     sec_cls = sections[section]
     hints = typing.get_type_hints(sec_cls)
+    if section == "model" and key == FAMILY_OPTIONS:
+        raise ConfigError(
+            f"set a family's options as model fields of their own: --model.<option>=value. {HELP_HINT}"
+        )
     if key not in hints:
+        if section == "model" and hasattr(cfg.model, FAMILY_OPTIONS):
+            # Maybe an option of a family that job.custom_import registers: kept, and checked
+            # against the family's ModelSpec.options once it is imported (_check_options here
+            # refuses it when nothing is imported).
+            cfg.model.options[key] = value
+            return
         raise _unknown(f"field in [{section}]", key, list(hints))
     where = f"{section}.{key}"
     setattr(getattr(cfg, section), key, _coerce(value, hints[key], where, from_cli))
+
+
+def _check_options(cfg: Any) -> None:
+    """Unknown [model] keys are a user family's options only when a module is imported."""
+    options = getattr(getattr(cfg, "model", None), FAMILY_OPTIONS, None)
+    if options and not cfg.job.custom_import:
+        hints = [k for k in typing.get_type_hints(type(cfg.model)) if k != FAMILY_OPTIONS]
+        raise _unknown("field in [model]", next(iter(options)), hints)
 
 
 def _parse_cli(args: list[str]) -> list[tuple[str, str]]:
@@ -135,7 +160,9 @@ def _parse_cli(args: list[str]) -> list[tuple[str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
-            raise ConfigError(f"Cannot read argument {arg!r}: write overrides as --section.field=value. {HELP_HINT}")
+            raise ConfigError(
+                f"Cannot read argument {arg!r}: write overrides as --section.field=value. {HELP_HINT}"
+            )
         key, eq, val = arg[2:].partition("=")
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
@@ -177,7 +204,10 @@ def validate(cfg: JobConfig) -> None:
     need(m.features_per_layer > 0, "model.features_per_layer must be positive.")
     need(m.k > 0, "model.k must be positive.")
     need(d.seq_len >= 2, "data.seq_len must be at least 2 (position 0 is BOS and never trained on).")
-    need(d.buffer_tokens > 0 and d.llm_batch_size > 0, "data.buffer_tokens and data.llm_batch_size must be positive.")
+    need(
+        d.buffer_tokens > 0 and d.llm_batch_size > 0,
+        "data.buffer_tokens and data.llm_batch_size must be positive.",
+    )
     need(d.buffer_passes >= 1, "data.buffer_passes must be at least 1.")
     need(all(layer >= 0 for layer in d.layers), f"data.layers must be non-negative, got {d.layers}.")
     need(len(set(d.layers)) == len(d.layers), f"data.layers has duplicates: {d.layers}.")
@@ -201,9 +231,7 @@ def validate(cfg: JobConfig) -> None:
     )
 
 
-def load_config(
-    args: list[str] | None = None, cfg_cls: type = JobConfig, check: bool = True
-) -> JobConfig:
+def load_config(args: list[str] | None = None, cfg_cls: type = JobConfig, check: bool = True) -> JobConfig:
     """Build the config from ``--config FILE`` (optional) and ``--section.field=value`` overrides."""
     args = list(sys.argv[1:] if args is None else args)
     path = None
@@ -232,14 +260,13 @@ def load_config(
             raise ConfigError(f"Config file {path!r} is not valid TOML: {e}") from e
         for section, table in data.items():
             if not isinstance(table, dict):
-                raise ConfigError(
-                    f"{path}: top-level key {section!r} must be a [section] table. {HELP_HINT}"
-                )
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table. {HELP_HINT}")
             for key, value in table.items():
                 _apply(cfg, section, key, value, False, cfg_cls)
     for dotted, value in _parse_cli(rest):
         section, _, key = dotted.partition(".")
         _apply(cfg, section, key, value, True, cfg_cls)
+    _check_options(cfg)
     if check:
         validate(cfg)
     return cfg
@@ -256,6 +283,9 @@ def to_toml(cfg: JobConfig) -> str:
     lines: list[str] = []
     for section, table in to_dict(cfg).items():
         lines.append(f"[{section}]")
+        if section == "model":  # a family's options are [model] keys like the others
+            options = table.pop(FAMILY_OPTIONS, {})
+            table = {**table, **options}
         for key, value in table.items():
             # JSON literals are valid TOML for str / int / float / bool / flat lists.
             lines.append(f"{key} = {json.dumps(value)}")

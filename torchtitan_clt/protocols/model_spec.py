@@ -67,8 +67,42 @@ class ModelSpec:
     export_layout: ExportLayout | None = None
     """``None``: native export only (``load_pretrained``)."""
 
+    options: type | None = None
+    """A dataclass of the family's own fields (typed, with defaults), set as [model] keys
+    (``--model.<field>=value``) and handed to ``build_fn`` in ``TranscoderArgs.extra``."""
+
     description: str = ""
     """One line, listed when ``model.name`` is unknown."""
+
+
+def family_options(spec: ModelSpec, model_cfg: Any) -> dict[str, Any]:
+    """The family's options from the [model] keys the config did not know (``model.options``),
+    checked against ``spec.options``, with its defaults for the rest."""
+    import dataclasses
+    import difflib
+    import typing
+
+    from torchtitan_clt.config.manager import FAMILY_OPTIONS, coerce
+    from torchtitan_clt.errors import ConfigError
+
+    given = dict(getattr(model_cfg, FAMILY_OPTIONS, None) or {})
+    known = list(typing.get_type_hints(spec.options)) if spec.options is not None else []
+    for key in given:
+        if key not in known:
+            fields = [f.name for f in dataclasses.fields(model_cfg) if f.name != FAMILY_OPTIONS]
+            close = difflib.get_close_matches(key, fields + known, n=1)
+            raise ConfigError(
+                f"Unknown field in [model] {key!r}"
+                + (f". Did you mean {close[0]!r}?" if close else ".")
+                + f" Family {spec.name!r} declares "
+                + (f"the options {', '.join(known)}" if known else "no options (ModelSpec.options)")
+                + "; run `./run_train.sh --help` for the [model] fields."
+            )
+    if spec.options is None:
+        return {}
+    hints = typing.get_type_hints(spec.options)
+    values = {k: coerce(v, hints[k], f"model.{k}") for k, v in given.items()}
+    return dataclasses.asdict(spec.options(**values))
 
 
 def export_layout_of(model: Any) -> ExportLayout | None:

@@ -40,6 +40,13 @@ def family_fields(model_cfg: Any) -> dict[str, Any]:
     }
 
 
+def _registered_options(model_cfg: Any) -> dict[str, Any]:
+    """A registered family's own options (``ModelSpec.options``), checked."""
+    from torchtitan_clt.protocols.model_spec import family_options, get_model_spec
+
+    return family_options(get_model_spec(model_cfg.name), model_cfg)
+
+
 @dataclass
 class TranscoderArgs:
     """What a family's ``build_fn`` receives; saved whole in every export."""
@@ -119,7 +126,7 @@ class TranscoderArgs:
             skip_connection=skip_connection_of(m),
             dtype=m.dtype,
             decoder_norm=cfg.loss.decoder_norm if _needs_decoder_norms(cfg.loss) else "none",
-            extra=family_fields(m),
+            extra={**family_fields(m), **_registered_options(m)},
             model_name=model_name,
             hook_in=hook_in,
             hook_out=hook_out,

@@ -31,6 +31,7 @@ from torchtitan_clt.protocols import (
     get_model_spec,
     import_custom_modules,
 )
+from torchtitan_clt.protocols.model_spec import family_options
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
 from torchtitan_clt.tools.logging import logger
 
@@ -39,6 +40,9 @@ def check_names(cfg: JobConfig) -> tuple[ModelSpec, Callable[..., Any]]:
     """The family's spec and the source's builder, after ``job.custom_import`` registered its own."""
     import_custom_modules(cfg.job.custom_import)
     spec = get_model_spec(cfg.model.name)
+    # The family checks its own fields; the resolved values (defaults filled) are what the
+    # run folder's config.toml records.
+    cfg.model.options = family_options(spec, cfg.model)
     activation_registry.get(cfg.model.activation)
     if spec.activations is not None and cfg.model.activation not in spec.activations:
         raise ConfigError(
