@@ -58,7 +58,7 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.device = device_from_config(cfg)
         set_determinism(cfg.job.seed, cfg.job.deterministic)
-        kernels.configure_from_job(cfg)
+        kernels.configure_from_job(cfg.kernels)
         self.run_folder = build.make_run_folder(cfg, self.rank)
         self.micro_batch = build.micro_batch_size(cfg, pd)
 
@@ -67,8 +67,8 @@ class Trainer:
         self.model, self.decoder_constraint = build.build_model(
             cfg, self.spec, self.model_args, pd, self.device
         )
-        self.optimizers = build_optimizer(self.model, cfg)
-        self.lr_schedulers = build_lr_scheduler(self.optimizers, cfg, cfg.training.steps)
+        self.optimizers = build_optimizer(self.model, cfg.optimizer)
+        self.lr_schedulers = build_lr_scheduler(self.optimizers, cfg.lr_scheduler, cfg.training.steps)
         self.train_state = TrainState()
         dp_mesh = pd.get_optional_mesh("dp")
         self.dp_group = dp_mesh.get_group() if dp_mesh is not None else None
@@ -82,7 +82,7 @@ class Trainer:
         self.step_fn = TrainStep(
             model=self.model,
             forward=torch.compile(self.model.forward_std) if cfg.training.compile else self.model.forward_std,
-            loss_fn=build_loss_fn_for_mesh(cfg, pd, dead_features=self.dead),  # AuxK reads dead_mask()
+            loss_fn=build_loss_fn_for_mesh(cfg.loss, pd, dead_features=self.dead),  # AuxK reads dead_mask()
             optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers,
             source=self.source,

@@ -153,8 +153,8 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
     model.init_weights(seed=7)
 
     dead = _FixedDead(torch.arange(L * F).view(L, F) % 3 == 0)  # a third of the features
-    loss_fn = build_loss_fn(cfg, dead_features=dead)
-    tp_loss_fn = build_loss_fn_for_mesh(cfg, dims, dead_features=dead)
+    loss_fn = build_loss_fn(cfg.loss, dead_features=dead)
+    tp_loss_fn = build_loss_fn_for_mesh(cfg.loss, dims, dead_features=dead)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)

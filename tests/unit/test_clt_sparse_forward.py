@@ -45,7 +45,7 @@ def _loss_fn(lambda_preact: float = 0.0):
     dead = DeadFeatureTracker(L, F, dead_after_tokens=10)
     fired = torch.rand(L, F, generator=torch.Generator().manual_seed(6)) < 0.6
     dead.update_fired(fired, 10)  # ~40 % of the features dead: AuxK has something to do
-    return build_loss_fn(cfg, dead_features=dead)
+    return build_loss_fn(cfg.loss, dead_features=dead)
 
 
 def _step(m, xs, ys, loss_fn, density_threshold: float):

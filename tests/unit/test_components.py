@@ -31,8 +31,8 @@ def _cfg(steps=10, **sched) -> JobConfig:
 def _lrs(cfg, n=None):
     """The lr used by each optimizer step t = 1..n."""
     model = nn.Linear(2, 2)
-    opt = build_optimizer(model, cfg)
-    sched = build_lr_scheduler(opt, cfg)
+    opt = build_optimizer(model, cfg.optimizer)
+    sched = build_lr_scheduler(opt, cfg.lr_scheduler, cfg.training.steps)
     out = []
     for _ in range(n or cfg.training.steps):
         out.append(sched.get_last_lr())
@@ -69,7 +69,9 @@ def test_schedule_full_decay_and_overlap():
     assert _lrs(cfg) == pytest.approx([1 / 3, 2 / 3, 1.0, 2 / 3, 1 / 3, 0.0])
     with pytest.raises(ConfigError, match="decay_ratio"):
         build_lr_scheduler(
-            build_optimizer(nn.Linear(1, 1), _cfg(5, decay_ratio=1.5)), _cfg(5, decay_ratio=1.5)
+            build_optimizer(nn.Linear(1, 1), _cfg(5, decay_ratio=1.5).optimizer),
+            _cfg(5, decay_ratio=1.5).lr_scheduler,
+            5,
         )
 
 
@@ -93,8 +95,8 @@ def test_optimizer_and_scheduler_state_round_trip(name, fused):
     torch.manual_seed(0)
     xs = [torch.randn(8, 4) for _ in range(8)]
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    opt = build_optimizer(model, cfg)
-    sched = build_lr_scheduler(opt, cfg)
+    opt = build_optimizer(model, cfg.optimizer)
+    sched = build_lr_scheduler(opt, cfg.lr_scheduler, cfg.training.steps)
     if fused == "auto":
         assert opt.optimizers[0].defaults["fused"]  # fused AdamW exists on CPU in torch >= 2.4
     _train(model, opt, sched, xs[:4])
@@ -111,8 +113,8 @@ def test_optimizer_and_scheduler_state_round_trip(name, fused):
     # A fresh model/optimizer/scheduler loaded from the snapshot takes the identical next steps.
     model2 = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     model2.load_state_dict(model_sd)
-    opt2 = build_optimizer(model2, cfg)
-    sched2 = build_lr_scheduler(opt2, cfg)
+    opt2 = build_optimizer(model2, cfg.optimizer)
+    sched2 = build_lr_scheduler(opt2, cfg.lr_scheduler, cfg.training.steps)
     opt2.load_state_dict(opt_sd)
     sched2.load_state_dict(sched_sd)
     assert sched2.get_last_lr() == pytest.approx(1e-2 * warmup_stable_decay(4, 10, 3, 5))
@@ -132,15 +134,15 @@ def test_optimizer_state_through_dcp(tmp_path):
     torch.manual_seed(0)
     xs = [torch.randn(4, 3) for _ in range(4)]
     model = nn.Linear(3, 2)
-    opt = build_optimizer(model, cfg)
-    sched = build_lr_scheduler(opt, cfg)
+    opt = build_optimizer(model, cfg.optimizer)
+    sched = build_lr_scheduler(opt, cfg.lr_scheduler, cfg.training.steps)
     _train(model, opt, sched, xs[:2])
     dcp.save({"model": model.state_dict(), "optim": opt, "lr": sched}, checkpoint_id=str(tmp_path))
     ref = _train(model, opt, sched, xs[2:])
 
     model2 = nn.Linear(3, 2)
-    opt2 = build_optimizer(model2, cfg)
-    sched2 = build_lr_scheduler(opt2, cfg)
+    opt2 = build_optimizer(model2, cfg.optimizer)
+    sched2 = build_lr_scheduler(opt2, cfg.lr_scheduler, cfg.training.steps)
     msd = model2.state_dict()
     dcp.load({"model": msd, "optim": opt2, "lr": sched2}, checkpoint_id=str(tmp_path))
     model2.load_state_dict(msd)
@@ -190,7 +192,7 @@ def test_dtensor_params_clip_and_fused_step():
         ref.w, ref.b = nn.Parameter(w.clone()), nn.Parameter(torch.zeros(3))
         cfg = _cfg(5)
         cfg.optimizer.lr = 0.1
-        opts = [build_optimizer(m, cfg) for m in (model, ref)]
+        opts = [build_optimizer(m, cfg.optimizer) for m in (model, ref)]
         for m, opt in zip((model, ref), opts):
             g = torch.arange(12.0).reshape(4, 3)
             m.w.grad = distribute_tensor(g, mesh, [Shard(0)]) if m is model else g

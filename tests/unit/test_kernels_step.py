@@ -122,7 +122,7 @@ def test_configure_from_job_config():
     old = (kb.options().backend, kb.options().sparse_density_threshold)
     try:
         cfg = load_config(["--kernels.backend=torch", "--kernels.sparse_density_threshold=0.2"])
-        opts = kb.configure_from_job(cfg)
+        opts = kb.configure_from_job(cfg.kernels)
         assert (opts.backend, opts.sparse_density_threshold) == ("torch", 0.2)
     finally:
         kb.configure(*old)

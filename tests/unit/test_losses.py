@@ -73,7 +73,7 @@ def test_build_loss_fn_combines_terms(mode, kind):
     torch.manual_seed(0)
     xs, ys = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
     out = model.forward_std(xs)
-    loss_fn = build_loss_fn(cfg)
+    loss_fn = build_loss_fn(cfg.loss)
     loss, terms = loss_fn(model, out, ys, step=1)
     norms = model.decoder_norms(mode)
     recon = ((out.y_hat - ys) ** 2).sum(dim=(1, 2)).mean()
@@ -100,7 +100,7 @@ def test_concat_and_sum_norms_differ_in_the_loss():
     losses = {}
     for mode in ("concat", "sum"):
         cfg.loss.decoder_norm = mode
-        losses[mode] = build_loss_fn(cfg)(model, out, torch.zeros(4, 2, 3), step=10**6)[1]["sparsity"]
+        losses[mode] = build_loss_fn(cfg.loss)(model, out, torch.zeros(4, 2, 3), step=10**6)[1]["sparsity"]
     assert not torch.allclose(losses["concat"], losses["sum"])
 
 
@@ -109,6 +109,6 @@ def test_sparsity_none_has_only_recon():
     cfg.loss.sparsity = "none"
     model = _clt()
     out = model.forward_std(torch.randn(4, 2, 3))
-    loss, terms = build_loss_fn(cfg)(model, out, torch.zeros(4, 2, 3), step=3)
+    loss, terms = build_loss_fn(cfg.loss)(model, out, torch.zeros(4, 2, 3), step=3)
     assert set(terms) == {"recon"}
     assert loss.item() == pytest.approx(terms["recon"].item())

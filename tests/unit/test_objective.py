@@ -38,7 +38,7 @@ def test_preact_term_uses_the_activation_threshold_and_warms_up():
         m.activation.log_threshold.copy_(torch.rand(2, 4).log())
     x, y = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
     out = m.forward_std(x)
-    loss, terms = build_loss_fn(cfg)(m, out, y, step=5)
+    loss, terms = build_loss_fn(cfg.loss)(m, out, y, step=5)
     h, theta, norms = (
         out.pre_acts.double(),
         m.activation.threshold().double(),
@@ -49,7 +49,7 @@ def test_preact_term_uses_the_activation_threshold_and_warms_up():
     assert terms["preact"].item() == pytest.approx(want_pre.item(), rel=1e-5)
     assert loss.item() == pytest.approx((want_rec + 0.25 * want_pre).item(), rel=1e-5)
     # θ is a target, not a parameter of the term: the threshold gets no gradient from it
-    terms_only = build_loss_fn(cfg)(m, m.forward_std(x), out.y_hat.detach(), step=10)[0]
+    terms_only = build_loss_fn(cfg.loss)(m, m.forward_std(x), out.y_hat.detach(), step=10)[0]
     terms_only.backward()
     assert m.activation.log_threshold.grad is None or m.activation.log_threshold.grad.abs().sum() == 0
 
@@ -127,9 +127,9 @@ def test_auxk_term_reads_the_dead_feature_tracker():
     cfg = JobConfig()
     cfg.loss.sparsity, cfg.loss.auxk_alpha, cfg.loss.auxk_k, cfg.loss.dead_after_tokens = "none", 0.5, 1, 10
     with pytest.raises(ValueError, match="dead-feature tracker"):
-        build_loss_fn(cfg)
+        build_loss_fn(cfg.loss)
     tracker = DeadFeatureTracker(1, 3, dead_after_tokens=10)
-    loss_fn = build_loss_fn(cfg, dead_features=tracker)
+    loss_fn = build_loss_fn(cfg.loss, dead_features=tracker)
     m = _plt_by_hand()
     h = torch.tensor([[[3.0, 0.5, 2.0]], [[1.0, -1.0, -3.0]]])
     out = TranscoderOutput(pre_acts=h, acts=torch.relu(h), y_hat=torch.zeros(2, 1, 2))
@@ -153,8 +153,8 @@ def test_matryoshka_loss_with_one_prefix_is_the_plain_loss():
     x, y = torch.randn(8, 3, 4), torch.randn(8, 3, 4)
     out_m, out_c = mat.forward_std(x), clt.forward_std(x)
     assert len(out_m.y_hat_prefixes) == 1
-    loss_m, _ = build_loss_fn(cfg)(mat, out_m, y, 1)
-    loss_c, _ = build_loss_fn(cfg)(clt, out_c, y, 1)
+    loss_m, _ = build_loss_fn(cfg.loss)(mat, out_m, y, 1)
+    loss_c, _ = build_loss_fn(cfg.loss)(clt, out_c, y, 1)
     torch.testing.assert_close(loss_m, loss_c)
     assert matryoshka_reconstruction_loss([out_c.y_hat], y).item() == pytest.approx(
         reconstruction_loss(out_c.y_hat, y).item()
@@ -174,7 +174,7 @@ def test_matryoshka_loss_averages_the_prefixes():
             for s in range(t + 1):
                 y_hat[:, t] += out.acts[:, s, :hi].double() @ m.W_dec[s][:hi, t - s].double()
         want += (y_hat - y.double()).pow(2).sum((1, 2)).mean().item() / 3
-    loss, terms = build_loss_fn(cfg)(m, out, y, 1)
+    loss, terms = build_loss_fn(cfg.loss)(m, out, y, 1)
     assert loss.item() == pytest.approx(want, rel=1e-5)
     # the prefixes pull harder on the first features than the full reconstruction alone
     loss.backward()
@@ -195,7 +195,7 @@ def test_molt_sparsity_is_weighted_by_the_transform_norm():
     )
     x = torch.randn(5, 1, 4)
     out = m.forward_std(x)
-    _, terms = build_loss_fn(cfg)(m, out, torch.zeros(5, 1, 4), 1)
+    _, terms = build_loss_fn(cfg.loss)(m, out, torch.zeros(5, 1, 4), 1)
     norms = []
     for U, V in zip(m.U, m.V):
         for j in range(U.shape[1]):

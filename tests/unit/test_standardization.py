@@ -82,9 +82,9 @@ def test_b_dec_init_defaults_per_family():
     cfg = JobConfig()
     for family, want in [("sae", "mean"), ("plt", "zero"), ("clt", "zero"), ("molt", "zero")]:
         cfg.model.name = family
-        assert resolve_b_dec_init(cfg) == want
+        assert resolve_b_dec_init(cfg.model) == want
     cfg.model.b_dec_init = "mean"
-    assert resolve_b_dec_init(cfg) == "mean"
+    assert resolve_b_dec_init(cfg.model) == "mean"
 
 
 @pytest.mark.parametrize("family,act", FAMILY_ACTS)

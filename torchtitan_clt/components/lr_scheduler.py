@@ -21,6 +21,7 @@ from typing import Any
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim.lr_scheduler import LambdaLR
 
+from torchtitan_clt.config.job_config import LRScheduler
 from torchtitan_clt.tools.logging import logger
 
 
@@ -86,13 +87,11 @@ class LRSchedulersContainer(Stateful):
                 group["lr"] = base * factor
 
 
-def build_lr_scheduler(optimizers, job_config, total_steps: int | None = None) -> LRSchedulersContainer:
-    """Schedulers from ``job_config.lr_scheduler`` over ``total_steps`` (default
-    ``training.steps``)."""
+def build_lr_scheduler(optimizers, cfg: LRScheduler, total_steps: int) -> LRSchedulersContainer:
+    """Schedulers from the ``[lr_scheduler]`` section over ``total_steps`` (``training.steps``)."""
     from torchtitan_clt.config import ConfigError
 
-    cfg = job_config.lr_scheduler
-    total = job_config.training.steps if total_steps is None else total_steps
+    total = total_steps
     if total < 1:
         raise ConfigError(f"training.steps = {total}: must be at least 1")
     if not 0.0 <= cfg.decay_ratio <= 1.0:

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchtitan_clt.config.job_config import Optimizer
 from torchtitan_clt.tools.logging import logger
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
@@ -97,11 +98,10 @@ def _make(cls: type, params: list[dict[str, Any]], kwargs: dict[str, Any]) -> to
     return cls(params, fused=fused, **kwargs)
 
 
-def build_optimizer(model_parts: nn.Module | list[nn.Module], job_config) -> OptimizersContainer:
-    """Optimizers from ``job_config.optimizer`` for the trainable parameters of each part."""
+def build_optimizer(model_parts: nn.Module | list[nn.Module], cfg: Optimizer) -> OptimizersContainer:
+    """Optimizers from the ``[optimizer]`` section for the trainable parameters of each part."""
     from torchtitan_clt.config import ConfigError
 
-    cfg = job_config.optimizer
     if cfg.name not in _OPTIMIZERS:
         raise ConfigError(f"optimizer.name = {cfg.name!r}; choose one of {sorted(_OPTIMIZERS)}")
     parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)

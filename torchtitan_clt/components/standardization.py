@@ -77,11 +77,11 @@ def estimate_standardization(
     return stats
 
 
-def resolve_b_dec_init(job_config) -> str:
+def resolve_b_dec_init(model_cfg) -> str:
     """``model.b_dec_init`` with ``auto`` resolved: ``mean`` for an SAE, ``zero`` otherwise."""
-    choice = job_config.model.b_dec_init
+    choice = model_cfg.b_dec_init
     if choice == "auto":
-        return "mean" if job_config.model.name == "sae" else "zero"
+        return "mean" if model_cfg.name == "sae" else "zero"
     return choice
 
 

@@ -1,6 +1,6 @@
 """The loss on a mesh: each rank evaluates it on its rows (dp) and its feature shard (tp).
 
-``build_loss_fn_for_mesh(cfg, parallel_dims, dead_features)`` is what the trainer calls instead of
+``build_loss_fn_for_mesh(cfg.loss, parallel_dims, dead_features)`` is what the trainer calls instead of
 ``build_loss_fn``; in one process it behaves exactly like it. Terms that are means over tokens
 need nothing under dp (FSDP averages the ranks' gradients, equal row counts). Per term, under tp:
 - ``recon``: from ŷ, already whole and identical on every rank;
@@ -131,9 +131,10 @@ class MeshLossFn:
         return loss + missing.detach(), terms
 
 
-def build_loss_fn_for_mesh(job_config, parallel_dims=None, dead_features: Any = None) -> MeshLossFn:
-    """``models.losses.build_loss_fn`` made correct on any mesh (the trainer's entry point)."""
+def build_loss_fn_for_mesh(loss_cfg: Any, parallel_dims=None, dead_features: Any = None) -> MeshLossFn:
+    """``models.losses.build_loss_fn`` made correct on any mesh (the trainer's entry point);
+    ``loss_cfg``: the ``[loss]`` section."""
     from torchtitan_clt.models.losses import build_loss_fn
 
-    inner = build_loss_fn(job_config, dead_features=dead_features)
-    return MeshLossFn(inner, parallel_dims, dead_features=dead_features, auxk_k=job_config.loss.auxk_k)
+    inner = build_loss_fn(loss_cfg, dead_features=dead_features)
+    return MeshLossFn(inner, parallel_dims, dead_features=dead_features, auxk_k=loss_cfg.auxk_k)

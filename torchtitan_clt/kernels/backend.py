@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from torchtitan_clt.config.job_config import Kernels
+
 _VALID = ("auto", "torch", "triton")
 
 
@@ -64,9 +66,8 @@ def configure(backend: str | None = None, sparse_density_threshold: float | None
     return _options
 
 
-def configure_from_job(job_config) -> KernelOptions:
-    """Apply ``job_config.kernels`` (the trainer calls this once at start-up)."""
-    k = job_config.kernels
+def configure_from_job(k: Kernels) -> KernelOptions:
+    """Apply the ``[kernels]`` section (the trainer calls this once at start-up)."""
     return configure(k.backend, k.sparse_density_threshold)
 
 

@@ -153,11 +153,10 @@ def recon_dims(model: Transcoder) -> float:
     return float(model.args.n_layers * model.args.d_out)
 
 
-def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
-    """Terms from ``job_config.loss``: ``recon`` (Matryoshka: averaged over prefixes), ``sparsity``
+def build_loss_fn(lc: Any, dead_features: Any = None) -> LossFn:
+    """Terms from the ``[loss]`` section ``lc``: ``recon`` (Matryoshka: averaged over prefixes), ``sparsity``
     (tanh / L1, λ warm-up), ``preact`` (λ_P, warm-up), ``auxk`` (α). AuxK reads the dead features
     from ``dead_features.dead_mask()  # [L, F]`` (the trainer's DeadFeatureTracker)."""
-    lc = job_config.loss
 
     def recon(model: Transcoder, out: TranscoderOutput, y: torch.Tensor, step: int) -> torch.Tensor:
         if out.y_hat_prefixes is not None:
@@ -200,7 +199,7 @@ def build_loss_fn(job_config: Any, dead_features: Any = None) -> LossFn:
     if lc.auxk_alpha > 0:
         if dead_features is None:
             raise ValueError(
-                "loss.auxk_alpha > 0 needs the dead-feature tracker: build_loss_fn(cfg, dead_features=tracker)."
+                "loss.auxk_alpha > 0 needs the dead-feature tracker: build_loss_fn(cfg.loss, dead_features=tracker)."
             )
         k_aux = lc.auxk_k
 

@@ -156,7 +156,7 @@ def standardize(
 ) -> None:
     """Estimate and set the standardization statistics (and ``b_dec`` from the target mean)."""
     s = cfg.standardize
-    b_dec_mean = resolve_b_dec_init(cfg) == "mean"
+    b_dec_mean = resolve_b_dec_init(cfg.model) == "mean"
     if s.inputs == "none" and s.targets == "none" and not b_dec_mean:
         return
     per_rank = max(1, s.estimate_tokens // pd.dp_degree)
