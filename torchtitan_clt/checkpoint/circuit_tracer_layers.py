@@ -56,19 +56,24 @@ def _dead(F: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
     return torch.zeros(F, d, dtype=dtype), torch.full((F,), NEVER_FIRE_BIAS, dtype=dtype)
 
 
+def _prelude(model: Transcoder, tensors: LayerTensors, dtype: torch.dtype):
+    """(LLM layer -> model layer, F, d_out, whether there is a skip path, the tensor writer)."""
+    pos = {layer: j for j, layer in enumerate(covered_layers(model))}
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(dtype, copy=True).contiguous()  # a copy: a family may share tensors
+
+    skip = tensors(model, 0)["W_skip"] is not None
+    return pos, model.args.features_per_layer, model.args.d_out, skip, t
+
+
 def clt_layers(
     model: Transcoder, tensors: LayerTensors, theta: torch.Tensor | None, n_llm: int, dtype: torch.dtype
 ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
     """``(layer, W_enc_{l} file tensors, W_dec_{l} file tensors)`` for l in 0..n_llm-1;
     ``tensors(model, j)``: the family's layer-j tensors (``ModelSpec.export_layout``)."""
     layers = covered_layers(model)
-    pos = {layer: j for j, layer in enumerate(layers)}
-    F, d = model.args.features_per_layer, model.args.d_out
-    skip = tensors(model, 0)["W_skip"] is not None
-
-    def t(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(dtype, copy=True).contiguous()  # a copy: a family may share tensors
-
+    pos, F, d, skip, t = _prelude(model, tensors, dtype)
     for i in range(n_llm):
         j = pos.get(i)
         w_dec = torch.zeros(F, n_llm - i, d, dtype=dtype)
@@ -98,13 +103,7 @@ def plt_layers(
     model: Transcoder, tensors: LayerTensors, theta: torch.Tensor | None, n_llm: int, dtype: torch.dtype
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """``(layer, layer_{l} file tensors)`` for l in 0..n_llm-1 (``tensors`` as in ``clt_layers``)."""
-    pos = {layer: j for j, layer in enumerate(covered_layers(model))}
-    F, d = model.args.features_per_layer, model.args.d_out
-    skip = tensors(model, 0)["W_skip"] is not None
-
-    def t(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(dtype, copy=True).contiguous()  # a copy: a family may share tensors
-
+    pos, F, d, skip, t = _prelude(model, tensors, dtype)
     for i in range(n_llm):
         j = pos.get(i)
         if j is None:
