@@ -9,6 +9,9 @@ measured bf16 matmul rate`` for the step; ``floor_ratio = time / floor`` (1.0 = 
 On CPU the Triton path only runs in the interpreter, so CPU rows time the torch fallback and the
 dense way, plus the CPU step comparison (F=8192/layer, L=12, d=768, k=32, 1024 tokens by default;
 fwd + bwd + fused AdamW, sparse and dense steps alternated so both see the same machine load).
+
+One file over 400 lines on purpose: every op's rows, baselines and floors sit side by side so one
+run on a lent GPU (scripts/gpu_check.sh) measures them all against each other.
 """
 
 from __future__ import annotations
