@@ -102,3 +102,23 @@ def test_no_import_cycles():
     assert not found, "import cycles (break them with a leaf module both sides import):\n" + "\n".join(
         " <-> ".join(c) for c in found
     )
+
+
+def room(module: str) -> str:
+    """The package's room a module lives in (``torchtitan_clt.models.clt.model`` -> ``models``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_rooms_import_one_way():
+    """Between rooms the arrows go one way too (docs/internals.md draws them): the room graph has
+    no cycle, and the model code never imports the distributed room (sharding is applied from
+    outside, with the plan a family declares on its ModelSpec)."""
+    rooms: dict[str, set[str]] = {}
+    for mod, targets in import_graph(modules()).items():
+        rooms.setdefault(room(mod), set()).update(room(t) for t in targets if room(t) != room(mod))
+    found = cycles(rooms)
+    assert not found, f"rooms that import each other: {found}"
+    for leaf in ("models", "protocols", "kernels", "config"):
+        assert "distributed" not in rooms[leaf], leaf
+    assert rooms["errors"] == set() and rooms["config"] <= {"errors"}

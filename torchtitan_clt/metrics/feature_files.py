@@ -230,35 +230,3 @@ def run_feature_pass(
         time.perf_counter() - t0,
     )
     return summary
-
-
-def trainer_feature_pass(
-    job_config: Any, run_folder: Path, model: nn.Module, llm: LLMHandle | None = None
-) -> dict:
-    """The end-of-training pass (``eval.feature_examples_tokens``): the run's ``circuit_tracer/``
-    export when it was just written (the features circuit-tracer traces with), else the trained
-    model folded; the LLM of the run's source when given (its lock held: the source's prefetch
-    thread may share it); held-out text."""
-    from torchtitan_clt.checkpoint.circuit_tracer import is_circuit_tracer_folder, load_circuit_tracer
-    from torchtitan_clt.checkpoint.export import folded_cpu_copy
-    from torchtitan_clt.data.pipeline import load_llm_handle, token_loader
-
-    e = job_config.eval
-    ct = Path(run_folder) / "circuit_tracer"
-    if is_circuit_tracer_folder(ct) and job_config.checkpoint.export_circuit_tracer:
-        transcoder, source = load_circuit_tracer(ct), str(ct)
-    else:
-        transcoder, source = folded_cpu_copy(model), "trained model"
-    llm = llm or load_llm_handle(job_config, "cpu")
-    batches = token_loader(job_config, llm.tokenizer, e.batch_size, held_out=True)
-    meta = {"name": job_config.job.name, "dictionary": source}
-    with llm.lock:
-        return run_feature_pass(
-            transcoder,
-            llm,
-            batches,
-            e.feature_examples_tokens,
-            Path(run_folder) / "features",
-            e.feature_examples,
-            meta,
-        )

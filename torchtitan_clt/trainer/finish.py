@@ -108,7 +108,32 @@ def write_run_report(run_folder: Path, result: dict | None) -> None:
     logger.info(f"Report written to {run_folder / 'report'}")
 
 
-def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any) -> None:
-    from torchtitan_clt.metrics.feature_files import trainer_feature_pass
+def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any) -> dict:
+    """``eval.feature_examples_tokens`` of held-out text through the run's ``circuit_tracer/``
+    export when it was just written (the features circuit-tracer traces with), else through the
+    trained model folded; with the source's LLM when it has one (its lock held: the source's
+    prefetch thread may share it)."""
+    from torchtitan_clt.checkpoint.circuit_tracer import is_circuit_tracer_folder, load_circuit_tracer
+    from torchtitan_clt.checkpoint.plain import folded_cpu_copy
+    from torchtitan_clt.data.pipeline import load_llm_handle, token_loader
+    from torchtitan_clt.metrics.feature_files import run_feature_pass
 
-    trainer_feature_pass(cfg, run_folder, plain, llm)  # holds the LLM's lock
+    e = cfg.eval
+    ct = run_folder / "circuit_tracer"
+    if is_circuit_tracer_folder(ct) and cfg.checkpoint.export_circuit_tracer:
+        transcoder, origin = load_circuit_tracer(ct), str(ct)
+    else:
+        transcoder, origin = folded_cpu_copy(plain), "trained model"
+    llm = llm or load_llm_handle(cfg, "cpu")
+    batches = token_loader(cfg, llm.tokenizer, e.batch_size, held_out=True)
+    meta = {"name": cfg.job.name, "dictionary": origin}
+    with llm.lock:
+        return run_feature_pass(
+            transcoder,
+            llm,
+            batches,
+            e.feature_examples_tokens,
+            run_folder / "features",
+            e.feature_examples,
+            meta,
+        )
