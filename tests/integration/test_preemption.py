@@ -12,7 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from torchtitan_clt.checkpoint.manager import SLEEP_ENV, list_checkpoints
+from slow_commit import ARG as SLOW_COMMIT
+from slow_commit import SLEEP_ENV
+
+from torchtitan_clt.checkpoint.manager import list_checkpoints
 from torchtitan_clt.tools.signals import DEBOUNCE_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,8 +93,9 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(tmp_path):
 
 def test_second_signal_exits_at_once_without_saving(tmp_path):
     run = tmp_path / "twice"
-    # Step 5 saves; the commit of step 10 sleeps for a minute, and both signals land inside it.
-    proc = _start(PLAIN, tmp_path, "twice", "--checkpoint.interval=5", **{SLEEP_ENV: "60@10"})
+    # Step 5 saves; the commit of step 10 sleeps for a minute (tests/slow_commit.py), and both
+    # signals land inside it.
+    proc = _start(PLAIN, tmp_path, "twice", "--checkpoint.interval=5", SLOW_COMMIT, **{SLEEP_ENV: "60@10"})
     _wait_for(lambda: (run / "checkpoints/step-10.tmp/.metadata").exists(), proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(DEBOUNCE_S + 0.5)  # a repeat within DEBOUNCE_S counts as the same request

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from slow_commit import ARG as SLOW_COMMIT
+from slow_commit import SLEEP_ENV
 
-from torchtitan_clt.checkpoint.manager import SLEEP_ENV, list_checkpoints
+from torchtitan_clt.checkpoint.manager import list_checkpoints
 from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint
 from torchtitan_clt.config import load_config
 from torchtitan_clt.train import Trainer
@@ -166,9 +168,10 @@ def test_sigkill_while_saving(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
     run = tmp_path / "killed"
-    # The commit of step 2N waits for 120 s: the files are written, the checkpoint is not complete.
+    # The commit of step 2N waits for 120 s (tests/slow_commit.py): the files are written, the
+    # checkpoint is not complete. The resume below runs without it.
     proc = subprocess.Popen(
-        [*cmd, "--job.name=killed"], cwd=ROOT, env={**env, SLEEP_ENV: f"120@{2 * N}"},
+        [*cmd, "--job.name=killed", SLOW_COMMIT], cwd=ROOT, env={**env, SLEEP_ENV: f"120@{2 * N}"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 240

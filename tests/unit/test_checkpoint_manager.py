@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from slow_commit import SLEEP_ENV
 from torch import nn
 
 from torchtitan_clt.checkpoint.manager import (
-    SLEEP_ENV,
     CheckpointManager,
     ModelWrapper,
     OptimizerWrapper,
@@ -217,7 +217,8 @@ def test_missing_state_refused(tmp_path):
 SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {helpers!r}]
+    import slow_commit  # commits sleep while its variable says so
     from test_checkpoint_manager import make, train_step
     from pathlib import Path
     mgr, model, opt, data = make(Path({run!r}))
@@ -236,7 +237,8 @@ SCRIPT = textwrap.dedent(
 
 def test_sigkill_during_save_resumes_from_previous(tmp_path):
     """A process killed (SIGKILL) while step 4 is being written: the next start loads step 2."""
-    script = SCRIPT.format(tests=str(Path(__file__).parent), run=str(tmp_path), env=SLEEP_ENV)
+    here = Path(__file__).parent
+    script = SCRIPT.format(tests=str(here), helpers=str(here.parent), run=str(tmp_path), env=SLEEP_ENV)
     env = {k: v for k, v in os.environ.items() if k != SLEEP_ENV}
     proc = subprocess.Popen(
         [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

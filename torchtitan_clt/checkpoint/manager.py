@@ -3,11 +3,12 @@
 Layout: ``<run>/<checkpoint.folder>/step-N/`` holding
 - the DCP files (``.metadata``, ``__R_0.distcp``) of the *resharded* states: ``model`` and
   ``optimizer`` (and any state whose state_dict holds a DTensor), so a different mesh can load them;
-- ``states/<key>.pt``: every other state (data position, trainer step, lr scheduler, metrics, RNG)
-  pickled whole with ``torch.save``. Python objects of any shape survive, and a template is not
-  needed to load them. If the ranks' copies are identical (the data position is global, counters
-  are all-reduced) one file is written; if not, one per rank (``<key>.rank<R>.pt``), and such a
-  state can only resume on the same number of ranks (RNG states excepted: a warning);
+- ``states/<key>.pt`` (written and read by ``blobs.py``): every other state (data position,
+  trainer step, lr scheduler, metrics, RNG) pickled whole with ``torch.save``. Python objects of
+  any shape survive, and a template is not needed to load them. If the ranks' copies are identical
+  (the data position is global, counters are all-reduced) one file is written; if not, one per
+  rank (``<key>.rank<R>.pt``), and such a state can only resume on the same number of ranks (RNG
+  states excepted: a warning);
 - ``meta.json``: step, world size, which keys went where, the model's ``TranscoderArgs``.
 
 A checkpoint is complete only when fully written: everything goes into ``step-N.tmp/``, which rank
@@ -22,9 +23,7 @@ an ``InputError``; the checkpoints before it are untouched.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
-import io
 import json
 import os
 import shutil
@@ -41,44 +40,18 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan_clt.checkpoint import integrity
+from torchtitan_clt.checkpoint.blobs import dist_on as _dist_on
+from torchtitan_clt.checkpoint.blobs import rank as _rank
+from torchtitan_clt.checkpoint.blobs import read_blobs, split_states, write_blobs
+from torchtitan_clt.checkpoint.blobs import world as _world
 from torchtitan_clt.checkpoint.integrity import Damaged, reason
-from torchtitan_clt.checkpoint.layout import (  # noqa: F401  (list_checkpoints: public here too)
-    META_FILE,
-    STATES_DIR,
-    TMP_DIR,
-    checkpoint_path,
-    list_checkpoints,
-    resolve_checkpoint,
-)
+from torchtitan_clt.checkpoint.layout import META_FILE, TMP_DIR, checkpoint_path, list_checkpoints
 from torchtitan_clt.checkpoint.stateful import ModelWrapper, OptimizerWrapper, RNGState  # noqa: F401
 from torchtitan_clt.config.manager import ConfigError, InputError
 from torchtitan_clt.tools.logging import logger
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment,misc]
-
 # Older torch releases' async_save has no ``no_dist`` (it then infers it).
 _ASYNC_HAS_NO_DIST = "no_dist" in inspect.signature(dcp.async_save).parameters
-# Keys always saved through DCP (resharded on load); others go through DCP too if they hold DTensors.
-DCP_KEYS = ("model", "optimizer")
-# Per-rank states that may be dropped (with a warning) when resuming on a different world size.
-RANK_LOCAL_OK = ("rng",)
-# Test hook: seconds to sleep after the files are written, before the checkpoint is marked complete.
-SLEEP_ENV = "TCLT_CKPT_TEST_SLEEP_BEFORE_COMMIT"
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _dist_on() else 1
 
 
 def _barrier() -> None:
@@ -94,29 +67,6 @@ def _quiet_dcp():
             "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
         )
         yield
-
-
-def _has_dtensor(obj: Any) -> bool:
-    if isinstance(obj, DTensor):  # type: ignore[arg-type]
-        return True
-    if isinstance(obj, dict):
-        return any(_has_dtensor(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_has_dtensor(v) for v in obj)
-    return False
-
-
-def _to_cpu(obj: Any) -> Any:
-    """Tensors to CPU (so the pickled bytes do not depend on the rank's device)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _future_of(result: Any) -> Future:
@@ -189,8 +139,8 @@ class CheckpointManager:
         return True
 
     def _write(self, step: int, tmp: Path, t0: float) -> None:
-        dcp_sd, blobs = self._split_states()
-        meta = self._write_blobs(tmp, blobs)
+        dcp_sd, blobs = split_states(self.states)
+        meta = write_blobs(tmp, blobs, self._gloo)
         meta.update(
             step=step,
             world_size=_world(),
@@ -263,38 +213,6 @@ class CheckpointManager:
     def close(self) -> None:
         self.wait()
 
-    def _split_states(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        dcp_sd, blobs = {}, {}
-        for key, st in self.states.items():
-            sd = st.state_dict()
-            if key in DCP_KEYS or _has_dtensor(sd):
-                dcp_sd[key] = sd
-            else:
-                blobs[key] = sd
-        return dcp_sd, blobs
-
-    def _write_blobs(self, tmp: Path, blobs: dict[str, Any]) -> dict[str, Any]:
-        (tmp / STATES_DIR).mkdir(exist_ok=True)  # every rank may need it; exist_ok: shared FS
-        per_rank, shared = [], []
-        for key, sd in blobs.items():
-            buf = io.BytesIO()
-            torch.save(_to_cpu(sd), buf)
-            data = buf.getvalue()
-            digest = hashlib.sha256(data).hexdigest()
-            same = True
-            if _world() > 1:
-                digests: list[str] = [""] * _world()
-                dist.all_gather_object(digests, digest, group=self._gloo)
-                same = len(set(digests)) == 1
-            if same:
-                shared.append(key)
-                if _rank() == 0:
-                    (tmp / STATES_DIR / f"{key}.pt").write_bytes(data)
-            else:
-                per_rank.append(key)
-                (tmp / STATES_DIR / f"{key}.rank{_rank()}.pt").write_bytes(data)
-        return {"shared_keys": shared, "per_rank_keys": per_rank}
-
     def _model_args(self) -> dict[str, Any] | None:
         st = self.states.get("model")
         model = getattr(st, "model", None)
@@ -333,12 +251,6 @@ class CheckpointManager:
 
     def _commit(self, step: int) -> None:
         """Rank 0, after every rank wrote: rename ``step-N.tmp`` to ``step-N``, then retention."""
-        # "SECONDS" sleeps before every commit, "SECONDS@STEP" only before that step's.
-        spec = os.environ.get(SLEEP_ENV, "").split("@")
-        delay = float(spec[0] or 0) if len(spec) == 1 or int(spec[1]) == step else 0.0
-        if delay > 0:  # test hook: a window in which the process can be killed mid-save
-            logger.warning("checkpoint: %s=%s, sleeping before the commit", SLEEP_ENV, delay)
-            time.sleep(delay)
         tmp, final = self.folder / f"step-{step}.tmp", checkpoint_path(self.folder, step)
         integrity.write_manifest(tmp)
         old = None
@@ -396,7 +308,6 @@ class CheckpointManager:
             if not done:
                 logger.info("checkpoint: none found in %s, starting from step 0", self.folder)
                 return None
-            step = done[-1]
             return self._load_latest_intact(done)
         elif step not in done:
             raise ConfigError(
@@ -458,7 +369,7 @@ class CheckpointManager:
         # Every pickled state is read before anything is loaded, so a damaged file leaves the
         # run's states as they were and the fallback loads an older checkpoint into clean ones.
         try:
-            blobs, problem = self._read_blobs(path, meta), None
+            blobs, problem = read_blobs(path, meta, self.states), None
         except Exception as e:  # noqa: BLE001 - any unreadable file is damage
             blobs, problem = {}, f"a states/ file does not read ({reason(e)})"
         if problem := self._agree(problem):
@@ -485,36 +396,6 @@ class CheckpointManager:
             time.perf_counter() - t0,
             meta["world_size"],
         )
-
-    def _read_blobs(self, path: Path, meta: dict[str, Any]) -> dict[str, tuple[str, Any]]:
-        """key -> ("one", state dict) or ("ranks", every old rank's copy), read from ``states/``."""
-
-        def read(name: str) -> Any:
-            return torch.load(
-                io.BytesIO((path / STATES_DIR / name).read_bytes()), map_location="cpu", weights_only=False
-            )
-
-        same_world = meta["world_size"] == _world()
-        out: dict[str, tuple[str, Any]] = {}
-        for key in self.states:
-            if key in meta["shared_keys"]:
-                out[key] = ("one", read(f"{key}.pt"))
-            elif key in meta["per_rank_keys"]:
-                if same_world:
-                    out[key] = ("one", read(f"{key}.rank{_rank()}.pt"))
-                elif hasattr(self.states[key], "load_state_dict_from_ranks"):
-                    # The state knows how to merge every old rank's copy (e.g. per-rank data
-                    # positions re-split over the new ranks).
-                    out[key] = ("ranks", [read(f"{key}.rank{r}.pt") for r in range(meta["world_size"])])
-                else:
-                    msg = (
-                        f"checkpoint state {key!r} differed between the {meta['world_size']} ranks "
-                        f"that saved it, so it cannot resume on {_world()} ranks"
-                    )
-                    if key not in RANK_LOCAL_OK:
-                        raise ConfigError(msg + ": resume with the same number of ranks, or start fresh.")
-                    logger.warning("%s; keeping this process's current %s", msg, key)
-        return out
 
     def _agree(self, problem: str | None) -> str | None:
         """The first rank's problem, on every rank (all ranks fall back together)."""
