@@ -262,7 +262,6 @@ def test_sigkill_during_save_resumes_from_previous(tmp_path):
 
 
 def test_different_model_is_refused_with_a_message(tmp_path):
-    import torchtitan_clt.models  # noqa: F401
     from torchtitan_clt.protocols.registry import model_registry
     from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
