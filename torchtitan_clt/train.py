@@ -105,7 +105,6 @@ class Trainer:
                 "train_state": self.train_state,
                 "dead_features": self.dead,
             },
-            pd,
         )
         if self.checkpointer is not None and self.checkpointer.load() is not None:
             logger.info(f"Resumed from step {self.train_state.step} ({self.train_state.tokens} tokens)")

@@ -9,8 +9,11 @@ size. The process-group helpers (one process has none) serve ``manager.py`` too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,14 @@ def rank() -> int:
 
 def world() -> int:
     return dist.get_world_size() if dist_on() else 1
+
+
+@contextlib.contextmanager
+def quiet_dcp() -> Iterator[None]:
+    # DCP warns on every call without a process group; one process is a supported setup here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _has_dtensor(obj: Any) -> bool:

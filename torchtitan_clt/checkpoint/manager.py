@@ -22,13 +22,11 @@ an ``InputError``; the checkpoints before it are untouched.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
 import shutil
 import time
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan_clt.checkpoint import integrity
 from torchtitan_clt.checkpoint.blobs import dist_on as _dist_on
+from torchtitan_clt.checkpoint.blobs import quiet_dcp as _quiet_dcp
 from torchtitan_clt.checkpoint.blobs import rank as _rank
 from torchtitan_clt.checkpoint.blobs import read_blobs, split_states, write_blobs
 from torchtitan_clt.checkpoint.blobs import world as _world
@@ -57,16 +56,6 @@ _ASYNC_HAS_NO_DIST = "no_dist" in inspect.signature(dcp.async_save).parameters
 def _barrier() -> None:
     if _dist_on():
         dist.barrier()
-
-
-@contextlib.contextmanager
-def _quiet_dcp():
-    # DCP warns on every call without a process group; one process is a supported setup here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
-        )
-        yield
 
 
 def _future_of(result: Any) -> Future:
@@ -88,13 +77,11 @@ class CheckpointManager:
         run_folder: str | Path,
         job_config: Any,
         states: dict[str, Stateful],
-        parallel_dims: Any = None,
     ):
         self.cfg = job_config.checkpoint
         self.last_step = int(job_config.training.steps)
         self.folder = Path(run_folder) / self.cfg.folder
         self.states = dict(states)
-        self.parallel_dims = parallel_dims
         self.enabled = bool(self.cfg.enable)
         for key, st in self.states.items():
             if not (hasattr(st, "state_dict") and hasattr(st, "load_state_dict")):

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from torchtitan_clt.checkpoint.blobs import dist_on, quiet_dcp
 from torchtitan_clt.checkpoint.layout import META_FILE, resolve_checkpoint
-from torchtitan_clt.checkpoint.manager import _dist_on, _quiet_dcp
 from torchtitan_clt.checkpoint.stateful import ModelWrapper
 
 
@@ -37,6 +37,6 @@ def load_model_from_checkpoint(path: str | Path, step: int | None = None, device
     with torch.device("meta"):
         model = model_registry.get(args.family).build_fn(args)
     model.to_empty(device=device)
-    with _quiet_dcp():
-        dcp.load({"model": ModelWrapper(model)}, checkpoint_id=str(ckpt), no_dist=not _dist_on())
+    with quiet_dcp():
+        dcp.load({"model": ModelWrapper(model)}, checkpoint_id=str(ckpt), no_dist=not dist_on())
     return model.eval(), meta

@@ -140,7 +140,7 @@ def build_model(
     return model, constraint
 
 
-def build_checkpointer(run_folder: Path, cfg: JobConfig, states: dict[str, Any], pd: ParallelDims) -> Any:
+def build_checkpointer(run_folder: Path, cfg: JobConfig, states: dict[str, Any]) -> Any:
     """A ``CheckpointManager`` over ``states`` (name -> Stateful), or None when disabled."""
     if not cfg.checkpoint.enable:
         return None
@@ -148,7 +148,7 @@ def build_checkpointer(run_folder: Path, cfg: JobConfig, states: dict[str, Any],
     from torchtitan_clt.checkpoint.stateful import ModelWrapper, RNGState
 
     states = {**states, "model": ModelWrapper(states["model"]), "rng": RNGState()}
-    return CheckpointManager(run_folder, cfg, states, parallel_dims=pd)
+    return CheckpointManager(run_folder, cfg, states)
 
 
 def standardize(

@@ -7,14 +7,18 @@ step for the next except what the parts themselves keep (the optimizer, the dead
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from torchtitan_clt.components.optimizer import clip_grad_norm_
+from torchtitan_clt.components.decoder_constraint import UnitNormDecoder
+from torchtitan_clt.components.lr_scheduler import LRSchedulersContainer
+from torchtitan_clt.components.optimizer import OptimizersContainer, clip_grad_norm_
+from torchtitan_clt.data.source import ActivationSource
 from torchtitan_clt.errors import TrainingError
-from torchtitan_clt.metrics.training import FVUAccumulator, l0_per_layer
+from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
+from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderOutput
 from torchtitan_clt.tools.guards import all_finite, describe_nonfinite
 
 
@@ -38,15 +42,15 @@ class StepStats:
 
 @dataclass
 class TrainStep:
-    model: Any
-    forward: Any
+    model: Transcoder
+    forward: Callable[[torch.Tensor], TranscoderOutput]
     """``model.forward_std`` (compiled when ``training.compile``)."""
-    loss_fn: Any
-    optimizers: Any
-    lr_schedulers: Any
-    source: Any
-    dead: Any
-    decoder_constraint: Any
+    loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    optimizers: OptimizersContainer
+    lr_schedulers: LRSchedulersContainer
+    source: ActivationSource
+    dead: DeadFeatureTracker
+    decoder_constraint: UnitNormDecoder | None
     micro_batch: int
     grad_accum_steps: int
     max_norm: float
