@@ -210,8 +210,8 @@ class Trainer:
         uses = wants_eval or cfg.checkpoint.export or features
         need = cfg.checkpoint.export_circuit_tracer or (self.model_args.activation == "batchtopk" and uses)
         calibration = finish.calibration_batches(cfg, self.model_args, self.source) if need else []
-        fit = finish.BatchTopKFit(self.run_folder, calibration)
-        plain = fit(self._gather()) if (wants_eval or exports or features) else None
+        plain = self._gather() if (wants_eval or exports or features) else None
+        plain = finish.fit_batchtopk(plain, calibration, self.run_folder)
         result = self._evaluate(self.train_state.step, plain, cfg.eval.open_loop) if wants_eval else None
         if self.rank == 0:
             finish.write_run_report(self.run_folder, result)

@@ -2,14 +2,13 @@
 
 The model is gathered onto rank 0 once (``gather_plain_model``) and every finisher reads that
 copy. A BatchTopK model first gets its inference threshold fitted on training rows
-(``BatchTopKFit``), so the evaluation, the exports and the feature examples all see the model as
+(``fit_batchtopk``), so the evaluation, the exports and the feature examples all see the model as
 it will be used.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_clt.config import JobConfig
-from torchtitan_clt.models.activations import BatchTopK
 from torchtitan_clt.protocols import ModelSpec
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
 from torchtitan_clt.tools.logging import logger
@@ -57,29 +55,18 @@ def calibration_batches(cfg: JobConfig, args: TranscoderArgs, source: Any) -> li
         ]
 
 
-@dataclass
-class BatchTopKFit:
-    """The BatchTopK inference threshold fitted to training rows, once; applied to any copy."""
+def fit_batchtopk(plain: Any, batches: list, run_folder: Path) -> Any:
+    """``plain`` with its BatchTopK inference threshold fitted in place to the training rows
+    ``batches`` (logged, and written to report/batchtopk_threshold.json); other models unchanged."""
+    from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold
 
-    run_folder: Path
-    batches: list
-    threshold: torch.Tensor | None = field(default=None, init=False)
-
-    def __call__(self, plain: Any) -> Any:
-        act = getattr(plain, "activation", None)
-        if not self.batches or not isinstance(act, BatchTopK):
-            return plain
-        if self.threshold is None:
-            from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold
-
-            fit = fit_batchtopk_threshold(plain, self.batches)
-            self.threshold = act.threshold.detach().cpu().clone()  # exact; the JSON rounds
-            logger.info(describe_batchtopk_fit(fit))
-            report = self.run_folder / "report"
-            report.mkdir(parents=True, exist_ok=True)
-            (report / "batchtopk_threshold.json").write_text(json.dumps(fit, indent=1))
-        act.threshold.copy_(self.threshold.to(act.threshold.device))
-        return plain
+    fit = fit_batchtopk_threshold(plain, batches) if plain is not None else None
+    if fit is not None:
+        logger.info(describe_batchtopk_fit(fit))
+        report = run_folder / "report"
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "batchtopk_threshold.json").write_text(json.dumps(fit, indent=1))
+    return plain
 
 
 def export_all(cfg: JobConfig, plain: Any, run_folder: Path, calibration: list) -> None:
