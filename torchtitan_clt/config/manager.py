@@ -109,7 +109,8 @@ def _coerce(value: Any, tp: Any, where: str, from_cli: bool) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp!r}")  # pragma: no cover
 
 
-def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
+def unknown_error(kind: str, name: str, known: list[str]) -> ConfigError:
+    """``Unknown <kind> <name>.`` with the closest valid name, the valid ones and the help hint."""
     import difflib
 
     close = difflib.get_close_matches(name, known, n=1)
@@ -126,7 +127,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 def _apply(cfg: Any, section: str, key: str, value: Any, from_cli: bool, cfg_cls: type) -> None:
     sections = _sections(cfg_cls)
     if section not in sections:
-        raise _unknown("config section", section, list(sections))
+        raise unknown_error("config section", section, list(sections))
     sec_cls = sections[section]
     hints = typing.get_type_hints(sec_cls)
     if section == "model" and key == FAMILY_OPTIONS:
@@ -140,7 +141,7 @@ def _apply(cfg: Any, section: str, key: str, value: Any, from_cli: bool, cfg_cls
             # refuses it when nothing is imported).
             cfg.model.options[key] = value
             return
-        raise _unknown(f"field in [{section}]", key, list(hints))
+        raise unknown_error(f"field in [{section}]", key, list(hints))
     where = f"{section}.{key}"
     setattr(getattr(cfg, section), key, _coerce(value, hints[key], where, from_cli))
 
@@ -150,7 +151,7 @@ def _check_options(cfg: Any) -> None:
     options = getattr(getattr(cfg, "model", None), FAMILY_OPTIONS, None)
     if options and not cfg.job.custom_import:
         hints = [k for k in typing.get_type_hints(type(cfg.model)) if k != FAMILY_OPTIONS]
-        raise _unknown("field in [model]", next(iter(options)), hints)
+        raise unknown_error("field in [model]", next(iter(options)), hints)
 
 
 def _parse_cli(args: list[str]) -> list[tuple[str, str]]:

@@ -79,28 +79,19 @@ def family_options(spec: ModelSpec, model_cfg: Any) -> dict[str, Any]:
     """The family's options from the [model] keys the config did not know (``model.options``),
     checked against ``spec.options``, with its defaults for the rest."""
     import dataclasses
-    import difflib
     import typing
 
-    from torchtitan_clt.config.manager import FAMILY_OPTIONS, coerce
-    from torchtitan_clt.errors import ConfigError
+    from torchtitan_clt.config.manager import FAMILY_OPTIONS, coerce, unknown_error
 
     given = dict(getattr(model_cfg, FAMILY_OPTIONS, None) or {})
-    known = list(typing.get_type_hints(spec.options)) if spec.options is not None else []
+    hints = typing.get_type_hints(spec.options) if spec.options is not None else {}
     for key in given:
-        if key not in known:
+        if key not in hints:
             fields = [f.name for f in dataclasses.fields(model_cfg) if f.name != FAMILY_OPTIONS]
-            close = difflib.get_close_matches(key, fields + known, n=1)
-            raise ConfigError(
-                f"Unknown field in [model] {key!r}"
-                + (f". Did you mean {close[0]!r}?" if close else ".")
-                + f" Family {spec.name!r} declares "
-                + (f"the options {', '.join(known)}" if known else "no options (ModelSpec.options)")
-                + "; run `./run_train.sh --help` for the [model] fields."
-            )
+            # The valid names: the [model] fields and this family's options.
+            raise unknown_error("field in [model]", key, fields + list(hints))
     if spec.options is None:
         return {}
-    hints = typing.get_type_hints(spec.options)
     values = {k: coerce(v, hints[k], f"model.{k}") for k, v in given.items()}
     return dataclasses.asdict(spec.options(**values))
 
