@@ -132,7 +132,7 @@ MESH_CASES = {
     "clt_batchtopk_all_L6_d576_F4096_k16": (
         ["--model.features_per_layer=4096", "--model.k=16", "--data.synthetic_n_layers=6",
          "--data.synthetic_d_model=576"],
-        512, 8, ["1", "dp_shard2", "tp2"],
+        512, 8, ["1", "dp_shard2", "dp_shard2_ring", "tp2"],
     ),
     "clt_batchtopk_all_L12_d768_F8192_k32": (
         ["--model.features_per_layer=8192", "--model.k=32", "--data.synthetic_n_layers=12",
@@ -147,6 +147,11 @@ MESH_COMMON = [
 MESH_LAYOUTS = {  # name: (processes, overrides)
     "1": (1, []),
     "dp_shard2": (2, ["--parallelism.dp_shard=2", "--parallelism.tp=1"]),
+    # the same over loopback TCP (the rings), beside it: what the shared-memory collectives save
+    "dp_shard2_ring": (
+        2,
+        ["--parallelism.dp_shard=2", "--parallelism.tp=1", "--parallelism.gloo_shared_memory=false"],
+    ),
     "tp2": (2, ["--parallelism.dp_shard=1", "--parallelism.tp=2"]),
 }
 

@@ -158,7 +158,13 @@ def estimate(cfg, ngpu: int) -> dict:
         # the reduce-scatter: one dictionary unit, so the whole tp shard at once; the
         # reduce-scatter copies the unsharded grads into one flat input buffer (fp32 reduction).
         rows["FSDP gathered params + grads"] = 2 * compute_bytes * tp_local
-        rows["FSDP reduce-scatter input"] = 4 * tp_local
+        w = dims.dp_shard
+        if not gpu and w > 1 and cfg.parallelism.gloo_shared_memory:
+            # distributed/shm_comm.py: one [w, tp_local] segment; a rank maps the gather's row,
+            # its own reduce-scatter row and its chunk of each other row
+            rows["FSDP /dev/shm segment (as one rank maps it)"] = 4 * tp_local * (2 + max(w - 2, 0) / w)
+        else:
+            rows["FSDP reduce-scatter input"] = 4 * tp_local
     elif compute_bytes == 2:
         rows["autocast bf16 weight copies"] = 2 * tp_local
     live = LIVE_FEATURE_TENSORS["sparse" if path.startswith("sparse") else "dense"]

@@ -7,8 +7,9 @@ with one process on the sparse path and with one process on the dense path
 (``kernels.sparse_density_threshold = 0``). Every rank of every sparse run must have run the
 sparse step (TopK / BatchTopK: ``SparseEncode``; JumpReLU: the sparse decoder ``decode_entries``), counted
 by a spy this module installs in each worker (it is the run's ``job.custom_import``); the same spy
-checks that FSDP gathered the parameters and reduce-scattered the gradients through the gloo
-point-to-point rings (``distributed/ring_comm.py``) and that no other layout did.
+checks that FSDP gathered the parameters and reduce-scattered the gradients through the
+shared-memory segment of ``distributed/shm_comm.py`` (or, where this host cannot give one, the
+gloo point-to-point rings of ``distributed/ring_comm.py``) and that no other layout did.
 
 Tolerance, from fp32 reordering only (tp partial sums and the dp gradient average add in another
 order than one process; measured differences are ~1e-7): losses within 1e-5 relative, final
@@ -135,10 +136,10 @@ def assert_took_sparse_path(run: Path, ngpu: int, activation: str, fsdp: bool = 
     for rank, calls in enumerate(sparse_calls(run, ngpu)):
         assert calls[key] >= STEPS, f"rank {rank} of {run.name}: {calls} (sparse path not taken)"
         # FSDP on gloo gathers the parameters and reduce-scatters the gradients through the
-        # point-to-point rings at least once per step each.
-        for ring in ("ring_all_gather", "ring_reduce_scatter"):
-            n = calls[ring]
-            assert n >= STEPS if fsdp else n == 0, f"rank {rank} of {run.name}: {calls} ({ring})"
+        # shared segment (or the rings) at least once per step each; nothing else does.
+        for op in ("all_gather", "reduce_scatter"):
+            n = calls[f"shm_{op}"] + calls[f"ring_{op}"]
+            assert n >= STEPS if fsdp else n == 0, f"rank {rank} of {run.name}: {calls} ({op})"
         if activation != "jumprelu":
             assert calls["activation_forward"] == 0, f"rank {rank}: dense selection ran {calls}"
 
@@ -227,7 +228,7 @@ def _install_spy() -> None:
     TopK / BatchTopK activations; written to ``$TCLT_TEST_SPY_DIR/spy_rank{r}.json`` at exit."""
     import atexit
 
-    from torchtitan_clt.distributed import ring_comm
+    from torchtitan_clt.distributed import ring_comm, shm_comm
     from torchtitan_clt.kernels import sparse_step
     from torchtitan_clt.models import activations
     from torchtitan_clt.models.clt import model as clt_model
@@ -238,6 +239,8 @@ def _install_spy() -> None:
         "activation_forward": 0,
         "ring_all_gather": 0,
         "ring_reduce_scatter": 0,
+        "shm_all_gather": 0,
+        "shm_reduce_scatter": 0,
     }
 
     def counted(fn, key):
@@ -254,6 +257,18 @@ def _install_spy() -> None:
     activations._Selecting.forward = counted(activations._Selecting.forward, "activation_forward")
     ring_comm.ring_all_gather = counted(ring_comm.ring_all_gather, "ring_all_gather")
     ring_comm.ring_reduce_scatter = counted(ring_comm.ring_reduce_scatter, "ring_reduce_scatter")
+
+    def counted_shared(cls, key, buffer):  # a call on the segment (not its fallback)
+        call = cls.__call__
+
+        def run(self, *a, **kw):
+            counts[key] += self.shared.holds(kw[buffer], kw["group"])
+            return call(self, *a, **kw)
+
+        cls.__call__ = run
+
+    counted_shared(shm_comm.ShmAllGather, "shm_all_gather", "output_tensor")
+    counted_shared(shm_comm.ShmReduceScatter, "shm_reduce_scatter", "input_tensor")
 
     def write() -> None:
         rank = os.environ.get("RANK", "0")

@@ -338,6 +338,12 @@ class Parallelism:
     instead of gloo's all-gather / reduce-scatter, which are slower between processes on one host;
     NCCL always keeps its own."""
 
+    gloo_shared_memory: bool = True
+    """On gloo (CPU), when a shard group's ranks share one host, FSDP2's all-gather and
+    reduce-scatter go through a ``/dev/shm`` segment instead of loopback TCP (checked at start;
+    where it cannot be used, e.g. ranks on several hosts or a full ``/dev/shm``, the rings or
+    gloo's own collectives run, per ``gloo_ring_collectives``)."""
+
     mixed_precision_param: Literal["float32", "bfloat16"] = "bfloat16"
     """FSDP2 parameter dtype during compute on GPU."""
 

@@ -65,6 +65,7 @@ def parallelize_transcoder(
             mp,
             p.fsdp_reshard_after_forward,
             ring_collectives=p.gloo_ring_collectives,
+            shared_memory=p.gloo_shared_memory,
         )
     logger.info(
         f"parallelized {type(model).__name__}: tp={parallel_dims.tp}, "
