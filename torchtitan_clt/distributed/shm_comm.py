@@ -85,7 +85,7 @@ def open_segment(group, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
     if rank == 0:
         if shared:
             logger.info(
-                f"FSDP2 all-gather / reduce-scatter through a {nbytes / 2**30:.2f} GiB {SHM_DIR} segment "
+                f"FSDP2 all-gather / reduce-scatter through a {nbytes / 2**20:.1f} MiB {SHM_DIR} segment "
                 f"shared by ranks {dist.get_process_group_ranks(group)}"
             )
         else:
