@@ -171,17 +171,6 @@ def test_layout_matches_one_process(tmp_path, tmp_path_factory, layout, activati
     assert_same_training(run, reference_run(tmp_path_factory, activation, "dense"))
 
 
-@pytest.mark.slow
-def test_hsdp_matches_one_process(tmp_path, tmp_path_factory):
-    """HSDP, 2 replicas x 2 shards: each shard group reduces through its own segment (or rings),
-    then the replicas all-reduce over gloo; the training is still one process's."""
-    activation = "batchtopk_all"
-    mesh = ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=2", "--parallelism.tp=1"]
-    run = run_training(tmp_path, f"hsdp_{activation}", 4, BASE + ACTIVATIONS[activation] + SPARSE + mesh)
-    assert_took_sparse_path(run, 4, activation, fsdp=True)
-    assert_same_training(run, reference_run(tmp_path_factory, activation))
-
-
 # ---------------------------------------------------------------------------------------------
 # ``job.custom_import`` side: a synthetic source whose global batch does not depend on dp degree.
 

@@ -3,7 +3,8 @@
 Each layout runs as ``torchrun --standalone`` on this file. Every rank builds the sharded model on
 the meta device (parallelize -> to_empty -> init_weights, the trainer's order) *and* a one-process
 reference with the same seed; both take 6 AdamW steps on the same global batches (the sharded model
-on its data-parallel slice). The losses of each step and the final whole weights must agree.
+on its data-parallel slice). The losses of each step and the final whole weights (the CLT's and
+PLT's skip path included, split over tp) must agree.
 
 Tolerance: 2e-5 relative on losses and 1e-4 absolute on weights (after 6 Adam steps of lr 1e-2),
 from fp32 reordering only (the tp partial sums and the FSDP gradient average add in a different
@@ -142,6 +143,7 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
     args = TranscoderArgs(
         family=family, n_layers=L, d_in=D, d_out=D, features_per_layer=F, activation=activation, k=K,
         batchtopk_scope=scope, jumprelu_threshold_init=0.05, jumprelu_bandwidth=0.5,
+        skip_connection=family in ("clt", "plt"),
     )  # fmt: skip
     spec = model_registry.get(family)
     ref = spec.build_fn(args)
@@ -151,6 +153,8 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
     model = parallelize_model(model, spec, dims, cfg)
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
+    if dims.tp_enabled and args.skip_connection:  # the skip path is split over tp, not replicated
+        assert model.W_skip.to_local().shape[1] == D // dims.tp, model.W_skip.to_local().shape
 
     dead = _FixedDead(torch.arange(L * F).view(L, F) % 3 == 0)  # a third of the features
     loss_fn = build_loss_fn(cfg.loss, dead_features=dead)

@@ -118,12 +118,13 @@ def test_estimate_memory_counts_the_real_model_and_its_shards():
         ]
     )  # fmt: skip
     est = est_mod.estimate(cfg, 4)  # tp 2 × dp_shard 2
-    # W_enc, b_enc, threshold (feature axis), W_dec.s [F, L-s, d] for s < L, b_dec [L, d]
-    featured = L * F * d + L * F + L * F + F * d * L * (L + 1) // 2
-    replicated = L * d + L * d * d  # b_dec [L, d], W_skip [L, d, d] (skip_connection "auto": on)
-    assert est["n_params"] == featured + replicated
-    # feature params split over tp then FSDP; b_dec and W_skip only over FSDP
-    assert est["per_gpu"] == featured // 4 + replicated // 2
+    # W_enc, b_enc, threshold (feature axis), W_dec.s [F, L-s, d] for s < L, W_skip [L, d, d]
+    # (skip_connection "auto": on, split on d_in), b_dec [L, d]
+    split = L * F * d + L * F + L * F + F * d * L * (L + 1) // 2 + L * d * d
+    replicated = L * d
+    assert est["n_params"] == split + replicated
+    # split params over tp then FSDP; b_dec only over FSDP
+    assert est["per_gpu"] == split // 4 + replicated // 2
     assert est["flops"]["skip path fwd"] == 2 * L * d * d
     assert est["rows"]["AdamW m, v (fp32)"] == 8 * est["per_gpu"]
     assert est["flops"]["encoder fwd"] == 2 * L * F * d

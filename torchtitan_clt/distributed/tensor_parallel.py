@@ -1,8 +1,9 @@
 """Tensor (feature) parallelism for transcoders, applied from outside the model.
 
 Features are sharded over the tp mesh: every parameter with a feature axis (encoder rows, encoder
-bias, thresholds, decoder rows) becomes a ``DTensor`` sharded on that axis; the rest (the output
-bias ``b_dec``) is replicated. Parameters stay DTensors, so FSDP2 composes with them and the
+bias, thresholds, decoder rows) becomes a ``DTensor`` sharded on that axis, the skip path
+``W_skip`` on ``d_in`` (a rank's slice of x adds its part into the same sum as its features), and
+the output bias ``b_dec`` is replicated. Parameters stay DTensors, so FSDP2 composes with them and the
 distributed checkpoint holds whole tensors whatever the mesh.
 
 The model code is written for one device and runs unchanged on each rank's *local* shards: the
@@ -41,7 +42,7 @@ from torchtitan_clt.protocols.transcoder import TranscoderOutput
 # Methods run on local shards. forward_std / encode / decode / forward are the entry points;
 # the inner ones are wrapped too so a direct call also works (the swap is re-entrant).
 LOCAL_METHODS = ("forward_std", "encode", "decode", "forward", "pre_acts", "decoder_norms", "decode_std")
-LOCAL_METHODS += ("skip_std",)
+LOCAL_METHODS += ("skip_std",)  # (a model with a skip path: skip_std / skip_partial, see apply_tp)
 
 
 def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
@@ -145,6 +146,26 @@ def _decode_std_reduced(model: nn.Module, fn, tp_group, bias_name: str):
     return run
 
 
+def _skip_partial_sharded(model: nn.Module, fn, tp_mesh: DeviceMesh, dim: int | None, d_in: int):
+    """``skip_partial`` on a rank: with ``W_skip`` sharded on ``d_in`` (dim 1), the rank's slice of
+    the input times its rows; replicated (``dim`` None), all of it on tp rank 0 and zeros elsewhere.
+    Summed over tp either way, the ranks' shares give the skip path once."""
+    rank, world = tp_mesh.get_local_rank(), tp_mesh.size()
+    if dim not in (1, None):
+        raise ValueError(f"the tensor-parallel plan shards W_skip on dim {dim}; it takes 1 (d_in) or None")
+
+    @functools.wraps(fn)
+    def run(xs: torch.Tensor) -> torch.Tensor | None:
+        with local_params(model):
+            if dim is None:
+                y = fn(xs)
+                return y if rank == 0 or y is None else torch.zeros_like(y)
+            n = d_in // world
+            return fn(xs[..., rank * n : (rank + 1) * n])
+
+    return run
+
+
 def apply_tp(
     model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | None], bias_name: str = "b_dec"
 ) -> nn.Module:
@@ -155,16 +176,25 @@ def apply_tp(
     for fqn, p in list(model.named_parameters()):
         dim = placement_for(fqn, plan)
         if dim is not None and p.shape[dim] % tp_mesh.size() != 0:
+            what = "model.features_per_layer" if fqn != "W_skip" else "d_in (or model.skip_connection=false)"
             raise ValueError(
-                f"{fqn} has {p.shape[dim]} features on dim {dim}, not divisible by tp = {tp_mesh.size()}; "
-                "pick model.features_per_layer divisible by parallelism.tp."
+                f"{fqn} has {p.shape[dim]} rows on dim {dim}, not divisible by tp = {tp_mesh.size()}; "
+                f"pick parallelism.tp dividing {what}."
             )
         placements = [Shard(dim)] if dim is not None else [Replicate()]
         mod, name = _owner(model, fqn)
         dt = distribute_tensor(p.data, tp_mesh, placements)
         mod.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
     tp_group = tp_mesh.get_group()
+    split_skip = getattr(model, "W_skip", None) is not None and hasattr(model, "skip_partial")
+    if split_skip:
+        skip_dim = placement_for("W_skip", plan)
+        partial = _skip_partial_sharded(model, model.skip_std, tp_mesh, skip_dim, model.W_skip.shape[1])
+        model.skip_partial = partial
+        model.skip_std = functools.wraps(partial)(lambda xs: sum_partials(partial(xs), tp_group))
     for name in LOCAL_METHODS:
+        if name == "skip_std" and split_skip:
+            continue  # wrapped above
         fn = getattr(model, name)
         if name == "decode_std":
             wrapped = _decode_std_reduced(model, fn, tp_group, bias_name)

@@ -138,17 +138,23 @@ def sparse_forward(
     group=None,
     batch_scale: int = 1,
     tp_group=None,
+    extra: torch.Tensor | None = None,
 ) -> SparseCLTOutput:
     """Any layerwise family's forward, sparse end to end: encoder, ``select`` over ``group``, then
     ``decode(idx, vals, bias) -> [N, L, d]`` (the family's sparse decoder). ``tp_group``: features
     are sharded over these ranks; each decodes its own active features into a partial ŷ (zero
     bias), the partials are summed (identity backward: every rank computes the same loss) and
-    ``b_dec`` is added once."""
+    ``b_dec`` is added once. ``extra  # [N, L, d]``: this rank's share of another term of ŷ (the
+    skip path), added to the partial so that one reduction sums both."""
     h, idx, vals, tau = SparseEncode.apply(x, w_enc, b_enc, sel, backend, group, batch_scale)
     if tp_group is None:
         y_hat = decode(idx, vals, b_dec)
+        if extra is not None:
+            y_hat = y_hat + extra.to(y_hat.dtype)
     else:
         part = decode(idx, vals, torch.zeros_like(b_dec))
+        if extra is not None:
+            part = part + extra.to(part.dtype)
         y_hat = sum_partials(
             part.float() if part.dtype in (torch.bfloat16, torch.float16) else part, tp_group
         )

@@ -179,18 +179,18 @@ class LayerwiseTranscoder(Transcoder):
             group=g.features if sel.kind == "topk" else g.batch,
             batch_scale=g.batch_scale,
             tp_group=g.features,
+            extra=self.skip_partial(xs),  # under tp: in the same sum as the features' partials
         )
         if self.training:
             act._observe(act.observed_min(out.pre_acts, out.idx))
         return TranscoderOutput(
             pre_acts=out.pre_acts,
             acts=out.to_dense(self.local_features()),
-            y_hat=self._add_skip(out.y_hat, xs),
+            y_hat=out.y_hat,
             dec_norms=dec_norms,
         )
 
     def skip_std(self, xs: torch.Tensor) -> torch.Tensor | None:
-        # Replicated under tp and added after the feature partials are summed: counted once.
         if self.W_skip is None:
             return None
         W = self.W_skip  # [L, d_in, d_out]

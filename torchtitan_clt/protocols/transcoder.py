@@ -322,6 +322,12 @@ class Transcoder(nn.Module):
         """The linear skip path  # [B, L, d_out] standardized (None without one)."""
         return None
 
+    def skip_partial(self, xs: torch.Tensor) -> torch.Tensor | None:
+        """This process's share of ``skip_std``, for a decoder that sums partials: all of it on
+        one device; under tensor parallelism (``distributed/tensor_parallel.py``) the product of
+        the rank's slice of ``d_in``, summed over ranks with the features' partials."""
+        return self.skip_std(xs)
+
     def reconstruct_std(self, acts: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """The whole standardized ŷ from features ``acts`` at input ``xs``: decoder, bias and
         skip path (``decode_std_with`` leaves the skip path out)."""

@@ -7,7 +7,7 @@ PLT_TP_PLAN: dict[str, int | None] = {
     r"b_enc": 1,  # [L, F]
     r"W_dec": 1,  # [L, F, d_out]
     r"activation\.log_threshold": 1,  # [L, F] (JumpReLU)
-    r"W_skip": None,  # [L, d_in, d_out]: replicated, added after the partial sums (skip_connection)
+    r"W_skip": 1,  # [L, d_in, d_out]: sharded on d_in; a rank's slice of x adds its part to ŷ's sum
     r"b_dec": None,  # [L, d_out]: added once, after the decoder's partial sums are reduced
 }
 
