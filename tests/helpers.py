@@ -79,3 +79,32 @@ def id_rows(ids):
     """An "extraction" whose x carries each row's id and y its negation: rows stay paired."""
     x = ids.float()[:, None, None].expand(-1, 2, 3).clone()
     return x, -x
+
+
+def fsdp_toy_weights(rank: int, world: int, mode: str, steps: int = 3) -> tuple[list, dict]:
+    """A two-layer ``fully_shard`` model over ``world`` gloo ranks trained ``steps`` SGD steps with
+    FSDP2's collectives ``mode`` (``native``, ``ring``, ``shm``): (whole weights, calls counted by
+    ``CommTimer``). Runs inside an initialized process group."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from torchtitan_clt.distributed import ring_comm, shm_comm
+    from torchtitan_clt.tools.comm_timer import CommTimer
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12 * world), torch.nn.Linear(12 * world, 4))
+    fully_shard(model, mesh=mesh)
+    if mode == "shm":
+        assert shm_comm.use_shared_memory_collectives(model, mesh.get_group(0), rings=True)
+    elif mode == "ring":
+        assert ring_comm.use_ring_collectives(model)
+    with CommTimer() as timer:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(10 + rank))
+        for _ in range(steps):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    return [p.full_tensor().detach().clone() for p in model.parameters()], dict(timer.calls)

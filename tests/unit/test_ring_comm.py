@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import fsdp_toy_weights
 
 from torchtitan_clt.distributed import ring_comm
-from torchtitan_clt.tools.comm_timer import CommTimer
 
 
 def _worker(rank: int, world: int, store: str) -> None:
@@ -37,28 +37,13 @@ def _worker(rank: int, world: int, store: str) -> None:
             ring_comm.ring_reduce_scatter(mine, full.clone(), None, average=average)
             torch.testing.assert_close(mine, ref_out, rtol=1e-14, atol=1e-14)
 
-        # fully_shard with and without the rings: same weights after two optimizer steps.
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (world,))
-        weights = []
-        for ring in (False, True):
-            torch.manual_seed(0)
-            model = torch.nn.Sequential(torch.nn.Linear(8, 12 * world), torch.nn.Linear(12 * world, 4))
-            fully_shard(model, mesh=mesh)
-            used = ring_comm.use_ring_collectives(model) if ring else False
-            assert used == ring
-            with CommTimer() as timer:  # counts calls to dist.isend, which only the rings make
-                opt = torch.optim.SGD(model.parameters(), lr=0.1)
-                x = torch.randn(5, 8, generator=torch.Generator().manual_seed(10 + rank))
-                for _ in range(2):
-                    model(x).square().mean().backward()
-                    opt.step()
-                    opt.zero_grad()
-            assert (timer.calls.get("isend", 0) > 0) == ring  # the rings ran, and only when asked
-            weights.append([p.full_tensor().detach().clone() for p in model.parameters()])
-        for a, b in zip(*weights):
+        # fully_shard with and without the rings: same weights after two optimizer steps; the
+        # rings ran (CommTimer counts dist.isend, which only they call), and only when asked.
+        native, calls = fsdp_toy_weights(rank, world, "native", steps=2)
+        assert not calls.get("isend")
+        ring, calls = fsdp_toy_weights(rank, world, "ring", steps=2)
+        assert calls.get("isend", 0) > 0
+        for a, b in zip(native, ring):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         # both ranks done before either tears its pairs down (a rank exiting while its peer's
         # last transfer is still closing is a teardown race gloo can report as an error)

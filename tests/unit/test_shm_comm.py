@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import fsdp_toy_weights
 
 from torchtitan_clt.distributed import shm_comm
-from torchtitan_clt.tools.comm_timer import CommTimer
 
 CPU = torch.device("cpu")
 
@@ -49,38 +49,14 @@ def _collectives_match_gloo(rank: int, world: int) -> None:
         torch.testing.assert_close(mine, ref_out, rtol=1e-14, atol=1e-14)
 
 
-def _fsdp_weights(rank: int, world: int, mode: str) -> tuple[list[torch.Tensor], dict]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from torchtitan_clt.distributed import ring_comm
-
-    mesh = init_device_mesh("cpu", (world,))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 12 * world), torch.nn.Linear(12 * world, 4))
-    fully_shard(model, mesh=mesh)
-    if mode == "shm":
-        assert shm_comm.use_shared_memory_collectives(model, mesh.get_group(0), rings=True)
-    elif mode == "ring":
-        assert ring_comm.use_ring_collectives(model)
-    with CommTimer() as timer:
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(10 + rank))
-        for _ in range(3):
-            model(x).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-    return [p.full_tensor().detach().clone() for p in model.parameters()], dict(timer.calls)
-
-
 def _worker(rank: int, world: int, store: str, shm_dir: str, case: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         shm_comm.SHM_DIR = shm_dir
         if case == "match":
             _collectives_match_gloo(rank, world)
-            native, _ = _fsdp_weights(rank, world, "native")
-            shared, calls = _fsdp_weights(rank, world, "shm")
+            native, _ = fsdp_toy_weights(rank, world, "native")
+            shared, calls = fsdp_toy_weights(rank, world, "shm")
             # the shared path ran: barriers only, no point-to-point (rings) and no gloo collective
             assert calls.get("barrier", 0) >= 4 and not calls.get("isend")
             assert not calls.get("all_gather_into_tensor") and not calls.get("reduce_scatter_tensor")
@@ -93,8 +69,8 @@ def _worker(rank: int, world: int, store: str, shm_dir: str, case: str) -> None:
                     raise OSError(28, "No space left on device")
 
                 shm_comm._reserve = full
-            native, _ = _fsdp_weights(rank, world, "native")
-            shared, calls = _fsdp_weights(rank, world, "shm")
+            native, _ = fsdp_toy_weights(rank, world, "native")
+            shared, calls = fsdp_toy_weights(rank, world, "shm")
             assert calls.get("isend", 0) > 0  # every rank fell back to the rings, none hangs
         for a, b in zip(native, shared):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
