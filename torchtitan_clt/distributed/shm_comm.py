@@ -181,7 +181,7 @@ if AllGather is not None:
             dist.barrier(group=self.shared.group)  # every rank's input is in
             rows = self.shared.seg.view(w, w, -1)[:, r]  # [w, n]: chunk r of every rank's input
             out = output_tensor.view(-1)
-            torch.add(rows[0], rows[1], out=out) if w > 1 else out.copy_(rows[0])
+            torch.add(rows[0], rows[1], out=out)  # w >= 2: use_shared_memory_collectives
             for q in range(2, w):
                 out.add_(rows[q])
             if op == dist.ReduceOp.AVG:
@@ -189,16 +189,8 @@ if AllGather is not None:
             return None
 
 
-def _ring_all_gather(output, input, group):
-    ring_comm.ring_all_gather(output, input, group)
-
-
 def _gloo_all_gather(output, input, group):
     return dist.all_gather_into_tensor(output, input, group=group)
-
-
-def _ring_reduce_scatter(output, input, group, op):
-    return ring_comm.RingReduceScatter()(output, input, group, op)
 
 
 def _gloo_reduce_scatter(output, input, group, op):
@@ -214,8 +206,8 @@ def use_shared_memory_collectives(fsdp_module, shard_group, rings: bool = True) 
     if dist.get_backend() != "gloo" or dist.get_world_size(shard_group) < 2:
         return False
     shared = _Shared(shard_group)
-    fsdp_module.set_custom_all_gather(ShmAllGather(shared, _ring_all_gather if rings else _gloo_all_gather))
-    fsdp_module.set_custom_reduce_scatter(
-        ShmReduceScatter(shared, _ring_reduce_scatter if rings else _gloo_reduce_scatter)
-    )
+    gather = ring_comm.RingAllGather() if rings else _gloo_all_gather
+    reduce = ring_comm.RingReduceScatter() if rings else _gloo_reduce_scatter
+    fsdp_module.set_custom_all_gather(ShmAllGather(shared, gather))
+    fsdp_module.set_custom_reduce_scatter(ShmReduceScatter(shared, reduce))
     return True

@@ -42,7 +42,7 @@ from torchtitan_clt.protocols.transcoder import TranscoderOutput
 # Methods run on local shards. forward_std / encode / decode / forward are the entry points;
 # the inner ones are wrapped too so a direct call also works (the swap is re-entrant).
 LOCAL_METHODS = ("forward_std", "encode", "decode", "forward", "pre_acts", "decoder_norms", "decode_std")
-LOCAL_METHODS += ("skip_std",)  # (a model with a skip path: skip_std / skip_partial, see apply_tp)
+LOCAL_METHODS += ("skip_std",)  # with a skip path, apply_tp makes it the sum of skip_partial's shares
 
 
 def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
@@ -189,14 +189,16 @@ def apply_tp(
     split_skip = getattr(model, "W_skip", None) is not None and hasattr(model, "skip_partial")
     if split_skip:
         skip_dim = placement_for("W_skip", plan)
-        partial = _skip_partial_sharded(model, model.skip_std, tp_mesh, skip_dim, model.W_skip.shape[1])
-        model.skip_partial = partial
-        model.skip_std = functools.wraps(partial)(lambda xs: sum_partials(partial(xs), tp_group))
+        model.skip_partial = _skip_partial_sharded(
+            model, model.skip_std, tp_mesh, skip_dim, model.W_skip.shape[1]
+        )
     for name in LOCAL_METHODS:
-        if name == "skip_std" and split_skip:
-            continue  # wrapped above
         fn = getattr(model, name)
-        if name == "decode_std":
+        if name == "skip_std" and split_skip:  # the whole skip path: the ranks' shares summed
+            wrapped = functools.wraps(fn)(
+                lambda xs, part=model.skip_partial: sum_partials(part(xs), tp_group)
+            )
+        elif name == "decode_std":
             wrapped = _decode_std_reduced(model, fn, tp_group, bias_name)
         elif name == "forward_std":
             wrapped = _forward_std_sharded(model, fn, tp_mesh)
