@@ -334,10 +334,12 @@ def step_floor(params, x, k: int, t_opt: float, ceil: dict, dev, reps: int, shap
     w_enc, b_enc, *w_dec, b_dec = params
     n, n_layers, d = x.shape
     with torch.no_grad():
-        h = torch.baddbmm(b_enc.unsqueeze(1), x.transpose(0, 1), w_enc.transpose(1, 2))  # [L, N, F]
-        t_enc = timeit(
-            lambda: torch.baddbmm(b_enc.unsqueeze(1), x.transpose(0, 1), w_enc.transpose(1, 2)), dev, reps
-        )
+
+        def encoder():
+            return torch.baddbmm(b_enc.unsqueeze(1), x.transpose(0, 1), w_enc.transpose(1, 2))  # [L, N, F]
+
+        h = encoder()
+        t_enc = timeit(encoder, dev, reps)
         touched = [
             int(torch.unique(h[s].flatten().topk(k * n).indices % h.shape[-1]).numel())
             for s in range(n_layers)
