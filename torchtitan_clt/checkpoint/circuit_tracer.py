@@ -135,16 +135,33 @@ def thresholds_for_export(model: Transcoder) -> torch.Tensor | None:
     act = model.activation
     if isinstance(act, ReLU):
         return None
+    _warn_if_approximate(act)
+    return _checked(act.feature_thresholds().detach().float().cpu())
+
+
+def _warn_if_approximate(act: torch.nn.Module) -> None:
     if isinstance(act, TopK) or not getattr(act, "jumprelu_equivalent", False):
         warnings.warn(
             f"{type(act).__name__} exported as JumpReLU with its tracked inference threshold: "
             "an approximation (the number of active features per token is no longer fixed).",
-            stacklevel=3,
+            stacklevel=4,
         )
-    theta = act.feature_thresholds().detach().float().cpu()
+
+
+def _checked(theta: torch.Tensor) -> torch.Tensor:
     if bool((theta < 0).any()):
         raise CircuitTracerExportError("negative JumpReLU thresholds cannot be exported.")
     return theta
+
+
+class _StreamedThresholds:
+    """θ of a sharded model, row j computed when ``clt_layers`` / ``plt_layers`` ask for it."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return _checked(self.stream.feature_thresholds(j))
 
 
 def _yaml_dump(config: dict[str, Any]) -> str:
@@ -215,6 +232,25 @@ def export_circuit_tracer(
     ``conversion_options``: more ``to_jumprelu`` arguments (``thresholds``, ``refine_steps``, ...)."""
     calibration = list(calibration or [])
     kind = check_exportable(model, llm_n_layers, require_thresholds=not calibration)
+    from torchtitan_clt.checkpoint.sharded_export import LayerStream, is_sharded, layer_plan
+
+    act = unwrap(model).activation
+    converts = bool(calibration) and isinstance(act, (TopK, BatchTopK))
+    plan = layer_plan(model) if is_sharded(model) and not converts else None
+    if plan is not None:  # one source layer at a time, on every rank; rank 0 writes
+        stream = LayerStream(model, plan)
+        m = stream.model
+        _, report = _convert(m, [], None, {})  # no rows: nothing converted, says so (or None)
+        theta = None
+        if not isinstance(act, ReLU):
+            _warn_if_approximate(act)
+            theta = _StreamedThresholds(stream)
+        try:
+            return _write_folder(
+                folder, kind, m, stream.layer_tensors, theta, llm_n_layers, dtype, m.args.activation, report
+            )
+        finally:
+            stream.release()
     copy = folded_cpu_copy(model)  # fp32, standardization folded, eval mode
     if not is_rank0():
         return None
@@ -222,26 +258,48 @@ def export_circuit_tracer(
     # Pre-activations do not change when folding, so neither do thresholds fitted on them.
     copy, report = _convert(copy, calibration, eval_batches, dict(conversion_options or {}))
     theta = thresholds_for_export(copy)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in (
-        list(folder.glob("W_enc_*.safetensors"))
-        + list(folder.glob("W_dec_*.safetensors"))
-        + list(folder.glob("layer_*.safetensors"))
-    ):
-        stale.unlink()  # a previous export with more layers must not leave files behind
+    tensors = export_layout_of(copy).layer_tensors
+    return _write_folder(folder, kind, copy, tensors, theta, llm_n_layers, dtype, trained, report)
 
-    a = copy.args
-    n_llm = llm_layer_count(copy, llm_n_layers)
+
+def _write_folder(
+    folder: str | Path,
+    kind: str,
+    model: Transcoder,
+    tensors: Any,
+    theta: Any,
+    llm_n_layers: int | None,
+    dtype: torch.dtype,
+    trained: str,
+    report: dict[str, Any] | None,
+) -> Path | None:
+    """The layer files, config.yaml and conversion.json (rank 0 writes; every rank walks the
+    layers, which for a sharded model's ``tensors`` are collective)."""
+    write = is_rank0()
+    folder = Path(folder)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in (
+            list(folder.glob("W_enc_*.safetensors"))
+            + list(folder.glob("W_dec_*.safetensors"))
+            + list(folder.glob("layer_*.safetensors"))
+        ):
+            stale.unlink()  # a previous export with more layers must not leave files behind
+
+    a = model.args
+    n_llm = llm_layer_count(model, llm_n_layers, warn=write)
     with torch.no_grad():
-        tensors = export_layout_of(copy).layer_tensors
         if kind == CLT_KIND:
-            for i, enc, dec in clt_layers(copy, tensors, theta, n_llm, dtype):
-                save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
-                save_file(dec, str(folder / f"W_dec_{i}.safetensors"))
+            for i, enc, dec in clt_layers(model, tensors, theta, n_llm, dtype):
+                if write:
+                    save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
+                    save_file(dec, str(folder / f"W_dec_{i}.safetensors"))
         else:
-            for i, sd in plt_layers(copy, tensors, theta, n_llm, dtype):
-                save_file(sd, str(folder / f"layer_{i}.safetensors"))
+            for i, sd in plt_layers(model, tensors, theta, n_llm, dtype):
+                if write:
+                    save_file(sd, str(folder / f"layer_{i}.safetensors"))
+    if not write:
+        return None
     config = {
         "model_kind": kind,
         "model_name": a.model_name,
@@ -251,7 +309,7 @@ def export_circuit_tracer(
         "exported_by": "torchtitan_clt",
         "trained_activation": trained,
         "dtype": dtype_name(dtype),
-        **(coverage_note(copy, n_llm) or {}),  # layers / uncovered_layers for a subset
+        **(coverage_note(model, n_llm) or {}),  # layers / uncovered_layers for a subset
     }
     (folder / CONFIG_FILE).write_text(_yaml_dump(config))
     stale = folder / CONVERSION_FILE

@@ -1,7 +1,10 @@
 """Native export: ``model.safetensors`` + ``config.json``, standardization folded into the weights.
 
 The exported model takes and gives raw activations (its standardization buffers are identity).
-``load_pretrained(folder)`` rebuilds it for any registered family, in eval mode.
+A model over ``max_file_gb`` is split into ``model-0000i-of-0000N.safetensors`` with
+``model.safetensors.index.json`` (``checkpoint.safetensors_stream``); a sharded (DTensor) model
+is streamed one source layer at a time (``checkpoint.sharded_export``), never gathered whole.
+``load_pretrained(folder)`` rebuilds either layout for any registered family, in eval mode.
 """
 
 from __future__ import annotations
@@ -11,17 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from torchtitan_clt.checkpoint.plain import folded_cpu_copy, is_rank0
+from torchtitan_clt.checkpoint.plain import folded_cpu_copy, is_rank0, unwrap
+from torchtitan_clt.checkpoint.safetensors_stream import (
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    StreamedExport,
+    TensorSpec,
+    weight_files,
+)
 from torchtitan_clt.config.manager import ConfigError, InputError
 from torchtitan_clt.protocols.registry import model_registry
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, dtype_name
 
 FORMAT = "torchtitan_clt.native"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+DEFAULT_MAX_FILE_GB = 5.0  # checkpoint.export_max_file_gb; transformers' default shard size
 
 
 def activation_info(model: Transcoder) -> dict[str, Any]:
@@ -41,19 +51,53 @@ def export_native(
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
     extra_meta: dict[str, Any] | None = None,
+    max_file_gb: float = DEFAULT_MAX_FILE_GB,
 ) -> Path | None:
-    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder on rank 0
-    (None elsewhere: only rank 0 writes, but every rank must call it to gather sharded weights)."""
-    copy = folded_cpu_copy(model)
-    if not is_rank0():
+    """Write the weights (``model.safetensors``, or shards + index past ``max_file_gb``) and
+    ``config.json`` into ``folder``; returns the folder on rank 0 (None elsewhere: only rank 0
+    writes, but every rank must call it when the model is sharded). A sharded model of a family
+    with a per-layer fold is streamed one source layer at a time; any other is copied whole first."""
+    from torchtitan_clt.checkpoint import sharded_export
+
+    max_bytes = int(max_file_gb * 1e9)
+    plan = sharded_export.layer_plan(model) if sharded_export.is_sharded(model) else None
+    if plan is None:
+        copy = folded_cpu_copy(model)
+        if not is_rank0():
+            return None
+        copy.to(dtype)
+        out = _open_weights(folder, copy.state_dict(), dtype, max_bytes)
+        for name, value in copy.state_dict().items():
+            out.write(name, value)
+        out.close()
+        return _write_config(folder, copy, dtype, extra_meta)
+    stream = sharded_export.LayerStream(model, plan)
+    out = _open_weights(folder, stream.state, dtype, max_bytes) if is_rank0() else None
+    for j in range(stream.n_layers):
+        for name, value in stream.layer(j).items():
+            if out is not None:
+                value = value.to(dtype) if value.is_floating_point() else value
+                out.write(name, value, row=None if name in plan.per_source else j)
+    stream.release()
+    if out is None:
         return None
-    copy.to(dtype)
-    args = TranscoderArgs.from_dict(copy.args.to_dict())
+    out.close()
+    return _write_config(folder, unwrap(model), dtype, extra_meta)
+
+
+def _open_weights(folder: str | Path, state: dict, dtype: torch.dtype, max_bytes: int) -> StreamedExport:
+    specs = [
+        TensorSpec(k, dtype if v.is_floating_point() else v.dtype, tuple(v.shape)) for k, v in state.items()
+    ]
+    return StreamedExport(Path(folder), specs, {"format": FORMAT}, max_bytes)
+
+
+def _write_config(
+    folder: str | Path, model: Transcoder, dtype: torch.dtype, extra_meta: dict[str, Any] | None
+) -> Path:
+    args = TranscoderArgs.from_dict(model.args.to_dict())
     args.dtype = dtype_name(dtype)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in copy.state_dict().items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -64,7 +108,7 @@ def export_native(
         "hook_in": args.hook_in,
         "hook_out": args.hook_out,
         "layers": list(args.layers),
-        "activation": activation_info(copy),
+        "activation": activation_info(model),
         "args": args.to_dict(),
         "meta": extra_meta or {},
     }
@@ -85,12 +129,12 @@ def load_pretrained(
         from torchtitan_clt.checkpoint.circuit_tracer import load_circuit_tracer  # a circuit-tracer folder
 
         return load_circuit_tracer(folder, device=device, dtype=dtype)
-    for fname in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / fname).is_file():
-            raise FileNotFoundError(
-                f"{folder / fname} is missing: {folder} is not a complete native export "
-                f"(it needs {CONFIG_FILE} and {WEIGHTS_FILE})."
-            )
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder / CONFIG_FILE} is missing: {folder} is not a complete native export "
+            f"(it needs {CONFIG_FILE} and {WEIGHTS_FILE}, or {INDEX_FILE} and the files it names)."
+        )
+    files = weight_files(folder)
     config = json.loads((folder / CONFIG_FILE).read_text())
     if config.get("format") != FORMAT:
         raise ValueError(
@@ -113,16 +157,20 @@ def load_pretrained(
     with torch.device("meta"):
         model = model_registry.get(args.family).build_fn(args)
     model.to_empty(device=device)
-    model.load_state_dict(_read_weights(folder / WEIGHTS_FILE, model))
+    model.load_state_dict(_read_weights(files, model))
     return model.eval()
 
 
-def _read_weights(file: Path, model: Transcoder) -> dict[str, torch.Tensor]:
-    """The tensors of ``file``, checked against the model its config.json describes."""
-    try:
-        tensors = load_file(str(file))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise InputError(f"{file} does not read ({e}): the export is damaged; export it again.") from e
+def _read_weights(files: list[Path], model: Transcoder) -> dict[str, torch.Tensor]:
+    """The tensors of ``files`` (one file, or the shards an index names), checked against the
+    model its config.json describes."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            tensors.update(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise InputError(f"{path} does not read ({e}): the export is damaged; export it again.") from e
+    file = files[0] if len(files) == 1 else files[0].parent / INDEX_FILE
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(want) - set(tensors))
     extra = sorted(set(tensors) - set(want))

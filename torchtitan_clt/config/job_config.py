@@ -395,6 +395,13 @@ class Checkpoint:
     export_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of exported weights."""
 
+    export_max_file_gb: float = 5.0
+    """Largest safetensors file of the native export, in GB (10^9 bytes; the Hugging Face Hub
+    refuses files over 50 GB). A model under it is one ``model.safetensors``; a bigger one is
+    split between tensors, in the model's order (a CLT's decoder by source layer), into
+    ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json`` (transformers'
+    layout). A single tensor over the cap gets a file of its own."""
+
 
 @dataclass
 class Metrics:
