@@ -1,24 +1,43 @@
 """Shuffle buffer: full refill, shuffle, drain (``passes`` times), so that resume is exact.
 
-A refill pulls whole batches from the loader and extracts them until ``buffer_tokens`` rows are
-held (rounded up to whole batches). Each pass draws a permutation from a seeded CPU generator and
-serves rows in that order; a batch may span two passes or two refills. No row outlives its refill,
-so the state is small: the loader's state at the start of the refill being drained, the generator
-state before the current pass's permutation, the pass index and the read position.
-``load_state_dict`` + the next ``next_batch`` replays that refill (one extra extraction) and
-continues with exactly the rows an uninterrupted run would have served.
+A refill is a sequence of *chunks*, each one extraction batch (``extract(next(loader))``), taken
+until ``buffer_tokens`` rows are held: the capacity is ``buffer_tokens`` rounded up to one chunk.
+Each pass draws a permutation from a seeded CPU generator and serves rows in that order; a batch
+may span two passes or two refills. No row outlives its refill, so the state is small: the loader's
+state at the start of the refill being drained, the generator state before the current pass's
+permutation, the pass index and the read position. ``load_state_dict`` + the next ``next_batch``
+replays that refill (one extra extraction) and continues with exactly the rows an uninterrupted
+run would have served.
+
+Tensor parallelism (``share``, a ``ChunkShare``): the ranks of a group hold the same buffer, but
+each chunk is extracted by one rank only, from its own loader, and broadcast by it to the group
+straight into the buffer's slot, at most ``piece_bytes`` of x (and of y) at a time, so no rank
+ever holds more than its own extraction plus one piece of gathered rows. Chunks are dealt
+round-robin: chunk ``c`` of a refill belongs to rank ``(first + c) % tp``, where ``first`` counts
+the chunks taken from the own loaders since they started (so every rank extracts its share over
+time, and a rank whose turn it is not does not read its loader). The capacity is the same as
+without tensor parallelism. The deal of the refill being drained (``first``) is part of the state,
+so a replay deals it again the same way.
 
 Resume on another number of ranks (``adopt``): every old rank was partway through a refill. The
 new ranks first finish those refills (each is replayed by the ``replay`` callback from its old
-rank's loader state, then served from the saved permutation, pass and position on), and only then
+ranks' loader states, then served from the saved permutation, pass and position on), and only then
 read their own loader, which the caller has set to where the old refills ended (``loader_end`` in
-the state). So no row is skipped or served twice. Adopted refills waiting to be drained are part of
-the state (``queue``), so a resumed run can itself be saved and resumed.
+the state). So no row is skipped or served twice. Under tensor parallelism an adopted refill's
+chunks are dealt from rank 0 (``replay`` is told which ones are this rank's); they give the same
+rows in the same order whichever rank extracts them. Adopted refills waiting to be drained are part
+of the state (``queue``), so a resumed run can itself be saved and resumed.
 
 Prefetch (double buffering): while one refill is drained, a background thread extracts the next
 one into a second pair of tensors (torch ops release the GIL; on CUDA the thread works on its own
 stream). The rows, their order and the saved state are the same as without prefetch: the next
-refill only starts earlier, and a resume recomputes it. It costs a second buffer's memory.
+refill only starts earlier, and a resume recomputes it. It costs a second buffer's memory. Under
+tensor parallelism the broadcasts run on the thread too, over a process group of their own (see
+``ChunkShare``), so they never interleave with the training thread's collectives.
+
+A buffer on the host feeding a CUDA device is pinned (``pin_memory``): ``next_batch(B, device)``
+gathers the batch into one of two pinned staging tensors and copies it asynchronously, so the copy
+overlaps the step.
 """
 
 from __future__ import annotations
@@ -31,14 +50,88 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from torchtitan_clt.config.manager import ConfigError
 
 Extract = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+# replay(origin, (rank, size)) -> (the batches of the chunks c with c % size == rank, extract)
+Replay = Callable[[Any, tuple[int, int]], tuple[Any, Extract]]
+
+PIECE_BYTES = 256 * 2**20
+"""Most bytes of x (and of y) one broadcast of a chunk carries: what a receiving rank holds of
+gathered rows outside its buffer (at clt_8b, 1,024 rows of 32 layers × 4096 in bf16)."""
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FAILED = -1  # a chunk's row count when its owner could not extract it
 
 
 class _Cancelled(Exception):
     """Raised inside a prefetch that is no longer wanted (resume, close)."""
+
+
+class ChunkShare:
+    """How a tensor-parallel group fills its buffers: which rank extracts chunk ``c`` of a refill,
+    and the broadcast of its rows to the others, by pieces of at most ``piece_bytes``.
+
+    ``group``: a process group over the tensor-parallel ranks that nothing but the data uses (its
+    collectives may run on the prefetch thread while the training thread runs its own);
+    ``device``: where its collectives run (the training device: CUDA for NCCL, CPU for gloo)."""
+
+    def __init__(self, group: Any, device: torch.device | str, piece_bytes: int = PIECE_BYTES):
+        self.group, self.device, self.piece_bytes = group, torch.device(device), piece_bytes
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self._stage: torch.Tensor | None = None  # one piece, when the buffer is not on ``device``
+
+    def owner(self, first: int, c: int) -> int:
+        return (first + c) % self.size
+
+    def header(self, owner: int, x: torch.Tensor | None, y: torch.Tensor | None) -> tuple:
+        """``(rows, x row shape, y row shape, x dtype, y dtype)`` of the owner's chunk, on every rank;
+        ``x is None`` on the owner: it failed, and every rank raises."""
+        h = torch.zeros(7, dtype=torch.int64)
+        if self.rank == owner:
+            if x is None or y is None:
+                h[0] = _FAILED
+            else:
+                h = torch.tensor(
+                    [x.shape[0], *x.shape[1:], *y.shape[1:], _DTYPES.index(x.dtype), _DTYPES.index(y.dtype)]
+                )
+        h = h.to(self.device)
+        dist.broadcast(h, group=self.group, group_src=owner)
+        rows, lx, dx, ly, dy, tx, ty = h.tolist()
+        if rows == _FAILED and self.rank != owner:
+            raise RuntimeError(
+                f"Tensor-parallel rank {owner} could not extract its chunk of the activation buffer "
+                "(its own error is in its log); this rank stops with it."
+            )
+        return rows, (lx, dx), (ly, dy), _DTYPES[tx], _DTYPES[ty]
+
+    def rows(self, owner: int, t: torch.Tensor | None, out: torch.Tensor) -> None:
+        """The owner's rows ``t`` (``None`` on the others) into ``out`` (the slot's rows) on every rank."""
+        n = out.shape[0]
+        step = max(1, self.piece_bytes // (out[0].numel() * out.element_size()))
+        if self.rank == owner:
+            assert t is not None
+            out.copy_(t[:n], non_blocking=True)
+            for a in range(0, n, step):
+                dist.broadcast(
+                    t[a : a + step].to(self.device).contiguous(), group=self.group, group_src=owner
+                )
+            return
+        direct = out.device == self.device  # else through one piece on the collectives' device
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            piece = out[a:b] if direct else self._piece(step, out)[: b - a]
+            dist.broadcast(piece, group=self.group, group_src=owner)
+            if not direct:
+                out[a:b].copy_(piece, non_blocking=True)
+
+    def _piece(self, step: int, like: torch.Tensor) -> torch.Tensor:
+        shape = (step, *like.shape[1:])
+        if self._stage is None or tuple(self._stage.shape) != shape or self._stage.dtype != like.dtype:
+            self._stage = torch.empty(shape, dtype=like.dtype, device=self.device)
+        return self._stage
 
 
 @dataclass
@@ -52,6 +145,8 @@ class _Refill:
     loader_end: dict | None = None  # and at its end: where the next refill starts
     adopted: dict | None = None  # the adopted refill this slot holds (None: read from the own loader)
     ready: Any = None  # CUDA event recorded when a prefetch on the side stream finished
+    first: int = 0  # tensor parallelism: the rank that extracted chunk 0
+    chunks: int = 0  # chunks it holds
 
 
 class _Job(threading.Thread):
@@ -86,15 +181,20 @@ class ShuffleBuffer:
         seed: int = 0,
         prefetch: bool = False,
         lock: Any = None,
-        replay: Callable[[Any], tuple[Any, Extract]] | None = None,
+        replay: Replay | None = None,
+        share: ChunkShare | None = None,
+        pin_memory: bool = False,
     ):
         if buffer_tokens < 1 or passes < 1:
             raise ValueError(f"buffer_tokens ({buffer_tokens}) and buffer_passes ({passes}) must be >= 1.")
         self.loader, self.extract = loader, extract
-        # origin of an adopted refill -> (its old rank's loader at the refill's start, extract)
+        # origin of an adopted refill, this rank's chunks -> (their batches, extract)
         self.replay = replay
+        self.share = share
         self.buffer_tokens, self.passes = buffer_tokens, passes
         self.device = torch.device(device)
+        # A host buffer feeding a CUDA device: pinned, so batches and refills copy asynchronously.
+        self.pin_memory = pin_memory and self.device.type == "cpu"
         self.generator = torch.Generator().manual_seed(seed)
         self.prefetch = prefetch
         # Held while a batch is read and extracted: the LLM and tokenizer may be shared (evaluator).
@@ -103,8 +203,16 @@ class ShuffleBuffer:
         self._cur = 0
         self._job: _Job | None = None  # the prefetch in flight, filling the other slot
         self._stop = threading.Event()
-        self._stream = torch.cuda.Stream(self.device) if prefetch and self.device.type == "cuda" else None
-        self._main_stream = torch.cuda.current_stream(self.device) if self._stream is not None else None
+        cuda = self.device.type == "cuda" or self.pin_memory
+        self._stream = (
+            torch.cuda.Stream(self.device if self.device.type == "cuda" else None)
+            if prefetch and cuda
+            else None
+        )
+        self._main_stream = (
+            torch.cuda.current_stream(self._stream.device) if self._stream is not None else None
+        )
+        self._staging: list[list[Any]] = []  # two pinned [x, y, copied event] batches, used in turn
         self._it: Any = None
         self.x: torch.Tensor | None = None  # [N, L, d_in] rows of the refill being drained
         self.y: torch.Tensor | None = None  # [N, L, d_out]
@@ -116,10 +224,16 @@ class ShuffleBuffer:
         self._queue: list[dict] = []  # adopted refills to drain after this one, before the own loader
         self._started = False
         self._gen_state: torch.Tensor | None = None  # generator state before the current permutation
+        self._first = 0  # tensor parallelism: the rank that extracts the next own refill's chunk 0
+        self._cur_first = 0  # and the refill being drained's
         self.pass_idx = 0
         self.pos = 0
         self.refills = 0
         self._replay = False
+
+    def capacity(self, chunk_rows: int) -> int:
+        """Rows a refill of chunks of ``chunk_rows`` holds: ``buffer_tokens`` rounded up to one chunk."""
+        return -(-self.buffer_tokens // chunk_rows) * chunk_rows
 
     # -- filling -------------------------------------------------------------------------------
     def _feed(self, slot: _Refill) -> tuple[Any, Extract]:
@@ -131,48 +245,84 @@ class ShuffleBuffer:
             if self._it is None:
                 self._it = iter(self.loader)
             slot.loader_state = copy.deepcopy(self.loader.state_dict())
+            slot.first = self._first
             return self._it, self.extract
         if self.replay is None:
             raise RuntimeError("This buffer cannot replay adopted refills (no replay callback).")
-        loader, extract = self.replay(adopted["origin"])
-        slot.loader_state = None
+        lane = (self.share.rank, self.share.size) if self.share is not None else (0, 1)
+        loader, extract = self.replay(adopted["origin"], lane)
+        slot.loader_state, slot.first = None, 0
         return iter(loader), extract
 
-    def _fill(self, slot: _Refill, feed: tuple[Any, Extract]) -> None:
-        """Extract the next refill into ``slot`` (on the training thread or the prefetch thread)."""
-        it, extract = feed
-        adopted = slot.adopted
-        filled = 0
-        while filled < self.buffer_tokens:
-            if self._stop.is_set():
-                raise _Cancelled
+    def _chunk(self, it: Any, extract: Extract, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next chunk of this rank's feed; under tensor parallelism a failure stops the group."""
+        try:
             with self._lock:
                 try:
                     batch = next(it)
                 except StopIteration as e:
                     raise RuntimeError("The data stream ended while filling the activation buffer.") from e
-                x, y = extract(batch)
-            # Rounded up to whole extraction batches so no row is wasted; allocated once unless an
-            # adopted refill had another batch size.
-            cap = -(-self.buffer_tokens // x.shape[0]) * x.shape[0]
-            if slot.x is None or (filled == 0 and tuple(slot.x.shape) != (cap, *x.shape[1:])):
-                slot.x = torch.empty((cap, *x.shape[1:]), dtype=x.dtype, device=self.device)
-                slot.y = torch.empty((cap, *y.shape[1:]), dtype=y.dtype, device=self.device)
-                if self._stream is not None:  # allocated on the side stream, read on the main one
-                    slot.x.record_stream(self._main_stream)
-                    slot.y.record_stream(self._main_stream)
-            assert slot.y is not None
-            n = min(x.shape[0], slot.x.shape[0] - filled)
-            slot.x[filled : filled + n] = x[:n].to(self.device, non_blocking=True)
-            slot.y[filled : filled + n] = y[:n].to(self.device, non_blocking=True)
+                return extract(batch)
+        except Exception:
+            if self.share is not None:
+                self.share.header(owner, None, None)  # the others would wait for this chunk forever
+            raise
+
+    def _fill(self, slot: _Refill, feed: tuple[Any, Extract]) -> None:
+        """Extract the next refill into ``slot`` (on the training thread or the prefetch thread)."""
+        it, extract = feed
+        adopted, share = slot.adopted, self.share
+        filled = c = 0
+        from_cuda = False
+        while filled < self.buffer_tokens:
+            if self._stop.is_set():
+                raise _Cancelled
+            owner = share.owner(slot.first, c) if share is not None else 0
+            x = y = None
+            if share is None or owner == share.rank:  # a rank whose turn it is not reads nothing
+                x, y = self._chunk(it, extract, owner)
+            if share is not None:
+                rows, x_row, y_row, x_dtype, y_dtype = share.header(owner, x, y)
+            else:
+                assert x is not None and y is not None
+                rows, x_row, y_row, x_dtype, y_dtype = x.shape[0], x.shape[1:], y.shape[1:], x.dtype, y.dtype
+            # Whole chunks so no row is wasted; allocated once unless an adopted refill had
+            # another chunk size.
+            cap = self.capacity(rows)
+            if slot.x is None or (filled == 0 and tuple(slot.x.shape) != (cap, *x_row)):
+                slot.x = slot.y = None  # the old pair is freed before the new one is allocated
+                slot.x = self._empty((cap, *x_row), x_dtype)
+                slot.y = self._empty((cap, *y_row), y_dtype)
+            assert slot.x is not None and slot.y is not None
+            n = min(rows, slot.x.shape[0] - filled)
+            if share is None:
+                assert x is not None and y is not None
+                slot.x[filled : filled + n].copy_(x[:n], non_blocking=True)
+                slot.y[filled : filled + n].copy_(y[:n], non_blocking=True)
+                from_cuda |= x.device.type == "cuda"
+            else:
+                share.rows(owner, x, slot.x[filled : filled + n])
+                share.rows(owner, y, slot.y[filled : filled + n])
+                from_cuda |= share.device.type == "cuda"
             filled += n
-        slot.rows = filled
+            c += 1
+        if from_cuda and self.device.type == "cpu":  # host rows copied asynchronously must land
+            torch.cuda.current_stream().synchronize()
+        slot.rows, slot.chunks = filled, c
         slot.loader_end = copy.deepcopy(self.loader.state_dict()) if adopted is None else None
+        if adopted is None and share is not None:
+            self._first = share.owner(slot.first, c)
         if adopted is not None and filled != adopted["rows"]:
             raise ConfigError(
                 f"A refill of an old rank replayed to {filled} rows, but it held {adopted['rows']}: "
                 "resume with the data.buffer_tokens, llm_batch_size and seq_len it was saved with."
             )
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin_memory)
+        if self._stream is not None and self.device.type == "cuda":  # allocated on the side stream
+            t.record_stream(self._main_stream)
+        return t
 
     def _produce(self, slot: _Refill, feed: tuple[Any, Extract], after: Any) -> None:
         if self._stream is None:
@@ -195,10 +345,14 @@ class ShuffleBuffer:
         self._job.start()
 
     def _cancel_prefetch(self) -> None:
-        """Stop and discard the prefetch in flight; the loader's iterator is then invalid."""
+        """Stop and discard the prefetch in flight; the loader's iterator is then invalid.
+
+        Under tensor parallelism the refill is finished instead (every rank of the group finishes
+        it, so the broadcasts match up); only its result is discarded."""
         if self._job is None:
             return
-        self._stop.set()
+        if self.share is None:
+            self._stop.set()
         try:
             self._job.result()
         except Exception:  # noqa: BLE001 - the discarded refill's outcome does not matter
@@ -224,7 +378,7 @@ class ShuffleBuffer:
         self._cur = nxt
         slot = self._slots[nxt]
         self.x, self.y, self.rows, self._loader_state = slot.x, slot.y, slot.rows, slot.loader_state
-        self._loader_end, self._adopted = slot.loader_end, slot.adopted
+        self._loader_end, self._adopted, self._cur_first = slot.loader_end, slot.adopted, slot.first
         if slot.adopted is not None:
             self._queue.pop(0)
         self._started = True
@@ -250,55 +404,96 @@ class ShuffleBuffer:
                 self.pos = int(self._adopted["pos"])
 
     def _restore(self) -> None:
-        # Replay the refill being drained when the state was taken, then its permutation.
+        # Replay the refill being drained when the state was taken (dealt as it was), then its
+        # permutation.
         self._replay = False
         assert self._loader_state is not None and self._gen_state is not None
-        pass_idx, pos = self.pass_idx, self.pos
+        pass_idx, pos, first = self.pass_idx, self.pos, self._first
         self._cancel_prefetch()
         self.loader.load_state_dict(self._loader_state)
         self._it = None
+        self._first = first
         self._next_refill()
         self.generator.set_state(self._gen_state)
         self._new_pass(pass_idx)
         self.pos = pos
 
     # -- serving -------------------------------------------------------------------------------
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x [batch_size, L, d_in], y [batch_size, L, d_out])`` in the buffer's dtype."""
+    def next_batch(
+        self, batch_size: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x [batch_size, L, d_in], y [batch_size, L, d_out])`` in the buffer's dtype, on the
+        buffer's device, or on ``device`` (a CUDA one) through pinned memory for a pinned buffer."""
         if self._replay:
             self._restore()
+        staged = self.pin_memory and device is not None and torch.device(device).type == "cuda"
         xs, ys = [], []
-        need = batch_size
-        while need > 0:
+        stage: list[Any] | None = None
+        done = 0
+        while done < batch_size:
             if self._perm is None or self.pos >= self.rows:
                 self._advance()
             assert self._perm is not None and self.x is not None and self.y is not None
-            take = min(need, self.rows - self.pos)
+            take = min(batch_size - done, self.rows - self.pos)
             idx = self._perm[self.pos : self.pos + take]
-            xs.append(self.x[idx])
-            ys.append(self.y[idx])
+            if staged:  # gathered now: the prefetch may refill this slot once the next one starts
+                stage = stage or self._stage(batch_size)
+                torch.index_select(self.x, 0, idx, out=stage[0][done : done + take])
+                torch.index_select(self.y, 0, idx, out=stage[1][done : done + take])
+            else:
+                xs.append(self.x[idx])
+                ys.append(self.y[idx])
             self.pos += take
-            need -= take
+            done += take
+        if stage is not None:
+            x, y = stage[0].to(device, non_blocking=True), stage[1].to(device, non_blocking=True)
+            stage[2] = torch.cuda.Event()
+            stage[2].record()  # the staging is reused once this copy is done
+            return x, y
         if len(xs) == 1:
             return xs[0], ys[0]
         return torch.cat(xs), torch.cat(ys)
+
+    def _stage(self, batch_size: int) -> list[Any]:
+        """The next of two pinned staging batches, once its last copy to the device is done."""
+        assert self.x is not None and self.y is not None
+        shape = (batch_size, *self.x.shape[1:])
+        if not self._staging or tuple(self._staging[0][0].shape) != shape:
+            self._staging = [
+                [
+                    torch.empty(shape, dtype=self.x.dtype, pin_memory=True),
+                    torch.empty((batch_size, *self.y.shape[1:]), dtype=self.y.dtype, pin_memory=True),
+                    None,
+                ]
+                for _ in range(2)
+            ]
+        self._staging.reverse()
+        stage = self._staging[0]
+        if stage[2] is not None:
+            stage[2].synchronize()
+        return stage
 
     def close(self) -> None:
         """Stop the prefetch thread and free both buffers."""
         self._cancel_prefetch()
         self._slots = [_Refill() for _ in self._slots]
         self.x = self.y = None
+        self._staging = []
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Own refill being drained: ``loader`` (its start), ``loader_end``, ``generator``, ``pass_idx``,
         ``pos``, ``rows``; an adopted one: ``origin`` instead of the loader states. ``queue``: the
-        adopted refills after it."""
+        adopted refills after it. Under tensor parallelism ``first``: the rank that extracted the
+        refill's chunk 0 (not started: the next refill's)."""
         queue = copy.deepcopy(self._queue)
         if not self._started:  # nothing served yet
-            return {"started": False, "generator": self.generator.get_state(), "queue": queue}
+            sd = {"started": False, "generator": self.generator.get_state(), "queue": queue}
+            if self.share is not None:
+                sd["first"] = self._first
+            return sd
         assert self._gen_state is not None
-        return {
+        sd = {
             "started": True,
             "loader": copy.deepcopy(self._loader_state),
             "loader_end": copy.deepcopy(self._loader_end),
@@ -310,11 +505,15 @@ class ShuffleBuffer:
             "refills": self.refills,
             "queue": queue,
         }
+        if self.share is not None:
+            sd["first"] = self._cur_first
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self._cancel_prefetch()
         self._queue = copy.deepcopy(sd.get("queue", []))
         self._perm, self._adopted, self._replay, self._it = None, None, False, None
+        self._first = int(sd.get("first", 0))
         if not sd["started"]:
             self.generator.set_state(sd["generator"])
             self._started = False
@@ -322,6 +521,7 @@ class ShuffleBuffer:
         self.refills = int(sd["refills"]) - 1  # the replay counts the refill again
         if sd.get("origin") is not None:  # draining an adopted refill: replay it first, then the queue
             self._queue.insert(0, self.in_flight(sd, None)[0])
+            self._first = 0  # own refills are dealt from rank 0 after adopted ones
             self._started = False
             return
         self._loader_state = copy.deepcopy(sd["loader"])
@@ -365,3 +565,4 @@ class ShuffleBuffer:
         self._queue = [copy.deepcopy(r) for r in refills if self.remaining(r) > 0]
         self._perm, self._adopted, self._replay, self._started, self._it = None, None, False, False, None
         self._loader_state = self._loader_end = self._gen_state = None
+        self._first = 0

@@ -10,17 +10,21 @@ dropped), stored in extraction order. Writer rank ``w`` of ``W`` writes its loca
 ``g // W`` of writer ``g % W``. Each epoch, the blocks are put in a seeded order (or the written
 order with ``data.cache_shuffle = false``) and dealt round-robin over ``data.text_shards`` virtual
 shards (default: the data-parallel ranks of the first run, then fixed); each data-parallel rank
-reads a block of shards round-robin, so every block is read exactly once per epoch.
+reads a block of shards round-robin, so every block is read exactly once per epoch. Under tensor
+parallelism the blocks of a data-parallel rank's sequence are dealt over its TP ranks: TP rank
+``j`` of ``tp`` reads positions ``j, j + tp, ...`` (its *lane*), and the buffer broadcasts each block
+from the rank that read it (``ShuffleBuffer``, ``ChunkShare``), so a block is read once per group.
 ``StatefulDataLoader`` workers read the blocks from memory-mapped shards (``safe_open``) ahead of
 time, and the same full-refill shuffle buffer as the stream source mixes them: with the written
 order, a run from the cache sees exactly the batches a stream run on the same text would see, and
 resume is exact either way. Resume on another number of ranks is exact too, as for the stream
 source: every shard keeps its position, and the new ranks first finish the old ranks' in-flight
-buffer refills (``ShuffleBuffer.adopt``).
+buffer refills (``ShuffleBuffer.adopt``), which they read back by position in the sequence.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -35,8 +39,16 @@ from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.data.buffer import ShuffleBuffer
 from torchtitan_clt.data.cache_layout import FORMAT, META_FILE, shard_path
 from torchtitan_clt.data.llm import model_name
-from torchtitan_clt.data.source import ActivationSource, BufferedSource, SourceContext
+from torchtitan_clt.data.source import (
+    ActivationSource,
+    BufferedSource,
+    SourceContext,
+    _tp_info,
+    buffer_log,
+    chunk_share,
+)
 from torchtitan_clt.data.tokenize import reader_shards
+from torchtitan_clt.tools.dtypes import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +132,8 @@ class CacheBlocks(IterableDataset):
     per epoch). The rank reads its shards (``reader_shards``) round-robin from ``base`` (shard ->
     ``q`` at the start, and the index of the first shard to read): that is its block sequence,
     indexed by ``k``. DataLoader worker ``w`` of ``m`` yields ``k = w, w + m, ...``, so the loader's
-    round-robin over workers serves the sequence in order. The state is the next ``k``.
+    round-robin over workers serves the sequence in order. The state is the next ``k``. With
+    ``lane = (j, tp)`` the loader serves only positions ``j + k * tp`` (``k`` counts those).
     """
 
     def __init__(
@@ -134,8 +147,9 @@ class CacheBlocks(IterableDataset):
         shuffle: bool = True,
         num_shards: int = 0,
         base: dict[str, Any] | None = None,
+        lane: tuple[int, int] = (0, 1),
     ):
-        self.folder, self.meta = Path(folder), meta
+        self.folder, self.meta, self.lane = Path(folder), meta, lane
         self.n_blocks = int(meta["n_blocks"])
         self.num_shards = num_shards or dp_degree
         if self.n_blocks < self.num_shards:  # checked on every rank, so all stop together
@@ -202,7 +216,7 @@ class CacheBlocks(IterableDataset):
         k = self._k if self._k is not None else w
         while True:
             self._k = k + m  # taken after this yield, the state points past the block
-            yield self.read(self.block_at(k))
+            yield self.read(self.block_at(self.lane[0] + k * self.lane[1]))
             k += m
 
     def state_dict(self) -> dict[str, Any]:
@@ -242,13 +256,16 @@ class CacheSource(BufferedSource):
             d.num_workers,
         )
         self.dp_rank, self.dp_degree = ctx.dp_rank, ctx.dp_degree
+        self.lane = _tp_info(ctx.tp_group)  # this TP rank's share of the blocks
         if d.text_shards < 0:
             raise ConfigError(
                 f"data.text_shards = {d.text_shards}: give a positive number, or 0 for the default."
             )
         self._asked_shards = d.text_shards
         self._set_shards(d.text_shards or ctx.dp_degree)
-        self.blocks, self.loader = self._block_loader(ctx.dp_rank, ctx.dp_degree, d.num_workers, None)
+        self.blocks, self.loader = self._block_loader(
+            ctx.dp_rank, ctx.dp_degree, d.num_workers, None, self.lane
+        )
         buffer_device = self.device if d.buffer_device == "auto" else torch.device(d.buffer_device)
         self.buffer = ShuffleBuffer(
             self.loader,
@@ -259,9 +276,12 @@ class CacheSource(BufferedSource):
             ctx.seed,
             d.prefetch,
             replay=self._replay,
+            share=chunk_share(ctx, self.device),
+            pin_memory=self.device.type == "cuda",
         )
+        row_bytes = self.n_layers * (self.d_in + self.d_out) * DTYPES[meta["dtype"]].itemsize
         logger.info(
-            "cache source: %s (%s, %d blocks of %d rows), layers %s, %s -> %s, %s order",
+            "cache source: %s (%s, %d blocks of %d rows), layers %s, %s -> %s, %s order, %s",
             self.folder,
             self.model_name,
             self.blocks.n_blocks,
@@ -270,13 +290,19 @@ class CacheSource(BufferedSource):
             self.hook_in,
             self.hook_out,
             "seeded" if d.cache_shuffle else "written",
+            buffer_log(self.buffer, int(meta["block_rows"]), row_bytes),
         )
 
     def _set_shards(self, shards: int) -> None:
         self.num_shards = self._checked_shards(shards, self.dp_degree, "block order", "data-parallel rank")
 
     def _block_loader(
-        self, reader: int, readers: int, workers: int, base: dict[str, Any] | None
+        self,
+        reader: int,
+        readers: int,
+        workers: int,
+        base: dict[str, Any] | None,
+        lane: tuple[int, int] = (0, 1),
     ) -> tuple[CacheBlocks, StatefulDataLoader]:
         blocks = CacheBlocks(
             self.folder,
@@ -288,6 +314,7 @@ class CacheSource(BufferedSource):
             self.shuffle,
             self.num_shards,
             base,
+            lane,
         )
         loader = StatefulDataLoader(
             blocks, batch_size=None, num_workers=workers, prefetch_factor=4 if workers > 0 else None
@@ -295,14 +322,23 @@ class CacheSource(BufferedSource):
         return blocks, loader
 
     def _reset_loader(self, base: dict[str, Any] | None) -> None:
-        self.blocks, self.loader = self._block_loader(self.dp_rank, self.dp_degree, self.num_workers, base)
+        self.blocks, self.loader = self._block_loader(
+            self.dp_rank, self.dp_degree, self.num_workers, base, self.lane
+        )
         self.buffer.loader = self.loader
 
-    def _replay(self, origin: dict[str, Any]) -> tuple[Any, Any]:
-        """An old rank's refill: its loader from the saved state."""
-        _, loader = self._block_loader(origin["reader"], origin["readers"], origin["workers"], origin["base"])
-        loader.load_state_dict(origin["loader"])
-        return loader, _as_rows
+    def _replay(self, origin: dict[str, Any], lane: tuple[int, int]) -> tuple[Any, Any]:
+        """An old data-parallel rank's refill: the blocks of its sequence from the refill's start
+        (``start``, or where its loader state was), of those the ``c``-th with ``c % lane[1] ==
+        lane[0]``, read by position (the others are not read)."""
+        blocks, _ = self._block_loader(origin["reader"], origin["readers"], 0, origin["base"])
+        start = int(origin["start"]) if "start" in origin else min(_ks(origin["loader"]))
+
+        def read():
+            for c in itertools.count(lane[0], lane[1]):
+                yield blocks.read(blocks.block_at(start + c))
+
+        return read(), _as_rows
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -313,11 +349,19 @@ class CacheSource(BufferedSource):
             "workers": self.num_workers,
             "base": self.blocks.base,
         }
+        if self.lane[1] > 1:
+            sd["blocks"]["lane"] = list(self.lane)
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self._check_describe(sd.get("describe"))
         if "blocks" in sd:  # else written before shards: one per rank, from the beginning
+            lane = tuple(sd["blocks"].get("lane", (0, 1)))
+            if lane != self.lane:
+                raise ConfigError(
+                    f"This rank's cache position was saved by TP rank {lane[0]} of {lane[1]}, but it is "
+                    f"TP rank {self.lane[0]} of {self.lane[1]} now: resume on the mesh it was saved on."
+                )
             self._set_shards(int(sd["blocks"]["shards"]))
             self._reset_loader(sd["blocks"]["base"])
         self.buffer.load_state_dict(sd["buffer"])
@@ -337,15 +381,25 @@ class CacheSource(BufferedSource):
                 f"the {len(sds)} ranks that saved it, or start fresh."
             )
         self._set_shards(int(sds[0]["blocks"]["shards"]))
-        readers = {int(sd["blocks"]["reader"]): sd for sd in reversed(sds)}  # one per data-parallel rank
+        groups: dict[int, list[dict[str, Any]]] = {}  # the TP ranks of each old data-parallel rank
+        for sd in sds:
+            groups.setdefault(int(sd["blocks"]["reader"]), []).append(sd)
         q: dict[int, int] = {}
         refills = []
-        for reader in sorted(readers):
-            sd = readers[reader]
+        for reader in sorted(groups):
+            members = sorted(groups[reader], key=lambda m: m["blocks"].get("lane", (0, 1))[0])
+            tp = int(members[0]["blocks"].get("lane", (0, 1))[1])
+            if tp > 1 and len(members) != tp:
+                raise ConfigError(
+                    f"The checkpoint holds {len(members)} of the {tp} cache states of TP group {reader}."
+                )
+            members = members[:tp]  # saved before lanes: every TP rank held the same state
+            sd = members[0]
             blk, buf = sd["blocks"], sd["buffer"]
             old, _ = self._block_loader(reader, int(blk["readers"]), 0, blk["base"])
             if buf["started"] and buf.get("origin") is None:  # its shards go on from the refill's end
-                q.update(old.positions_at(min(_ks(buf["loader_end"]))))
+                # Blocks are dealt round-robin over the lanes: the group read the first (sum) of its sequence.
+                q.update(old.positions_at(sum(min(_ks(m["buffer"]["loader_end"])) for m in members)))
             else:  # nothing read, or an adopted refill being drained: the own shards did not move
                 q.update({int(s): int(v) for s, v in blk["base"]["q"].items()})
             if reader % self.dp_degree == self.dp_rank:
@@ -356,6 +410,8 @@ class CacheSource(BufferedSource):
                     "base": blk["base"],
                     "loader": buf.get("loader"),
                 }
+                if tp > 1 and buf["started"] and buf.get("origin") is None:
+                    own["start"] = sum(min(_ks(m["buffer"]["loader"])) for m in members)
                 refills += ShuffleBuffer.in_flight(buf, own)
         mine = reader_shards(self.dp_rank, self.dp_degree, self.num_shards)
         self._reset_loader({"q": {s: q.get(s, 0) for s in mine}, "next": 0})

@@ -6,20 +6,25 @@ registered by name in ``data_source_registry`` (see ``torchtitan_clt/data/__init
 
 Tensor parallelism: every rank of a TP group must train on the same batch, but no context should be
 run through the LLM twice. So each TP rank reads its own share of the text (the text is sharded
-over ``dp_degree × tp`` readers), extracts it, and the group all-gathers the rows before they enter
-the buffer; the buffers are then equal on every TP rank (same rows, same shuffling seed).
+over ``dp_degree × tp`` readers), and the group's buffer refills are dealt out chunk by chunk: a
+chunk (one LLM batch) is read and extracted by one rank, from its own reader, and broadcast by
+pieces straight into every rank's buffer (``ShuffleBuffer``, ``ChunkShare``), over a process group
+of the data's own so that the prefetch thread can run it. The buffers are then equal on every TP
+rank (same rows, same shuffling seed) and hold ``buffer_tokens`` rounded up to one chunk, as
+without TP; no rank holds more gathered rows than one piece.
 
 Resume on another number of ranks keeps every context exactly once. The text is split into
 ``data.text_shards`` virtual shards, fixed for the run, each with its own position (``tokenize.py``);
 the readers share them out. Each old rank was partway through a buffer refill: the new data-parallel
 rank ``d`` adopts the in-flight refills of the old data-parallel groups ``g`` with ``g % new_dp ==
-d``, replays each from its old readers' loader states (all of an old TP group's readers, without
-the all-gather, so a TP group can change size) and serves its remaining rows, then reads its own
-shards from where the old refills ended.
+d``, replays each from its old readers' loader states (the chunks in the order the old group dealt
+them, each read from the old reader that extracted it, so a TP group can change size) and serves
+its remaining rows, then reads its own shards from where the old refills ended.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.data.buffer import ShuffleBuffer
+from torchtitan_clt.data.buffer import ChunkShare, ShuffleBuffer
 from torchtitan_clt.data.hooks import check_layers, d_model, family, n_layers
 from torchtitan_clt.data.llm import model_name
 from torchtitan_clt.data.pipeline import LLMHandle, load_llm_handle, token_loader
@@ -47,6 +52,10 @@ class SourceContext:
     """Number of data-parallel ranks."""
     tp_group: Any = None
     """Tensor-parallel process group (ranks that must see the same batches), or None."""
+    data_group: Any = None
+    """A process group over ``tp_group``'s ranks that only the data uses (its broadcasts may run on
+    the prefetch thread). None: the source creates one with ``data_group``, a collective over the
+    world (every rank must then build its source at the same time)."""
     seed: int = 0
     """Seed of the shuffling / synthetic data."""
 
@@ -103,11 +112,38 @@ def _tp_info(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def data_group(tp_group: Any) -> Any:
+    """A new process group over ``tp_group``'s ranks. ``new_group`` must be called by every rank of
+    the world for every group, in the same order: each rank's TP ranks are gathered first."""
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, dist.get_process_group_ranks(tp_group))
+    groups = sorted({tuple(sorted(r)) for r in every})
+    mine, _ = dist.new_subgroups_by_enumeration([list(g) for g in groups])
+    return mine
+
+
+def chunk_share(ctx: SourceContext, device: torch.device) -> ChunkShare | None:
+    """How the TP group shares its buffer refills (None without TP)."""
+    if _tp_info(ctx.tp_group)[1] == 1:
+        return None
+    return ChunkShare(ctx.data_group if ctx.data_group is not None else data_group(ctx.tp_group), device)
+
+
+def buffer_log(buffer: ShuffleBuffer, chunk_rows: int, row_bytes: int) -> str:
+    """What a buffer really holds: rows allocated per slot, GiB in all, slots, where, pinned."""
+    rows, slots = buffer.capacity(chunk_rows), 2 if buffer.prefetch else 1
+    return (
+        f"buffer {rows} rows × {slots} slot{'s' if slots > 1 else ''} ({rows * row_bytes * slots / 2**30:.2f} "
+        f"GiB on {buffer.device}{', pinned' if buffer.pin_memory else ''}; {buffer.buffer_tokens} asked, "
+        f"chunks of {chunk_rows}), prefetch {'on' if buffer.prefetch else 'off'}"
+    )
+
+
 class BufferedSource(ActivationSource):
     """A source whose rows come out of a ``ShuffleBuffer`` (``self.buffer``): batching and state."""
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.buffer.next_batch(batch_size)
+        x, y = self.buffer.next_batch(batch_size, self.device)
         return x.to(self.device, torch.float32), y.to(self.device, torch.float32)
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,7 +214,6 @@ class StreamSource(BufferedSource):
         llm_dtype = next(llm.model.parameters()).dtype
         self.extractor = llm.extractor(d.hook_in, d.hook_out, self.layers, llm_dtype)
         buffer_device = self.device if d.buffer_device == "auto" else torch.device(d.buffer_device)
-        prefetch = d.prefetch and self.tp_size == 1  # the TP all-gather must stay on the main thread
         self.buffer = ShuffleBuffer(
             self.loader,
             self._extract,
@@ -186,31 +221,24 @@ class StreamSource(BufferedSource):
             d.buffer_passes,
             buffer_device,
             ctx.seed,
-            prefetch,
+            d.prefetch,
             llm.lock,  # held while the buffer tokenizes and extracts, possibly on the prefetch thread
             replay=self._replay,
+            share=chunk_share(ctx, self.device),
+            pin_memory=self.device.type == "cuda",
         )
-        rows = d.buffer_tokens * self.n_layers * (self.d_in + self.d_out) * llm_dtype.itemsize
+        row_bytes = self.n_layers * (self.d_in + self.d_out) * llm_dtype.itemsize
         logger.info(
-            "stream source: %s, layers %s, %s -> %s, buffer %d rows (%.2f GiB on %s, prefetch %s)",
+            "stream source: %s, layers %s, %s -> %s, %s",
             self.model_name,
             self.layers,
             self.hook_in,
             self.hook_out,
-            d.buffer_tokens,
-            rows / 2**30 * (2 if prefetch else 1),
-            buffer_device,
-            "on" if prefetch else "off",
+            buffer_log(self.buffer, d.llm_batch_size * (d.seq_len - 1), row_bytes),
         )
 
     def _extract(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.extractor(tokens)  # [B*(T-1), L, d] each
-        if self.tp_size > 1:
-            x, y = (
-                _all_gather_rows(x, self.tp_group, self.tp_size),
-                _all_gather_rows(y, self.tp_group, self.tp_size),
-            )
-        return x, y
+        return self.extractor(tokens)  # [B*(T-1), L, d] each
 
     # -- text shards and loaders ----------------------------------------------------------------
     def _set_text_shards(self, shards: int) -> None:
@@ -235,20 +263,28 @@ class StreamSource(BufferedSource):
         self.loader.dataset.start = dict(self._start)
         self.buffer.loader = self.loader
 
-    def _replay(self, origin: list[dict[str, Any]]) -> tuple[Any, Any]:
-        """An old data-parallel group's refill: its readers' loaders from the saved states, zipped,
-        and their rows concatenated in TP-rank order (what the group's all-gather gave)."""
+    def _replay(self, origin: list[dict[str, Any]], lane: tuple[int, int]) -> tuple[Any, Any]:
+        """An old data-parallel group's refill: its readers' loaders from the saved states, read in
+        the order the group dealt its chunks (chunk ``c`` from reader ``(first + c) % tp``, TP-rank
+        order); of those, the chunks ``c`` with ``c % lane[1] == lane[0]``."""
         loaders = []
         for o in origin:
             dl = self._token_loader(o["reader"], o["readers"], o["workers"])
             dl.load_state_dict(o["loader"])
             loaders.append(dl)
+        first = int(origin[0].get("first", 0))
 
-        def extract(batches: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-            xs, ys = zip(*(self.extractor(b) for b in batches))
-            return torch.cat(xs), torch.cat(ys)
+        def chunks():
+            its = [iter(dl) for dl in loaders]
+            for c in itertools.count():
+                try:
+                    batch = next(its[(first + c) % len(its)])
+                except StopIteration:
+                    return
+                if c % lane[1] == lane[0]:  # the others' chunks are only tokenized, to skip them
+                    yield batch
 
-        return zip(*loaders), extract
+        return chunks(), self._extract
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -320,6 +356,9 @@ class StreamSource(BufferedSource):
                 }
                 for m in members
             ]
+            if len(members) > 1:  # how the group dealt its refill's chunks over its readers
+                for o in own:
+                    o["first"] = int(members[0]["buffer"].get("first", 0))
             if g % self.dp_degree == self.dp_rank:
                 refills += ShuffleBuffer.in_flight(members[0]["buffer"], own)
         self._reset_loader({s: v for s, v in start.items() if s in self._own_shards()})
@@ -333,12 +372,6 @@ class StreamSource(BufferedSource):
         self.buffer.close()
         self.buffer._it = None
         self.llm = self.extractor = None  # type: ignore[assignment]
-
-
-def _all_gather_rows(t: torch.Tensor, group: Any, size: int) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
 
 
 def build_stream_source(job_config: Any, ctx: SourceContext) -> ActivationSource:
