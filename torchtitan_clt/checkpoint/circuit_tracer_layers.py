@@ -96,6 +96,7 @@ def clt_layers(
             enc[f"W_skip_{i}"] = t(w_skip)
         if theta is not None:
             enc[f"threshold_{i}"] = th
+        w = src = w_skip = None  # layer j's tensors must not outlive the next one's gather (sharded_export)
         yield i, enc, {f"W_dec_{i}": w_dec.contiguous()}
 
 
@@ -122,6 +123,7 @@ def plt_layers(
             sd["W_skip"] = t(w_skip.T)
         if theta is not None:
             sd["activation_function.threshold"] = th
+        w = w_skip = None  # as in clt_layers
         yield i, sd
 
 

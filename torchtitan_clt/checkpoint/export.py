@@ -74,15 +74,21 @@ def export_native(
     stream = sharded_export.LayerStream(model, plan)
     out = _open_weights(folder, stream.state, dtype, max_bytes) if is_rank0() else None
     for j in range(stream.n_layers):
-        for name, value in stream.layer(j).items():
-            if out is not None:
-                value = value.to(dtype) if value.is_floating_point() else value
-                out.write(name, value, row=None if name in plan.per_source else j)
+        layer = stream.layer(j)
+        if out is not None:
+            _write_layer(out, layer, j, plan.per_source, dtype)
+        del layer  # nothing of layer j may outlive the gather of layer j + 1
     stream.release()
     if out is None:
         return None
     out.close()
     return _write_config(folder, unwrap(model), dtype, extra_meta)
+
+
+def _write_layer(out: StreamedExport, layer: dict, j: int, whole: tuple[str, ...], dtype: torch.dtype) -> None:
+    for name, value in layer.items():
+        value = value.to(dtype) if value.is_floating_point() else value
+        out.write(name, value, row=None if name in whole else j)
 
 
 def _open_weights(folder: str | Path, state: dict, dtype: torch.dtype, max_bytes: int) -> StreamedExport:

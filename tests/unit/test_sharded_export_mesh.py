@@ -1,0 +1,190 @@
+"""The end of a run from the sharded model, on 4 gloo CPU ranks (tp=4, and dp_shard 2 × tp 2 with
+FSDP2): the native and circuit-tracer exports streamed one source layer at a time equal, byte for
+byte, what today's path writes (the model gathered whole onto rank 0 with ``gather_plain_model``,
+folded, ``save_file``), and no rank holds more than one source layer of gathered weights at once.
+
+The reference is independent of the code under test: safetensors' own ``save_file`` on the
+gathered copy, and circuit-tracer's exporter on that copy. The bound is measured by a spy on the
+two gather functions (``sharded_export.gather_row`` / ``gather_whole``): every gathered tensor's
+bytes count until the tensor is freed (``weakref.finalize``), and the peak over the export must not
+exceed the largest source layer (``layer_bytes``) — far below the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_args
+
+L, D, F = 6, 8, 16
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _reference_model(family: str, in_mean_zero: bool):
+    """The trained-like one-process model: perturbed weights and thresholds, skip path, and
+    standardization (scales and output means; input means zero or not)."""
+    from torchtitan_clt.protocols import model_registry
+
+    args = tiny_args(family, "jumprelu", L=L, d=D, F=F, skip_connection=True, model_name="tiny")
+    m = model_registry.get(family).build_fn(args)
+    m.init_weights(3)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    in_mean = torch.zeros(L, D) if in_mean_zero else torch.randn(L, D, generator=g)
+    m.set_standardization(
+        in_mean,
+        torch.rand(L, D, generator=g) + 0.5,
+        torch.randn(L, D, generator=g),
+        torch.rand(L, D, generator=g) + 0.5,
+    )
+    return args, m
+
+
+def _todays_native(plain, folder: Path, dtype: torch.dtype) -> None:
+    """What ``export_native`` wrote before this change: the folded copy through ``save_file``."""
+    from safetensors.torch import save_file
+
+    from torchtitan_clt.checkpoint.export import FORMAT
+    from torchtitan_clt.checkpoint.plain import folded_cpu_copy
+
+    copy = folded_cpu_copy(plain)
+    copy.to(dtype)
+    folder.mkdir(parents=True)
+    tensors = {k: v.detach().contiguous() for k, v in copy.state_dict().items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+
+
+def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from torchtitan_clt.checkpoint import sharded_export as se
+    from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
+    from torchtitan_clt.checkpoint.export import export_native
+    from torchtitan_clt.distributed.fsdp import apply_fsdp
+    from torchtitan_clt.distributed.tensor_parallel import apply_tp
+    from torchtitan_clt.models.common import copy_full_
+    from torchtitan_clt.protocols import model_registry
+    from torchtitan_clt.trainer.finish import gather_plain_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
+    tmp = Path(tmp)
+    live, peak = [0], [0]
+
+    def spy(fn):
+        def gathered(*a):
+            t = fn(*a)
+            n = t.numel() * t.element_size()
+            live[0] += n
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - n))
+            return t
+
+        return gathered
+
+    se.gather_row, se.gather_whole = spy(se.gather_row), spy(se.gather_whole)
+    try:
+        if layout == "tp4":
+            mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+        else:
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        report = {}
+        for family in ("clt", "plt"):
+            spec = model_registry.get(family)
+            for in_mean_zero in (True, False):
+                args, ref = _reference_model(family, in_mean_zero)
+                with torch.device("meta"):
+                    model = spec.build_fn(args)
+                apply_tp(model, mesh["tp"], spec.tp_plan)
+                if layout != "tp4":
+                    apply_fsdp(model, mesh["dp"], None)
+                model.to_empty(device="cpu")
+                with torch.no_grad():
+                    params = dict(model.named_parameters())
+                    for name, p in ref.state_dict().items():
+                        if name in params:
+                            copy_full_(params[name], p)
+                        else:
+                            model.get_buffer(name).copy_(p)
+                assert all(isinstance(p, DTensor) for p in model.parameters())
+                case = f"{family}_{'mean0' if in_mean_zero else 'mean'}"
+                out = tmp / str(rank) / case
+                peak[0] = live[0] = 0
+                export_native(model, out / "export", dtype=torch.float32, extra_meta={"step": 5})
+                export_native(model, out / "export_bf16_sharded", dtype=torch.bfloat16, max_file_gb=2e-6)
+                export_circuit_tracer(model, out / "circuit_tracer")
+                plan = se.layer_plan(model)
+                bound = max(se.layer_bytes(model, plan, j) for j in range(L))
+                whole = sum(v.numel() * v.element_size() for v in ref.state_dict().values())
+                report[case] = {"peak": peak[0], "bound": bound, "whole": whole, "live_after": live[0]}
+                # today's path: the whole model gathered onto rank 0, then exported
+                plain = gather_plain_model(model, spec, args, world)
+                if rank == 0:
+                    ref_dir = tmp / "ref" / case
+                    _todays_native(plain, ref_dir / "export", torch.float32)
+                    export_native(
+                        plain, ref_dir / "export_bf16_sharded", dtype=torch.bfloat16, max_file_gb=2e-6
+                    )
+                    export_circuit_tracer(plain, ref_dir / "circuit_tracer")
+                    export_native(
+                        plain, ref_dir / "export_new_plain", dtype=torch.float32, extra_meta={"step": 5}
+                    )
+                dist.barrier()
+        (tmp / f"report{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp4", "dp2_tp2"])
+def test_streamed_exports_equal_the_gathered_ones_and_hold_one_layer(tmp_path, layout):
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from torchtitan_clt.checkpoint.export import load_pretrained
+
+    mp.start_processes(_worker, args=(4, str(tmp_path), layout), nprocs=4, join=True, start_method="fork")
+    for case in ("clt_mean0", "clt_mean", "plt_mean0", "plt_mean"):
+        got, want = tmp_path / "0" / case, tmp_path / "ref" / case
+        exact = case.endswith("mean0")
+        # circuit-tracer: one file per layer already, each equal to the gathered export's
+        g, w = _files(got / "circuit_tracer"), _files(want / "circuit_tracer")
+        assert g.keys() == w.keys()
+        # native, one file: today's bytes (the config as the plain path writes it)
+        assert _files(got / "export")["config.json"] == _files(want / "export_new_plain")["config.json"]
+        gs, ws = _files(got / "export_bf16_sharded"), _files(want / "export_bf16_sharded")
+        assert gs.keys() == ws.keys() and "model.safetensors.index.json" in gs and len(gs) > 4, sorted(gs)
+        if exact:
+            assert g == w, [k for k in g if g[k] != w[k]]
+            assert _files(got / "export")["model.safetensors"] == _files(want / "export")["model.safetensors"]
+            assert gs == ws, [k for k in gs if gs[k] != ws[k]]
+        else:  # b_enc / b_dec's sums over d_in: per layer vs batched, last-bit rounding at most
+            a = load_file(str(got / "export" / "model.safetensors"))
+            b = load_file(str(want / "export" / "model.safetensors"))
+            for k in b:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+                if k not in ("b_enc", "b_dec"):
+                    assert torch.equal(a[k], b[k]), k
+        x = torch.randn(5, L, D)
+        torch.testing.assert_close(
+            load_pretrained(got / "export_bf16_sharded")(x),
+            load_pretrained(want / "export_bf16_sharded")(x),
+            rtol=0,
+            atol=0 if exact else 1e-2,
+        )
+    for rank in range(4):
+        for case, r in json.loads((tmp_path / f"report{rank}.json").read_text()).items():
+            assert 0 < r["peak"] <= r["bound"], (rank, case, r)
+            assert r["whole"] > 3 * r["bound"], r  # the bound is a real one: the model is far bigger
+            assert r["live_after"] == 0, r  # nothing gathered outlives the export
