@@ -78,8 +78,9 @@ class ChunkShare:
     collectives may run on the prefetch thread while the training thread runs its own);
     ``device``: where its collectives run (the training device: CUDA for NCCL, CPU for gloo)."""
 
-    def __init__(self, group: Any, device: torch.device | str, piece_bytes: int = PIECE_BYTES):
-        self.group, self.device, self.piece_bytes = group, torch.device(device), piece_bytes
+    def __init__(self, group: Any, device: torch.device | str, piece_bytes: int | None = None):
+        self.group, self.device = group, torch.device(device)
+        self.piece_bytes = piece_bytes or PIECE_BYTES
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self._stage: torch.Tensor | None = None  # one piece, when the buffer is not on ``device``
 

@@ -74,11 +74,18 @@ def make_run_folder(cfg: JobConfig, rank: int) -> Path:
 
 def build_source(cfg: JobConfig, build_fn: Callable[..., Any], pd: ParallelDims, device: torch.device) -> Any:
     tp_mesh = pd.get_optional_mesh("tp")
+    data_group = None
+    if tp_mesh is not None and pd.world_mesh is not None:
+        # The data's own group per TP group (its broadcasts run on the prefetch thread), created by
+        # every rank for every TP group in the same order, as new_group requires.
+        tp_groups = pd.world_mesh.mesh.reshape(-1, pd.tp).tolist()
+        data_group, _ = torch.distributed.new_subgroups_by_enumeration(tp_groups)
     ctx = SourceContext(
         device=device,
         dp_rank=pd.dp_rank,
         dp_degree=pd.dp_degree,
         tp_group=tp_mesh.get_group() if tp_mesh is not None else None,
+        data_group=data_group,
         seed=cfg.job.seed,
     )
     source = build_fn(cfg, ctx)
