@@ -4,8 +4,9 @@ A window is ``[BOS, t_1, ..., t_{seq_len-1}]``: BOS (the tokenizer's, or EOS whe
 then the next tokens of the document stream, each document followed by EOS. A document longer
 than a window continues in the next window (after that window's BOS).
 
-The text is split into ``num_shards`` *virtual shards* (``text.shard_of``), each packed on its own,
-so a shard's windows do not depend on who reads it. Reader ``r`` of ``R`` (data-parallel ×
+The text is split into ``num_shards`` *virtual shards* (``text.py``: by global document index, or
+a Hugging Face stream by its files), each packed on its own, so a shard's windows do not depend on
+who reads it. Reader ``r`` of ``R`` (data-parallel ×
 tensor-parallel ranks) owns a contiguous block of shards (``reader_shards``), its DataLoader workers
 split them, and a worker yields windows round-robin over its shards. The state is one position per
 shard, so a run can resume on another reader count with every shard where it stopped (the number of
