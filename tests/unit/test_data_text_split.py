@@ -302,3 +302,33 @@ def test_jsonl_files_keep_the_global_layout(tmp_path):
     for _ in range(100):
         next(it)
     assert a.state_dict()["index"] == 201 and "layout" not in a.state_dict()  # a global position
+
+
+def _as_old_writer(sd):
+    """``sd`` as the code before the files layout wrote it: text positions without layout keys."""
+    if isinstance(sd, dict):
+        if sd.get("layout") == "files":
+            return {k: sd[k] for k in ("epoch", "index", "shard", "num_shards", "held_out")}
+        return {k: _as_old_writer(v) for k, v in sd.items()}
+    if isinstance(sd, list):
+        return [_as_old_writer(v) for v in sd]
+    return sd
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_stream_source_refuses_an_old_hub_checkpoint(numbered_hub, llm, prefetch):
+    cfg = rr._cfg(HUB, text_shards=2, prefetch=prefetch)
+    (src,) = rr._ranks(cfg, llm, 1)
+    for _ in range(3):
+        src.next_batch(50)
+    sd = src.state_dict()
+    src.close()
+    (same,) = rr._ranks(cfg, llm, 1)
+    same.load_state_dict(sd)  # today's state resumes
+    same.next_batch(50)
+    same.close()
+    (old,) = rr._ranks(cfg, llm, 1)
+    old.load_state_dict(_as_old_writer(sd))
+    with pytest.raises(ConfigError, match="older torchtitan_clt.*fresh_start"):
+        old.next_batch(50)
+    old.close()
