@@ -1,5 +1,7 @@
-"""Push a run to the Hugging Face Hub in one commit: native export, circuit-tracer and SAELens
-folders when present, the report and a generated model card (README.md).
+"""Push a run to the Hugging Face Hub in one commit: native export (one ``model.safetensors``, or
+every ``model-*-of-*.safetensors`` shard and ``model.safetensors.index.json`` of an export over
+``checkpoint.export_max_file_gb``), circuit-tracer and SAELens folders when present, the report
+and a generated model card (README.md).
 
   .venv/bin/python scripts/push_to_hub.py outputs/<job> --repo org/name --dry-run   # show the commit
   .venv/bin/python scripts/push_to_hub.py outputs/<job> --repo org/name [--private] [--revision BRANCH]

@@ -4,6 +4,7 @@ the push script's planned commit (files, model card) checked with ``HfApi`` mock
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -308,3 +309,44 @@ def test_push_errors(tmp_path, fake_api, monkeypatch):
     with pytest.raises(HubError, match="could not reach the Hub.*nothing was uploaded"):
         push_run(run, REPO)
     assert "create_commit" not in [c[0] for c in fake_api.calls]
+
+
+def test_sharded_export_is_planned_and_loaded_from_the_cache(tmp_path):
+    """A native export over the file cap: every shard and the index are in the commit, and
+    ``load_pretrained`` through the real ``snapshot_download`` (offline, from the cache) fetches
+    them all and rebuilds the model."""
+    run = tmp_path / "run"
+    m = make_run(run)
+    for p in (run / "export").iterdir():
+        p.unlink()
+    export_native(m, run / "export", extra_meta={"step": 40}, max_file_gb=1e-6)
+    shards = sorted(p.name for p in (run / "export").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    files = {f.path_in_repo: f.content or f.source.read_bytes() for f in plan_upload(run, REPO)}
+    assert {*shards, "model.safetensors.index.json", "config.json"} <= set(files)
+    assert "model.safetensors" not in files
+    # what download asks snapshot_download for (online it fetches only these patterns)
+    assert all(
+        any(fnmatch.fnmatch(n, p) for p in hub.LOADABLE_FILES)
+        for n in [*shards, "model.safetensors.index.json"]
+    )
+    cache = tmp_path / "cache"
+    write_hf_cache(cache, REPO, C1, files, ("main",))
+    x = torch.randn(16, 3, 8) * 2
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import torch, torchtitan_clt
+        x = torch.load({str(tmp_path / "x.pt")!r})
+        with torch.no_grad():
+            torch.save(torchtitan_clt.load_pretrained("{REPO}")(x), {str(tmp_path / "out.pt")!r})
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf_home"))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "out.pt"), m(x), rtol=1e-5, atol=1e-5)
+    # a shard missing from the run: no native export to push
+    (run / "export" / shards[0]).unlink()
+    with pytest.raises(FileNotFoundError, match="has no native export"):
+        plan_upload(run, REPO)

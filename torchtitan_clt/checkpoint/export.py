@@ -85,7 +85,9 @@ def export_native(
     return _write_config(folder, unwrap(model), dtype, extra_meta)
 
 
-def _write_layer(out: StreamedExport, layer: dict, j: int, whole: tuple[str, ...], dtype: torch.dtype) -> None:
+def _write_layer(
+    out: StreamedExport, layer: dict, j: int, whole: tuple[str, ...], dtype: torch.dtype
+) -> None:
     for name, value in layer.items():
         value = value.to(dtype) if value.is_floating_point() else value
         out.write(name, value, row=None if name in whole else j)

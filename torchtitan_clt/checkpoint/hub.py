@@ -10,7 +10,8 @@ Names ``load_pretrained`` takes besides a local folder (a local folder of that n
 They go through ``huggingface_hub.snapshot_download``, so its cache (``HF_HOME`` /
 ``HF_HUB_CACHE``), ``HF_HUB_OFFLINE`` and token apply; only the files a loader reads are fetched.
 
-``push_run`` uploads what ``plan_upload`` lists (the native export at the root, ``circuit_tracer/``
+``push_run`` uploads what ``plan_upload`` lists (the native export at the root, every shard and the
+index of a sharded one included, ``circuit_tracer/``
 and ``saelens/`` when present, the report and a generated model card) with one ``create_commit``:
 the repo gets all of it or none of it.
 """
@@ -32,6 +33,8 @@ _URI = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^/@\s]+))?(?:/(?P<su
 LOADABLE_FILES = (
     "config.json",
     "model.safetensors",
+    "model.safetensors.index.json",  # a native export over checkpoint.export_max_file_gb: the index
+    "model-*-of-*.safetensors",  # and its shards
     "config.yaml",
     "conversion.json",
     "W_enc_*.safetensors",
@@ -159,11 +162,18 @@ def plan_upload(run: str | os.PathLike, repo_id: str, header_comment: str | None
     if not re.fullmatch(rf"{_PART}/{_PART}", repo_id):
         raise ValueError(f"{repo_id!r} is not a Hub repo id: give org/name (e.g. my-user/my-clt).")
     run = Path(run)
+    from torchtitan_clt.checkpoint.safetensors_stream import weight_files
+
     export = run / "export"
-    if not (export / "config.json").is_file() or not (export / "model.safetensors").is_file():
+    try:
+        weights = weight_files(export) if (export / "config.json").is_file() else None
+    except FileNotFoundError:
+        weights = None
+    if weights is None:
         raise FileNotFoundError(
-            f"{export} has no native export (config.json + model.safetensors): train with "
-            f"checkpoint.export = true, or export a checkpoint into the run: scripts/export.py {run} --out {run}"
+            f"{export} has no native export (config.json + model.safetensors, or its shards and "
+            "model.safetensors.index.json): train with checkpoint.export = true, or export a "
+            f"checkpoint into the run: scripts/export.py {run} --out {run}"
         )
     files = [PlannedFile(p.name, p) for p in sorted(export.iterdir()) if p.is_file()]
     for name in UPLOAD_FOLDERS:
