@@ -230,7 +230,8 @@ class Data:
     prefetch: bool = True
     """Extract the next buffer refill in a background thread (its own CUDA stream on GPU) while the
     current one is drained, so the step does not wait for the LLM. Same batches either way; costs a
-    second buffer's memory. Off under tensor parallelism (the TP all-gather stays on the main thread)."""
+    second buffer's memory. Works under tensor parallelism too (the group's broadcasts of the
+    refill run on the thread, over a process group of the data's own)."""
 
     synthetic_n_layers: int = 4
     """``synthetic`` source: layers."""
