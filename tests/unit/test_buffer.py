@@ -51,3 +51,19 @@ def test_seed_changes_order():
     a = torch.cat([_ids(_buffer(seed=0).next_batch(15)[0])])
     b = torch.cat([_ids(_buffer(seed=1).next_batch(15)[0])])
     assert sorted(a.tolist()) == sorted(b.tolist()) and not torch.equal(a, b)
+
+
+def test_capacity_is_buffer_tokens_rounded_up_to_one_chunk_and_logged():
+    from torchtitan_clt.data.source import buffer_log
+
+    for tokens, want in ((12, 15), (15, 15), (16, 20), (1, 5)):  # chunks of 5 rows
+        buf = ShuffleBuffer(CountingLoader(), _extract, tokens, 1, prefetch=True)
+        buf.next_batch(1)
+        buf._job.join()  # the second slot is filled in the background
+        slots = [s for s in buf._slots if s.x is not None]
+        assert len(slots) == 2 and {(s.x.shape[0], s.y.shape[0]) for s in slots} == {(want, want)}
+        assert buf.capacity(5) == want <= tokens + 5 - 1
+        held = sum(t.numel() * t.element_size() for s in slots for t in (s.x, s.y))
+        row_bytes = 2 * 2 * 3 * 4  # x and y rows of 2 × 3 fp32
+        assert f"buffer {want} rows × 2 slots ({held / 2**30:.2f} GiB" in buffer_log(buf, 5, row_bytes)
+        buf.close()

@@ -98,8 +98,11 @@ def _stream(prefetch: bool):
     return data_source_registry.get("stream")(cfg, SourceContext(seed=2))
 
 
-def test_stream_source_prefetch_same_batches_and_resume():
-    plain, ahead = _stream(False), _stream(True)
+def test_stream_source_prefetch_same_batches_and_resume(caplog):
+    with caplog.at_level("INFO", logger="torchtitan_clt.data.source"):
+        plain, ahead = _stream(False), _stream(True)
+    # The log states the rows really allocated: 40 rounded up to chunks of 2 × 8 rows, per slot.
+    assert "buffer 48 rows × 1 slot (" in caplog.text and "buffer 48 rows × 2 slots (" in caplog.text
     assert plain.llm_n_layers == 4 and plain.n_layers == 2  # the LLM's depth, not the dictionary's
     want = [plain.next_batch(24) for _ in range(8)]
     got = [ahead.next_batch(24) for _ in range(5)]
@@ -109,5 +112,6 @@ def test_stream_source_prefetch_same_batches_and_resume():
     got += [resumed.next_batch(24) for _ in range(3)]
     for (wx, wy), (gx, gy) in zip(want, got):
         assert torch.equal(wx, gx) and torch.equal(wy, gy)
+    assert {s.x.shape[0] for s in ahead.buffer._slots} == {48}
     for s in (plain, ahead, resumed):
         s.close()

@@ -132,10 +132,17 @@ def chunk_share(ctx: SourceContext, device: torch.device) -> ChunkShare | None:
 def buffer_log(buffer: ShuffleBuffer, chunk_rows: int, row_bytes: int) -> str:
     """What a buffer really holds: rows allocated per slot, GiB in all, slots, where, pinned."""
     rows, slots = buffer.capacity(chunk_rows), 2 if buffer.prefetch else 1
+    share = buffer.share
+    dealt = (
+        f", refills dealt by chunk over {share.size} TP ranks (broadcast by pieces of "
+        f"≤ {share.piece_bytes / 2**20:.0f} MiB)"
+        if share is not None
+        else ""
+    )
     return (
         f"buffer {rows} rows × {slots} slot{'s' if slots > 1 else ''} ({rows * row_bytes * slots / 2**30:.2f} "
         f"GiB on {buffer.device}{', pinned' if buffer.pin_memory else ''}; {buffer.buffer_tokens} asked, "
-        f"chunks of {chunk_rows}), prefetch {'on' if buffer.prefetch else 'off'}"
+        f"chunks of {chunk_rows}){dealt}, prefetch {'on' if buffer.prefetch else 'off'}"
     )
 
 
