@@ -210,7 +210,12 @@ class Trainer:
         uses = wants_eval or cfg.checkpoint.export or features
         need = cfg.checkpoint.export_circuit_tracer or (self.model_args.activation == "batchtopk" and uses)
         calibration = finish.calibration_batches(cfg, self.model_args, self.source) if need else []
-        plain = self._gather() if (wants_eval or exports or features) else None
+        # On a mesh the exports stream from the shards, first: nothing is gathered whole for them.
+        streamed = exports and finish.exports_streamed(cfg, self.model, self.model_args, calibration)
+        if streamed:
+            finish.export_all(cfg, self.model, self.run_folder, calibration)  # every rank
+        whole = wants_eval or features or (exports and not streamed)
+        plain = self._gather() if whole else None
         plain = finish.fit_batchtopk(plain, calibration, self.run_folder)
         result = self._evaluate(self.train_state.step, plain, cfg.eval.open_loop) if wants_eval else None
         if self.rank == 0:
@@ -218,7 +223,7 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.close()
         if plain is not None:  # rank 0
-            if exports:
+            if exports and not streamed:
                 finish.export_all(cfg, plain, self.run_folder, calibration)
             if features:
                 finish.feature_pass(cfg, plain, self.run_folder, self.source.llm)

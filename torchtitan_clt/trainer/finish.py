@@ -1,9 +1,14 @@
 """After the loop: held-out evaluation, the report, the exports and the feature pass.
 
-The model is gathered onto rank 0 once (``gather_plain_model``) and every finisher reads that
-copy. A BatchTopK model first gets its inference threshold fitted on training rows
-(``fit_batchtopk``), so the evaluation, the exports and the feature examples all see the model as
-it will be used.
+On a mesh the exports are streamed from the sharded model, one source layer at a time
+(``checkpoint.sharded_export``; ``exports_streamed`` says when), so no rank holds more than its
+shard plus one layer. What needs the whole dictionary gathers it onto rank 0 once
+(``gather_plain_model``) and reads that copy: the held-out evaluation (the replacement model runs
+inside the LLM), the feature pass, the BatchTopK inference-threshold fit and the circuit-tracer
+JumpReLU conversion of a TopK / BatchTopK model (both fitted on rows of the whole model); the
+exports then come from that copy too. A BatchTopK model gets its inference threshold fitted on
+training rows (``fit_batchtopk``) before any of them, so the evaluation, the exports and the
+feature examples all see the model as it will be used.
 """
 
 from __future__ import annotations
@@ -40,6 +45,18 @@ def gather_plain_model(model: Any, spec: ModelSpec, args: TranscoderArgs, world_
     return plain
 
 
+def exports_streamed(cfg: JobConfig, model: Any, args: TranscoderArgs, calibration: list) -> bool:
+    """Whether the exports come straight from the sharded ``model`` (same on every rank): it is
+    sharded, its family has a per-layer fold, and nothing must be fitted on the whole model first
+    (a BatchTopK threshold, or a TopK / BatchTopK conversion for circuit-tracer)."""
+    from torchtitan_clt.checkpoint.sharded_export import is_sharded, layer_plan
+
+    if not (dist.is_initialized() and is_sharded(model)) or layer_plan(model) is None:
+        return False
+    fitted = bool(calibration) and args.activation in ("topk", "batchtopk")
+    return not (fitted and (args.activation == "batchtopk" or cfg.checkpoint.export_circuit_tracer))
+
+
 def calibration_batches(cfg: JobConfig, args: TranscoderArgs, source: Any) -> list[tuple[torch.Tensor, ...]]:
     """Raw training rows for the JumpReLU conversion of a TopK / BatchTopK export and for the
     BatchTopK inference threshold. Every rank draws them (the stream source's tp all-gather is
@@ -69,18 +86,21 @@ def fit_batchtopk(plain: Any, batches: list, run_folder: Path) -> Any:
     return plain
 
 
-def export_all(cfg: JobConfig, plain: Any, run_folder: Path, calibration: list) -> None:
-    """The native and circuit-tracer exports the config asks for (rank 0, a gathered model)."""
+def export_all(cfg: JobConfig, model: Any, run_folder: Path, calibration: list) -> None:
+    """The native and circuit-tracer exports the config asks for: of a gathered model (rank 0
+    calls it), or streamed from the sharded one (every rank calls it; ``exports_streamed``)."""
     from torchtitan_clt.checkpoint.export import export_native
 
     dtype = getattr(torch, cfg.checkpoint.export_dtype)
     if cfg.checkpoint.export:
-        export_native(plain, run_folder / "export", dtype=dtype)
+        export_native(
+            model, run_folder / "export", dtype=dtype, max_file_gb=cfg.checkpoint.export_max_file_gb
+        )
         logger.info(f"Exported to {run_folder / 'export'}")
     if cfg.checkpoint.export_circuit_tracer:
         from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
 
-        export_circuit_tracer(plain, run_folder / "circuit_tracer", dtype=dtype, calibration=calibration)
+        export_circuit_tracer(model, run_folder / "circuit_tracer", dtype=dtype, calibration=calibration)
         logger.info(f"Exported circuit-tracer folder to {run_folder / 'circuit_tracer'}")
 
 
