@@ -43,11 +43,11 @@ def find_run_folder(path: Path) -> Path | None:
 def load_dictionary(path: Path, step: int | None, device: str):
     """(plain Transcoder in eval mode, what it was loaded as)."""
     from torchtitan_clt.checkpoint.circuit_tracer import is_circuit_tracer_folder, load_circuit_tracer
-    from torchtitan_clt.checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
+    from torchtitan_clt.checkpoint.export import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, load_pretrained
 
     if is_circuit_tracer_folder(path):
         return load_circuit_tracer(path, device=device, dtype=torch.float32), "circuit-tracer folder"
-    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+    if (path / CONFIG_FILE).is_file() and any((path / f).is_file() for f in (WEIGHTS_FILE, INDEX_FILE)):
         return load_pretrained(path, device=device, dtype=torch.float32), "native export"
     from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint
 
