@@ -93,7 +93,11 @@ def _serve(rank: int, world: int) -> dict:
     buffer.PIECE_BYTES = PIECE_ROWS * 2 * 64 * 4
     ahead, plain = _source(_cfg()), _source(_cfg(prefetch=False))
     # Alternately: the prefetch thread's broadcasts run beside the training thread's (own groups).
-    got = [(ahead.next_batch(20), plain.next_batch(20)) for _ in range(9)]  # 3 refills of 60
+    got = []
+    for _ in range(9):  # 3 refills of 60
+        got.append((ahead.next_batch(20), plain.next_batch(20)))
+        if dist.is_initialized():  # a training collective on the training group meanwhile
+            dist.all_reduce(torch.ones(3))
     slots = [
         (s.x.shape[0], s.y.shape[0]) for src in (ahead, plain) for s in src.buffer._slots if s.x is not None
     ]
@@ -132,7 +136,27 @@ def _load_tp4(rank: int, world: int) -> dict:
     return {"owed": owed, "then": then}
 
 
-JOBS = {"serve": _serve, "save": _save_tp2, "load": _load_tp4}
+def _fail(rank: int, world: int) -> dict:
+    """Rank 1's extraction fails on its second chunk: both ranks stop, none waits forever."""
+    src = _source(_cfg(prefetch=False))
+    calls = []
+
+    def extract(tokens):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise ValueError("broken batch")
+        return _fake_extract(tokens)
+
+    src.extractor = extract
+    try:
+        for _ in range(6):
+            src.next_batch(30)
+    except Exception as e:  # noqa: BLE001 - what each rank saw is the result
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+JOBS = {"serve": _serve, "save": _save_tp2, "load": _load_tp4, "fail": _fail}
 
 
 def _worker(rank: int, world: int, job: str) -> None:
@@ -237,3 +261,10 @@ def test_tp2_resumes_on_tp4_and_tp1_exactly():
     # (the shards round-robin).
     for then, want in ((new[0]["then"], [4, 4, 2, 2]), (then_one, [3, 3, 3, 3])):
         assert _contexts_per_shard(served + _rows(old[0]["owed"]) + _rows(then), 4) == want
+
+
+@pytest.mark.slow
+def test_a_failed_chunk_stops_the_whole_group():
+    out = _launch("fail", 2)
+    assert out[1]["error"] == "ValueError: broken batch"
+    assert out[0]["error"].startswith("RuntimeError: Tensor-parallel rank 1 could not extract its chunk")
