@@ -29,23 +29,9 @@ from torchtitan_clt.distributed.parallel_dims import ParallelDims  # noqa: E402
 from torchtitan_clt.protocols import model_registry  # noqa: E402
 from torchtitan_clt.protocols.transcoder import TranscoderArgs  # noqa: E402
 from torchtitan_clt.tools.exit_codes import user_errors  # noqa: E402
+from torchtitan_clt.trainer.dry_run import llm_config  # noqa: E402
 
 GiB = 2**30
-# Configs of well-known LLMs, so that the estimate works offline (values from their config.json).
-KNOWN_LLMS = {
-    "meta-llama/Llama-3.1-8B": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
-    ),
-    "meta-llama/Llama-3.2-1B": dict(
-        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
-    ),
-    "google/gemma-2-2b": dict(
-        model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
-    ),
-}  # fmt: skip
 # Live tensors of shape [micro-batch, L, F/tp] at the peak of forward+backward, fp32 each. Dense
 # activations: pre-activations, activations, the loss's products and their gradients. The sparse
 # step keeps the pre-activations and the dense activations (metrics, dead features), and a term
@@ -56,21 +42,6 @@ CPU_RUNTIME_BYTES = int(0.3 * 2**30)
 # A gloo process group and the DTensor machinery on top of that, per rank (measured, CPU).
 CPU_DIST_RUNTIME_BYTES = int(0.1 * 2**30)
 H100_GIB = 79.0
-
-
-def llm_config(model_path: str):
-    from transformers import AutoConfig
-
-    if model_path in KNOWN_LLMS:
-        kw = dict(KNOWN_LLMS[model_path])
-        return AutoConfig.for_model(kw.pop("model_type"), **kw)
-    try:
-        return AutoConfig.from_pretrained(model_path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means: we cannot know it offline
-        raise SystemExit(
-            f"Cannot read the config of {model_path!r} offline ({e}); give a local folder, download it "
-            f"once, or add it to KNOWN_LLMS in {__file__}."
-        ) from None
 
 
 def llm_stats(cfg) -> dict:

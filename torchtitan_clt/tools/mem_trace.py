@@ -1,0 +1,335 @@
+"""Count what a run holds and moves, op by op: live tensor bytes per device, peaks per phase, what
+holds the peak, and the bytes each collective and host->device copy moves.
+
+``MemTracer`` is a ``TorchDispatchMode``: every op's outputs are registered by storage (a storage
+counts once however many views share it) and released when the storage dies. It works on real
+tensors and on fake ones (``FakeTensorMode``: sizes without memory), which is how the dry run
+(``scripts/estimate_memory.py``) traces a config's true shapes on a machine that could not
+allocate them.
+
+Bytes on the wire are what one rank sends per collective, for the algorithms NCCL and gloo use at
+these sizes (ring): all-reduce of S bytes over W ranks 2(W-1)/W·S, all-gather (W-1)·s of an s-byte
+input, reduce-scatter (W-1)/W·S of an S-byte input, all-to-all (W-1)/W·S, broadcast S (a pipelined
+ring: every rank but the last forwards the whole message; the root sends it once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GIB = 2**30
+
+
+def device_kind(t: torch.Tensor) -> str:
+    """``host`` for CPU tensors, ``device`` for accelerator ones (fake ones by their fake device)."""
+    return "host" if t.device.type == "cpu" else "device"
+
+
+@dataclass
+class PhaseStats:
+    """One phase of a run: its peaks, what held them, and what it moved."""
+
+    peak: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
+    at_peak: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per kind, bytes by holder at (about) the peak; ``transients`` is what no holder claims."""
+    collectives: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Bytes this rank sent, by collective op."""
+    collective_calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    entries: int = 0
+    """How many times the phase was entered (steps, refills...)."""
+    rise: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
+    """The most one entry added above what was live when it began (what the phase itself needs)."""
+
+    @property
+    def collective_bytes(self) -> int:
+        return sum(self.collectives.values())
+
+
+def _group_size(args: Iterable[Any]) -> int:
+    for a in args:
+        if isinstance(a, torch.ScriptObject):
+            try:
+                return dist.ProcessGroup.unbox(a).size()
+            except Exception:  # noqa: BLE001 - not a process group
+                continue
+    return 1
+
+
+def _nbytes(ts: Iterable[Any]) -> int:
+    flat, _ = tree_flatten(list(ts))
+    return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+
+
+def sent_bytes(func: Any, args: tuple, kwargs: dict) -> tuple[str, int] | None:
+    """``(name, bytes this rank sends)`` of a c10d / functional collective op, else None."""
+    ns = getattr(func, "namespace", "")
+    if ns not in ("c10d", "_c10d_functional"):
+        return None
+    name = func._schema.name.split("::")[-1].rstrip("_")
+    if name in ("wait_tensor", "barrier", "monitored_barrier"):
+        return None
+    if ns == "_c10d_functional":
+        # (input, [op,] [group_size,] group_name)
+        inp = args[0]
+        s = _nbytes([inp])
+        ints = [a for a in args[1:] if isinstance(a, int)]
+        w = ints[0] if ints else 1
+        if name.startswith("all_reduce"):
+            return name, 2 * (w - 1) * s // max(w, 1) if w > 1 else 0
+        if name.startswith("all_gather"):
+            return name, (w - 1) * s
+        if name.startswith("reduce_scatter"):
+            return name, (w - 1) * s // max(w, 1)
+        if name.startswith("all_to_all"):
+            return name, s  # upper bound: the split sizes are not known here
+        if name.startswith("broadcast"):
+            return name, s
+        return name, s
+    w = _group_size(args)
+    if name.startswith("allreduce"):
+        s = _nbytes(args[0])
+        return "all_reduce", 2 * (w - 1) * s // w if w > 1 else 0
+    if name in ("allgather", "_allgather_base", "allgather_into_tensor_coalesced"):
+        s = _nbytes(args[1])  # the inputs
+        return "all_gather", (w - 1) * s
+    if name in ("reduce_scatter", "_reduce_scatter_base", "reduce_scatter_tensor_coalesced"):
+        s = _nbytes(args[1])
+        return "reduce_scatter", (w - 1) * s // w if w > 1 else 0
+    if name.startswith("broadcast"):
+        return "broadcast", _nbytes(args[0]) if w > 1 else 0
+    if name.startswith("alltoall"):
+        s = _nbytes(args[1])
+        return "all_to_all", (w - 1) * s // w if w > 1 else 0
+    if name in ("send",):
+        return "send", _nbytes(args[0])
+    if name in ("scatter", "gather", "reduce", "recv", "recv_any_source"):
+        return name, _nbytes(args[0]) if name != "recv" else 0
+    return name, 0
+
+
+_PIN_OPS = {torch.ops.aten._pin_memory.default}
+if hasattr(torch.ops.aten, "pin_memory"):
+    _PIN_OPS.add(torch.ops.aten.pin_memory.default)
+
+
+class MemTracer(TorchDispatchMode):
+    """Live bytes per kind (``host`` / ``device``) from every op's outputs, peaks and traffic per phase.
+
+    ``phase(name)`` attributes what happens inside it to ``name`` (the innermost phase wins; the
+    outer one resumes after). ``holders``: name -> a callable returning the tensors it holds, read
+    at each new peak to say what the peak is made of. ``values``: where tensors have no values
+    (fake), answers what depends on them: ``values.scalar(t)`` for ``.item()``-style reads
+    (``aten._local_scalar_dense``; None lets the op run) and ``values.count(t)`` for the rows of
+    ``nonzero(t)``. ``fake_pinning``: fake tensors cannot be pinned; with it, ``pin_memory``
+    becomes a plain copy (counted as host memory all the same)."""
+
+    def __init__(
+        self,
+        holders: dict[str, Callable[[], Iterable[torch.Tensor]]] | None = None,
+        values: Any = None,
+        fake_pinning: bool = False,
+        snapshot_step: int = 64 * 2**20,
+    ):
+        super().__init__()
+        self.holders = dict(holders or {})
+        self.values = values
+        self.fake_pinning = fake_pinning
+        self.snapshot_step = snapshot_step
+        self.live: dict[int, tuple[str, int, Any]] = {}  # id(storage) -> (kind, bytes, weakref)
+        self.current = {"host": 0, "device": 0}
+        self.phases: dict[str, PhaseStats] = {}
+        self._stack: list[str] = ["build"]
+        self._start: list[dict[str, int]] = [{"host": 0, "device": 0}]
+        self._snap_at = {"host": 0, "device": 0}
+        self.stats("build")
+
+    # -- phases --------------------------------------------------------------------------------
+    def stats(self, name: str) -> PhaseStats:
+        if name not in self.phases:
+            self.phases[name] = PhaseStats()
+        return self.phases[name]
+
+    @property
+    def phase_name(self) -> str:
+        return self._stack[-1]
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[PhaseStats]:
+        st = self.stats(name)
+        st.entries += 1
+        self._stack.append(name)
+        self._start.append(dict(self.current))
+        self._note_peak()
+        try:
+            yield st
+        finally:
+            self._stack.pop()
+            self._start.pop()
+            self._note_peak()
+
+    # -- storages ------------------------------------------------------------------------------
+    def _register(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except Exception:  # noqa: BLE001 - e.g. a sparse or nested tensor: not counted
+            return
+        key = id(st)
+        n = st.nbytes()
+        old = self.live.get(key)
+        if old is not None:
+            if old[1] == n:
+                return
+            self.current[old[0]] += n - old[1]  # resized in place (FSDP2 frees this way)
+            self.live[key] = (old[0], n, old[2])
+            return
+        kind = device_kind(t)
+        ref = weakref.ref(st, lambda _r, k=key: self._free(k))
+        self.live[key] = (kind, n, ref)
+        self.current[kind] += n
+
+    def _free(self, key: int) -> None:
+        old = self.live.pop(key, None)
+        if old is not None:
+            self.current[old[0]] -= old[1]
+
+    def resized(self, storage: Any) -> None:
+        """A storage changed size outside the dispatcher (``UntypedStorage.resize_``)."""
+        old = self.live.get(id(storage))
+        if old is not None:
+            n = storage.nbytes()
+            self.current[old[0]] += n - old[1]
+            self.live[id(storage)] = (old[0], n, old[2])
+            self._note_peak()
+
+    def _note_peak(self) -> None:
+        st = self.stats(self.phase_name)
+        start = self._start[-1]
+        for kind, now in self.current.items():
+            st.rise[kind] = max(st.rise[kind], now - start[kind])
+            if now > st.peak[kind]:
+                st.peak[kind] = now
+                if now >= self._snap_at[kind] + self.snapshot_step or kind not in st.at_peak:
+                    st.at_peak[kind] = self.breakdown(kind)
+                    self._snap_at[kind] = now
+                elif now > sum(st.at_peak[kind].values()):
+                    st.at_peak[kind]["transients"] += now - sum(st.at_peak[kind].values())
+
+    def breakdown(self, kind: str) -> dict[str, int]:
+        """Bytes of ``kind`` by holder now; what no holder claims is ``transients``."""
+        out: dict[str, int] = {}
+        claimed: set[int] = set()
+        with torch.utils._python_dispatch._disable_current_modes():
+            for name, fn in self.holders.items():
+                n = 0
+                try:
+                    tensors = list(fn())
+                except Exception:  # noqa: BLE001 - a holder that is not built yet
+                    tensors = []
+                for t in tensors:
+                    if t is None:
+                        continue
+                    t = getattr(t, "_local_tensor", t)  # a DTensor's own shard
+                    try:
+                        key = id(t.untyped_storage())
+                    except Exception:  # noqa: BLE001
+                        continue
+                    entry = self.live.get(key)
+                    if entry is None or entry[0] != kind or key in claimed:
+                        continue
+                    claimed.add(key)
+                    n += entry[1]
+                if n:
+                    out[name] = n
+        out["transients"] = self.current[kind] - sum(out.values())
+        return out
+
+    def reset_snapshots(self) -> None:
+        self._snap_at = {"host": 0, "device": 0}
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.values is not None:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                value = self.values.scalar(args[0])
+                if value is not None:
+                    return value
+            elif func is torch.ops.aten.nonzero.default:
+                t = args[0]
+                out = torch.empty((self.values.count(t), t.dim()), dtype=torch.long, device=t.device)
+                self._register(out)
+                self._note_peak()
+                return out
+            elif func is torch.ops.aten.bincount.default:
+                # the ids are below minlength wherever this code calls it with one
+                t, minlength = args[0], (list(args[2:3]) or [kwargs.get("minlength", 0)])[0]
+                dtype = torch.long if (len(args) < 2 or args[1] is None) else args[1].dtype
+                out = torch.zeros((minlength,), dtype=dtype, device=t.device)
+                self._register(out)
+                self._note_peak()
+                return out
+        if self.fake_pinning:
+            if func in _PIN_OPS:
+                func, args, kwargs = torch.ops.aten.clone.default, (args[0],), {}
+            elif kwargs.get("pin_memory"):
+                kwargs = {**kwargs, "pin_memory": False}
+        sent = sent_bytes(func, args, kwargs)
+        st = self.stats(self.phase_name)
+        if sent is not None:
+            st.collectives[sent[0]] += sent[1]
+            st.collective_calls[sent[0]] += 1
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst_dev = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device")
+            if isinstance(src, torch.Tensor) and dst_dev is not None:
+                dst_dev = torch.device(dst_dev)
+                n = src.numel() * src.element_size()
+                if func is torch.ops.aten._to_copy.default and "dtype" in kwargs and kwargs["dtype"] is not None:
+                    n = src.numel() * torch.empty((), dtype=kwargs["dtype"]).element_size()
+                if src.device.type == "cpu" and dst_dev.type != "cpu":
+                    st.h2d_bytes += n
+                elif src.device.type != "cpu" and dst_dev.type == "cpu":
+                    st.d2h_bytes += n
+        out = func(*args, **kwargs)
+        flat, _ = tree_flatten(out)
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                self._register(t)
+        # in-place ops on views may grow nothing, but an op can also resize its input storage
+        if func._schema.is_mutable:
+            for a in tree_flatten((args, kwargs))[0]:
+                if isinstance(a, torch.Tensor):
+                    self._register(a)
+        self._note_peak()
+        return out
+
+
+@contextlib.contextmanager
+def watch_storage_resizes(tracer: MemTracer) -> Iterator[None]:
+    """Tell ``tracer`` about ``UntypedStorage.resize_`` (FSDP2 frees and refills its unsharded
+    parameters that way, outside the dispatcher)."""
+    cls = torch.UntypedStorage
+    orig = cls.resize_
+
+    def resize_(self, size):
+        out = orig(self, size)
+        tracer.resized(self)
+        return out
+
+    cls.resize_ = resize_
+    try:
+        yield
+    finally:
+        cls.resize_ = orig

@@ -1,0 +1,348 @@
+"""What a traced run substitutes: the pieces that need values, files or a network, replaced by
+stand-ins of the same sizes, so that the rest of the trainer runs as it is on fake tensors.
+
+``scripts/estimate_memory.py`` runs the real ``Trainer`` (build -> standardization -> refills ->
+steps -> checkpoint -> end of run) under ``FakeTensorMode`` with a fake process group of the
+config's world size, one rank simulated (``tools/fake_world.py``), counting every tensor
+(``tools/mem_trace.py``). Each substitution below is listed in the report (``SUBSTITUTIONS``):
+
+- the LLM is built from its config (no weights are read) and the text is a stream of random token
+  windows of the configured shape (no dataset, no tokenizer);
+- kernels run their torch fallback (Triton needs real pointers; the caller sets
+  ``kernels.backend = "torch"``);
+- what depends on values is set to its expected size (``Expectations``): the width of a sparse
+  selection (the widest of N·L rows, drawn as Poisson counts of the expected mean), the entries a
+  selection keeps, the candidate count of the distributed k-th largest; finite checks pass;
+- a checkpoint save stages every local tensor into (pinned) host memory as DCP's async save does
+  and writes nothing; exports count the bytes they would write;
+- object collectives return this rank's own object for every rank; ``new_group`` gives fake groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset
+
+from torchtitan_clt.config import ConfigError
+
+SUBSTITUTIONS = [
+    "LLM built from its config on the device (no weights read); text: random token windows of "
+    "[data.llm_batch_size, data.seq_len] (no dataset or tokenizer read)",
+    "kernels: the torch fallback (Triton kernels need real memory)",
+    "value-dependent sizes set to their expectation: a selection's padded width = the widest of the "
+    "batch's rows as Poisson counts of the mean (k per token and layer, split over feature shards); "
+    "entries kept = the mean; finite checks pass; dead features: none",
+    "checkpoint: every local tensor staged to host memory (pinned on GPU) as DCP's async save does; "
+    "nothing written (the small pickled states hold each tensor's shape instead of its values)",
+    "exports: the bytes they would write are counted, nothing written",
+    "object collectives: every rank gives this rank's object; new process groups are fake ones",
+]
+
+# Configs of well-known LLMs, so that the trace and the estimate work offline (their config.json).
+KNOWN_LLMS = {
+    "meta-llama/Llama-3.1-8B": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+        max_position_embeddings=131072, rope_theta=500000.0,
+    ),
+    "meta-llama/Llama-3.2-1B": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+    ),
+    "google/gemma-2-2b": dict(
+        model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+    ),
+}  # fmt: skip
+
+
+def llm_config(model_path: str) -> Any:
+    """The LLM's ``transformers`` config, offline: a local folder (or ``gguf:`` conversion), the
+    Hugging Face cache, or ``KNOWN_LLMS``."""
+    from transformers import AutoConfig
+
+    if model_path in KNOWN_LLMS:
+        kw = dict(KNOWN_LLMS[model_path])
+        return AutoConfig.for_model(kw.pop("model_type"), **kw)
+    path = model_path
+    if model_path.startswith("gguf:"):
+        from torchtitan_clt.data.llm import prepare_gguf
+
+        path = str(prepare_gguf(model_path))
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means: we cannot know it offline
+        raise ConfigError(
+            f"Cannot read the config of data.model_path = {model_path!r} offline ({e}); give a local "
+            f"folder, download it once, or add it to KNOWN_LLMS in {__file__}."
+        ) from None
+
+
+class StandInTokenizer:
+    """Ids only: what the traced pipeline asks of a tokenizer."""
+
+    def __init__(self, vocab_size: int, bos: int = 1, eos: int = 2):
+        self.vocab_size = vocab_size
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos, eos, eos
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def decode(self, ids: Any, **kw: Any) -> str:
+        return " ".join(f"<{int(i)}>" for i in ids) if hasattr(ids, "__iter__") else f"<{int(ids)}>"
+
+    def convert_ids_to_tokens(self, ids: Any) -> Any:
+        return [f"<{int(i)}>" for i in ids] if hasattr(ids, "__iter__") else f"<{int(ids)}>"
+
+
+class SyntheticWindows(IterableDataset):
+    """Random token windows ``[seq_len]`` starting with BOS: ``PackedTokens``' interface and state."""
+
+    def __init__(self, spec: Any, tokenizer: Any, seq_len: int, dp_rank: int = 0, dp_degree: int = 1, **kw: Any):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else 32000
+        self.loop = kw.get("loop", True)
+        self.start: dict[int, dict[str, Any]] = {}
+        self.windows_read = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        n = 0
+        while self.loop or n < 64:
+            w = torch.randint(3, self.vocab, (self.seq_len,))
+            w[0] = self.tokenizer.bos_token_id
+            self.windows_read += 1
+            n += 1
+            yield w
+
+    @property
+    def windows(self) -> int:
+        return self.windows_read
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows": self.windows_read}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.windows_read = int(sd.get("windows", 0))
+
+
+def fake_llm_handle(job_config: Any, device: torch.device | str = "cpu", dtype: str = "") -> Any:
+    """``data.pipeline.load_llm_handle`` without weights: the model built from its config."""
+    from transformers import AutoModelForCausalLM
+
+    from torchtitan_clt.data.llm import resolve_dtype
+    from torchtitan_clt.data.pipeline import LLMHandle
+
+    d = job_config.data
+    conf = llm_config(d.model_path)
+    torch_dtype = resolve_dtype(dtype or d.model_dtype, torch.device(device))
+    model = AutoModelForCausalLM.from_config(conf, torch_dtype=torch_dtype)
+    model.to(device).eval().requires_grad_(False)
+    return LLMHandle(model, StandInTokenizer(conf.vocab_size))
+
+
+# -- value oracle ----------------------------------------------------------------------------------
+def poisson_max(mean: float, n: int) -> int:
+    """The widest of ``n`` rows whose counts are Poisson(``mean``): the smallest K with
+    n·P(X > K) < 1/2 (the padded width a batch of n rows most likely needs)."""
+    if mean <= 0:
+        return 0
+    if n <= 1:
+        return max(1, math.ceil(mean))
+    log_p = -mean  # log P(X = 0)
+    cdf, k = math.exp(log_p), 0
+    while n * (1.0 - cdf) >= 0.5 and k < 100 * mean + 100:
+        k += 1
+        log_p += math.log(mean) - math.log(k)
+        cdf += math.exp(log_p)
+    return max(k, 1)
+
+
+class Expectations:
+    """Answers what fake tensors cannot: the values the sizes of a sparse step depend on, by the
+    function that reads them (``scalar`` / ``count``, called by ``MemTracer``), from the config's
+    ``k`` and ``features_per_layer``. Every read site it does not know is answered with a neutral
+    value (True, 0, 1.0) and listed in ``unknown`` for the report."""
+
+    def __init__(self, k: int, n_features: int, activation: str):
+        self.k, self.n_features, self.activation = k, n_features, activation
+        self.unknown: dict[str, int] = {}
+        self._elements: dict[int, int] = {}
+
+    def _frame(self, names: set[str]) -> Any:
+        f = sys._getframe(2)
+        while f is not None:
+            if f.f_code.co_name in names and "torchtitan_clt" in f.f_code.co_filename:
+                return f
+            f = f.f_back
+        return None
+
+    def _site(self) -> str:
+        f = sys._getframe(2)
+        while f is not None:
+            fn = f.f_code.co_filename
+            if "torchtitan_clt" in fn and "fake_world" not in fn and "mem_trace" not in fn:
+                return f"{Path(fn).name}:{f.f_lineno} ({f.f_code.co_name})"
+            f = f.f_back
+        return "torch internals"
+
+    def kept_per_row(self, local_features: int, width: int) -> float:
+        """Mean entries a (row, layer) keeps on a rank holding ``local_features`` features."""
+        return min(float(width), self.k * local_features / max(self.n_features, 1))
+
+    def scalar(self, t: torch.Tensor) -> Any:
+        f = self._frame({"global_kth_largest", "_keep_at_least", "_build"})
+        if f is not None:
+            loc, name = f.f_locals, f.f_code.co_name
+            if name == "global_kth_largest":
+                return int(loc["m"])  # each rank's values above the bound: about its share
+            if name == "_keep_at_least":
+                h, idx = loc["h"], loc["idx"]
+                rows = h.shape[0] * h.shape[1]
+                return min(idx.shape[-1], poisson_max(self.kept_per_row(h.shape[-1], idx.shape[-1]), rows))
+            if name == "_build":  # Layout: cumulative entries per layer, read element by element
+                n, n_layers, k, nf = loc["n"], loc["n_layers"], loc["k"], loc["n_features"]
+                per_layer = round(n * self.kept_per_row(nf, k))
+                i = self._elements.get(id(f), 0)
+                self._elements[id(f)] = i + 1
+                return per_layer * (i + 1)
+        site = self._site()
+        self.unknown[site] = self.unknown.get(site, 0) + 1
+        if t.dtype == torch.bool:
+            return True
+        if t.dtype.is_floating_point:
+            return 1.0
+        return 0
+
+    def count(self, t: torch.Tensor) -> int:
+        """Rows of ``nonzero(t)``."""
+        f = self._frame({"_build"})
+        if f is not None:
+            loc = f.f_locals
+            return round(loc["n"] * loc["n_layers"] * self.kept_per_row(loc["n_features"], loc["k"]))
+        site = self._site()
+        self.unknown[f"{site} nonzero"] = self.unknown.get(f"{site} nonzero", 0) + 1
+        return t.numel()
+
+
+def expected_width(k: int, n_features: int, local_features: int, rows: int, scope: str) -> int:
+    """The padded width of a local BatchTopK pick with the global budget (before the global
+    threshold): a rank keeps up to its whole budget, k per row and layer on average (k·L per row
+    over all layers for scope ``all``)."""
+    return min(local_features, poisson_max(float(k), rows))
+
+
+# -- substitutions ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+class Staging:
+    """DCP's async save as far as memory goes: a host copy of every local tensor of the state,
+    held until the next save; traffic counted as device -> host."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.staged: list[torch.Tensor] = []
+        self.saves = 0
+
+    def __call__(self, state_dict: Any, *args: Any, **kwargs: Any) -> Future:
+        from torch.utils._pytree import tree_flatten
+
+        self.staged = []
+        flat, _ = tree_flatten(state_dict)
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                local = getattr(t, "_local_tensor", t)
+                host = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=self.pin)
+                host.copy_(local)
+                self.staged.append(host)
+        self.saves += 1
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+
+class WriteCounter:
+    """``safetensors.torch.save_file`` that counts instead of writing."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.files = 0
+        self.largest = 0
+
+    def __call__(self, tensors: dict[str, torch.Tensor], filename: Any = None, metadata: Any = None) -> None:
+        n = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.bytes += n
+        self.files += 1
+        self.largest = max(self.largest, n)
+
+
+@contextlib.contextmanager
+def substitutions(pin: bool) -> Iterator[dict[str, Any]]:
+    """Install every stand-in above; yields the counters (staging, exports)."""
+    import safetensors.torch
+    import torch.distributed.checkpoint as dcp
+
+    from torchtitan_clt.data import pipeline, source, tokenize
+
+    staging, writes = Staging(pin), WriteCounter()
+    real_new_group = dist.new_group
+
+    def new_group(*args: Any, **kwargs: Any) -> Any:
+        kwargs["backend"] = "fake"
+        if len(args) >= 3:
+            args = (*args[:2], None, *args[3:])
+        return real_new_group(*args, **kwargs)
+
+    def all_gather_object(out: list, obj: Any, group: Any = None) -> None:
+        for i in range(len(out)):
+            out[i] = obj
+
+    def broadcast_object_list(objs: list, src: int = 0, group: Any = None, device: Any = None, **kw: Any) -> None:
+        pass
+
+    with contextlib.ExitStack() as stack:
+        for mod in (pipeline, source):
+            if hasattr(mod, "load_llm_handle"):
+                stack.enter_context(_patched(mod, "load_llm_handle", fake_llm_handle))
+        stack.enter_context(_patched(tokenize, "PackedTokens", SyntheticWindows))
+        stack.enter_context(_patched(dist, "new_group", new_group))
+        stack.enter_context(_patched(dist, "all_gather_object", all_gather_object))
+        stack.enter_context(_patched(dist, "broadcast_object_list", broadcast_object_list))
+        real_torch_save = torch.save
+
+        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            # fake tensors cannot be pickled: what is saved shows their shape instead
+            from torch.utils._pytree import tree_map
+
+            def shown(t: Any) -> Any:
+                return ("tensor", tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else t
+
+            real_torch_save(tree_map(shown, obj), f, *args, **kwargs)
+
+        stack.enter_context(_patched(torch, "save", save))
+        stack.enter_context(_patched(dcp, "async_save", staging))
+        stack.enter_context(_patched(dcp, "save", staging))
+        real_save = safetensors.torch.save_file
+        for mod in [safetensors.torch, *list(sys.modules.values())]:
+            name = getattr(mod, "__name__", "")
+            if (name.startswith("torchtitan_clt") or mod is safetensors.torch) and getattr(
+                mod, "save_file", None
+            ) is real_save:
+                stack.enter_context(_patched(mod, "save_file", writes))
+        yield {"staging": staging, "writes": writes}
