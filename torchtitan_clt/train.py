@@ -212,11 +212,13 @@ class Trainer:
         calibration = finish.calibration_batches(cfg, self.model_args, self.source) if need else []
         # On a mesh the exports stream from the shards, first: nothing is gathered whole for them.
         streamed = exports and finish.exports_streamed(cfg, self.model, self.model_args, calibration)
-        if streamed:
-            finish.export_all(cfg, self.model, self.run_folder, calibration)  # every rank
+        if streamed:  # every rank; a BatchTopK threshold is fitted into the shards first
+            finish.fit_batchtopk_sharded(self.model, calibration, self.run_folder)
+            finish.export_all(cfg, self.model, self.run_folder, calibration)
         whole = wants_eval or features or (exports and not streamed)
-        plain = self._gather() if whole else None
-        plain = finish.fit_batchtopk(plain, calibration, self.run_folder)
+        plain = self._gather() if whole else None  # carries a threshold fitted above
+        if not streamed:
+            plain = finish.fit_batchtopk(plain, calibration, self.run_folder)
         result = self._evaluate(self.train_state.step, plain, cfg.eval.open_loop) if wants_eval else None
         if self.rank == 0:
             finish.write_run_report(self.run_folder, result)

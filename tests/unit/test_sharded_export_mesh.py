@@ -188,3 +188,115 @@ def test_streamed_exports_equal_the_gathered_ones_and_hold_one_layer(tmp_path, l
             assert 0 < r["peak"] <= r["bound"], (rank, case, r)
             assert r["whole"] > 3 * r["bound"], r  # the bound is a real one: the model is far bigger
             assert r["live_after"] == 0, r  # nothing gathered outlives the export
+
+
+def _batchtopk_worker(rank: int, world: int, tmp: str) -> None:
+    """BatchTopK (scope ``all`` and ``layer``): the inference-threshold fit and the circuit-tracer
+    conversion from the shards vs on the gathered copy, with the gathered-bytes spy on."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchtitan_clt.checkpoint import sharded_calibration as sc
+    from torchtitan_clt.checkpoint import sharded_export as se
+    from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
+    from torchtitan_clt.distributed.tensor_parallel import apply_tp
+    from torchtitan_clt.models.common import copy_full_
+    from torchtitan_clt.models.conversion import fit_batchtopk_threshold
+    from torchtitan_clt.protocols import model_registry
+    from torchtitan_clt.trainer.finish import gather_plain_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
+    tmp = Path(tmp)
+    live, peak = [0], [0]
+
+    def spy(fn):
+        def gathered(*a):
+            t = fn(*a)
+            n = t.numel() * t.element_size()
+            live[0] += n
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - n))
+            return t
+
+        return gathered
+
+    se.gather_row, se.gather_whole = spy(se.gather_row), spy(se.gather_whole)
+    try:
+        mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+        g = torch.Generator().manual_seed(21)
+        calib = [(torch.randn(24, L, D, generator=g), torch.randn(24, L, D, generator=g)) for _ in range(2)]
+        report = {}
+        for scope in ("all", "layer"):
+            spec = model_registry.get("clt")
+            args = tiny_args("clt", "batchtopk", L=L, d=D, F=F, skip_connection=True, batchtopk_scope=scope)
+            ref = spec.build_fn(args)
+            ref.init_weights(3)
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+            ref.set_standardization(torch.zeros(L, D), torch.rand(L, D, generator=g) + 0.5,
+                                    torch.randn(L, D, generator=g), torch.rand(L, D, generator=g) + 0.5)  # fmt: skip
+            with torch.device("meta"):
+                model = spec.build_fn(args)
+            apply_tp(model, mesh["tp"], spec.tp_plan)
+            model.to_empty(device="cpu")
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for name, p in ref.state_dict().items():
+                    copy_full_(params[name], p) if name in params else model.get_buffer(name).copy_(p)
+            plain = gather_plain_model(model, spec, args, world)  # before the fit: the reference's input
+            peak[0] = live[0] = 0
+            fit = sc.fit_batchtopk(se.LayerStream(model), calib)
+            export_circuit_tracer(model, tmp / str(rank) / scope, calibration=calib)
+            bound = max(se.layer_bytes(model, se.layer_plan(model), j) for j in range(L))
+            report[scope] = {"peak": peak[0], "bound": bound, "live_after": live[0], "fit": fit}
+            if rank == 0:
+                report[scope]["ref_fit"] = fit_batchtopk_threshold(plain, calib)
+                export_circuit_tracer(plain, tmp / "ref" / scope, calibration=calib)
+            dist.barrier()
+        (tmp / f"report{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_batchtopk_fit_and_conversion_from_the_shards(tmp_path):
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    mp.start_processes(_batchtopk_worker, args=(4, str(tmp_path)), nprocs=4, join=True, start_method="fork")
+    reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(4)]
+    for scope in ("all", "layer"):
+        r0 = reports[0][scope]
+        assert all(r[scope]["fit"] == r0["fit"] for r in reports)  # every rank got rank 0's fit
+        for key in ("tokens", "k", "scope", "tracked_ema"):
+            assert r0["fit"][key] == r0["ref_fit"][key], key
+        torch.testing.assert_close(
+            torch.tensor(r0["fit"]["threshold"]), torch.tensor(r0["ref_fit"]["threshold"])
+        )
+        assert (
+            len(set(r0["fit"]["threshold"])) == (1 if scope == "all" else L)
+            and min(r0["fit"]["threshold"]) > 0
+        )
+        for r in reports:
+            # == : layer 0 (W_dec.0 whole) was gathered by the stream, so the conversion streamed
+            assert r[scope]["peak"] == r[scope]["bound"] and r[scope]["live_after"] == 0, r[scope]
+        got, want = tmp_path / "0" / scope, tmp_path / "ref" / scope
+        assert _files(got).keys() == _files(want).keys()
+        a, b = (json.loads((f / "conversion.json").read_text()) for f in (got, want))
+        assert list(a) == list(b)
+        for k in b:
+            if isinstance(b[k], float) or isinstance(b[k], list):
+                torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(b[k]), rtol=1e-4, atol=1e-6)
+            else:
+                assert a[k] == b[k], k
+        assert a["l0_before"] == b["l0_before"] and a["l0_after"] == b["l0_after"]  # counts, exactly
+        for j in range(L):
+            for f in (f"W_enc_{j}.safetensors", f"W_dec_{j}.safetensors"):
+                ta, tb = load_file(str(got / f)), load_file(str(want / f))
+                for k in tb:
+                    if k.startswith("threshold"):
+                        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-7)
+                    else:
+                        assert torch.equal(ta[k], tb[k]), (scope, f, k)

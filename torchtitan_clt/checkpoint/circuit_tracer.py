@@ -236,15 +236,26 @@ def export_circuit_tracer(
 
     act = unwrap(model).activation
     converts = bool(calibration) and isinstance(act, (TopK, BatchTopK))
-    plan = layer_plan(model) if is_sharded(model) and not converts else None
+    # BatchTopK's conversion with its defaults streams too (checkpoint.sharded_calibration);
+    # TopK's (threshold fit, decoder refit) and any other options read the gathered copy.
+    streams = not converts or (isinstance(act, BatchTopK) and eval_batches is None and not conversion_options)
+    plan = layer_plan(model) if is_sharded(model) and streams else None
     if plan is not None:  # one source layer at a time, on every rank; rank 0 writes
         stream = LayerStream(model, plan)
         m = stream.model
-        _, report = _convert(m, [], None, {})  # no rows: nothing converted, says so (or None)
-        theta = None
-        if not isinstance(act, ReLU):
-            _warn_if_approximate(act)
-            theta = _StreamedThresholds(stream)
+        if converts:
+            from torchtitan_clt.checkpoint.sharded_calibration import convert_batchtopk
+
+            theta, report = convert_batchtopk(stream, calibration)
+            report["eval_on"] = "calibration batches"
+            report["calibration_tokens"] = sum(int(b[0].shape[0]) for b in calibration)
+            theta = _checked(theta)
+        else:
+            _, report = _convert(m, [], None, {})  # no rows: nothing converted, says so (or None)
+            theta = None
+            if not isinstance(act, ReLU):
+                _warn_if_approximate(act)
+                theta = _StreamedThresholds(stream)
         try:
             return _write_folder(
                 folder, kind, m, stream.layer_tensors, theta, llm_n_layers, dtype, m.args.activation, report

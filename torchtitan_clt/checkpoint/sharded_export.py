@@ -174,12 +174,31 @@ class LayerStream:
         stacked entry under its own name, and ``W_dec.{j}`` whole for a crosslayer family."""
         if self.j != j:
             self.w = {}  # drop the previous layer before gathering the next
-            w = {k: _f32(gather_row(self.state[k], j)) for k in self.plan.stacked}
-            if self.plan.per_source:
-                w[self.plan.per_source[j]] = _f32(gather_whole(self.state[self.plan.per_source[j]]))
+            w = self.raw_layer(j)
             fold_layer(w, self.std, j, self.plan)
             self.j, self.w = j, w
         return self.w
+
+    def raw_layer(self, j: int) -> dict[str, torch.Tensor]:
+        """Source layer j as trained (standardized units, not folded, not kept): the entries of
+        ``layer``, fp32."""
+        self.w, self.j = {}, None
+        w = {k: _f32(gather_row(self.state[k], j)) for k in self.plan.stacked}
+        if self.plan.per_source:
+            w[self.plan.per_source[j]] = _f32(gather_whole(self.state[self.plan.per_source[j]]))
+        return w
+
+    def encoder(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer j's encoder as trained, ``W_enc[j]  # [F, d_in]`` and ``b_enc[j]  # [F]``, fp32
+        (gathered, not kept: the calibration passes read only these)."""
+        self.w, self.j = {}, None
+        return _f32(gather_row(self.state["W_enc"], j)), _f32(gather_row(self.state["b_enc"], j))
+
+    def pre_acts(self, x: torch.Tensor, j: int, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Layer j's pre-activations  # [n, F] of raw rows ``x  # [n, L, d_in]`` (the family's
+        ``pre_acts(standardize_in(x))``, layer j, as one batch of the same batched matmul)."""
+        xs = (x[:, j].float() - self.std["in_mean"][j]) / self.std["in_scale"][j]
+        return torch.bmm(xs[None], W.transpose(0, 1)[None])[0] + b
 
     def release(self) -> None:
         self.j, self.w = None, {}

@@ -4,10 +4,10 @@ On a mesh the exports are streamed from the sharded model, one source layer at a
 (``checkpoint.sharded_export``; ``exports_streamed`` says when), so no rank holds more than its
 shard plus one layer. What needs the whole dictionary gathers it onto rank 0 once
 (``gather_plain_model``) and reads that copy: the held-out evaluation (the replacement model runs
-inside the LLM), the feature pass, the BatchTopK inference-threshold fit and the circuit-tracer
-JumpReLU conversion of a TopK / BatchTopK model (both fitted on rows of the whole model); the
-exports then come from that copy too. A BatchTopK model gets its inference threshold fitted on
-training rows (``fit_batchtopk``) before any of them, so the evaluation, the exports and the
+inside the LLM), the feature pass, and the circuit-tracer JumpReLU conversion of a TopK model
+(a threshold fit on the whole model); the exports then come from that copy too. A BatchTopK model
+gets its inference threshold fitted on training rows before any of them (``fit_batchtopk``, or
+``fit_batchtopk_sharded`` layer by layer on a mesh), so the evaluation, the exports and the
 feature examples all see the model as it will be used.
 """
 
@@ -47,14 +47,14 @@ def gather_plain_model(model: Any, spec: ModelSpec, args: TranscoderArgs, world_
 
 def exports_streamed(cfg: JobConfig, model: Any, args: TranscoderArgs, calibration: list) -> bool:
     """Whether the exports come straight from the sharded ``model`` (same on every rank): it is
-    sharded, its family has a per-layer fold, and nothing must be fitted on the whole model first
-    (a BatchTopK threshold, or a TopK / BatchTopK conversion for circuit-tracer)."""
+    sharded, its family has a per-layer fold, and no TopK conversion for circuit-tracer must be
+    fitted on the whole model first."""
     from torchtitan_clt.checkpoint.sharded_export import is_sharded, layer_plan
 
     if not (dist.is_initialized() and is_sharded(model)) or layer_plan(model) is None:
         return False
-    fitted = bool(calibration) and args.activation in ("topk", "batchtopk")
-    return not (fitted and (args.activation == "batchtopk" or cfg.checkpoint.export_circuit_tracer))
+    # BatchTopK's threshold fit and conversion stream too; TopK's conversion reads the whole model.
+    return not (calibration and args.activation == "topk" and cfg.checkpoint.export_circuit_tracer)
 
 
 def calibration_batches(cfg: JobConfig, args: TranscoderArgs, source: Any) -> list[tuple[torch.Tensor, ...]]:
@@ -75,15 +75,34 @@ def calibration_batches(cfg: JobConfig, args: TranscoderArgs, source: Any) -> li
 def fit_batchtopk(plain: Any, batches: list, run_folder: Path) -> Any:
     """``plain`` with its BatchTopK inference threshold fitted in place to the training rows
     ``batches`` (logged, and written to report/batchtopk_threshold.json); other models unchanged."""
-    from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold
+    from torchtitan_clt.models.conversion import fit_batchtopk_threshold
 
     fit = fit_batchtopk_threshold(plain, batches) if plain is not None else None
+    _report_fit(fit, run_folder)
+    return plain
+
+
+def fit_batchtopk_sharded(model: Any, batches: list, run_folder: Path) -> None:
+    """``fit_batchtopk`` of the sharded ``model``, one source layer at a time (every rank calls it;
+    the threshold is set on every rank, from rank 0's rows)."""
+    from torchtitan_clt.checkpoint.sharded_calibration import fit_batchtopk as fit_streamed
+    from torchtitan_clt.checkpoint.sharded_export import LayerStream
+
+    stream = LayerStream(model)
+    fit = fit_streamed(stream, batches)
+    stream.release()
+    if dist.get_rank() == 0:
+        _report_fit(fit, run_folder)
+
+
+def _report_fit(fit: dict | None, run_folder: Path) -> None:
+    from torchtitan_clt.models.conversion import describe_batchtopk_fit
+
     if fit is not None:
         logger.info(describe_batchtopk_fit(fit))
         report = run_folder / "report"
         report.mkdir(parents=True, exist_ok=True)
         (report / "batchtopk_threshold.json").write_text(json.dumps(fit, indent=1))
-    return plain
 
 
 def export_all(cfg: JobConfig, model: Any, run_folder: Path, calibration: list) -> None:
