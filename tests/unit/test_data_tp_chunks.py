@@ -71,13 +71,15 @@ class _Spy:
     """Counts what the collectives carry: the largest piece of rows a rank received by broadcast,
     and any all-gather."""
 
-    def __init__(self):
+    def __init__(self, events: list[str] | None = None):
         self.largest, self.pieces, self.gathers = 0, 0, 0
+        self.events = events if events is not None else []  # "recv" for each piece received
         self._broadcast, self._gather = dist.broadcast, dist.all_gather
 
     def broadcast(self, tensor, *args, group=None, group_src=None, **kw):
         if tensor.dim() == 3 and group_src != dist.get_rank(group):
             self.largest, self.pieces = max(self.largest, tensor.shape[0]), self.pieces + 1
+            self.events.append("recv")
         return self._broadcast(tensor, *args, group=group, group_src=group_src, **kw)
 
     def all_gather(self, *args, **kw):
@@ -156,7 +158,22 @@ def _fail(rank: int, world: int) -> dict:
     return {"error": None}
 
 
-JOBS = {"serve": _serve, "save": _save_tp2, "load": _load_tp4, "fail": _fail}
+def _order(rank: int, world: int) -> dict:
+    """What a rank does during the first refill, in order: ``extract`` (its own chunk) or ``recv``
+    (a piece of another's)."""
+    from torchtitan_clt.data import buffer
+
+    events: list[str] = []
+    dist.broadcast = _Spy(events).broadcast
+    buffer.PIECE_BYTES = PIECE_ROWS * 2 * 64 * 4
+    src = _source(_cfg(prefetch=False))
+    src.extractor = lambda t: (events.append("extract"), _fake_extract(t))[1]
+    src.next_batch(1)  # the first refill: 2 chunks, from ranks 0 and 1
+    src.close()
+    return {"events": events}
+
+
+JOBS = {"serve": _serve, "save": _save_tp2, "load": _load_tp4, "fail": _fail, "order": _order}
 
 
 def _worker(rank: int, world: int, job: str) -> None:
@@ -268,3 +285,13 @@ def test_a_failed_chunk_stops_the_whole_group():
     out = _launch("fail", 2)
     assert out[1]["error"] == "ValueError: broken batch"
     assert out[0]["error"].startswith("RuntimeError: Tensor-parallel rank 1 could not extract its chunk")
+
+
+@pytest.mark.slow
+def test_the_owners_of_a_refill_extract_at_the_same_time():
+    # tp=4, a refill of 2 chunks dealt to ranks 0, 1: rank 1 extracts its chunk before chunk 0
+    # arrives (not after); ranks 2 and 3 only receive. Pieces: 5 of x and 5 of y per chunk.
+    out = [o["events"] for o in _launch("order", 4)]
+    assert out[0] == ["extract"] + ["recv"] * 10
+    assert out[1] == ["extract"] + ["recv"] * 10
+    assert out[2] == out[3] == ["recv"] * 20

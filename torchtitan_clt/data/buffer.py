@@ -255,33 +255,43 @@ class ShuffleBuffer:
         slot.loader_state, slot.first = None, 0
         return iter(loader), extract
 
-    def _chunk(self, it: Any, extract: Extract, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next chunk of this rank's feed; under tensor parallelism a failure stops the group."""
+    def _chunk(self, it: Any, extract: Extract) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of this rank's feed, extracted."""
+        with self._lock:
+            try:
+                batch = next(it)
+            except StopIteration as e:
+                raise RuntimeError("The data stream ended while filling the activation buffer.") from e
+            return extract(batch)
+
+    def _own_chunk(self, it: Any, extract: Extract) -> tuple[Any, Any, Exception | None]:
+        """``(x, y, None)`` or ``(None, None, error)``: under tensor parallelism an error is raised at
+        this rank's turn, once the group knows (the others would wait for its chunk forever)."""
         try:
-            with self._lock:
-                try:
-                    batch = next(it)
-                except StopIteration as e:
-                    raise RuntimeError("The data stream ended while filling the activation buffer.") from e
-                return extract(batch)
-        except Exception:
-            if self.share is not None:
-                self.share.header(owner, None, None)  # the others would wait for this chunk forever
-            raise
+            return (*self._chunk(it, extract), None)
+        except Exception as e:  # noqa: BLE001 - raised at this rank's turn
+            return None, None, e
 
     def _fill(self, slot: _Refill, feed: tuple[Any, Extract]) -> None:
         """Extract the next refill into ``slot`` (on the training thread or the prefetch thread)."""
         it, extract = feed
         adopted, share = slot.adopted, self.share
         filled = c = 0
+        ahead = None  # tensor parallelism: this rank's next chunk, extracted before its turn
         from_cuda = False
         while filled < self.buffer_tokens:
             if self._stop.is_set():
                 raise _Cancelled
             owner = share.owner(slot.first, c) if share is not None else 0
             x = y = None
-            if share is None or owner == share.rank:  # a rank whose turn it is not reads nothing
-                x, y = self._chunk(it, extract, owner)
+            if share is None:
+                x, y = self._chunk(it, extract)
+            elif owner == share.rank:  # a rank whose turn it is not reads nothing
+                x, y, error = ahead if ahead is not None else self._own_chunk(it, extract)
+                ahead = None
+                if error is not None:
+                    share.header(owner, None, None)  # the others stop too
+                    raise error
             if share is not None:
                 rows, x_row, y_row, x_dtype, y_dtype = share.header(owner, x, y)
             else:
@@ -302,11 +312,22 @@ class ShuffleBuffer:
                 slot.y[filled : filled + n].copy_(y[:n], non_blocking=True)
                 from_cuda |= x.device.type == "cuda"
             else:
+                # A receiver whose chunk comes later in this refill extracts it now, before chunk c
+                # arrives: the owners of a refill's chunks run the LLM at the same time, each holding
+                # one extraction (chunks of a refill have one size).
+                later = -(-(self.buffer_tokens - filled - n) // rows)  # chunks after this one
+                if owner != share.rank and ahead is None and 0 < (share.rank - owner) % share.size <= later:
+                    ahead = self._own_chunk(it, extract)
                 share.rows(owner, x, slot.x[filled : filled + n])
                 share.rows(owner, y, slot.y[filled : filled + n])
                 from_cuda |= share.device.type == "cuda"
+                x = y = None  # this rank's extraction is freed before it extracts the next one
             filled += n
             c += 1
+        if ahead is not None:
+            raise RuntimeError(
+                "A chunk was extracted ahead for a refill it did not belong to (chunk sizes varied)."
+            )
         if from_cuda and self.device.type == "cpu":  # host rows copied asynchronously must land
             torch.cuda.current_stream().synchronize()
         slot.rows, slot.chunks = filled, c
