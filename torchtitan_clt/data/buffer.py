@@ -14,10 +14,12 @@ each chunk is extracted by one rank only, from its own loader, and broadcast by 
 straight into the buffer's slot, at most ``piece_bytes`` of x (and of y) at a time, so no rank
 ever holds more than its own extraction plus one piece of gathered rows. Chunks are dealt
 round-robin: chunk ``c`` of a refill belongs to rank ``(first + c) % tp``, where ``first`` counts
-the chunks taken from the own loaders since they started (so every rank extracts its share over
-time, and a rank whose turn it is not does not read its loader). The capacity is the same as
-without tensor parallelism. The deal of the refill being drained (``first``) is part of the state,
-so a replay deals it again the same way.
+the chunks taken from the own loaders since they started, mod tp (so every rank extracts its share over
+time, and a rank whose turn it is not does not read its loader). The owners of a refill's chunks
+extract them at the same time (a rank extracts its next chunk before the one in flight arrives),
+and the broadcasts follow in chunk order. The capacity is the same as without tensor
+parallelism. The deal of the refill being drained (``first``) is part of the state, so a replay
+deals it again the same way.
 
 Resume on another number of ranks (``adopt``): every old rank was partway through a refill. The
 new ranks first finish those refills (each is replayed by the ``replay`` callback from its old
