@@ -285,7 +285,7 @@ def _write_folder(
     report: dict[str, Any] | None,
 ) -> Path | None:
     """The layer files, config.yaml and conversion.json (rank 0 writes; every rank walks the
-    layers, which for a sharded model's ``tensors`` are collective)."""
+    layers in the same order, which for a sharded model's ``tensors`` are collective)."""
     write = is_rank0()
     folder = Path(folder)
     if write:
@@ -299,18 +299,18 @@ def _write_folder(
 
     a = model.args
     n_llm = llm_layer_count(model, llm_n_layers, warn=write)
+    if not write:  # a sharded model's other ranks: the same gathers as rank 0's, nothing written
+        for j in range(a.n_layers):
+            tensors(model, j)
+        return None
     with torch.no_grad():
         if kind == CLT_KIND:
             for i, enc, dec in clt_layers(model, tensors, theta, n_llm, dtype):
-                if write:
-                    save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
-                    save_file(dec, str(folder / f"W_dec_{i}.safetensors"))
+                save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
+                save_file(dec, str(folder / f"W_dec_{i}.safetensors"))
         else:
             for i, sd in plt_layers(model, tensors, theta, n_llm, dtype):
-                if write:
-                    save_file(sd, str(folder / f"layer_{i}.safetensors"))
-    if not write:
-        return None
+                save_file(sd, str(folder / f"layer_{i}.safetensors"))
     config = {
         "model_kind": kind,
         "model_name": a.model_name,

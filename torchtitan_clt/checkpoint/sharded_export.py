@@ -3,11 +3,13 @@
 A model trained on a mesh has DTensor parameters: tensor parallelism shards the feature axis,
 FSDP2 dim 0 (for a layer-stacked tensor, the layer axis). Gathering it whole onto rank 0
 (clt_8b: 75.7 B parameters, ~303 GB) is what the exports must not do. ``LayerStream`` instead
-gathers source layer j on every rank, collectively: row j of every layer-stacked tensor (``W_enc``,
-``b_enc``, ``b_dec``, ``W_skip``, the activation's state, the standardization buffers) and, for a
-crosslayer family, the whole ``W_dec.{j}  # [F, L-j, d]``; it folds the standardization into that
-layer and hands it over, and the previous layer is dropped. So no rank holds more than its own
-shard plus one source layer (``tests/unit/test_sharded_export_mesh.py`` measures it).
+gathers source layer j onto rank 0's CPU, collectively: row j of every layer-stacked tensor
+(``W_enc``, ``b_enc``, ``b_dec``, ``W_skip``, the activation's state, the standardization buffers)
+and, for a crosslayer family, the whole ``W_dec.{j}  # [F, L-j, d]``, each rank sending its pieces
+of it in turn (so a device holds one rank's piece at a time); it folds the standardization into
+that layer and hands it over, and the previous layer is dropped. The other ranks receive nothing
+(meta tensors of the same shapes). So rank 0 holds its own shard plus one source layer, the others
+their shards (``tests/unit/test_sharded_export_mesh.py`` measures it).
 
 Families: those whose fold is the layerwise one (``LayerwiseTranscoder`` with the CLT's or the
 PLT's decoder fold: clt, matryoshka_clt, plt, sae); for others (molt, a user's family)
@@ -77,50 +79,101 @@ def layer_plan(model: torch.nn.Module) -> LayerPlan | None:
 
 
 # --- gathering ------------------------------------------------------------------------------------
+# Only rank 0 writes and fits, so only rank 0 receives: the other ranks send their pieces and get a
+# meta tensor of the same shape (no memory), which the fold runs on as it does on rank 0's.
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _received(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
 def gather_whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind ``t`` on the CPU (collective for a DTensor: every rank calls it)."""
-    return (t.full_tensor() if is_dtensor(t) else t).detach().to("cpu")
+    """The whole tensor behind ``t`` on rank 0's CPU, a meta tensor elsewhere (collective for a
+    DTensor: every rank calls it)."""
+    if not is_dtensor(t):  # replicated: rank 0 has it
+        return t.detach().to("cpu") if _rank() == 0 else _received(tuple(t.shape), t.dtype)
+    return _to_rank0(t, None)
 
 
 def gather_row(t: torch.Tensor, j: int) -> torch.Tensor:
-    """Row ``j`` (dim 0) of the tensor behind ``t`` on the CPU, without gathering the other rows
-    (collective for a DTensor). A mesh dimension that shards dim 0 (FSDP) broadcasts the row from
-    the rank that holds it; one that shards another dim (tp) all-gathers the row's slices."""
-    if not is_dtensor(t):
-        return t.detach()[j].to("cpu")
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    """Row ``j`` (dim 0) of the tensor behind ``t`` on rank 0's CPU, a meta tensor elsewhere,
+    without gathering the other rows (collective for a DTensor)."""
+    if not is_dtensor(t):  # replicated: rank 0 has it
+        return t.detach()[j].to("cpu") if _rank() == 0 else _received(tuple(t.shape[1:]), t.dtype)
+    return _to_rank0(t, j)
 
-    mesh, local = t.device_mesh, t.to_local()
-    coord = mesh.get_coordinate()
-    row_placements, piece = [], None
-    for i, p in enumerate(t.placements):
-        if type(p) is Replicate:
-            row_placements.append(Replicate())
-        elif type(p) is Shard and p.dim % t.dim() != 0:
-            row_placements.append(Shard(p.dim % t.dim() - 1))
-        elif type(p) is Shard and piece is None:
-            n = mesh.size(i)
-            chunk = -(-t.shape[0] // n)
-            owner = j // chunk
-            at = list(coord)
-            at[i] = owner
-            src = int(mesh.mesh[tuple(at)])
-            if coord[i] == owner:
-                piece = local[j - owner * chunk].contiguous()
+
+def _to_rank0(t: torch.Tensor, j: int | None) -> torch.Tensor:
+    """``t`` whole (``j`` None) or its row j, sent to rank 0 piece by piece: for every block of
+    the sharded dims, the rank that holds it (the row's owner on a mesh dim sharding dim 0, rank
+    0's coordinate on replicated dims) sends it, so rank 0's device holds one rank's piece at a
+    time. Placements other than plain Shard / Replicate (FSDP2 over tp on one dim: _StridedShard)
+    are gathered with ``full_tensor`` on every device instead."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, local, shape = t.device_mesh, t.to_local(), tuple(t.shape)
+    out_shape = shape if j is None else shape[1:]
+    dims = [(i, p.dim % t.dim()) for i, p in enumerate(t.placements) if type(p) is not Replicate]
+    plain = all(type(t.placements[i]) is Shard for i, _ in dims) and len({d for _, d in dims}) == len(dims)
+    if not plain:
+        full = t.full_tensor()
+        full = full if j is None else full[j]
+        return full.detach().to("cpu").clone() if _rank() == 0 else _received(out_shape, t.dtype)
+    me, coord = _rank(), mesh.get_coordinate()
+    r0 = [int(c) for c in (mesh.mesh == 0).nonzero()[0]]
+    out = torch.empty(out_shape, dtype=t.dtype) if me == 0 else _received(out_shape, t.dtype)
+
+    def blocks(k: int):  # (mesh coordinate, box) of every block; k: the next sharded dim
+        if k == len(dims):
+            yield list(r0), [(0, n) for n in shape]
+            return
+        i, d = dims[k]
+        n = mesh.size(i)
+        chunk = -(-shape[d] // n)
+        for c in range(n):
+            lo, hi = min(c * chunk, shape[d]), min((c + 1) * chunk, shape[d])
+            if hi == lo or (j is not None and d == 0 and not lo <= j < hi):
+                continue
+            for at, box in blocks(k + 1):
+                at[i], box[d] = c, (lo, hi)
+                yield at, box
+
+    for at, box in blocks(0):
+        src = int(mesh.mesh[tuple(at)])
+        if j is not None:
+            box[0] = (j, j + 1)
+        if me == src:  # my block: its slice of my local shard
+            mine = tuple(slice(lo - b[0], hi - b[0]) for (lo, hi), b in zip(box, _my_box(t, coord)))
+            piece = local[mine].contiguous()
+            if me == 0:
+                out[_out_index(box, j)] = piece.detach().to("cpu").reshape(out[_out_index(box, j)].shape)
             else:
-                piece = torch.empty(local.shape[1:], dtype=local.dtype, device=local.device)
-            dist.broadcast(piece, src=src, group=mesh.get_group(i))
-            row_placements.append(Replicate())
-        else:  # e.g. FSDP2 over tp on the same dim (_StridedShard): gather it whole
-            return gather_whole(t)[j].clone()
-    if piece is None:
-        piece = local[j]
-    if all(type(p) is Replicate for p in row_placements):
-        return piece.detach().to("cpu")
-    shape = tuple(t.shape[1:])
-    stride = torch.empty(shape, device="meta").stride()
-    row = DTensor.from_local(piece, mesh, row_placements, run_check=False, shape=shape, stride=stride)
-    return row.full_tensor().detach().to("cpu")
+                dist.send(piece, dst=0)
+        elif me == 0:
+            piece = torch.empty([hi - lo for lo, hi in box], dtype=local.dtype, device=local.device)
+            dist.recv(piece, src=src)
+            out[_out_index(box, j)] = piece.to("cpu").reshape(out[_out_index(box, j)].shape)
+    return out
+
+
+def _my_box(t: torch.Tensor, coord: list[int]) -> list[tuple[int, int]]:
+    """This rank's block of the full tensor, ``[(lo, hi)]`` per dim (plain Shard / Replicate)."""
+    from torch.distributed.tensor import Shard
+
+    box = [(0, n) for n in t.shape]
+    for i, p in enumerate(t.placements):
+        if type(p) is Shard:
+            d = p.dim % t.dim()
+            chunk = -(-t.shape[d] // t.device_mesh.size(i))
+            lo = min(coord[i] * chunk, t.shape[d])
+            box[d] = (lo, min(lo + chunk, t.shape[d]))
+    return box
+
+
+def _out_index(box: list[tuple[int, int]], j: int | None) -> tuple[slice, ...]:
+    return tuple(slice(lo, hi) for lo, hi in (box if j is None else box[1:]))
 
 
 # --- one source layer, folded -----------------------------------------------------------------------
@@ -175,7 +228,8 @@ class LayerStream:
         if self.j != j:
             self.w = {}  # drop the previous layer before gathering the next
             w = self.raw_layer(j)
-            fold_layer(w, self.std, j, self.plan)
+            if not any(v.is_meta for v in w.values()):  # rank 0 (the others hold shapes only)
+                fold_layer(w, self.std, j, self.plan)
             self.j, self.w = j, w
         return self.w
 
