@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 
 def load_pretrained(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transcoder:
-    """Load a native export folder (``outputs/<job>/export``), a circuit-tracer folder or a Hub
+    """Load a native export folder (``outputs/<job>/export``: one ``model.safetensors``, or the
+    shards that ``model.safetensors.index.json`` names), a circuit-tracer folder or a Hub
     repo (``"org/name"``, ``"org/name@revision"``, ``"hf://org/name/sub/folder"``) as a
     ``Transcoder`` in eval mode.
 
