@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GiB = 2**30
-PHASES = ("build", "standardize", "refill", "step", "checkpoint", "export")
+PHASES = ("build", "standardize", "refill", "step", "checkpoint", "export", "other")
+"""``other``: what runs between the phases (the loop's logging, signal checks)."""
 
 # Named cards: what torch.cuda reports as total memory (GiB). "Fits" means at most FIT_FRACTION of it.
 GPUS = {
@@ -61,6 +62,7 @@ def phase_hooks(enter: Callable[[str], Any], parts: dict[str, Any]) -> Iterator[
     from torchtitan_clt.trainer import build, step
 
     targets = [
+        (train.Trainer, "__init__", "build"),
         (build, "standardize", "standardize"),
         (buffer.ShuffleBuffer, "_next_refill", "refill"),
         (step.TrainStep, "__call__", "step"),
@@ -233,15 +235,11 @@ def trace(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import _disable_current_modes
 
+    from torchtitan_clt import train
     from torchtitan_clt.distributed.parallel_dims import ParallelDims
-    from torchtitan_clt.tools.fake_world import (
-        FakeCudaMode,
-        fake_process_group,
-        movable_fake_modules,
-        pretend_cuda,
-    )
+    from torchtitan_clt.tools import fake_world as fw
     from torchtitan_clt.tools.mem_trace import MemTracer, watch_storage_resizes
-    from torchtitan_clt.train import Trainer
+    from torchtitan_clt.trainer import build
     from torchtitan_clt.trainer.dry_run import SUBSTITUTIONS, Expectations, substitutions
 
     baseline = _rss_now()
@@ -255,30 +253,51 @@ def trace(
     with tempfile.TemporaryDirectory(prefix="tclt-trace-") as folder:
         jc = _job_config_for_trace(cfg, card is not None, steps, folder)
         oracle = Expectations(jc.model.k, jc.model.features_per_layer, jc.model.activation)
-        tracer = MemTracer(values=oracle, fake_pinning=card is not None)
+        tracer = MemTracer(values=oracle, fake_pinning=card is not None, meta_is_device=card is not None)
         real_build_mesh = ParallelDims.build_mesh
 
-        def build_mesh(self: Any, *a: Any, **k: Any) -> Any:
+        def build_mesh(self: Any, device_type: str = "cpu") -> Any:
             with _disable_current_modes():  # the mesh's rank table needs real values
-                return real_build_mesh(self, *a, **k)
+                return real_build_mesh(self, "meta" if card is not None else device_type)
 
         with contextlib.ExitStack() as stack:
-            stack.enter_context(fake_process_group(world, rank))
-            stack.enter_context(movable_fake_modules())
+            stack.enter_context(fake_world_for(world, rank))
             if card is not None:
-                stack.enter_context(pretend_cuda(gpus_per_node, int(card["gib"] * GiB), card["name"], tracer))
-            subs = stack.enter_context(substitutions(pin=card is not None))
+                gpu_mode = fw.GpuOnMeta()
+                stack.enter_context(fw.pretend_cuda(gpus_per_node, int(card["gib"] * GiB), card["name"], tracer))
+                stack.enter_context(fw.track_meta_contexts())
+                stack.enter_context(fw.gpu_semantics(gpu_mode))
+                # the trainer's device is this rank's GPU, the meta device (tools/fake_world)
+                stack.enter_context(_patched(train, "device_from_config", lambda c: fw.GPU))
+                import importlib
+
+                for name in ("adam", "adamw", "optimizer"):
+                    mod = importlib.import_module(f"torch.optim.{name}")
+                    if hasattr(mod, "_device_dtype_check_for_fused"):  # fused AdamW on the GPU (meta)
+                        stack.enter_context(_patched(mod, "_device_dtype_check_for_fused", lambda p, *a, **k: None))
+                from torchtitan_clt.data import buffer as data_buffer
+                from torchtitan_clt.data import cache as data_cache
+                from torchtitan_clt.data import source as data_source
+
+                for mod in (data_buffer, data_cache, data_source):  # pinned host buffer, side streams
+                    stack.enter_context(_patched(mod, "on_gpu", lambda d: torch.device(d).type in ("cuda", "meta")))
+                real_autocast_dtype = build.autocast_dtype
+                stack.enter_context(
+                    _patched(build, "autocast_dtype", lambda c, d: real_autocast_dtype(c, torch.device("cuda")))
+                )
+            subs = stack.enter_context(substitutions(card is not None, oracle))
             tracer.holders = holders(parts, subs["staging"])
             stack.enter_context(phase_hooks(tracer.phase, parts))
             stack.enter_context(inline_threads())
             stack.enter_context(watch_storage_resizes(tracer))
-            ParallelDims.build_mesh = build_mesh  # type: ignore[method-assign]
-            stack.callback(setattr, ParallelDims, "build_mesh", real_build_mesh)
+            stack.enter_context(_patched(ParallelDims, "build_mesh", build_mesh))
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-            stack.enter_context(FakeCudaMode(f"cuda:{rank % gpus_per_node}"))
+            stack.enter_context(fw.RealConstants())
+            if card is not None:
+                stack.enter_context(gpu_mode)
             stack.enter_context(tracer)
             try:
-                trainer = Trainer(jc)
+                trainer = train.Trainer(jc)
                 trainer.train()
             except Exception as e:  # noqa: BLE001 - reported with the phases reached
                 import traceback
@@ -290,6 +309,24 @@ def trace(
         else:
             os.environ[k] = v
     return summarize(tracer, jc, parts, subs, oracle, card, world, baseline, error, time.perf_counter() - t0, SUBSTITUTIONS)
+
+
+@contextlib.contextmanager
+def fake_world_for(world: int, rank: int) -> Iterator[None]:
+    from torchtitan_clt.tools import fake_world as fw
+
+    with fw.fake_process_group(world, rank), fw.movable_fake_modules():
+        yield
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
 
 
 def _groups(cfg: Any, world: int) -> int:
@@ -317,7 +354,7 @@ def summarize(
     phases = {}
     for name in PHASES:
         st = tracer.phases.get(name)
-        if st is None or st.entries == 0 and name != "build":
+        if st is None or (st.entries == 0 and name != "other"):
             continue
         phases[name] = {
             "device_peak_gib": round((st.peak["device"] + dev_extra) / GiB, 3) if card else 0.0,
@@ -416,7 +453,7 @@ class RSSPhases:
     def __init__(self) -> None:
         self.peak: dict[str, int] = defaultdict(int)
         self.entries: dict[str, int] = defaultdict(int)
-        self.stack = ["build"]
+        self.stack = ["other"]
         _reset_hwm()
 
     def _cut(self) -> None:

@@ -68,6 +68,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FAILED = -1  # a chunk's row count when its owner could not extract it
 
 
+def on_gpu(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU the buffer feeds through pinned memory and CUDA streams (the one
+    place that decides it: the dry run, scripts/dry_run.py, lets its stand-in GPU answer too)."""
+    return device.type == "cuda"
+
+
 class _Cancelled(Exception):
     """Raised inside a prefetch that is no longer wanted (resume, close)."""
 
@@ -206,9 +212,9 @@ class ShuffleBuffer:
         self._cur = 0
         self._job: _Job | None = None  # the prefetch in flight, filling the other slot
         self._stop = threading.Event()
-        cuda = self.device.type == "cuda" or self.pin_memory
+        cuda = on_gpu(self.device) or self.pin_memory
         self._stream = (
-            torch.cuda.Stream(self.device if self.device.type == "cuda" else None)
+            torch.cuda.Stream(self.device if on_gpu(self.device) else None)
             if prefetch and cuda
             else None
         )
@@ -312,7 +318,7 @@ class ShuffleBuffer:
                 assert x is not None and y is not None
                 slot.x[filled : filled + n].copy_(x[:n], non_blocking=True)
                 slot.y[filled : filled + n].copy_(y[:n], non_blocking=True)
-                from_cuda |= x.device.type == "cuda"
+                from_cuda |= on_gpu(x.device)
             else:
                 # A receiver whose chunk comes later in this refill extracts it now, before chunk c
                 # arrives: the owners of a refill's chunks run the LLM at the same time, each holding
@@ -322,7 +328,7 @@ class ShuffleBuffer:
                     ahead = self._own_chunk(it, extract)
                 share.rows(owner, x, slot.x[filled : filled + n])
                 share.rows(owner, y, slot.y[filled : filled + n])
-                from_cuda |= share.device.type == "cuda"
+                from_cuda |= on_gpu(share.device)
                 x = y = None  # this rank's extraction is freed before it extracts the next one
             filled += n
             c += 1
@@ -344,7 +350,7 @@ class ShuffleBuffer:
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin_memory)
-        if self._stream is not None and self.device.type == "cuda":  # allocated on the side stream
+        if self._stream is not None and on_gpu(self.device):  # allocated on the side stream
             t.record_stream(self._main_stream)
         return t
 
@@ -450,7 +456,7 @@ class ShuffleBuffer:
         buffer's device, or on ``device`` (a CUDA one) through pinned memory for a pinned buffer."""
         if self._replay:
             self._restore()
-        staged = self.pin_memory and device is not None and torch.device(device).type == "cuda"
+        staged = self.pin_memory and device is not None and on_gpu(torch.device(device))
         xs, ys = [], []
         stage: list[Any] | None = None
         done = 0

@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.data.buffer import ShuffleBuffer
+from torchtitan_clt.data.buffer import ShuffleBuffer, on_gpu
 from torchtitan_clt.data.cache_layout import FORMAT, META_FILE, shard_path
 from torchtitan_clt.data.llm import model_name
 from torchtitan_clt.data.source import (
@@ -277,7 +277,7 @@ class CacheSource(BufferedSource):
             d.prefetch,
             replay=self._replay,
             share=chunk_share(ctx, self.device),
-            pin_memory=self.device.type == "cuda",
+            pin_memory=on_gpu(self.device),
         )
         row_bytes = self.n_layers * (self.d_in + self.d_out) * DTYPES[meta["dtype"]].itemsize
         logger.info(

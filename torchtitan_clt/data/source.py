@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.data.buffer import ChunkShare, ShuffleBuffer
+from torchtitan_clt.data.buffer import ChunkShare, ShuffleBuffer, on_gpu
 from torchtitan_clt.data.hooks import check_layers, d_model, family, n_layers
 from torchtitan_clt.data.llm import model_name
 from torchtitan_clt.data.pipeline import LLMHandle, load_llm_handle, token_loader
@@ -232,7 +232,7 @@ class StreamSource(BufferedSource):
             llm.lock,  # held while the buffer tokenizes and extracts, possibly on the prefetch thread
             replay=self._replay,
             share=chunk_share(ctx, self.device),
-            pin_memory=self.device.type == "cuda",
+            pin_memory=on_gpu(self.device),
         )
         row_bytes = self.n_layers * (self.d_in + self.d_out) * llm_dtype.itemsize
         logger.info(

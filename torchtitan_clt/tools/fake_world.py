@@ -1,23 +1,34 @@
-"""A world that does not exist: a fake process group of any size and fake CUDA devices on a CPU.
+"""A world that does not exist: a fake process group of any size, and GPUs on a CPU-only machine.
 
-Together with ``FakeTensorMode`` (tensors with sizes, devices and dtypes but no memory) this runs
-the real training code at shapes no machine here could hold, the way TorchTitan estimates memory:
-one rank is simulated, its collectives complete at once (PyTorch's ``fake`` backend), and CUDA
-tensors are fake ones on ``cuda:N`` without a driver. Nothing here computes a value; what reads
-values (``.item()``, ``bool(t)``) goes through ``aten._local_scalar_dense``, which the caller's
-dispatch mode answers (``tools/mem_trace.MemTracer.scalar``).
+Together with ``FakeTensorMode`` (tensors with sizes and dtypes but no memory) this runs the real
+training code at shapes no machine here could hold, the way TorchTitan estimates memory: one rank
+is simulated, and its collectives complete at once (PyTorch's ``fake`` backend).
+
+The GPU is the ``meta`` device. A CPU build of torch cannot take a CUDA device guard, which its
+C++ does for fake CUDA tensors too (indexing, autograd's input metadata, ``item``); the meta device
+has a guard that does nothing, and fake tensors on it behave like a GPU's as far as sizes go.
+``pretend_cuda`` makes ``torch.cuda`` answer as if GPUs were there (streams and events order
+nothing), ``GpuOnMeta`` does what CUDA would do differently (autocast's casts, a fused attention's
+footprint), and the caller gives the trainer ``meta`` as its device. Nothing here computes a value;
+what reads values (``.item()``, ``bool(t)``) goes through ``aten._local_scalar_dense``, which the
+caller's dispatch mode answers (``tools/mem_trace.MemTracer.values``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
+
+GPU = torch.device("meta")
+"""The device that stands for this rank's GPU."""
+
 
 @contextlib.contextmanager
 def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
@@ -36,7 +47,7 @@ class _Stream:
     """A CUDA stream that orders nothing (fake tensors have no work to order)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.device = torch.device("cuda", 0)
+        self.device = GPU
 
     def wait_event(self, event: Any) -> None:
         pass
@@ -86,26 +97,50 @@ def _is_fake(t: Any) -> bool:
     return isinstance(t, FakeTensor)
 
 
+# > 0 while a ``with torch.device("meta")`` block makes tensors: the trainer builds its models so,
+# and those hold no memory anywhere (unlike the meta tensors that stand for the GPU's)
+_meta_context = [0]
+
+
+def in_meta_context() -> bool:
+    return _meta_context[0] > 0
+
+
 @contextlib.contextmanager
-def pretend_cuda(
-    gpus_per_node: int, total_memory: int, name: str = "fake GPU", tracer: Any = None
-) -> Iterator[None]:
+def track_meta_contexts() -> Iterator[None]:
+    """Count ``with torch.device("meta")`` blocks (``in_meta_context``)."""
+    from torch.utils._device import DeviceContext
+
+    real = DeviceContext.__torch_function__
+
+    def torch_function(self: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        meta = torch.device(self.device).type == "meta"
+        _meta_context[0] += meta
+        try:
+            return real(self, func, types, args, kwargs)
+        finally:
+            _meta_context[0] -= meta
+
+    DeviceContext.__torch_function__ = torch_function
+    try:
+        yield
+    finally:
+        DeviceContext.__torch_function__ = real
+
+
+@contextlib.contextmanager
+def pretend_cuda(gpus_per_node: int, total_memory: int, name: str = "fake GPU", tracer: Any = None) -> Iterator[None]:
     """``torch.cuda`` answers as if ``gpus_per_node`` GPUs of ``total_memory`` bytes were there:
     streams and events order nothing, memory statistics come from ``tracer`` (a ``MemTracer``)
-    when given. Reading a fake CUDA tensor's value (``.item()``, ``bool``, ``int``, ``float``,
-    ``tolist``) dispatches ``aten._local_scalar_dense`` instead of entering a CUDA device guard
-    (which a CPU build of torch cannot do); ``FakeCudaMode``, entered above ``FakeTensorMode``,
-    does the rest."""
+    when given; ``torch.meta`` is the device handle FSDP2 asks the mesh's device type for."""
     cuda = torch.cuda
-    props = types.SimpleNamespace(
-        name=name, total_memory=total_memory, major=9, minor=0, multi_processor_count=132
-    )
-    allocated = (lambda *a, **k: tracer.current["device"]) if tracer is not None else (lambda *a, **k: 0)
+    props = types.SimpleNamespace(name=name, total_memory=total_memory, major=9, minor=0, multi_processor_count=132)
+
+    def allocated(*a: Any, **k: Any) -> int:
+        return tracer.current["device"] if tracer is not None else 0
 
     def peak(*a: Any, **k: Any) -> int:
-        if tracer is None:
-            return 0
-        return max(st.peak["device"] for st in tracer.phases.values())
+        return max((st.peak["device"] for st in tracer.phases.values()), default=0) if tracer is not None else 0
 
     patches: dict[str, Any] = {
         "is_available": lambda: True,
@@ -133,131 +168,151 @@ def pretend_cuda(
     saved = {k: getattr(cuda, k) for k in patches if hasattr(cuda, k)}
     for k, v in patches.items():
         setattr(cuda, k, v)
-
+    handle = types.SimpleNamespace(**{k: patches[k] for k in ("current_device", "device_count", "set_device", "Stream",
+                                                                "Event", "current_stream", "synchronize", "stream")})  # fmt: skip
+    had_meta = hasattr(torch, "meta")
+    old_meta = getattr(torch, "meta", None)
+    torch.meta = handle  # type: ignore[attr-defined]
     T = torch.Tensor
-    scalar = torch.ops.aten._local_scalar_dense.default
-
-    def read(self: torch.Tensor) -> Any:
-        return scalar(self)
-
-    methods = {
-        # a fake CPU tensor to the fake GPU: ``to`` with an explicit index takes no guard
-        "cuda": lambda self, device=None, non_blocking=False, _o=T.cuda, **k: (
-            self.to(torch.device("cuda", 0 if device is None else torch.device(device, 0).index or 0),
-                    non_blocking=non_blocking) if _is_fake(self) else _o(self, device, non_blocking, **k)
-        ),
-        "is_cuda": property(lambda self, _o=T.is_cuda: self.device.type == "cuda" if _is_fake(self) else _o.__get__(self)),
-        "record_stream": lambda self, stream, _o=T.record_stream: None if _is_fake(self) else _o(self, stream),
-        "item": lambda self, _o=T.item: read(self) if _is_fake(self) else _o(self),
-        "__bool__": lambda self, _o=T.__bool__: bool(read(self)) if _is_fake(self) else _o(self),
-        "__int__": lambda self, _o=T.__int__: int(read(self)) if _is_fake(self) else _o(self),
-        "__float__": lambda self, _o=T.__float__: float(read(self)) if _is_fake(self) else _o(self),
-        "__index__": lambda self, _o=T.__index__: int(read(self)) if _is_fake(self) else _o(self),
-        "tolist": lambda self, _o=T.tolist: _fake_tolist(self) if _is_fake(self) else _o(self),
-    }
-    F = torch.nn.functional
-    real_sdpa = F.scaled_dot_product_attention
-
-    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        # A fused kernel's footprint: the output alone, never the [T, T] scores (C++ would pick
-        # its backend from the device it is told, meta, and fall back to the math path).
-        if _is_fake(query) and query.device.type != "cpu":
-            return query.new_empty((*query.shape[:-1], value.shape[-1]))
-        return real_sdpa(query, key, value, *args, **kwargs)
-
-    F.scaled_dot_product_attention = sdpa
-    # torch.tensor(data, device="cuda") copies its data to the device before any mode sees it
-    real_factories = {"tensor": torch.tensor, "as_tensor": torch.as_tensor}
-
-    def on_host_first(real: Any) -> Any:
-        def make(data: Any, *args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
-            if device is not None and torch.device(device).type == "cuda":
-                host = real(data, *args, **kwargs)
-                dev = torch.device("cuda", torch.device(device).index or 0)
-                return torch.empty(host.shape, dtype=host.dtype, device=dev).copy_(host)
-            return real(data, *args, device=device, **kwargs)
-
-        return make
-
-    for k, real in real_factories.items():
-        setattr(torch, k, on_host_first(real))
-    saved_methods = {k: T.__dict__.get(k) for k in methods}
-    for k, v in methods.items():
-        setattr(T, k, v)
+    real_record_stream = T.record_stream
+    T.record_stream = lambda self, stream: None if _is_fake(self) else real_record_stream(self, stream)  # type: ignore[method-assign]
+    real_tolist = T.tolist
+    T.tolist = lambda self: _fake_tolist(self) if _is_fake(self) else real_tolist(self)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = real_sdpa
-        for k, real in real_factories.items():
-            setattr(torch, k, real)
         for k, v in saved.items():
             setattr(cuda, k, v)
-        for k, v in saved_methods.items():
-            if v is None:
-                delattr(T, k)
-            else:
-                setattr(T, k, v)
+        if had_meta:
+            torch.meta = old_meta  # type: ignore[attr-defined]
+        else:
+            del torch.meta  # type: ignore[attr-defined]
+        T.record_stream, T.tolist = real_record_stream, real_tolist  # type: ignore[method-assign]
 
 
-# Autocast's CUDA lists, as far as the trace needs them: ops that run in the lower precision, and
-# ops that run in fp32 (torch/csrc/autograd/autocast_mode.cpp).
+# Autocast's CUDA lists, as far as the trace needs them (torch/csrc/autograd/autocast_mode.cpp):
+# ops that run in the lower precision, and ops that run in fp32.
 _LOWER = {
     "mm", "bmm", "baddbmm", "addmm", "addbmm", "matmul", "linear", "mv", "addmv", "addr",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
-    "scaled_dot_product_attention",
 }  # fmt: skip
-_FP32 = {"pow", "norm", "linalg_vector_norm", "_softmax", "_log_softmax", "mse_loss", "layer_norm",
-         "native_layer_norm", "cumsum", "exp", "log", "rsqrt"}  # fmt: skip
+_FP32 = {"pow", "norm", "linalg_vector_norm", "_softmax", "_log_softmax", "mse_loss", "native_layer_norm",
+         "cumsum", "exp", "log", "rsqrt"}  # fmt: skip
 
 
-class FakeCudaMode(TorchDispatchMode):
-    """Enter above ``FakeTensorMode`` inside ``pretend_cuda``. Torch's C++ asks a fake CUDA
-    tensor for its device where it would take a CUDA device guard (indexing, autograd's input
-    metadata, ``item``), which a CPU build cannot do: this mode tells C++ "meta" (a no-op guard)
-    while Python and the fake ops keep seeing ``cuda``. Autocast decides from that same C++
-    device, so it would not cast: the mode casts instead, by autocast's CUDA lists (matmuls in the
-    autocast dtype, a parameter's cast kept while autocast is on, as autocast caches it;
-    reductions and norms in fp32)."""
+class GpuOnMeta(TorchDispatchMode):
+    """Enter above ``FakeTensorMode``: what CUDA does that the meta device would not.
 
-    def __init__(self, device: torch.device | str = "cuda:0") -> None:
+    Autocast: ``torch.autocast("meta")`` does not exist, so the trainer's CUDA autocast becomes
+    ``autocast(dtype)`` here (``autocast_for``), and this mode casts by autocast's CUDA lists
+    (matmuls in the autocast dtype, a parameter's cast kept while autocast is on, as autocast
+    caches it; reductions and norms in fp32). Attention: a fused kernel's footprint (its output,
+    never the [T, T] scores the math fallback would make)."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.device = torch.device(device)
+        self.autocast: torch.dtype | None = None
         self._cache: dict[int, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def autocast_for(self, dtype: torch.dtype | None, enabled: bool = True) -> Iterator[None]:
+        old = self.autocast
+        self.autocast = dtype if enabled else None
+        try:
+            yield
+        finally:
+            self.autocast = old
+            if old is None:
+                self._cache.clear()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func is torch.ops.prim.device.default:
-            dev = func(*args)
-            return torch.device("meta") if dev.type != "cpu" else dev
-        dev = kwargs.get("device")
-        if dev is not None and torch.device(dev).type == "meta" and torch.get_default_device().type != "meta":
-            # C++ made this from a fake CUDA tensor's options, which said "meta" (above)
-            kwargs = {**kwargs, "device": self.device}
-        if not torch.is_autocast_enabled("cuda"):
-            if self._cache:
-                self._cache.clear()
-            return func(*args, **kwargs)
         name = func._schema.name.split("::")[-1]
-        if name in _LOWER:
-            dtype = torch.get_autocast_dtype("cuda")
-            args = tuple(self._cast(a, dtype) for a in args)
-        elif name in _FP32:
-            args = tuple(self._cast(a, torch.float32, up=True) for a in args)
+        if self.autocast is not None:
+            if name in _LOWER:
+                args = tuple(self._cast(a, self.autocast) for a in args)
+            elif name in _FP32:
+                args = tuple(self._cast(a, torch.float32, up=True) for a in args)
+        elif name in _LOWER:
+            # backward of a cast matmul: autograd saved the fp32 inputs (the casts happened below
+            # it), the incoming gradient is in the autocast dtype, as autocast's own backward has
+            low = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16)]
+            if low:
+                args = tuple(self._cast(a, low[0]) if isinstance(a, torch.Tensor) else a for a in args)
         return func(*args, **kwargs)
 
     def _cast(self, a: Any, dtype: torch.dtype, up: bool = False) -> Any:
         if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dtype == dtype:
             return a
-        if a.device.type == "cpu" or (up and a.dtype == torch.float64):
+        if a.device.type == "cpu" or (not up and a.dtype != torch.float32) or (up and a.dtype == torch.float64):
             return a
-        if not up and a.dtype != torch.float32:
-            return a
-        if isinstance(a, torch.nn.Parameter) or (a.is_leaf and a.requires_grad):
+        if self.autocast is not None and (isinstance(a, torch.nn.Parameter) or (a.is_leaf and a.requires_grad)):
             hit = self._cache.get(id(a))
             if hit is None:
                 hit = self._cache[id(a)] = torch.ops.aten._to_copy.default(a, dtype=dtype)
             return hit
         return torch.ops.aten._to_copy.default(a, dtype=dtype)
+
+
+@contextlib.contextmanager
+def gpu_semantics(mode: GpuOnMeta) -> Iterator[None]:
+    """``torch.autocast("meta", ...)`` through ``mode`` (see ``GpuOnMeta``), and
+    ``scaled_dot_product_attention`` on the GPU-standing meta tensors with a fused kernel's output."""
+    real_autocast = torch.autocast
+
+    class autocast(real_autocast):  # type: ignore[valid-type,misc]
+        def __init__(self, device_type: str, dtype: torch.dtype | None = None, enabled: bool = True, **kw: Any):
+            self._meta = device_type == "meta"
+            if self._meta:
+                self._ctx = mode.autocast_for(dtype or torch.bfloat16, enabled)
+                return
+            super().__init__(device_type, dtype=dtype, enabled=enabled, **kw)
+
+        def __enter__(self) -> Any:
+            return self._ctx.__enter__() if self._meta else super().__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return self._ctx.__exit__(*exc) if self._meta else super().__exit__(*exc)
+
+    F = torch.nn.functional
+    real_sdpa = F.scaled_dot_product_attention
+
+    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if query.device.type == "meta":
+            return query.new_empty((*query.shape[:-1], value.shape[-1]))
+        return real_sdpa(query, key, value, *args, **kwargs)
+
+    torch.autocast, F.scaled_dot_product_attention = autocast, sdpa
+    try:
+        yield
+    finally:
+        torch.autocast, F.scaled_dot_product_attention = real_autocast, real_sdpa
+
+
+_known: dict[int, tuple[Any, list]] = {}
+
+
+def remember_values(fake: torch.Tensor, values: torch.Tensor) -> None:
+    """``fake`` holds ``values`` (a real tensor of its shape): read back by ``known_value``."""
+    st = fake.untyped_storage()
+    key = id(st)
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        flat = values.detach().flatten().tolist()
+    _known[key] = (weakref.ref(st, lambda _r, k=key: _known.pop(k, None)), flat)
+
+
+def known_value(t: torch.Tensor) -> Any:
+    """The value of the one-element fake tensor ``t`` if its storage's values are known, else None."""
+    if t.numel() != 1:
+        return None
+    entry = _known.get(id(t.untyped_storage()))
+    if entry is None:
+        return None
+    flat = entry[1]
+    off = t.storage_offset()
+    return flat[off] if off < len(flat) else None
 
 
 def _fake_tolist(t: torch.Tensor) -> Any:
@@ -272,8 +327,6 @@ def movable_fake_modules() -> Iterator[None]:
     the mode's own weak reference, and ``nn.Module._apply`` swaps fake parameters
     (``torch.utils.swap_tensors``), which refuses any tensor with a weak reference; for fake
     tensors that reference only memoizes a conversion, so it is not shown to the check."""
-    import weakref
-
     import torch.utils as tu
 
     real = tu.weakref
@@ -291,3 +344,33 @@ def movable_fake_modules() -> Iterator[None]:
         yield
     finally:
         tu.weakref = real
+
+
+class RealConstants(TorchDispatchMode):
+    """Enter above ``FakeTensorMode``: an op whose tensor inputs are all real and small (a device
+    mesh's rank table, a header of a few integers) runs for real, so code that reads such values
+    (``mesh.reshape(...).tolist()``) gets them; a copy of such a tensor to the GPU stays readable
+    (``known_value``); anything touching a fake tensor stays fake."""
+
+    def __init__(self, max_numel: int = 1 << 16):
+        super().__init__()
+        self.max_numel = max_numel
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        from torch.utils._pytree import tree_flatten
+
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        small = bool(tensors) and not any(_is_fake(t) for t in tensors) and sum(t.numel() for t in tensors) <= self.max_numel
+        dev = kwargs.get("device")
+        if small and dev is not None and torch.device(dev).type != "cpu":
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and func is torch.ops.aten._to_copy.default:
+                remember_values(out, args[0])
+            return out
+        if small:
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)

@@ -24,15 +24,28 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 GIB = 2**30
 
 
-def device_kind(t: torch.Tensor) -> str:
-    """``host`` for CPU tensors, ``device`` for accelerator ones (fake ones by their fake device)."""
-    return "host" if t.device.type == "cpu" else "device"
+def _is_fake(t: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def device_kind(t: torch.Tensor, meta_is_device: bool = False) -> str | None:
+    """``host`` for CPU tensors, ``device`` for accelerator ones; a meta tensor holds no memory
+    (None) unless ``meta_is_device``: the dry run's GPU is the meta device
+    (``tools/fake_world``), except inside ``with torch.device("meta")`` blocks."""
+    kind = t.device.type
+    if kind == "meta":
+        from torchtitan_clt.tools.fake_world import in_meta_context
+
+        return "device" if meta_is_device and not in_meta_context() else None
+    return "host" if kind == "cpu" else "device"
 
 
 @dataclass
@@ -119,6 +132,7 @@ def sent_bytes(func: Any, args: tuple, kwargs: dict) -> tuple[str, int] | None:
     return name, 0
 
 
+_INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
 _PIN_OPS = {torch.ops.aten._pin_memory.default}
 if hasattr(torch.ops.aten, "pin_memory"):
     _PIN_OPS.add(torch.ops.aten.pin_memory.default)
@@ -133,7 +147,8 @@ class MemTracer(TorchDispatchMode):
     (fake), answers what depends on them: ``values.scalar(t)`` for ``.item()``-style reads
     (``aten._local_scalar_dense``; None lets the op run) and ``values.count(t)`` for the rows of
     ``nonzero(t)``. ``fake_pinning``: fake tensors cannot be pinned; with it, ``pin_memory``
-    becomes a plain copy (counted as host memory all the same)."""
+    becomes a plain copy (counted as host memory all the same). ``meta_is_device``: meta tensors
+    stand for the GPU's (see ``device_kind``)."""
 
     def __init__(
         self,
@@ -141,19 +156,23 @@ class MemTracer(TorchDispatchMode):
         values: Any = None,
         fake_pinning: bool = False,
         snapshot_step: int = 64 * 2**20,
+        meta_is_device: bool = False,
     ):
         super().__init__()
         self.holders = dict(holders or {})
         self.values = values
+        self.meta_is_device = meta_is_device
         self.fake_pinning = fake_pinning
         self.snapshot_step = snapshot_step
         self.live: dict[int, tuple[str, int, Any]] = {}  # id(storage) -> (kind, bytes, weakref)
+        self.ignored: dict[int, Any] = {}
+        self._reductions: dict[int, str] = {}  # a one-element any() / all() result -> which  # storages that hold no memory (meta, not the GPU's)
         self.current = {"host": 0, "device": 0}
         self.phases: dict[str, PhaseStats] = {}
-        self._stack: list[str] = ["build"]
+        self._stack: list[str] = ["other"]
         self._start: list[dict[str, int]] = [{"host": 0, "device": 0}]
         self._snap_at = {"host": 0, "device": 0}
-        self.stats("build")
+        self.stats("other")
 
     # -- phases --------------------------------------------------------------------------------
     def stats(self, name: str) -> PhaseStats:
@@ -181,11 +200,15 @@ class MemTracer(TorchDispatchMode):
 
     # -- storages ------------------------------------------------------------------------------
     def _register(self, t: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(t):
+            return  # a DTensor: its local tensor is counted where it is made
         try:
             st = t.untyped_storage()
         except Exception:  # noqa: BLE001 - e.g. a sparse or nested tensor: not counted
             return
         key = id(st)
+        if key in self.ignored:
+            return
         n = st.nbytes()
         old = self.live.get(key)
         if old is not None:
@@ -194,7 +217,11 @@ class MemTracer(TorchDispatchMode):
             self.current[old[0]] += n - old[1]  # resized in place (FSDP2 frees this way)
             self.live[key] = (old[0], n, old[2])
             return
-        kind = device_kind(t)
+        kind = device_kind(t, self.meta_is_device)
+        if kind is None:
+            if t.device.type == "meta":  # a model built on the meta device: never memory, also later
+                self.ignored[key] = weakref.ref(st, lambda _r, k=key: self.ignored.pop(k, None))
+            return
         ref = weakref.ref(st, lambda _r, k=key: self._free(k))
         self.live[key] = (kind, n, ref)
         self.current[kind] += n
@@ -261,8 +288,11 @@ class MemTracer(TorchDispatchMode):
     # -- dispatch ------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.values is not None:
+        if self.values is not None and args and _is_fake(args[0]):
             if func is torch.ops.aten._local_scalar_dense.default:
+                made_by = self._reductions.get(id(args[0].untyped_storage()))
+                if made_by is not None:  # "is any entry bad?" no; "are all entries fine?" yes
+                    return made_by == "all"
                 value = self.values.scalar(args[0])
                 if value is not None:
                     return value
@@ -272,6 +302,18 @@ class MemTracer(TorchDispatchMode):
                 self._register(out)
                 self._note_peak()
                 return out
+            elif func in _INDEX_OPS and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])
+            ):
+                # a boolean mask index is a nonzero of the mask: its size is the oracle's
+                indices = []
+                for i in args[1]:
+                    if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+                        n = self.values.count(i)
+                        indices += [torch.empty((n,), dtype=torch.long, device=i.device)] * i.dim()
+                    else:
+                        indices.append(i)
+                args = (args[0], indices, *args[2:])
             elif func is torch.ops.aten.bincount.default:
                 # the ids are below minlength wherever this code calls it with one
                 t, minlength = args[0], (list(args[2:3]) or [kwargs.get("minlength", 0)])[0]
@@ -295,14 +337,18 @@ class MemTracer(TorchDispatchMode):
             dst_dev = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device")
             if isinstance(src, torch.Tensor) and dst_dev is not None:
                 dst_dev = torch.device(dst_dev)
-                n = src.numel() * src.element_size()
-                if func is torch.ops.aten._to_copy.default and "dtype" in kwargs and kwargs["dtype"] is not None:
-                    n = src.numel() * torch.empty((), dtype=kwargs["dtype"]).element_size()
+                n = src.numel() * src.element_size()  # a cross-device copy moves the source's dtype
                 if src.device.type == "cpu" and dst_dev.type != "cpu":
                     st.h2d_bytes += n
                 elif src.device.type != "cpu" and dst_dev.type == "cpu":
                     st.d2h_bytes += n
         out = func(*args, **kwargs)
+        if func.overloadpacket in (torch.ops.aten.any, torch.ops.aten.all) and isinstance(out, torch.Tensor):
+            if out.numel() == 1 and _is_fake(out):
+                st_ = out.untyped_storage()
+                key_ = id(st_)
+                self._reductions[key_] = func.overloadpacket.__name__
+                weakref.finalize(st_, self._reductions.pop, key_, None)
         flat, _ = tree_flatten(out)
         for t in flat:
             if isinstance(t, torch.Tensor):

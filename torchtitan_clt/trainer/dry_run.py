@@ -15,7 +15,10 @@ config's world size, one rank simulated (``tools/fake_world.py``), counting ever
   selection keeps, the candidate count of the distributed k-th largest; finite checks pass;
 - a checkpoint save stages every local tensor into (pinned) host memory as DCP's async save does
   and writes nothing; exports count the bytes they would write;
-- object collectives return this rank's own object for every rank; ``new_group`` gives fake groups.
+- object collectives return this rank's own object for every rank; ``new_group`` gives fake groups;
+- under tensor parallelism this rank owns every chunk of a refill (it extracts each one and sends
+  it): the owner's side of the deal holds the most (its whole extraction, then the pieces it
+  sends), and every rank is the owner of some chunks.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch.utils.data import IterableDataset
 from torchtitan_clt.config import ConfigError
 
 SUBSTITUTIONS = [
-    "LLM built from its config on the device (no weights read); text: random token windows of "
+    "LLM built from its config straight on the device (no weights read, no host copy); text: random token windows of "
     "[data.llm_batch_size, data.seq_len] (no dataset or tokenizer read)",
     "kernels: the torch fallback (Triton kernels need real memory)",
     "value-dependent sizes set to their expectation: a selection's padded width = the widest of the "
@@ -45,6 +48,8 @@ SUBSTITUTIONS = [
     "nothing written (the small pickled states hold each tensor's shape instead of its values)",
     "exports: the bytes they would write are counted, nothing written",
     "object collectives: every rank gives this rank's object; new process groups are fake ones",
+    "tensor-parallel refills: this rank owns (extracts and broadcasts) every chunk, the side of "
+    "the deal that holds the most",
 ]
 
 # Configs of well-known LLMs, so that the trace and the estimate work offline (their config.json).
@@ -143,9 +148,12 @@ def fake_llm_handle(job_config: Any, device: torch.device | str = "cpu", dtype: 
 
     d = job_config.data
     conf = llm_config(d.model_path)
-    torch_dtype = resolve_dtype(dtype or d.model_dtype, torch.device(device))
-    model = AutoModelForCausalLM.from_config(conf, torch_dtype=torch_dtype)
-    model.to(device).eval().requires_grad_(False)
+    device = torch.device(device)
+    # the meta device stands for a GPU here (tools/fake_world): "auto" resolves as on CUDA
+    torch_dtype = resolve_dtype(dtype or d.model_dtype, "cuda" if device.type == "meta" else device)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf, torch_dtype=torch_dtype)
+    model.to_empty(device=device).eval().requires_grad_(False)  # weights never read: any values
     return LLMHandle(model, StandInTokenizer(conf.vocab_size))
 
 
@@ -199,6 +207,11 @@ class Expectations:
         return min(float(width), self.k * local_features / max(self.n_features, 1))
 
     def scalar(self, t: torch.Tensor) -> Any:
+        from torchtitan_clt.tools.fake_world import known_value
+
+        known = known_value(t)
+        if known is not None:  # a small host tensor copied to the fake device: its own value
+            return known
         f = self._frame({"global_kth_largest", "_keep_at_least", "_build"})
         if f is not None:
             loc, name = f.f_locals, f.f_code.co_name
@@ -209,7 +222,7 @@ class Expectations:
                 rows = h.shape[0] * h.shape[1]
                 return min(idx.shape[-1], poisson_max(self.kept_per_row(h.shape[-1], idx.shape[-1]), rows))
             if name == "_build":  # Layout: cumulative entries per layer, read element by element
-                n, n_layers, k, nf = loc["n"], loc["n_layers"], loc["k"], loc["n_features"]
+                n, k, nf = loc["n"], loc["k"], loc["n_features"]
                 per_layer = round(n * self.kept_per_row(nf, k))
                 i = self._elements.get(id(f), 0)
                 self._elements[id(f)] = i + 1
@@ -233,11 +246,30 @@ class Expectations:
         return t.numel()
 
 
-def expected_width(k: int, n_features: int, local_features: int, rows: int, scope: str) -> int:
-    """The padded width of a local BatchTopK pick with the global budget (before the global
-    threshold): a rank keeps up to its whole budget, k per row and layer on average (k·L per row
-    over all layers for scope ``all``)."""
-    return min(local_features, poisson_max(float(k), rows))
+class ExpectedSelection:
+    """The torch fallback's selections, by their expected sizes (its block candidates and masks
+    depend on values at every step): ``batchtopk_select`` keeps ``k_total`` entries spread evenly
+    over the rows (a rank's local pick with the global budget, before the global threshold), padded
+    to the widest row; ``compact`` keeps the mean a (row, layer) keeps (``Expectations``)."""
+
+    def __init__(self, oracle: Expectations):
+        self.oracle = oracle
+
+    @staticmethod
+    def _ids(n: int, groups: int, width: int, f: int, device: Any) -> torch.Tensor:
+        return torch.empty((n, groups, width), dtype=torch.long, device=device)
+
+    def batchtopk_select(self, h: torch.Tensor, k_total: int, scope: str = "layer", positive: bool = True):
+        n, n_layers, f = h.shape
+        per_row = k_total / max(1, n * n_layers)  # per (row, layer), both scopes
+        width = min(f, poisson_max(per_row, n * n_layers))
+        tau = torch.empty((n_layers,), dtype=torch.float32, device=h.device)
+        return self._ids(n, n_layers, width, f, h.device), tau
+
+    def compact(self, h: torch.Tensor, tau: torch.Tensor, mode: str = "positive") -> torch.Tensor:
+        n, groups, f = h.shape
+        width = min(f, poisson_max(self.oracle.kept_per_row(f, f), n * groups))
+        return self._ids(n, groups, width, f, h.device)
 
 
 # -- substitutions ---------------------------------------------------------------------------------
@@ -287,18 +319,22 @@ class WriteCounter:
 
     def __call__(self, tensors: dict[str, torch.Tensor], filename: Any = None, metadata: Any = None) -> None:
         n = sum(t.numel() * t.element_size() for t in tensors.values())
-        self.bytes += n
+        self.add(n)
         self.files += 1
         self.largest = max(self.largest, n)
 
+    def add(self, n: int) -> None:
+        self.bytes += n
+
 
 @contextlib.contextmanager
-def substitutions(pin: bool) -> Iterator[dict[str, Any]]:
+def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
     """Install every stand-in above; yields the counters (staging, exports)."""
     import safetensors.torch
     import torch.distributed.checkpoint as dcp
 
-    from torchtitan_clt.data import pipeline, source, tokenize
+    from torchtitan_clt.data import buffer, pipeline, source, tokenize
+    from torchtitan_clt.kernels import select_torch
 
     staging, writes = Staging(pin), WriteCounter()
     real_new_group = dist.new_group
@@ -321,6 +357,11 @@ def substitutions(pin: bool) -> Iterator[dict[str, Any]]:
             if hasattr(mod, "load_llm_handle"):
                 stack.enter_context(_patched(mod, "load_llm_handle", fake_llm_handle))
         stack.enter_context(_patched(tokenize, "PackedTokens", SyntheticWindows))
+        expected = ExpectedSelection(oracle)
+        stack.enter_context(_patched(select_torch, "batchtopk_select", expected.batchtopk_select))
+        stack.enter_context(_patched(select_torch, "compact", expected.compact))
+        if hasattr(buffer, "ChunkShare"):
+            stack.enter_context(_patched(buffer.ChunkShare, "owner", lambda self, first, c: self.rank))
         stack.enter_context(_patched(dist, "new_group", new_group))
         stack.enter_context(_patched(dist, "all_gather_object", all_gather_object))
         stack.enter_context(_patched(dist, "broadcast_object_list", broadcast_object_list))
@@ -338,6 +379,26 @@ def substitutions(pin: bool) -> Iterator[dict[str, Any]]:
         stack.enter_context(_patched(torch, "save", save))
         stack.enter_context(_patched(dcp, "async_save", staging))
         stack.enter_context(_patched(dcp, "save", staging))
+        try:
+            from torchtitan_clt.checkpoint import safetensors_stream as sts
+        except ImportError:  # pragma: no cover - older layout
+            sts = None
+        if sts is not None:
+            real_rank = sts._dtype_rank
+
+            def dtype_rank(dtype: torch.dtype) -> int:
+                from torch.utils._python_dispatch import _disable_current_modes
+
+                with _disable_current_modes():  # a tiny real blob: the installed safetensors' order
+                    return real_rank(dtype)
+
+            def write(self: Any, name: str, t: torch.Tensor, row: int | None = None) -> None:
+                host = t.detach().to("cpu")  # the copy a real write makes
+                writes.add(host.numel() * host.element_size())
+                self.written[name] += host.numel() * host.element_size()
+
+            stack.enter_context(_patched(sts, "_dtype_rank", dtype_rank))
+            stack.enter_context(_patched(sts.StreamedFile, "write", write))
         real_save = safetensors.torch.save_file
         for mod in [safetensors.torch, *list(sys.modules.values())]:
             name = getattr(mod, "__name__", "")
