@@ -280,7 +280,16 @@ def trace(
                 from torchtitan_clt.data import source as data_source
 
                 for mod in (data_buffer, data_cache, data_source):  # pinned host buffer, side streams
-                    stack.enter_context(_patched(mod, "on_gpu", lambda d: torch.device(d).type in ("cuda", "meta")))
+                    if hasattr(mod, "on_gpu"):
+                        gpu_like = lambda d: torch.device(d).type in ("cuda", "meta")  # noqa: E731
+                        stack.enter_context(_patched(mod, "on_gpu", gpu_like))
+                from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+                from torch.distributed.fsdp._fully_shard import _fully_shard
+
+                stack.enter_context(_patched(_fully_shard, "_get_device_from_mesh", lambda mesh: fw.GPU))
+                group_cls = _fsdp_param_group.FSDPParamGroup  # its parameters live on the meta GPU
+                stack.enter_context(_patched(group_cls, "_validate_no_meta_params", lambda self: None))
                 real_autocast_dtype = build.autocast_dtype
                 stack.enter_context(
                     _patched(build, "autocast_dtype", lambda c, d: real_autocast_dtype(c, torch.device("cuda")))

@@ -1,16 +1,16 @@
-"""Will a config fit? Per-GPU memory and FLOPs per token, before launching anything.
+"""Will a config fit? The real trainer of the config, traced at its true shapes on this CPU.
 
-    .venv/bin/python scripts/estimate_memory.py train_configs/clt_8b.toml --ngpu 32
-    .venv/bin/python scripts/estimate_memory.py train_configs/clt_8b.toml --sweep 8,16,32,64 \\
-        --model.features_per_layer=16384
+    .venv/bin/python scripts/estimate_memory.py --config train_configs/clt_8b.toml
+    .venv/bin/python scripts/estimate_memory.py --config train_configs/clt_8b.toml --gpu h200 --json
+    .venv/bin/python scripts/estimate_memory.py --config train_configs/debug_model.toml --gpu none
 
-The dictionary is built on the meta device through the model registry (its real parameters, no
-memory used) and sharded on paper the way ``distributed.parallelize`` shards it: feature axes over tp (the
-family's tensor-parallel plan), then everything over the FSDP shard degree. The LLM is built on
-the meta device from its config (a local folder, the Hugging Face cache, or the built-in table
-below for well-known models, so no network is needed). Estimates, not measurements: the
-activation count is a conservative number of live [batch, layers, features] tensors; compare with
-``--profiling.enable_memory_snapshot`` on a short real run.
+The trace (``scripts/dry_run.py``) runs build -> standardization -> refills -> ``--steps`` steps ->
+checkpoint -> end of run on fake tensors (sizes, no memory), one rank of a fake process group of
+the config's world size, and reports per phase the peak device and host memory of that rank, what
+holds it, and the bytes it moves per step (host->device, each collective). The verdict is the
+trace's: every phase within 90% of the named GPU (``--gpu``; ``none``: the config trains on this
+CPU and the host peak is the RSS the run should reach). What the trace cannot run is substituted
+(listed in the output); ``--quick`` prints only the old hand count, a sanity line beside the trace.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from torchtitan_clt.config import load_config  # noqa: E402
+from torchtitan_clt.config import ConfigError, load_config  # noqa: E402
 from torchtitan_clt.distributed.parallel_dims import ParallelDims  # noqa: E402
 from torchtitan_clt.protocols import model_registry  # noqa: E402
 from torchtitan_clt.protocols.transcoder import TranscoderArgs  # noqa: E402
@@ -207,14 +208,54 @@ def report(cfg, est: dict) -> str:
     return "\n".join(out)
 
 
+def trace_table(t: dict) -> str:
+    """The trace's result as a table, a line per phase."""
+    gpu = t["gpu"] or "this CPU"
+    out = [
+        f"traced on fake tensors: rank 0 of {t['world_size']}, {gpu}"
+        + (f" (fits: <= {t['device_limit_gib']} GiB, 90% of {t['gpu_gib']})" if t["gpu"] else ""),
+        "",
+        f"{'phase':<12}{'device GiB':>11}{'host GiB':>10}  what holds the device peak (GiB)",
+    ]
+    for name, ph in t["phases"].items():
+        held = ph["held_at_peak_gib"].get("device" if t["gpu"] else "host", {})
+        what = ", ".join(f"{k} {v:.1f}" for k, v in list(held.items())[:4])
+        dev = f"{ph['device_peak_gib']:.2f}" if t["gpu"] else "-"
+        out.append(f"{name:<12}{dev:>11}{ph['host_peak_gib']:>10.2f}  {what}")
+    ps = t["per_step"]
+    out += [
+        "",
+        f"per step and rank: host->device {ps['h2d_bytes'] / GiB:.3f} GiB, collectives sent "
+        f"{ps['collective_send_bytes'] / GiB:.3f} GiB ("
+        + ", ".join(f"{k} {v / GiB:.3f}" for k, v in ps.get("collectives", {}).items())
+        + ")",
+        "allowances (not tensors): " + ", ".join(f"{k} {v} GiB" for k, v in t["allowances_gib"].items()),
+        "substituted: " + "; ".join(t["substituted"]),
+    ]
+    if t["error"]:
+        out += ["", f"THE TRACE STOPPED: {t['error']}"]
+    elif t["gpu"]:
+        out.append(f"-> {'fits' if t['fits'] else 'does NOT fit'} on {t['gpu']} at every phase")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import json
+
+    from dry_run import GPUS, trace
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", nargs="?", help="TOML config (or --config FILE, as for run_train.sh)")
     ap.add_argument("--config", dest="config_opt", metavar="FILE", default=None)
     ap.add_argument(
         "--ngpu", type=int, default=0, help="total GPUs (world size); default: the mesh's product or 8"
     )
-    ap.add_argument("--sweep", default="", help="comma list of GPU counts to compare, e.g. 8,16,32,64")
+    ap.add_argument("--gpu", default="", help=f"the card: {', '.join(GPUS)}, or none (a CPU run); default "
+                    "h100-80gb, or none when training.device = cpu")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=2, help="training steps traced (default 2)")
+    ap.add_argument("--json", action="store_true", help="print the trace as one JSON object (last line)")
+    ap.add_argument("--quick", action="store_true", help="only the hand count (no trace)")
+    ap.add_argument("--sweep", default="", help="hand count: comma list of GPU counts, e.g. 8,16,32,64")
     ns, overrides = ap.parse_known_args(argv)
     if not (ns.config or ns.config_opt):
         ap.error("give the config: --config FILE (or FILE)")
@@ -224,7 +265,22 @@ def main(argv: list[str] | None = None) -> int:
         ngpu = ns.ngpu or (
             p.dp_replicate * p.dp_shard * p.tp if p.dp_shard > 0 else max(8, p.dp_replicate * p.tp)
         )
-        print(report(cfg, estimate(cfg, ngpu)))
+        gpu = ns.gpu or ("none" if cfg.training.device == "cpu" else "h100-80gb")
+        if gpu != "none" and gpu not in GPUS:
+            raise ConfigError(f"--gpu {gpu!r}: choose one of {', '.join(GPUS)}, or none.")
+        hand = estimate(cfg, ngpu)
+        if ns.quick:
+            print(report(cfg, hand))
+        else:
+            t = trace(cfg, ngpu, None if gpu == "none" else gpu, steps=ns.steps)
+            t["hand_count_gib"] = round(hand["total"] / GiB, 2)
+            if ns.json:
+                print(json.dumps(t))
+            else:
+                print(trace_table(t))
+                print(f"(the hand count, no trace: {hand['total'] / GiB:.2f} GiB per GPU; --quick shows it)")
+            if t["error"]:
+                return 1
     if ns.sweep:
         print(f"\n{'GPUs':>6}{'GiB per GPU':>14}  fits H100-80GB")
         for n in [int(v) for v in ns.sweep.split(",")]:

@@ -288,7 +288,9 @@ class MemTracer(TorchDispatchMode):
     # -- dispatch ------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.values is not None and args and _is_fake(args[0]):
+        if self.values is not None and args and isinstance(args[0], torch.Tensor) and (
+            _is_fake(args[0]) or args[0].device.type == "meta"
+        ):
             if func is torch.ops.aten._local_scalar_dense.default:
                 made_by = self._reductions.get(id(args[0].untyped_storage()))
                 if made_by is not None:  # "is any entry bad?" no; "are all entries fine?" yes
