@@ -156,7 +156,11 @@ def holders(parts: dict[str, Any], staging: Any = None) -> dict[str, Callable[[]
 
     def params() -> Iterable[torch.Tensor]:
         m = parts.get("model")
-        return list(m.parameters()) + list(m.buffers()) if m is not None else []
+        return list(m.parameters()) if m is not None else []
+
+    def buffers() -> Iterable[torch.Tensor]:
+        m = parts.get("model")
+        return list(m.buffers()) if m is not None else []
 
     def grads() -> Iterable[torch.Tensor]:
         m = parts.get("model")
@@ -179,6 +183,7 @@ def holders(parts: dict[str, Any], staging: Any = None) -> dict[str, Callable[[]
 
     out = {
         "dictionary parameters": params,
+        "dictionary buffers": buffers,
         "gradients": grads,
         "optimizer state": optim,
         "activation buffer": buf,
@@ -377,6 +382,7 @@ def summarize(
                 kind: {k: round(v / GiB, 3) for k, v in sorted(b.items(), key=lambda kv: -kv[1]) if v}
                 for kind, b in st.at_peak.items()
             },
+            "held_at_peak_bytes": {kind: dict(b) for kind, b in st.at_peak.items()},
             "collective_send_bytes": dict(st.collectives),
             "collective_calls": dict(st.collective_calls),
             "h2d_bytes": st.h2d_bytes,

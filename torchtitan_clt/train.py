@@ -210,6 +210,10 @@ class Trainer:
         uses = wants_eval or cfg.checkpoint.export or features
         need = cfg.checkpoint.export_circuit_tracer or (self.model_args.activation == "batchtopk" and uses)
         calibration = finish.calibration_batches(cfg, self.model_args, self.source) if need else []
+        # The source's buffer is done with (its rows can be most of a rank's host memory); its LLM
+        # stays for the evaluation and the feature pass.
+        llm = self.source.llm
+        self.source.close()
         # On a mesh the exports stream from the shards, first: nothing is gathered whole for them.
         streamed = exports and finish.exports_streamed(cfg, self.model, self.model_args, calibration)
         if streamed:  # every rank; a BatchTopK threshold is fitted into the shards first
@@ -228,9 +232,8 @@ class Trainer:
             if exports and not streamed:
                 finish.export_all(cfg, plain, self.run_folder, calibration)
             if features:
-                finish.feature_pass(cfg, plain, self.run_folder, self.source.llm)
+                finish.feature_pass(cfg, plain, self.run_folder, llm)
         self.metrics.close()
-        self.source.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,6 +172,7 @@ class MemTracer(TorchDispatchMode):
         self._stack: list[str] = ["other"]
         self._start: list[dict[str, int]] = [{"host": 0, "device": 0}]
         self._snap_at = {"host": 0, "device": 0}
+        self._snap_phase: dict[str, str] = {}
         self.stats("other")
 
     # -- phases --------------------------------------------------------------------------------
@@ -245,9 +246,13 @@ class MemTracer(TorchDispatchMode):
         start = self._start[-1]
         for kind, now in self.current.items():
             st.rise[kind] = max(st.rise[kind], now - start[kind])
+            if now > st.peak[kind] and self._snap_phase.get(kind) != self.phase_name:
+                self._snap_at[kind] = 0  # a new phase: its first peak gets its own breakdown
+                self._snap_phase[kind] = self.phase_name
             if now > st.peak[kind]:
                 st.peak[kind] = now
-                if now >= self._snap_at[kind] + self.snapshot_step or kind not in st.at_peak:
+                step = min(self.snapshot_step, max(4096, now // 100))  # within 1% of the peak
+                if now >= self._snap_at[kind] + step or kind not in st.at_peak:
                     st.at_peak[kind] = self.breakdown(kind)
                     self._snap_at[kind] = now
                 elif now > sum(st.at_peak[kind].values()):

@@ -1,0 +1,137 @@
+"""The dry run's counter (tools/mem_trace.MemTracer) against hand-worked bytes, and the traced
+trainer (scripts/dry_run.trace) against the formulas its layout implies."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "tests" / "assets"
+MiB = 2**20
+
+
+def test_live_bytes_peaks_and_phases_on_real_tensors():
+    from torchtitan_clt.tools.mem_trace import MemTracer
+
+    with MemTracer() as tr:
+        a = torch.empty(MiB, dtype=torch.uint8)  # 1 MiB
+        view = a[: MiB // 2]  # a view: the same storage, counted once
+        assert tr.current["host"] == MiB
+        with tr.phase("work") as st:
+            b = torch.empty(3 * MiB, dtype=torch.uint8)
+            del b  # freed: 4 MiB was the peak
+            c = torch.empty(MiB // 4, dtype=torch.float32)  # 1 MiB
+        assert st.peak["host"] == 4 * MiB and st.rise["host"] == 3 * MiB and st.entries == 1
+        assert tr.current["host"] == 2 * MiB
+        del a
+        assert tr.current["host"] == 2 * MiB  # the view keeps the storage alive
+        del view, c
+    assert tr.current["host"] == 0
+    assert tr.phases["other"].peak["host"] >= 2 * MiB
+
+
+def test_what_holds_the_peak():
+    from torchtitan_clt.tools.mem_trace import MemTracer
+
+    keep: dict[str, torch.Tensor] = {}
+    with MemTracer(holders={"weights": lambda: [keep["w"]]}) as tr:
+        keep["w"] = torch.empty(2 * MiB, dtype=torch.uint8)
+        with tr.phase("step") as st:
+            tmp = torch.empty(5 * MiB, dtype=torch.uint8)
+            del tmp
+    held = st.at_peak["host"]
+    assert held["weights"] == 2 * MiB and held["transients"] == 5 * MiB
+
+
+def test_host_to_device_and_collective_bytes_follow_the_ring_formulas():
+    """On a fake process group of 4 ranks: what rank 0 sends per collective (ring algorithms)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchtitan_clt.tools.fake_world import fake_process_group
+    from torchtitan_clt.tools.mem_trace import MemTracer
+
+    W, S = 4, 1000 * 4  # 1000 fp32
+    with fake_process_group(W), FakeTensorMode(), MemTracer() as tr:
+        with tr.phase("comm") as st:
+            x = torch.empty(1000)
+            dist.all_reduce(x)
+            dist.broadcast(x, src=1)
+            dist.all_gather([torch.empty_like(x) for _ in range(W)], x)
+            out = torch.empty(250)
+            dist.reduce_scatter_tensor(out, x)
+            y = torch.empty(10, dtype=torch.bfloat16).to("meta", torch.float32)  # to the stand-in GPU
+    assert st.collectives["all_reduce"] == 2 * (W - 1) * S // W
+    assert st.collectives["broadcast"] == S
+    assert st.collectives["all_gather"] == (W - 1) * S
+    assert st.collectives["reduce_scatter"] == (W - 1) * S // W
+    assert st.h2d_bytes == 10 * 2 and y.dtype == torch.float32  # the source's bytes cross
+
+
+def _dry_run():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import dry_run
+
+    return dry_run
+
+
+def _tiny(*extra: str):
+    from torchtitan_clt.config import load_config
+
+    return load_config(
+        [
+            "--config", str(ROOT / "train_configs" / "debug_model.toml"),
+            "--model.activation=batchtopk", "--model.k=4", "--model.features_per_layer=64",
+            "--loss.sparsity=none", "--training.batch_size=64", "--data.buffer_tokens=256",
+            "--standardize.estimate_tokens=128", "--checkpoint.export_circuit_tracer=false",
+            "--metrics.log_freq=1", *extra,
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_trace_of_a_tensor_parallel_run_matches_its_layout():
+    """tp=4 on the stand-in GPU: per rank, a quarter of every feature-sharded parameter, AdamW
+    state twice that, the ŷ all-reduce's ring bytes per step, and the buffer's rows on the host."""
+    dry_run = _dry_run()
+    cfg = _tiny("--parallelism.tp=4", "--parallelism.dp_shard=1", "--data.buffer_device=cpu")
+    t = dry_run.trace(cfg, 4, gpu="h100-80gb", steps=2)
+    assert t["error"] is None, t["error"]
+    L, d, F, B = 4, 64, 64, 64  # tiny_llama: 4 layers of d_model 64 (data.layers: all)
+    # CLT parameters: W_enc [L, F, d], b_enc [L, F], W_dec.s [F, L-s, d], W_skip [L, d, d] (split
+    # over tp on their feature / d_in axis), b_dec [L, d] replicated; JumpReLU-free BatchTopK
+    split = L * F * d + L * F + F * d * L * (L + 1) // 2 + L * d * d
+    per_rank = (split // 4 + L * d) * 4  # fp32
+    step = t["phases"]["step"]["held_at_peak_bytes"]["device"]
+    assert step["dictionary parameters"] == per_rank
+    ckpt = t["phases"]["checkpoint"]["held_at_peak_bytes"]["device"]
+    n_tensors = 4 + L  # W_enc, b_enc, W_dec.0..L-1, W_skip, b_dec
+    assert ckpt["optimizer state"] == 2 * per_rank + 4 * n_tensors  # 2 moments + an fp32 step each
+    # the features' partial ŷ [B, L, d] fp32, summed over 4 ranks every step
+    all_reduce = t["per_step"]["collectives"]["all_reduce"]
+    assert all_reduce >= 2 * 3 * (B * L * d * 4) // 4
+    # the host buffer: two slots (prefetch) of rows x L x (d_in + d_out) in the LLM's dtype (bf16
+    # on a GPU), two pinned staging batches of B rows, the row permutation (int64)
+    rows = t["per_step"]["rows_per_refill"]
+    assert rows == 2 * 8 * 31  # 256 asked, whole chunks of one rank's 8 contexts x 31 rows
+    host = t["phases"]["step"]["held_at_peak_bytes"]["host"]
+    assert host["activation buffer"] == 2 * rows * L * 2 * d * 2 + 2 * B * L * 2 * d * 2 + rows * 8
+    assert t["fits"] is True
+
+
+@pytest.mark.slow
+def test_trace_on_the_cpu_counts_the_buffer_it_allocates():
+    dry_run = _dry_run()
+    cfg = _tiny("--training.device=cpu", "--parallelism.dp_shard=1", "--data.prefetch=false")
+    t = dry_run.trace(cfg, 1, gpu=None, steps=1)
+    assert t["error"] is None, t["error"]
+    held = t["phases"]["step"]["held_at_peak_bytes"]["host"]
+    rows = t["per_step"]["rows_per_refill"]
+    L, d = 4, 64
+    assert rows == 2 * 8 * 31  # 256 rows asked: whole LLM batches of 8 contexts x 31 rows
+    assert held["activation buffer"] == rows * L * 2 * d * 4 + rows * 8  # one fp32 slot, its permutation
+    assert t["per_step"]["collective_send_bytes"] == 0
