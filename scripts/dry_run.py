@@ -49,6 +49,8 @@ FIT_FRACTION = 0.9
 CUDA_CONTEXT_GIB = 1.0
 NCCL_GIB_PER_GROUP = 0.25
 HOST_RUNTIME_CUDA_GIB = 3.0
+# A gloo process group and its DTensor machinery, per CPU rank (measured before, 0.1 GiB).
+CPU_GLOO_BYTES = int(0.1 * GiB)
 
 
 # -- phases -------------------------------------------------------------------------------------
@@ -247,7 +249,11 @@ def trace(
     from torchtitan_clt.trainer import build
     from torchtitan_clt.trainer.dry_run import SUBSTITUTIONS, Expectations, substitutions
 
-    baseline = _rss_now()
+    # what every run imports before its first tensor counts in the host baseline (measured here)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from torchtitan_clt.data import pipeline  # noqa: F401
+
+    baseline = _rss_now() + (CPU_GLOO_BYTES if world > 1 and not gpu else 0)
     card = GPUS[gpu] if gpu else None
     env = {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank % gpus_per_node)}
     old_env = {k: os.environ.get(k) for k in env}
@@ -567,3 +573,26 @@ def measure(cfg: Any) -> dict[str, Any]:
         },
         "rows_per_refill": rows,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--measure OUT [overrides]``: run the config for real as this torchrun rank and write its
+    per-phase peak RSS and collective bytes to ``OUT/rank<R>.json`` (the trace's measured twin)."""
+    import argparse
+    import json
+
+    from torchtitan_clt.config import load_config
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--measure", required=True, metavar="OUT")
+    ns, overrides = ap.parse_known_args(argv)
+    cfg = load_config(overrides)
+    result = measure(cfg)
+    out = Path(ns.measure)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{result['rank']}.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

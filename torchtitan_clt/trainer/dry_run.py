@@ -40,7 +40,8 @@ from torchtitan_clt.config import ConfigError
 SUBSTITUTIONS = [
     "LLM built from its config straight on the device (no weights read, no host copy); text: random token windows of "
     "[data.llm_batch_size, data.seq_len] (no dataset or tokenizer read)",
-    "kernels: the torch fallback (Triton kernels need real memory)",
+    "kernels: the torch fallback (Triton kernels need real memory); its CPU sampled matmul "
+    "allocates one value per entry (fake tensors cannot be sparse CSR)",
     "value-dependent sizes set to their expectation: a selection's padded width = the widest of the "
     "batch's rows as Poisson counts of the mean (k per token and layer, split over feature shards); "
     "entries kept = the mean; finite checks pass; dead features: none",
@@ -357,6 +358,29 @@ def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
             if hasattr(mod, "load_llm_handle"):
                 stack.enter_context(_patched(mod, "load_llm_handle", fake_llm_handle))
         stack.enter_context(_patched(tokenize, "PackedTokens", SyntheticWindows))
+        # the CPU decoder's sampled matmul on a CSR pattern: fake tensors cannot make CSR tensors;
+        # what it allocates is one value per entry
+        real_csr, real_sampled = torch.sparse_csr_tensor, torch.sparse.sampled_addmm
+
+        class _Pattern:
+            def __init__(self, values: torch.Tensor):
+                self._values = values
+
+            def values(self) -> torch.Tensor:
+                return self._values
+
+        def csr(crow: Any, col: Any, values: Any, *args: Any, **kwargs: Any) -> Any:
+            from torchtitan_clt.tools.fake_world import _is_fake
+
+            return _Pattern(values) if _is_fake(values) else real_csr(crow, col, values, *args, **kwargs)
+
+        def sampled(pattern: Any, a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(pattern, _Pattern):
+                return _Pattern(torch.empty_like(pattern.values(), dtype=torch.promote_types(a.dtype, b.dtype)))
+            return real_sampled(pattern, a, b, *args, **kwargs)
+
+        stack.enter_context(_patched(torch, "sparse_csr_tensor", csr))
+        stack.enter_context(_patched(torch.sparse, "sampled_addmm", sampled))
         expected = ExpectedSelection(oracle)
         stack.enter_context(_patched(select_torch, "batchtopk_select", expected.batchtopk_select))
         stack.enter_context(_patched(select_torch, "compact", expected.compact))
