@@ -82,7 +82,9 @@ def phase_hooks(enter: Callable[[str], Any], parts: dict[str, Any]) -> Iterator[
         saved.append((obj, name, orig))
         setattr(obj, name, wrapped)
 
-    def keep(key: str, fn: Callable[..., Any], pick: Callable[[Any], Any] = lambda r: r) -> Callable[..., Any]:
+    def keep(
+        key: str, fn: Callable[..., Any], pick: Callable[[Any], Any] = lambda r: r
+    ) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             out = fn(*args, **kwargs)
             parts[key] = pick(out)
@@ -170,7 +172,9 @@ def holders(parts: dict[str, Any], staging: Any = None) -> dict[str, Callable[[]
 
     def optim() -> Iterable[torch.Tensor]:
         o = parts.get("optimizer")
-        return [t for opt in (o or []) for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        return [
+            t for opt in (o or []) for st in opt.state.values() for t in st.values() if torch.is_tensor(t)
+        ]
 
     def buf() -> Iterable[torch.Tensor]:
         s = parts.get("source")
@@ -239,19 +243,18 @@ def trace(
 ) -> dict[str, Any]:
     """Run ``cfg``'s trainer on fake tensors as rank ``rank`` of ``world`` (see module docstring);
     ``gpu``: a name in ``GPUS`` (the config trains on CUDA), or None (it trains on this CPU)."""
+    # what every run imports before its first tensor counts in the host baseline (measured here)
+    import transformers.models.llama.modeling_llama  # noqa: F401
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import _disable_current_modes
 
     from torchtitan_clt import train
+    from torchtitan_clt.data import pipeline  # noqa: F401
     from torchtitan_clt.distributed.parallel_dims import ParallelDims
     from torchtitan_clt.tools import fake_world as fw
     from torchtitan_clt.tools.mem_trace import MemTracer, watch_storage_resizes
     from torchtitan_clt.trainer import build
-    from torchtitan_clt.trainer.dry_run import SUBSTITUTIONS, Expectations, substitutions
-
-    # what every run imports before its first tensor counts in the host baseline (measured here)
-    import transformers.models.llama.modeling_llama  # noqa: F401
-    from torchtitan_clt.data import pipeline  # noqa: F401
+    from torchtitan_clt.trainer.dry_run import SUBSTITUTIONS, Expectations, patched, substitutions
 
     baseline = _rss_now() + (CPU_GLOO_BYTES if world > 1 and not gpu else 0)
     card = GPUS[gpu] if gpu else None
@@ -275,17 +278,21 @@ def trace(
             stack.enter_context(fake_world_for(world, rank))
             if card is not None:
                 gpu_mode = fw.GpuOnMeta()
-                stack.enter_context(fw.pretend_cuda(gpus_per_node, int(card["gib"] * GiB), card["name"], tracer))
+                stack.enter_context(
+                    fw.pretend_cuda(gpus_per_node, int(card["gib"] * GiB), card["name"], tracer)
+                )
                 stack.enter_context(fw.track_meta_contexts())
                 stack.enter_context(fw.gpu_semantics(gpu_mode))
                 # the trainer's device is this rank's GPU, the meta device (tools/fake_world)
-                stack.enter_context(_patched(train, "device_from_config", lambda c: fw.GPU))
+                stack.enter_context(patched(train, "device_from_config", lambda c: fw.GPU))
                 import importlib
 
                 for name in ("adam", "adamw", "optimizer"):
                     mod = importlib.import_module(f"torch.optim.{name}")
                     if hasattr(mod, "_device_dtype_check_for_fused"):  # fused AdamW on the GPU (meta)
-                        stack.enter_context(_patched(mod, "_device_dtype_check_for_fused", lambda p, *a, **k: None))
+                        stack.enter_context(
+                            patched(mod, "_device_dtype_check_for_fused", lambda p, *a, **k: None)
+                        )
                 from torchtitan_clt.data import buffer as data_buffer
                 from torchtitan_clt.data import cache as data_cache
                 from torchtitan_clt.data import source as data_source
@@ -293,24 +300,24 @@ def trace(
                 for mod in (data_buffer, data_cache, data_source):  # pinned host buffer, side streams
                     if hasattr(mod, "on_gpu"):
                         gpu_like = lambda d: torch.device(d).type in ("cuda", "meta")  # noqa: E731
-                        stack.enter_context(_patched(mod, "on_gpu", gpu_like))
-                from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+                        stack.enter_context(patched(mod, "on_gpu", gpu_like))
+                from torch.distributed.fsdp._fully_shard import _fsdp_param_group, _fully_shard
 
-                from torch.distributed.fsdp._fully_shard import _fully_shard
-
-                stack.enter_context(_patched(_fully_shard, "_get_device_from_mesh", lambda mesh: fw.GPU))
+                stack.enter_context(patched(_fully_shard, "_get_device_from_mesh", lambda mesh: fw.GPU))
                 group_cls = _fsdp_param_group.FSDPParamGroup  # its parameters live on the meta GPU
-                stack.enter_context(_patched(group_cls, "_validate_no_meta_params", lambda self: None))
+                stack.enter_context(patched(group_cls, "_validate_no_meta_params", lambda self: None))
                 real_autocast_dtype = build.autocast_dtype
                 stack.enter_context(
-                    _patched(build, "autocast_dtype", lambda c, d: real_autocast_dtype(c, torch.device("cuda")))
+                    patched(
+                        build, "autocast_dtype", lambda c, d: real_autocast_dtype(c, torch.device("cuda"))
+                    )
                 )
             subs = stack.enter_context(substitutions(card is not None, oracle))
             tracer.holders = holders(parts, subs["staging"])
             stack.enter_context(phase_hooks(tracer.phase, parts))
             stack.enter_context(inline_threads())
             stack.enter_context(watch_storage_resizes(tracer))
-            stack.enter_context(_patched(ParallelDims, "build_mesh", build_mesh))
+            stack.enter_context(patched(ParallelDims, "build_mesh", build_mesh))
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             stack.enter_context(fw.RealConstants())
             if card is not None:
@@ -328,7 +335,9 @@ def trace(
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    return summarize(tracer, jc, parts, subs, oracle, card, world, baseline, error, time.perf_counter() - t0, SUBSTITUTIONS)
+    return summarize(
+        tracer, jc, parts, subs, oracle, card, world, baseline, error, time.perf_counter() - t0, SUBSTITUTIONS
+    )
 
 
 @contextlib.contextmanager
@@ -337,16 +346,6 @@ def fake_world_for(world: int, rank: int) -> Iterator[None]:
 
     with fw.fake_process_group(world, rank), fw.movable_fake_modules():
         yield
-
-
-@contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def _groups(cfg: Any, world: int) -> int:

@@ -129,18 +129,24 @@ def track_meta_contexts() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pretend_cuda(gpus_per_node: int, total_memory: int, name: str = "fake GPU", tracer: Any = None) -> Iterator[None]:
+def pretend_cuda(
+    gpus_per_node: int, total_memory: int, name: str = "fake GPU", tracer: Any = None
+) -> Iterator[None]:
     """``torch.cuda`` answers as if ``gpus_per_node`` GPUs of ``total_memory`` bytes were there:
     streams and events order nothing, memory statistics come from ``tracer`` (a ``MemTracer``)
     when given; ``torch.meta`` is the device handle FSDP2 asks the mesh's device type for."""
     cuda = torch.cuda
-    props = types.SimpleNamespace(name=name, total_memory=total_memory, major=9, minor=0, multi_processor_count=132)
+    props = types.SimpleNamespace(
+        name=name, total_memory=total_memory, major=9, minor=0, multi_processor_count=132
+    )
 
     def allocated(*a: Any, **k: Any) -> int:
         return tracer.current["device"] if tracer is not None else 0
 
     def peak(*a: Any, **k: Any) -> int:
-        return max((st.peak["device"] for st in tracer.phases.values()), default=0) if tracer is not None else 0
+        return (
+            max((st.peak["device"] for st in tracer.phases.values()), default=0) if tracer is not None else 0
+        )
 
     patches: dict[str, Any] = {
         "is_available": lambda: True,
@@ -236,7 +242,11 @@ class GpuOnMeta(TorchDispatchMode):
         elif name in _LOWER:
             # backward of a cast matmul: autograd saved the fp32 inputs (the casts happened below
             # it), the incoming gradient is in the autocast dtype, as autocast's own backward has
-            low = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16)]
+            low = [
+                a.dtype
+                for a in args
+                if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16)
+            ]
             if low:
                 args = tuple(self._cast(a, low[0]) if isinstance(a, torch.Tensor) else a for a in args)
         return func(*args, **kwargs)
@@ -244,9 +254,15 @@ class GpuOnMeta(TorchDispatchMode):
     def _cast(self, a: Any, dtype: torch.dtype, up: bool = False) -> Any:
         if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dtype == dtype:
             return a
-        if a.device.type == "cpu" or (not up and a.dtype != torch.float32) or (up and a.dtype == torch.float64):
+        if (
+            a.device.type == "cpu"
+            or (not up and a.dtype != torch.float32)
+            or (up and a.dtype == torch.float64)
+        ):
             return a
-        if self.autocast is not None and (isinstance(a, torch.nn.Parameter) or (a.is_leaf and a.requires_grad)):
+        if self.autocast is not None and (
+            isinstance(a, torch.nn.Parameter) or (a.is_leaf and a.requires_grad)
+        ):
             hit = self._cache.get(id(a))
             if hit is None:
                 hit = self._cache[id(a)] = torch.ops.aten._to_copy.default(a, dtype=dtype)
@@ -261,7 +277,9 @@ def gpu_semantics(mode: GpuOnMeta) -> Iterator[None]:
     real_autocast = torch.autocast
 
     class autocast(real_autocast):  # type: ignore[valid-type,misc]
-        def __init__(self, device_type: str, dtype: torch.dtype | None = None, enabled: bool = True, **kw: Any):
+        def __init__(
+            self, device_type: str, dtype: torch.dtype | None = None, enabled: bool = True, **kw: Any
+        ):
             self._meta = device_type == "meta"
             if self._meta:
                 self._ctx = mode.autocast_for(dtype or torch.bfloat16, enabled)
@@ -361,7 +379,11 @@ class RealConstants(TorchDispatchMode):
 
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        small = bool(tensors) and not any(_is_fake(t) for t in tensors) and sum(t.numel() for t in tensors) <= self.max_numel
+        small = (
+            bool(tensors)
+            and not any(_is_fake(t) for t in tensors)
+            and sum(t.numel() for t in tensors) <= self.max_numel
+        )
         dev = kwargs.get("device")
         if small and dev is not None and torch.device(dev).type != "cpu":
             out = func(*args, **kwargs)

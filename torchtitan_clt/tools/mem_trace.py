@@ -132,7 +132,11 @@ def sent_bytes(func: Any, args: tuple, kwargs: dict) -> tuple[str, int] | None:
     return name, 0
 
 
-_INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
+_INDEX_OPS = {
+    torch.ops.aten.index.Tensor,
+    torch.ops.aten.index_put.default,
+    torch.ops.aten.index_put_.default,
+}
 _PIN_OPS = {torch.ops.aten._pin_memory.default}
 if hasattr(torch.ops.aten, "pin_memory"):
     _PIN_OPS.add(torch.ops.aten.pin_memory.default)
@@ -166,7 +170,9 @@ class MemTracer(TorchDispatchMode):
         self.snapshot_step = snapshot_step
         self.live: dict[int, tuple[str, int, Any]] = {}  # id(storage) -> (kind, bytes, weakref)
         self.ignored: dict[int, Any] = {}
-        self._reductions: dict[int, str] = {}  # a one-element any() / all() result -> which  # storages that hold no memory (meta, not the GPU's)
+        self._reductions: dict[
+            int, str
+        ] = {}  # a one-element any() / all() result -> which  # storages that hold no memory (meta, not the GPU's)
         self.current = {"host": 0, "device": 0}
         self.phases: dict[str, PhaseStats] = {}
         self._stack: list[str] = ["other"]
@@ -293,8 +299,11 @@ class MemTracer(TorchDispatchMode):
     # -- dispatch ------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.values is not None and args and isinstance(args[0], torch.Tensor) and (
-            _is_fake(args[0]) or args[0].device.type == "meta"
+        if (
+            self.values is not None
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and (_is_fake(args[0]) or args[0].device.type == "meta")
         ):
             if func is torch.ops.aten._local_scalar_dense.default:
                 made_by = self._reductions.get(id(args[0].untyped_storage()))

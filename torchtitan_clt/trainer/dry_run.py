@@ -113,7 +113,9 @@ class StandInTokenizer:
 class SyntheticWindows(IterableDataset):
     """Random token windows ``[seq_len]`` starting with BOS: ``PackedTokens``' interface and state."""
 
-    def __init__(self, spec: Any, tokenizer: Any, seq_len: int, dp_rank: int = 0, dp_degree: int = 1, **kw: Any):
+    def __init__(
+        self, spec: Any, tokenizer: Any, seq_len: int, dp_rank: int = 0, dp_degree: int = 1, **kw: Any
+    ):
         self.tokenizer, self.seq_len = tokenizer, seq_len
         self.vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else 32000
         self.loop = kw.get("loop", True)
@@ -275,7 +277,8 @@ class ExpectedSelection:
 
 # -- substitutions ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """``obj.name`` is ``value`` inside the block."""
     old = getattr(obj, name)
     setattr(obj, name, value)
     try:
@@ -350,14 +353,16 @@ def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
         for i in range(len(out)):
             out[i] = obj
 
-    def broadcast_object_list(objs: list, src: int = 0, group: Any = None, device: Any = None, **kw: Any) -> None:
+    def broadcast_object_list(
+        objs: list, src: int = 0, group: Any = None, device: Any = None, **kw: Any
+    ) -> None:
         pass
 
     with contextlib.ExitStack() as stack:
         for mod in (pipeline, source):
             if hasattr(mod, "load_llm_handle"):
-                stack.enter_context(_patched(mod, "load_llm_handle", fake_llm_handle))
-        stack.enter_context(_patched(tokenize, "PackedTokens", SyntheticWindows))
+                stack.enter_context(patched(mod, "load_llm_handle", fake_llm_handle))
+        stack.enter_context(patched(tokenize, "PackedTokens", SyntheticWindows))
         # the CPU decoder's sampled matmul on a CSR pattern: fake tensors cannot make CSR tensors;
         # what it allocates is one value per entry
         real_csr, real_sampled = torch.sparse_csr_tensor, torch.sparse.sampled_addmm
@@ -376,19 +381,21 @@ def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
 
         def sampled(pattern: Any, a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
             if isinstance(pattern, _Pattern):
-                return _Pattern(torch.empty_like(pattern.values(), dtype=torch.promote_types(a.dtype, b.dtype)))
+                return _Pattern(
+                    torch.empty_like(pattern.values(), dtype=torch.promote_types(a.dtype, b.dtype))
+                )
             return real_sampled(pattern, a, b, *args, **kwargs)
 
-        stack.enter_context(_patched(torch, "sparse_csr_tensor", csr))
-        stack.enter_context(_patched(torch.sparse, "sampled_addmm", sampled))
+        stack.enter_context(patched(torch, "sparse_csr_tensor", csr))
+        stack.enter_context(patched(torch.sparse, "sampled_addmm", sampled))
         expected = ExpectedSelection(oracle)
-        stack.enter_context(_patched(select_torch, "batchtopk_select", expected.batchtopk_select))
-        stack.enter_context(_patched(select_torch, "compact", expected.compact))
+        stack.enter_context(patched(select_torch, "batchtopk_select", expected.batchtopk_select))
+        stack.enter_context(patched(select_torch, "compact", expected.compact))
         if hasattr(buffer, "ChunkShare"):
-            stack.enter_context(_patched(buffer.ChunkShare, "owner", lambda self, first, c: self.rank))
-        stack.enter_context(_patched(dist, "new_group", new_group))
-        stack.enter_context(_patched(dist, "all_gather_object", all_gather_object))
-        stack.enter_context(_patched(dist, "broadcast_object_list", broadcast_object_list))
+            stack.enter_context(patched(buffer.ChunkShare, "owner", lambda self, first, c: self.rank))
+        stack.enter_context(patched(dist, "new_group", new_group))
+        stack.enter_context(patched(dist, "all_gather_object", all_gather_object))
+        stack.enter_context(patched(dist, "broadcast_object_list", broadcast_object_list))
         real_torch_save = torch.save
 
         def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
@@ -400,9 +407,9 @@ def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
 
             real_torch_save(tree_map(shown, obj), f, *args, **kwargs)
 
-        stack.enter_context(_patched(torch, "save", save))
-        stack.enter_context(_patched(dcp, "async_save", staging))
-        stack.enter_context(_patched(dcp, "save", staging))
+        stack.enter_context(patched(torch, "save", save))
+        stack.enter_context(patched(dcp, "async_save", staging))
+        stack.enter_context(patched(dcp, "save", staging))
         try:
             from torchtitan_clt.checkpoint import safetensors_stream as sts
         except ImportError:  # pragma: no cover - older layout
@@ -421,13 +428,13 @@ def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
                 writes.add(host.numel() * host.element_size())
                 self.written[name] += host.numel() * host.element_size()
 
-            stack.enter_context(_patched(sts, "_dtype_rank", dtype_rank))
-            stack.enter_context(_patched(sts.StreamedFile, "write", write))
+            stack.enter_context(patched(sts, "_dtype_rank", dtype_rank))
+            stack.enter_context(patched(sts.StreamedFile, "write", write))
         real_save = safetensors.torch.save_file
         for mod in [safetensors.torch, *list(sys.modules.values())]:
             name = getattr(mod, "__name__", "")
             if (name.startswith("torchtitan_clt") or mod is safetensors.torch) and getattr(
                 mod, "save_file", None
             ) is real_save:
-                stack.enter_context(_patched(mod, "save_file", writes))
+                stack.enter_context(patched(mod, "save_file", writes))
         yield {"staging": staging, "writes": writes}
