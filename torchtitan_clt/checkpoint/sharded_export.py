@@ -182,10 +182,17 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_layer(w: dict[str, torch.Tensor], std: dict[str, torch.Tensor], j: int, plan: LayerPlan) -> None:
+def fold_layer(
+    w: dict[str, torch.Tensor],
+    std: dict[str, torch.Tensor],
+    j: int,
+    plan: LayerPlan,
+    inplace: frozenset[str] = frozenset(),
+) -> None:
     """Fold the standardization into source layer ``j``'s fp32 tensors ``w`` (in place of the
     dict's values; the tensors themselves are not written to): ``LayerwiseTranscoder.fold_standardization``
-    and the family's ``_fold_into_weights``, row j. ``std``: the four buffers, whole [L, d]."""
+    and the family's ``_fold_into_weights``, row j. ``std``: the four buffers, whole [L, d].
+    ``inplace``: names whose tensors are fresh copies that may be scaled where they are."""
     mu, sig, mu_o, sig_o = (std[k].float() for k in STANDARDIZATION)
     b_dec = w["b_dec"]
     if "W_skip" in w:
@@ -196,7 +203,11 @@ def fold_layer(w: dict[str, torch.Tensor], std: dict[str, torch.Tensor], j: int,
     w["b_enc"] = w["b_enc"] - torch.einsum("lfd,ld->lf", W[None], mu[j][None])[0]
     w["W_enc"] = W
     if plan.per_source:  # W_dec.{j} [F, L-j, d] writes targets j..L-1
-        w[f"W_dec.{j}"] = w[f"W_dec.{j}"] * sig_o[j:][None]
+        name = f"W_dec.{j}"
+        if name in inplace:  # rank 0's own gathered copy: at clt_8b W_dec.0 alone is 16 GiB
+            w[name] = w[name].mul_(sig_o[j:][None])
+        else:
+            w[name] = w[name] * sig_o[j:][None]
     else:  # W_dec [L, F, d], row j
         w["W_dec"] = w["W_dec"] * sig_o[j][None, :]
     w["b_dec"] = b_dec * sig_o[j] + mu_o[j]
@@ -229,9 +240,17 @@ class LayerStream:
             self.w = {}  # drop the previous layer before gathering the next
             w = self.raw_layer(j)
             if not any(v.is_meta for v in w.values()):  # rank 0 (the others hold shapes only)
-                fold_layer(w, self.std, j, self.plan)
+                fold_layer(w, self.std, j, self.plan, self._fresh(w))
             self.j, self.w = j, w
         return self.w
+
+    def _fresh(self, w: dict[str, torch.Tensor]) -> frozenset[str]:
+        """The entries of ``w`` that share no storage with the model (gathered copies)."""
+        mine = set()
+        for v in self.state.values():
+            local = v.to_local() if is_dtensor(v) else v
+            mine.add(id(local.untyped_storage()))
+        return frozenset(k for k, v in w.items() if id(v.untyped_storage()) not in mine)
 
     def raw_layer(self, j: int) -> dict[str, torch.Tensor]:
         """Source layer j as trained (standardized units, not folded, not kept): the entries of
