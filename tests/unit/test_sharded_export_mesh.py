@@ -24,6 +24,26 @@ from helpers import tiny_args
 L, D, F = 6, 8, 16
 
 
+def _spy_gathers(se) -> tuple[list[int], list[int]]:
+    """Wrap the sharded export's gathers: ``live[0]`` is the gathered bytes alive on this rank now,
+    ``peak[0]`` the most at once (received into memory: meta results count nothing)."""
+    live, peak = [0], [0]
+
+    def spy(fn):
+        def gathered(*a):
+            t = fn(*a)
+            n = 0 if t.is_meta else t.numel() * t.element_size()  # meta: received nothing
+            live[0] += n
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - n))
+            return t
+
+        return gathered
+
+    se.gather_row, se.gather_whole = spy(se.gather_row), spy(se.gather_whole)
+    return live, peak
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -81,20 +101,7 @@ def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
     tmp = Path(tmp)
-    live, peak = [0], [0]
-
-    def spy(fn):
-        def gathered(*a):
-            t = fn(*a)
-            n = 0 if t.is_meta else t.numel() * t.element_size()  # meta: received nothing
-            live[0] += n
-            peak[0] = max(peak[0], live[0])
-            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - n))
-            return t
-
-        return gathered
-
-    se.gather_row, se.gather_whole = spy(se.gather_row), spy(se.gather_whole)
+    live, peak = _spy_gathers(se)
     try:
         if layout == "tp4":
             mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
@@ -210,20 +217,7 @@ def _batchtopk_worker(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
     tmp = Path(tmp)
-    live, peak = [0], [0]
-
-    def spy(fn):
-        def gathered(*a):
-            t = fn(*a)
-            n = 0 if t.is_meta else t.numel() * t.element_size()  # meta: received nothing
-            live[0] += n
-            peak[0] = max(peak[0], live[0])
-            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - n))
-            return t
-
-        return gathered
-
-    se.gather_row, se.gather_whole = spy(se.gather_row), spy(se.gather_whole)
+    live, peak = _spy_gathers(se)
     try:
         mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
         g = torch.Generator().manual_seed(21)
