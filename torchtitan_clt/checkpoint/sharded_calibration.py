@@ -26,7 +26,12 @@ import torch.distributed as dist
 from torchtitan_clt.checkpoint.plain import is_rank0
 from torchtitan_clt.checkpoint.sharded_export import LayerStream
 from torchtitan_clt.models.activations import BatchTopK
-from torchtitan_clt.models.conversion import INFERENCE_FAMILY, _calibrate, _feature_thresholds
+from torchtitan_clt.models.conversion import (
+    INFERENCE_FAMILY,
+    _calibrate,
+    _feature_thresholds,
+    batchtopk_fit_report,
+)
 
 
 def _rows(calibration: list) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -67,13 +72,7 @@ def fit_batchtopk(stream: LayerStream, calibration: list) -> dict[str, Any] | No
     thr = _from_rank0(thr.clamp_min(0.0).expand(L).contiguous())
     ema = act.threshold.detach().to("cpu").clone()
     act.threshold.copy_(thr.to(act.threshold.device))
-    return {
-        "tokens": n,
-        "k": act.k,
-        "scope": act.scope,
-        "threshold": [round(float(v), 6) for v in thr],
-        "tracked_ema": [round(float(v), 6) for v in ema],
-    }
+    return batchtopk_fit_report(act, n, thr, ema)
 
 
 def _cuts(stream: LayerStream, rows: list, act: BatchTopK) -> list[torch.Tensor] | None:

@@ -355,8 +355,13 @@ def fit_batchtopk_threshold(model: Transcoder, batches: Iterable) -> dict[str, A
     dev = next(model.parameters()).device
     n = sum(x.shape[0] for x, _ in rows)
     thr = act.calibrate_threshold((model.pre_acts(model.standardize_in(x.to(dev))) for x, _ in rows), n)
+    return batchtopk_fit_report(act, n, thr, ema)
+
+
+def batchtopk_fit_report(act: BatchTopK, tokens: int, thr: torch.Tensor, ema: torch.Tensor) -> dict:
+    """What a BatchTopK threshold fit logs and writes: its rows, the fitted and the tracked θ."""
     return {
-        "tokens": n,
+        "tokens": tokens,
         "k": act.k,
         "scope": act.scope,
         "threshold": [round(float(v), 6) for v in thr],
