@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
 MOLT_EXTRA = {"molt_ranks": [3, 2, 1], "molt_counts": [2, 3, 4]}  # F = 9
@@ -108,3 +110,14 @@ def fsdp_toy_weights(rank: int, world: int, mode: str, steps: int = 3) -> tuple[
             opt.step()
             opt.zero_grad()
     return [p.full_tensor().detach().clone() for p in model.parameters()], dict(timer.calls)
+
+
+def tagged_extract(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in extractor whose rows name their origin: row ``(b, t)``, t >= 1, has
+    ``x[.., 0, :T]`` = the window's tokens and ``x[.., 0, T]`` = t (2 layers of 64); y = -x."""
+    B, T = tokens.shape
+    x = torch.zeros(B, T - 1, 2, 64)
+    x[:, :, 0, :T] = tokens[:, None, :].float()
+    x[:, :, 0, T] = torch.arange(1, T).float()
+    x = x.reshape(B * (T - 1), 2, 64)
+    return x, -x

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tagged_extract
 
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.config.manager import ConfigError
@@ -43,16 +44,6 @@ def text(tmp_path_factory):
     return str(path)
 
 
-def _fake_extract(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row ``(b, t)``, t >= 1: ``x[.., 0, :SEQ]`` = the window's tokens, ``x[.., 0, SEQ]`` = t."""
-    B, T = tokens.shape
-    x = torch.zeros(B, T - 1, 2, 64)
-    x[:, :, 0, :T] = tokens[:, None, :].float()
-    x[:, :, 0, T] = torch.arange(1, T).float()
-    x = x.reshape(B * (T - 1), 2, 64)
-    return x, -x
-
-
 def _cfg(text: str, **data) -> JobConfig:
     cfg = JobConfig()
     d = cfg.data
@@ -68,7 +59,7 @@ def _ranks(cfg, llm, n: int) -> list[StreamSource]:
     out = []
     for r in range(n):
         src = StreamSource(cfg, SourceContext(dp_rank=r, dp_degree=n, seed=7), llm=LLMHandle(*llm))
-        src.extractor = _fake_extract
+        src.extractor = tagged_extract
         out.append(src)
     return out
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import tagged_extract
 
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.data import SourceContext, load_llm
@@ -31,16 +32,6 @@ CHUNK = 2 * ROWS
 TOKENS = 50  # buffer_tokens: a refill is 2 chunks, 60 rows, on every layout
 PIECE_ROWS = 7  # broadcast pieces of 7 rows (x rows are 2 × 64 fp32)
 _STATE: dict = {}  # the LLM and the text, set in the parent before the workers fork
-
-
-def _fake_extract(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row ``(b, t)``, t >= 1: ``x[.., 0, :SEQ]`` = the window's tokens, ``x[.., 0, SEQ]`` = t."""
-    B, T = tokens.shape
-    x = torch.zeros(B, T - 1, 2, 64)
-    x[:, :, 0, :T] = tokens[:, None, :].float()
-    x[:, :, 0, T] = torch.arange(1, T).float()
-    x = x.reshape(B * (T - 1), 2, 64)
-    return x, -x
 
 
 def _cfg(**data) -> JobConfig:
@@ -59,7 +50,7 @@ def _source(cfg: JobConfig, tp: bool = True, **ctx):
 
     group = dist.group.WORLD if tp and dist.is_initialized() else None
     src = StreamSource(cfg, SourceContext(tp_group=group, seed=3, **ctx), llm=LLMHandle(*_STATE["llm"]))
-    src.extractor = _fake_extract
+    src.extractor = tagged_extract
     return src
 
 
@@ -147,7 +138,7 @@ def _fail(rank: int, world: int) -> dict:
         calls.append(1)
         if rank == 1 and len(calls) == 2:
             raise ValueError("broken batch")
-        return _fake_extract(tokens)
+        return tagged_extract(tokens)
 
     src.extractor = extract
     try:
@@ -167,7 +158,7 @@ def _order(rank: int, world: int) -> dict:
     dist.broadcast = _Spy(events).broadcast
     buffer.PIECE_BYTES = PIECE_ROWS * 2 * 64 * 4
     src = _source(_cfg(prefetch=False))
-    src.extractor = lambda t: (events.append("extract"), _fake_extract(t))[1]
+    src.extractor = lambda t: (events.append("extract"), tagged_extract(t))[1]
     src.next_batch(1)  # the first refill: 2 chunks, from ranks 0 and 1
     src.close()
     return {"events": events}
