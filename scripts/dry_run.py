@@ -224,15 +224,6 @@ def _rows_per_refill(source: Any) -> int:
     return int(x.shape[0]) if x is not None else 0
 
 
-def world_of(cfg: Any, ngpu: int = 0) -> int:
-    p = cfg.parallelism
-    if ngpu:
-        return ngpu
-    if p.dp_shard > 0:
-        return p.dp_replicate * p.dp_shard * p.tp
-    raise SystemExit("parallelism.dp_shard = -1 (all the rest): give the world size with --ngpu N.")
-
-
 def trace(
     cfg: Any,
     world: int,
@@ -445,20 +436,21 @@ def summarize(
 
 
 # -- measured twin ------------------------------------------------------------------------------
-def _rss_now() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (``VmRSS``, ``VmHWM``), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _rss_now() -> int:
+    return _status_bytes("VmRSS")
 
 
 def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmHWM")
 
 
 def _reset_hwm() -> None:

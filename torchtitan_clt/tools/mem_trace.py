@@ -65,10 +65,6 @@ class PhaseStats:
     rise: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
     """The most one entry added above what was live when it began (what the phase itself needs)."""
 
-    @property
-    def collective_bytes(self) -> int:
-        return sum(self.collectives.values())
-
 
 def _group_size(args: Iterable[Any]) -> int:
     for a in args:
@@ -292,9 +288,6 @@ class MemTracer(TorchDispatchMode):
                     out[name] = n
         out["transients"] = self.current[kind] - sum(out.values())
         return out
-
-    def reset_snapshots(self) -> None:
-        self._snap_at = {"host": 0, "device": 0}
 
     # -- dispatch ------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
