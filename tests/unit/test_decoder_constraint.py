@@ -81,7 +81,6 @@ def test_dead_rule_scales_with_the_run():
 @pytest.mark.parametrize(
     "overrides,needle",
     [
-        (["--model.activation=batchtopk", "--training.grad_accum_steps=2"], "grad_accum_steps = 2"),
         (["--loss.auxk_alpha=-0.5"], "auxk_alpha"),
         (["--loss.dead_after_tokens=-1"], "dead_after_tokens"),
     ],
@@ -91,8 +90,9 @@ def test_config_refuses_what_it_cannot_train_faithfully(overrides, needle):
 
     with pytest.raises(ConfigError, match=needle):
         load_config(["--data.source=synthetic", *overrides])
-    # the same accumulation is fine for TopK, which selects per token
-    load_config(["--data.source=synthetic", "--model.activation=topk", "--training.grad_accum_steps=2"])
+    # accumulation is fine for TopK (per token) and BatchTopK (selected over the whole step, issue 31)
+    for act in ("topk", "batchtopk"):
+        load_config(["--data.source=synthetic", f"--model.activation={act}", "--training.grad_accum_steps=2"])
 
 
 def test_the_trainer_keeps_topk_rows_unit_norm(tmp_path):

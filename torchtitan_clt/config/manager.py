@@ -194,14 +194,6 @@ def validate(cfg: JobConfig) -> None:
         f"training.batch_size ({t.batch_size}) must be divisible by training.grad_accum_steps "
         f"({t.grad_accum_steps}).",
     )
-    need(
-        not (m.activation == "batchtopk" and t.grad_accum_steps > 1),
-        f"model.activation = 'batchtopk' selects the top k·N over the batch one forward sees; with "
-        f"training.grad_accum_steps = {t.grad_accum_steps} that is a micro-batch, not the step's batch, so "
-        "the run would train a different (noisier) selection than the one it reports. Set "
-        "training.grad_accum_steps = 1 (spread the batch over more data-parallel ranks, or lower "
-        "training.batch_size), or use model.activation = 'topk'.",
-    )
     need(m.features_per_layer > 0, "model.features_per_layer must be positive.")
     need(m.k > 0, "model.k must be positive.")
     need(d.seq_len >= 2, "data.seq_len must be at least 2 (position 0 is BOS and never trained on).")

@@ -15,7 +15,7 @@ one process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,9 @@ class Selection:
     scope: str = "layer"
     positive: bool = True
     """Also drop entries <= 0 (the selection of ReLU(h))."""
+    fixed: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    """BatchTopK ids ``[N, L, K]`` chosen beforehand, returned as they are: the step's selection
+    over all its micro-batches under gradient accumulation (``kernels/step_selection.py``)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -59,6 +62,8 @@ def select(
     Gather the values with ``dispatch.gather_selected(h, idx)`` (differentiable)."""
     h = h.detach()
     n, n_layers, f = h.shape
+    if sel.fixed is not None:  # already global: no threshold to find, nothing to exchange
+        return sel.fixed, torch.full((n_layers,), float("nan"), device=h.device)
     distributed = world_size(group) > 1
     if sel.kind == "topk":
         idx = _topk_ids(h, sel.k, sel.positive, backend)

@@ -14,14 +14,16 @@ activations of the same shape. Every one also offers, for export and for losses:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from torchtitan_clt.kernels import dispatch
 from torchtitan_clt.kernels.selection import Selection, min_selected, select
+from torchtitan_clt.kernels.step_selection import StepSelection
 from torchtitan_clt.models.common import new_param
 from torchtitan_clt.models.init import Constant, init_param_
 from torchtitan_clt.protocols.registry import activation_registry
@@ -203,7 +205,10 @@ class _Selecting(_ThresholdTracker):
 
     def observed_min(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``[L]`` what ``_observe`` takes from a selection: the smallest kept value over all
-        ranks, per layer (one value for all layers under BatchTopK scope ``all``)."""
+        ranks, per layer (one value for all layers under BatchTopK scope ``all``). None seen
+        (+inf) while the ids are fixed: the step observes its whole selection once instead."""
+        if getattr(self, "_fixed", None) is not None:
+            return torch.full((h.shape[1],), float("inf"), device=h.device)
         m = min_selected(h, idx, self.mesh_groups.batch)
         return m.amin().expand(len(m)) if getattr(self, "scope", "layer") == "all" else m
 
@@ -231,15 +236,47 @@ class BatchTopK(_Selecting):
                 f"model.batchtopk_scope must be 'layer' or 'all' (got {args.batchtopk_scope!r})."
             )
         self.scope = args.batchtopk_scope
+        self._collect: StepSelection | None = None
+        self._fixed: torch.Tensor | None = None
 
     def selection(self) -> Selection | None:
-        return Selection("batchtopk", self.k, self.scope) if self.training else None
+        return Selection("batchtopk", self.k, self.scope, fixed=self._fixed) if self.training else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.training:
             thr = self.threshold.to(h.dtype)[:, None]  # [L, 1]
             return h * (h > thr).to(h.dtype)
+        if self._collect is not None:  # first pass of an accumulated step: candidates only
+            self._collect.add(h)
+            return h[..., :0]  # nothing to decode; the caller discards it
         return super().forward(h)
+
+    # Gradient accumulation (trainer/step.py): the step's selection over all its micro-batches.
+    @contextlib.contextmanager
+    def collecting(self, into: StepSelection) -> Iterator[None]:
+        """Within the block the training forward (``model.encode`` under no_grad) only hands its
+        pre-activations to ``into`` (``StepSelection.add``) and returns an empty tensor."""
+        self._collect = into
+        try:
+            yield
+        finally:
+            self._collect = None
+
+    @contextlib.contextmanager
+    def fixed_ids(self, idx: torch.Tensor) -> Iterator[None]:
+        """Within the block the training forward keeps ``idx [N, L, K]`` (``StepSelection.ids``)
+        instead of selecting, and observes nothing (``observe_step`` observes the step once)."""
+        self._fixed = idx
+        try:
+            yield
+        finally:
+            self._fixed = None
+
+    def observe_step(self, chosen: StepSelection) -> None:
+        """The threshold EMA's one observation of an accumulated step: its smallest kept value,
+        as one forward over the whole batch would observe."""
+        m = chosen.min_kept()
+        self._observe(m.amin().expand(len(m)) if self.scope == "all" else m)
 
     @torch.no_grad()
     def calibrate_threshold(self, pre_acts: Iterable[torch.Tensor], n_rows: int) -> torch.Tensor:

@@ -2,6 +2,12 @@
 
 ``TrainStep`` holds the parts a step touches and returns a ``StepStats``; it keeps nothing of one
 step for the next except what the parts themselves keep (the optimizer, the dead-feature counts).
+
+Accumulated micro-batches train what one forward of the whole batch would: the losses are means
+over tokens (each micro-batch's divided by their number), the dead-feature counts take the step's
+firing once, and BatchTopK selects over the whole step (``kernels/step_selection.py``: a first pass
+without gradients finds the step's threshold, then each micro-batch trains on its share of the
+selection). AuxK alone stays per micro-batch: its normaliser ‖e − ē‖² is a batch statistic.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torchtitan_clt.components.lr_scheduler import LRSchedulersContainer
 from torchtitan_clt.components.optimizer import OptimizersContainer, clip_grad_norm_
 from torchtitan_clt.data.source import ActivationSource
 from torchtitan_clt.errors import TrainingError
+from torchtitan_clt.kernels.step_selection import StepSelection
 from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderOutput
 from torchtitan_clt.tools.guards import all_finite, describe_nonfinite
@@ -66,9 +73,23 @@ class TrainStep:
             data_wait_s=0.0,
             fvu=FVUAccumulator() if collect else None,
         )
-        for _ in range(self.grad_accum_steps):
-            self._micro_step(step, stats)
         n = self.grad_accum_steps
+        fired, rows = None, 0
+        act = getattr(self.model, "activation", None)
+        sel = act.selection() if act is not None else None
+        if n > 1 and sel is not None and sel.kind == "batchtopk":
+            batches = [self._next_batch(stats) for _ in range(n)]  # the step's inputs, never its h
+            chosen = self._select_over_step(act, sel, batches)
+            for j, (x, y) in enumerate(batches):
+                with act.fixed_ids(chosen.ids(j)):
+                    fired = self._micro_step(step, stats, x, y, fired)
+                rows += x.shape[0]
+        else:
+            for _ in range(n):
+                x, y = self._next_batch(stats)
+                fired = self._micro_step(step, stats, x, y, fired)
+                rows += x.shape[0]
+        self.dead.update_fired(fired, rows)  # once per step: a feature fired in any micro-batch
         stats.loss /= n
         stats.terms = {k: v / n for k, v in stats.terms.items()}
         if self.decoder_constraint is not None:
@@ -81,15 +102,36 @@ class TrainStep:
         self.optimizers.zero_grad()
         return stats
 
-    def _micro_step(self, step: int, stats: StepStats) -> None:
+    def _autocast(self):
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+
+    def _next_batch(self, stats: StepStats) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
         x, y = self.source.next_batch(self.micro_batch)  # [B, L, d_in], [B, L, d_out] raw
         stats.data_wait_s += time.perf_counter() - t0
+        return x, y
+
+    def _select_over_step(self, act, sel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepSelection:
+        """BatchTopK's selection over all the step's micro-batches, on every rank of the mesh: the
+        first pass (``model.encode``: FSDP gathers the weights for it, tp keeps local features)."""
+        g = self.model.mesh_groups
+        chosen = StepSelection(sel, sum(x.shape[0] for x, _ in batches), g.batch, g.batch_scale)
+        with act.collecting(chosen), torch.no_grad(), self._autocast():
+            for x, _ in batches:
+                self.model.encode(x)
+        chosen.finish()
+        act.observe_step(chosen)  # the threshold EMA, once, before the losses read it
+        return chosen
+
+    def _micro_step(
+        self, step: int, stats: StepStats, x: torch.Tensor, y: torch.Tensor, fired: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns ``fired`` or-ed with its firing."""
         m = self.model
         batch_ok = all_finite(x, y)  # read with the loss check: no extra device sync
         xs, ys = m.standardize_in(x), m.standardize_out(y)
-        enabled = self.autocast_dtype is not None
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
+        with self._autocast():
             out = self.forward(xs)
             loss, terms = self.loss_fn(m, out, ys, step)
         if not bool(torch.isfinite(loss) & batch_ok):
@@ -104,7 +146,7 @@ class TrainStep:
             )
         (loss / self.grad_accum_steps).backward()
         acts = out.acts.detach()
-        self.dead.update(acts, x.shape[0])
+        now = (acts != 0).reshape(-1, *acts.shape[-2:]).any(0)  # [L, F]
         if stats.fvu is not None:
             with torch.no_grad():
                 stats.fvu.update(y, m.unstandardize_out(out.y_hat.detach().float()))
@@ -112,3 +154,4 @@ class TrainStep:
         for k, v in terms.items():
             stats.terms[k] = stats.terms.get(k, 0.0) + v.detach().float()
         stats.loss += loss.detach()
+        return now if fired is None else fired | now
