@@ -485,6 +485,11 @@ class Eval:
     feature_examples: int = 8
     """Top contexts kept per feature in the feature examples."""
 
+    feature_skip_positions: int = 4
+    """Window positions after BOS that feature examples are not taken from: position 1 sees only
+    BOS and itself (an attention sink whose activations show a token, not a feature), 2-4 see one to
+    three tokens of context. Density and the maximum still count every position."""
+
 
 @dataclass
 class JobConfig:

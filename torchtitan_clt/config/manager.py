@@ -202,6 +202,11 @@ def validate(cfg: JobConfig) -> None:
         "data.buffer_tokens and data.llm_batch_size must be positive.",
     )
     need(d.buffer_passes >= 1, "data.buffer_passes must be at least 1.")
+    need(
+        0 <= cfg.eval.feature_skip_positions < d.seq_len - 1,
+        f"eval.feature_skip_positions = {cfg.eval.feature_skip_positions} must be in [0, data.seq_len - 1 = "
+        f"{d.seq_len - 1}): the window needs a position left to take feature examples from.",
+    )
     need(all(layer >= 0 for layer in d.layers), f"data.layers must be non-negative, got {d.layers}.")
     need(len(set(d.layers)) == len(d.layers), f"data.layers has duplicates: {d.layers}.")
     need(0 <= cfg.lr_scheduler.decay_ratio <= 1, "lr_scheduler.decay_ratio must be in [0, 1].")

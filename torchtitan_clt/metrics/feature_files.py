@@ -23,10 +23,14 @@ import torch
 from torch import nn
 
 from torchtitan_clt.metrics.feature_examples import (
+    DEFAULT_SKIP_POSITIONS,
     HIST_BINS,
+    ExampleSlots,
     FeatureExamples,
     FeatureExamplesAccumulator,
     decoder_logits,
+    decoder_target_norms,
+    nearest_features,
 )
 
 if TYPE_CHECKING:
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WINDOW_BEFORE, WINDOW_AFTER = 24, 8  # tokens shown around an example's strongest activation
+SAMPLE_BANDS = 4  # quantile bands the random sample of a feature's contexts is cut into
 
 
 def cantor(layer: int, index: int) -> int:
@@ -72,80 +77,192 @@ def _quantiles(hist: list[int], top: float) -> list[float]:
     return out
 
 
+def _example(slots: ExampleSlots, row: int, slot: int, text: TokenText) -> dict[str, Any]:
+    """One context as the browser and circuit-tracer show it: a window around its peak."""
+    acts = slots.acts[row, slot]  # [T-1], positions 1..T-1
+    toks = slots.tokens[row, slot, 1:]
+    c = int(slots.peak[row, slot])
+    lo, hi = max(0, c - WINDOW_BEFORE), min(acts.shape[0], c + WINDOW_AFTER + 1)
+    return {
+        "tokens": text(toks[lo:hi].tolist()),
+        "acts": [round(float(v), 4) for v in acts[lo:hi]],
+        "center": c - lo,
+        "max": round(float(slots.values[row, slot]), 4),
+        "context": int(slots.context[row, slot]),
+        "position": c + 1,  # in its window (BOS = 0)
+    }
+
+
+def quantile_bands(sampled: list[dict[str, Any]], n_bands: int = SAMPLE_BANDS) -> list[dict[str, Any]]:
+    """The uniform sample of a feature's firing contexts, sorted by activation and cut into
+    ``n_bands`` equal bands: each band's examples lie in that quantile range of the contexts it
+    fires on (the sample being uniform), e.g. ``Quantile 50-75%``."""
+    ex = sorted(sampled, key=lambda e: -e["max"])
+    n = len(ex)
+    bands = []
+    for b in range(min(n_bands, n)):
+        lo, hi = b * n // min(n_bands, n), (b + 1) * n // min(n_bands, n)
+        q_hi, q_lo = 100 - round(100 * lo / n), 100 - round(100 * hi / n)
+        bands.append({"name": f"Quantile {q_lo}-{q_hi}% (random sample)", "examples": ex[lo:hi]})
+    return bands
+
+
+def _clean(t: str) -> str:
+    t = t.replace("\n", "\\n").strip()
+    return t if t else repr(t)[1:-1] or "\u2423"
+
+
+def label_from_examples(record: dict[str, Any], n_in: int = 3, n_out: int = 2) -> str:
+    """A short label from a feature's examples: the tokens it fires most on (the peaks of its top
+    and sampled contexts, most frequent first) and the tokens its decoder promotes, e.g.
+    ``"king" "queen" → "'s" "dom"``."""
+    counts: dict[str, float] = {}
+    for e in record["examples"] + [e for b in record.get("bands", []) for e in b["examples"]]:
+        tok = _clean(e["tokens"][e["center"]])
+        counts[tok] = counts.get(tok, 0.0) + 1.0 + e["max"] / max(record["act_max"], 1e-9)
+    ins = [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:n_in]]
+    outs = [_clean(t) for t in record["top_logits"][:n_out]]
+    label = " ".join(f'"{t}"' for t in ins)
+    if outs:
+        label += " \u2192 " + " ".join(f'"{t}"' for t in outs)
+    return label
+
+
 def feature_records(
     ex: FeatureExamples,
     layers: list[int],
     text: TokenText,
     top_ids: torch.Tensor | None = None,
     bottom_ids: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
-    """One JSON-ready record per feature that fired (the browser's and circuit-tracer's input)."""
+    """One JSON-ready record per feature that fired (the browser's and circuit-tracer's input).
+    ``targets``  # [L, F, L]: decoder norm per target layer (a CLT); ``neighbours``: rows and
+    cosines ``[L*F, k]`` of the nearest features by decoder direction."""
     records = []
     density = ex.density
     alive = (ex.fired > 0).nonzero().flatten().tolist()
     for row in alive:
         j, i = divmod(row, ex.n_features)
-        examples = []
-        for slot in range(ex.top_values.shape[1]):
-            if int(ex.top_context[row, slot]) < 0:
-                continue
-            acts = ex.top_acts[row, slot]  # [T-1], positions 1..T-1
-            toks = ex.top_tokens[row, slot, 1:]
-            c = int(acts.argmax())
-            lo, hi = max(0, c - WINDOW_BEFORE), min(acts.shape[0], c + WINDOW_AFTER + 1)
-            examples.append(
-                {
-                    "tokens": text(toks[lo:hi].tolist()),
-                    "acts": [round(float(v), 4) for v in acts[lo:hi]],
-                    "center": c - lo,
-                    "max": round(float(ex.top_values[row, slot]), 4),
-                    "context": int(ex.top_context[row, slot]),
-                }
-            )
-        hist = [int(v) for v in ex.hist[row]]
-        records.append(
-            {
-                "layer": int(layers[j]),
-                "index": i,
-                "id": cantor(int(layers[j]), i),
-                "density": float(density[row]),
-                "act_max": round(float(ex.act_max[row]), 5),
-                "hist": hist,
-                "hist_top": float(ex.hist_top[row]),
-                "examples": examples,
-                "top_logits": text(top_ids[j, i].tolist()) if top_ids is not None else [],
-                "bottom_logits": text(bottom_ids[j, i].tolist()) if bottom_ids is not None else [],
-            }
-        )
+        examples = [
+            _example(ex.top, row, s, text)
+            for s in range(ex.top.values.shape[1])
+            if ex.top.context[row, s] >= 0
+        ]
+        sampled = [
+            _example(ex.sampled, row, s, text)
+            for s in range(ex.sampled.values.shape[1])
+            if ex.sampled.context[row, s] >= 0
+        ]
+        r = {
+            "layer": int(layers[j]),
+            "index": i,
+            "id": cantor(int(layers[j]), i),
+            "density": float(density[row]),
+            "act_max": round(float(ex.act_max[row]), 5),  # the true maximum
+            "hist": [int(v) for v in ex.hist[row]],
+            "hist_top": float(ex.hist_top[row]),
+            "examples": examples,
+            "bands": quantile_bands(sampled),
+            "top_logits": text(top_ids[j, i].tolist()) if top_ids is not None else [],
+            "bottom_logits": text(bottom_ids[j, i].tolist()) if bottom_ids is not None else [],
+        }
+        if targets is not None:
+            r["targets"] = [
+                [int(layers[t]), round(float(targets[j, i, t]), 4)] for t in range(j, targets.shape[2])
+            ]
+        if neighbours is not None:
+            r["neighbours"] = [
+                [int(layers[n // ex.n_features]), n % ex.n_features, round(float(c), 3)]
+                for n, c in zip(neighbours[0][row].tolist(), neighbours[1][row].tolist())
+            ]
+        r["label"] = label_from_examples(r)
+        records.append(r)
     return records
 
 
 def circuit_tracer_feature(record: dict[str, Any], transcoder_id: str) -> dict[str, Any]:
-    """A record in the schema of circuit-tracer's ``features/{id}.json``."""
+    """A record in the schema of circuit-tracer's ``features/{id}.json`` (plus ``label``, which
+    ``label_graph_nodes`` puts on the graph's nodes, and ``hist_top``, the histogram's range)."""
+
+    def examples(exs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "tokens_acts_list": e["acts"],
+                "train_token_ind": e["center"],
+                "is_repeated_datapoint": False,
+                "tokens": e["tokens"],
+            }
+            for e in exs
+        ]
+
     return {
         "transcoder_id": transcoder_id,
         "index": record["id"],
-        "examples_quantiles": [
-            {
-                "quantile_name": "Top activations",
-                "examples": [
-                    {
-                        "tokens_acts_list": e["acts"],
-                        "train_token_ind": e["center"],
-                        "is_repeated_datapoint": False,
-                        "tokens": e["tokens"],
-                    }
-                    for e in record["examples"]
-                ],
-            }
-        ],
+        "label": record["label"],
+        "examples_quantiles": [{"quantile_name": "Top activations", "examples": examples(record["examples"])}]
+        + [{"quantile_name": b["name"], "examples": examples(b["examples"])} for b in record["bands"]],
         "top_logits": record["top_logits"],
         "bottom_logits": record["bottom_logits"],
         "act_min": 0.0,
-        "act_max": record["hist_top"],  # the histogram's range [act_min, act_max]
+        "act_max": record["act_max"],  # the true maximum: the UI's colour scale
+        "hist_top": record["hist_top"],  # the histogram's bins cover [0, hist_top]
         "quantile_values": _quantiles(record["hist"], record["hist_top"]),
         "histogram": record["hist"],
         "activation_frequency": record["density"],
+    }
+
+
+def feature_labels(folder: str | Path) -> dict[int, str]:
+    """``{circuit-tracer id: label}`` of every feature file in ``folder`` (a run's ``features/``)."""
+    out = {}
+    for p in Path(folder).glob("[0-9]*.json"):
+        label = json.loads(p.read_text()).get("label")
+        if label:
+            out[int(p.stem)] = label
+    return out
+
+
+def feature_label(run_folder: str | Path, layer: int, feature: int) -> str | None:
+    """The label of LLM layer ``layer``'s feature ``feature`` in ``run_folder/features/`` (or None)."""
+    p = Path(run_folder) / "features" / f"{cantor(layer, feature)}.json"
+    return json.loads(p.read_text()).get("label") if p.is_file() else None
+
+
+def label_graph_nodes(graph_json: str | Path, features: str | Path) -> int:
+    """Give every transcoder node of a circuit-tracer graph JSON the label of its feature file
+    (its ``clerp``, what circuit-tracer's UI shows as the node's name); rewrites the file and
+    returns how many nodes were labelled."""
+    labels = feature_labels(features) if Path(features).is_dir() else {}
+    path = Path(graph_json)
+    doc = json.loads(path.read_text())
+    n = 0
+    for node in doc["nodes"]:
+        if node.get("feature_type") == "cross layer transcoder" and node.get("feature") in labels:
+            node["clerp"] = labels[node["feature"]]
+            n += 1
+    path.write_text(json.dumps(doc))
+    return n
+
+
+def example_summary(ex: FeatureExamples, min_contexts: int = 8) -> dict[str, Any]:
+    """What the selection achieved, over the features that fired: how many have at least
+    ``min_contexts`` distinct example contexts (top and sampled together), and the fraction whose
+    top example peaks right after BOS (window position 1, the attention-sink artifact)."""
+    fired = ex.fired > 0
+    n_fired = max(int(fired.sum()), 1)
+    distinct = []
+    for row in fired.nonzero().flatten().tolist():
+        ctx = set(ex.top.context[row].tolist()) | set(ex.sampled.context[row].tolist())
+        distinct.append(len(ctx - {-1}))
+    has_top = ex.top.context[:, 0] >= 0
+    at_bos = fired & has_top & (ex.top.peak[:, 0] == 0)
+    return {
+        "skip_positions": ex.skip_positions,
+        f"features_with_{min_contexts}_contexts": sum(d >= min_contexts for d in distinct),
+        "top_example_after_bos_frac": int(at_bos.sum()) / n_fired,
+        "distinct_contexts_median": sorted(distinct)[len(distinct) // 2] if distinct else 0,
     }
 
 
@@ -157,16 +274,18 @@ def write_feature_examples(
     top_ids: torch.Tensor | None = None,
     bottom_ids: torch.Tensor | None = None,
     meta: dict[str, Any] | None = None,
+    targets: torch.Tensor | None = None,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Write ``folder/{id}.json``, ``folder/index.html``, ``folder/pages/`` and
-    ``folder/summary.json``; returns the summary."""
+    """Write ``folder/{id}.json``, ``folder/index.html``, ``folder/feature.html`` with
+    ``folder/data/`` and ``folder/summary.json``; returns the summary."""
     from torchtitan_clt.metrics.feature_html import write_browser
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.json"):
         stale.unlink()
-    records = feature_records(ex, layers, TokenText(tokenizer), top_ids, bottom_ids)
+    records = feature_records(ex, layers, TokenText(tokenizer), top_ids, bottom_ids, targets, neighbours)
     name = str((meta or {}).get("name", folder.parent.name))
     for r in records:
         (folder / f"{r['id']}.json").write_text(json.dumps(circuit_tracer_feature(r, name)))
@@ -180,6 +299,7 @@ def write_feature_examples(
         "fired": len(records),
         "dead_frac": 1 - len(records) / max(n, 1),
         "histogram_bins": HIST_BINS,
+        **example_summary(ex),
         **(meta or {}),
     }
     write_browser(records, folder, summary)
@@ -197,15 +317,18 @@ def run_feature_pass(
     n_examples: int = 8,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    skip_positions: int = DEFAULT_SKIP_POSITIONS,
 ) -> dict[str, Any]:
     """Stream ``batches`` (``[B, T]`` token ids) until ``tokens`` tokens, collect the examples of
-    every feature of ``transcoder`` and write them to ``folder`` (see ``write_feature_examples``)."""
+    every feature of ``transcoder`` and write them to ``folder`` (see ``write_feature_examples``).
+    Whole batches are read: the count read (in the summary's ``tokens``, and logged) can exceed
+    ``tokens`` by up to one batch, or fall short when the text ends."""
     from tqdm.auto import tqdm
 
     a = transcoder.args
     layers = list(a.layers or range(a.n_layers))
     extractor = llm.extractor(a.hook_in, a.hook_out, layers)
-    acc = FeatureExamplesAccumulator(transcoder, n_examples)
+    acc = FeatureExamplesAccumulator(transcoder, n_examples, skip_positions)
     t0 = time.perf_counter()
     bar = tqdm(total=tokens, unit="tok", desc="feature examples", disable=not progress)
     seen = 0
@@ -217,15 +340,38 @@ def run_feature_pass(
         seen += batch.numel()
         bar.update(batch.numel())
     bar.close()
+    if seen != tokens:
+        logger.info(
+            "feature examples: read %d tokens for the %d asked (%s)",
+            seen,
+            tokens,
+            "whole batches" if seen > tokens else "the held-out text ended",
+        )
     ex = acc.result()
     top, bottom = decoder_logits(transcoder, llm.model)
-    info = {"seconds": round(time.perf_counter() - t0, 1), "examples_per_feature": n_examples}
-    summary = write_feature_examples(ex, folder, layers, llm.tokenizer, top, bottom, {**info, **(meta or {})})
+    info = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "examples_per_feature": n_examples,
+        "tokens_asked": tokens,
+    }
+    summary = write_feature_examples(
+        ex,
+        folder,
+        layers,
+        llm.tokenizer,
+        top,
+        bottom,
+        {**info, **(meta or {})},
+        decoder_target_norms(transcoder),
+        nearest_features(transcoder),
+    )
     logger.info(
-        "feature examples: %d tokens, %d of %d features fired, written to %s (index.html) in %.0f s",
+        "feature examples: %d tokens, %d of %d features fired (%d with 8+ distinct contexts), written "
+        "to %s (index.html) in %.0f s",
         ex.tokens_seen,
         summary["fired"],
         summary["features"],
+        summary["features_with_8_contexts"],
         folder,
         time.perf_counter() - t0,
     )

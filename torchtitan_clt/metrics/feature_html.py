@@ -1,7 +1,16 @@
-"""A static HTML feature browser: ``index.html`` (search by id, sort by density) and one page per
-feature (``pages/L{layer}_F{index}.html``: its top contexts with every token shaded by its
-activation, its density, maximum and top / bottom output tokens). No server and no network: the
-pages open from the file system, their data inline."""
+"""A static HTML feature browser, no server and no network (it opens from the file system):
+
+- ``index.html``: every feature that fired, 100 rows a page (all reachable), sortable, searched by
+  id, ``L3/F17``, or text: its label, the tokens it fires on, its top example's context and its
+  output tokens. Its rows load from ``index_data.js``.
+- ``feature.html#L3/F17``: one page for all features, which loads that feature's
+  ``data/L3_F17.js`` (a script, since browsers refuse ``fetch`` on ``file://``): so opening a
+  feature reads one small file, however many features the dictionary has. It shows the label,
+  density and true maximum, a histogram with axes (log counts, so an outlier does not flatten
+  it), the target layers a CLT feature writes to (decoder norm per target), the nearest features by
+  decoder cosine, the top contexts and random contexts from several quantile bands, every token
+  shaded by its activation, and the output tokens its decoder promotes / suppresses.
+"""
 
 from __future__ import annotations
 
@@ -12,32 +21,34 @@ from typing import Any
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1100px}
-h1{font-size:20px;margin:0 0 4px} .meta{color:#666;font-size:13px;margin-bottom:14px}
-input{font-size:14px;padding:6px 8px;width:360px;margin-right:8px} button{font-size:13px;padding:6px 10px}
-table{border-collapse:collapse;width:100%;font-size:13px;margin-top:12px}
+h1{font-size:20px;margin:0 0 4px} h3{font-size:15px;margin:16px 0 4px} .meta{color:#666;font-size:13px;margin-bottom:10px}
+.label{font-size:15px;margin:2px 0 8px;font-family:ui-monospace,Menlo,Consolas,monospace}
+input{font-size:14px;padding:6px 8px;width:420px;margin-right:8px} button{font-size:13px;padding:5px 10px}
+table{border-collapse:collapse;width:100%;font-size:13px;margin-top:10px}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eee} th{cursor:pointer;background:#fafafa}
 td.num{font-variant-numeric:tabular-nums;text-align:right} a{color:#1a5fb4;text-decoration:none}
+td.lab{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
 .ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.9;white-space:pre-wrap;
  border-bottom:1px solid #f0f0f0;padding:4px 0} .tok{border-radius:2px} .tok.max{outline:1px solid #b35900}
 .ex-head{color:#888;font-size:12px;margin-top:8px} .logits span{display:inline-block;background:#eef4ff;
  border-radius:3px;padding:1px 5px;margin:2px;font-family:ui-monospace,monospace;font-size:12px}
-.logits .neg span{background:#ffeef0} .hist{display:flex;align-items:flex-end;height:60px;gap:1px;margin:6px 0}
-.hist div{background:#e67e22;width:8px;min-height:1px}
+.logits .neg span{background:#ffeef0} .row{display:flex;gap:28px;flex-wrap:wrap} svg text{font-size:10px;fill:#555}
+.pager{margin-top:8px;font-size:13px;color:#555}
 """
 
-INDEX_JS = """
-const rows = FEATURES.slice();
-let sortKey = 'density', sortDir = -1;
-const body = document.getElementById('rows');
-const q = document.getElementById('q');
-const count = document.getElementById('count');
+INDEX_JS = r"""
+const PAGE = 100;
+let sortKey = 'density', sortDir = -1, page = 0, shown = [];
+const body = document.getElementById('rows'), q = document.getElementById('q');
+const count = document.getElementById('count'), pageInfo = document.getElementById('pageinfo');
+const rows = FEATURES.map(r => ({layer: r[0], index: r[1], id: r[2], density: r[3], act_max: r[4],
+  label: r[5], text: (r[5] + ' ' + r[6] + ' ' + r[7]).toLowerCase()}));
 function matches(f, s) {
   if (!s) return true;
-  s = s.trim().toLowerCase();
-  const m = s.match(/^l?(\\d+)\\s*[\\/_:f ]\\s*f?(\\d+)$/);
+  const m = s.match(/^l?(\d+)\s*[\/_:f ]\s*f?(\d+)$/);
   if (m) return f.layer == +m[1] && f.index == +m[2];
-  if (/^\\d+$/.test(s)) return f.id == +s || f.index == +s;
-  return f.top.join(' ').toLowerCase().includes(s);
+  if (/^\d+$/.test(s)) return f.id == +s || f.index == +s;
+  return f.text.includes(s);
 }
 function cell(tr, text, cls) {
   const td = document.createElement('td');
@@ -46,41 +57,130 @@ function cell(tr, text, cls) {
   tr.appendChild(td);
   return td;
 }
-function render() {
-  const s = q.value;
-  const shown = rows.filter(f => matches(f, s));
+function filter() {
+  const s = q.value.trim().toLowerCase();
+  shown = rows.filter(f => matches(f, s));
   shown.sort((a, b) => sortDir * (a[sortKey] - b[sortKey]) || a.id - b.id);
+  page = 0;
+  render();
+}
+function render() {
+  const pages = Math.max(1, Math.ceil(shown.length / PAGE));
+  page = Math.min(Math.max(page, 0), pages - 1);
   body.textContent = '';
-  for (const f of shown.slice(0, 2000)) {
+  for (const f of shown.slice(page * PAGE, (page + 1) * PAGE)) {
     const tr = document.createElement('tr');
-    const td = cell(tr, '');
     const a = document.createElement('a');
-    a.href = 'pages/L' + f.layer + '_F' + f.index + '.html';
+    a.href = 'feature.html#L' + f.layer + '/F' + f.index;
     a.textContent = 'L' + f.layer + '/F' + f.index;
-    td.appendChild(a);
+    cell(tr, '').appendChild(a);
     cell(tr, f.id, 'num');
     cell(tr, (100 * f.density).toFixed(3) + '%', 'num');
     cell(tr, f.act_max.toFixed(2), 'num');
-    cell(tr, f.top.slice(0, 6).map(t => JSON.stringify(t)).join(' '));
+    cell(tr, f.label, 'lab');
     body.appendChild(tr);
   }
-  count.textContent = shown.length + ' of ' + rows.length + ' features' +
-    (shown.length > 2000 ? ' (first 2000 shown)' : '');
+  count.textContent = shown.length + ' of ' + rows.length + ' features';
+  pageInfo.textContent = 'page ' + (page + 1) + ' of ' + pages;
 }
 for (const th of document.querySelectorAll('th[data-key]')) {
   th.addEventListener('click', () => {
     const k = th.dataset.key;
     sortDir = (k == sortKey) ? -sortDir : -1;
     sortKey = k;
-    render();
+    filter();
   });
 }
-q.addEventListener('input', render);
+q.addEventListener('input', filter);
+document.getElementById('prev').addEventListener('click', () => { page--; render(); });
+document.getElementById('next').addEventListener('click', () => { page++; render(); });
 if (location.hash.length > 1) q.value = decodeURIComponent(location.hash.slice(1));  // index.html#L3/F17
-document.getElementById('dens').addEventListener('click', () => {
-  sortDir = (sortKey == 'density') ? -sortDir : -1; sortKey = 'density'; render();
-});
-render();
+filter();
+"""
+
+FEATURE_JS = r"""
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;'}[c]));
+const tokText = t => JSON.stringify(t).slice(1, -1);
+window.addEventListener('hashchange', () => location.reload());
+function shade(a, top) {
+  if (a <= 0 || top <= 0) return '';
+  return ' style="background:rgba(255,140,0,' + (0.12 + 0.78 * Math.min(1, a / top)).toFixed(2) + ')"';
+}
+function context(e, top, n) {
+  const toks = e.tokens.map((t, k) => '<span class="tok' + (k == e.center ? ' max' : '') + '" title="' +
+    e.acts[k].toFixed(3) + '"' + shade(e.acts[k], top) + '>' + esc(t) + '</span>').join('');
+  return '<div class="ex-head">#' + n + ' &middot; max ' + e.max.toFixed(3) + ' &middot; context ' + e.context +
+    ', position ' + e.position + '</div><div class="ctx">' + toks + '</div>';
+}
+function bars(values, labels, opts) {  // an SVG bar chart with axes
+  const W = opts.w || 460, H = 150, l = 44, b = 30, n = values.length, bw = (W - l - 8) / n;
+  const top = Math.max(...values, 1e-12);
+  const y = v => H - b - (H - b - 10) * v / top;
+  let s = '<svg width="' + W + '" height="' + H + '" role="img">';
+  values.forEach((v, i) => {
+    s += '<rect x="' + (l + i * bw + 0.5).toFixed(1) + '" y="' + y(v).toFixed(1) + '" width="' +
+      Math.max(1, bw - 1).toFixed(1) + '" height="' + (H - b - y(v)).toFixed(1) + '" fill="' + opts.color +
+      '"><title>' + esc(opts.tip(i, v)) + '</title></rect>';
+  });
+  s += '<line x1="' + l + '" y1="' + (H - b) + '" x2="' + (W - 6) + '" y2="' + (H - b) + '" stroke="#888"/>';
+  s += '<line x1="' + l + '" y1="10" x2="' + l + '" y2="' + (H - b) + '" stroke="#888"/>';
+  for (const f of [0, 0.5, 1]) {
+    s += '<text x="' + (l - 4) + '" y="' + (y(f * top) + 3) + '" text-anchor="end">' + opts.ytick(f * top) + '</text>';
+  }
+  const every = Math.max(1, Math.ceil(n / 8));
+  labels.forEach((t, i) => {
+    if (i % every == 0 || i == n - 1)
+      s += '<text x="' + (l + (i + 0.5) * bw) + '" y="' + (H - b + 12) + '" text-anchor="middle">' + esc(t) + '</text>';
+  });
+  s += '<text x="' + ((l + W) / 2) + '" y="' + (H - 2) + '" text-anchor="middle">' + esc(opts.xlabel) + '</text>';
+  s += '<text x="10" y="' + ((H - b) / 2) + '" transform="rotate(-90 10 ' + ((H - b) / 2) + ')" text-anchor="middle">' +
+    esc(opts.ylabel) + '</text>';
+  return s + '</svg>';
+}
+function showFeature(r) {
+  const top = Math.max(r.act_max, ...r.examples.map(e => e.max)) || 1;
+  const n = r.hist.length, w = r.hist_top / n;
+  const hist = bars(r.hist.map(c => Math.log10(1 + c)), r.hist.map((c, i) => (i * w).toPrecision(2)), {
+    color: '#e67e22', xlabel: 'activation (true max ' + r.act_max.toFixed(3) + ')', ylabel: 'tokens (log)',
+    tip: (i, v) => (i * w).toPrecision(3) + '-' + ((i + 1) * w).toPrecision(3) + ': ' + r.hist[i] + ' tokens',
+    ytick: v => Math.round(Math.pow(10, v) - 1)});
+  let side = '';
+  if (r.targets) {
+    side = '<div><h3>Target layers it writes to (decoder norm)</h3>' + bars(r.targets.map(t => t[1]),
+      r.targets.map(t => 'L' + t[0]), {color: '#3b7dd8', xlabel: 'target layer', ylabel: 'norm',
+      tip: (i, v) => 'layer ' + r.targets[i][0] + ': ' + v.toFixed(4), ytick: v => v.toPrecision(2),
+      w: Math.max(240, Math.min(520, 60 + 18 * r.targets.length))}) + '</div>';
+  }
+  const chips = ts => ts.map(t => '<span>' + esc(tokText(t)) + '</span>').join('') || '(none)';
+  let h = '<p><a href="index.html">&larr; all features</a></p>' +
+    '<h1>Layer ' + r.layer + ', feature ' + r.index + '</h1>' +
+    '<div class="label">' + esc(r.label) + '</div>' +
+    '<div class="meta">circuit-tracer id ' + r.id + ' &middot; density ' + (100 * r.density).toFixed(4) +
+    '% &middot; max activation ' + r.act_max.toFixed(3) + ' &middot; ' + esc(NAME) + '</div>' +
+    '<div class="row"><div><h3>Activations (non-zero)</h3>' + hist + '</div>' + side + '</div>' +
+    '<h3>Output tokens its decoder promotes</h3><div class="logits"><div>' + chips(r.top_logits) +
+    '</div><div class="neg">suppresses: ' + chips(r.bottom_logits) + '</div></div>';
+  if (r.neighbours) {
+    h += '<h3>Nearest features (decoder cosine)</h3><div class="meta">' + r.neighbours.map(nb =>
+      '<a href="feature.html#L' + nb[0] + '/F' + nb[1] + '">L' + nb[0] + '/F' + nb[1] + '</a> ' + nb[2].toFixed(2)
+    ).join(' &middot; ') + '</div>';
+  }
+  h += '<h3>Top ' + r.examples.length + ' contexts</h3>' + r.examples.map((e, k) => context(e, top, k + 1)).join('');
+  for (const band of r.bands) {
+    h += '<h3>' + esc(band.name) + '</h3>' + band.examples.map((e, k) => context(e, top, k + 1)).join('');
+  }
+  document.getElementById('feature').innerHTML = h;
+  document.title = 'L' + r.layer + '/F' + r.index + ' ' + r.label;
+}
+const m = decodeURIComponent(location.hash).match(/^#L(\d+)\/F(\d+)$/);
+if (m) {
+  const s = document.createElement('script');
+  s.src = 'data/L' + m[1] + '_F' + m[2] + '.js';
+  s.onerror = () => { document.getElementById('feature').textContent = 'L' + m[1] + '/F' + m[2] + ' did not fire on the text read (no data).'; };
+  document.body.appendChild(s);
+} else {
+  document.getElementById('feature').textContent = 'Open a feature as feature.html#L3/F17 (from index.html).';
+}
 """
 
 
@@ -91,70 +191,40 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def _shade(act: float, top: float) -> str:
-    if act <= 0 or top <= 0:
-        return ""
-    alpha = min(1.0, act / top)
-    return f" style='background:rgba(255,140,0,{0.12 + 0.78 * alpha:.2f})'"
+def _js(value: Any) -> str:
+    """JSON safe inside a <script>."""
+    return json.dumps(value, ensure_ascii=True).replace("</", "<\\/")
 
 
-def feature_page(r: dict[str, Any], summary: dict[str, Any]) -> str:
-    """The HTML of one feature's page."""
-    top = max([r["act_max"]] + [e["max"] for e in r["examples"]]) or 1.0
-    logits = "".join(f"<span>{html.escape(repr(t)[1:-1])}</span>" for t in r["top_logits"])
-    neg = "".join(f"<span>{html.escape(repr(t)[1:-1])}</span>" for t in r["bottom_logits"])
-    peak = max(r["hist"]) or 1
-    bars = "".join(
-        f"<div title='{n} tokens' style='height:{max(1, round(60 * n / peak))}px'></div>" for n in r["hist"]
-    )
-    parts = [
-        "<p><a href='../index.html'>&larr; all features</a></p>",
-        f"<h1>Layer {r['layer']}, feature {r['index']}</h1>",
-        f"<div class='meta'>circuit-tracer id {r['id']} &middot; density {100 * r['density']:.4f}% "
-        f"&middot; max activation {r['act_max']:.3f} &middot; {html.escape(str(summary.get('name', '')))}</div>",
-        "<h3>Output tokens its decoder promotes</h3>",
-        f"<div class='logits'><div>{logits or '(none)'}</div><div class='neg'>suppresses: {neg or '(none)'}</div></div>",
-        f"<h3>Activations (non-zero, 0 to {r['hist_top']:.3g})</h3><div class='hist'>{bars}</div>",
-        f"<h3>Top {len(r['examples'])} contexts</h3>",
-    ]
-    for n, e in enumerate(r["examples"]):
-        toks = []
-        for k, (t, a) in enumerate(zip(e["tokens"], e["acts"])):
-            cls = "tok max" if k == e["center"] else "tok"
-            toks.append(f"<span class='{cls}' title='{a:.3f}'{_shade(a, top)}>{html.escape(t)}</span>")
-        parts.append(
-            f"<div class='ex-head'>#{n + 1} &middot; max {e['max']:.3f} &middot; context {e['context']}</div>"
-            f"<div class='ctx'>{''.join(toks)}</div>"
-        )
-    return _page(f"L{r['layer']}/F{r['index']}", "\n".join(parts))
+def _search_text(r: dict[str, Any]) -> tuple[str, str]:
+    """(the tokens it fires on, the text around its top example's peak) for the index's search."""
+    peaks = " ".join(dict.fromkeys(e["tokens"][e["center"]] for e in r["examples"]))
+    ctx = "".join(r["examples"][0]["tokens"]) if r["examples"] else ""
+    return peaks, ctx + " " + " ".join(r["top_logits"])
 
 
-def index_page(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    rows = [
-        {
-            "layer": r["layer"],
-            "index": r["index"],
-            "id": r["id"],
-            "density": r["density"],
-            "act_max": r["act_max"],
-            "top": r["top_logits"],
-        }
-        for r in records
-    ]
-    data = json.dumps(rows, ensure_ascii=True).replace("</", "<\\/")
+def index_page(summary: dict[str, Any]) -> str:
     name = html.escape(str(summary.get("name", "")))
     body = f"""<h1>Features of {name}</h1>
 <div class='meta'>{summary["fired"]} of {summary["features"]} features fired on {summary["tokens"]} held-out
-tokens (layers {html.escape(_layer_span(summary["layers"]))}, {summary["features_per_layer"]} per layer).
-Top contexts per feature; density = fraction of tokens it fires on.</div>
-<input id='q' placeholder='search: id, L3/F17, or an output token' autofocus>
-<button id='dens'>sort by density</button> <span id='count' class='meta'></span>
+tokens (layers {html.escape(_layer_span(summary["layers"]))}, {summary["features_per_layer"]} per layer). Examples
+skip the first {summary.get("skip_positions", 0)} positions after BOS and exact repeats; density = fraction of
+tokens a feature fires on.</div>
+<input id='q' placeholder='search: id, L3/F17, or text (label, tokens it fires on, context, outputs)' autofocus>
+<span id='count' class='meta'></span>
+<div class='pager'><button id='prev'>&larr; prev</button> <span id='pageinfo'></span>
+<button id='next'>next &rarr;</button></div>
 <table><thead><tr><th data-key='layer'>feature</th><th data-key='id'>id</th>
-<th data-key='density'>density</th><th data-key='act_max'>max act</th><th>top output tokens</th></tr></thead>
-<tbody id='rows'></tbody></table>
-<script>const FEATURES = {data};</script>
+<th data-key='density'>density</th><th data-key='act_max'>max act</th><th>label (fires on &rarr; promotes)</th>
+</tr></thead><tbody id='rows'></tbody></table>
+<script src='index_data.js'></script>
 <script>{INDEX_JS}</script>"""
     return _page(f"Features of {summary.get('name', '')}", body)
+
+
+def feature_template(summary: dict[str, Any]) -> str:
+    body = f"<div id='feature'></div>\n<script>const NAME = {_js(str(summary.get('name', '')))};\n{FEATURE_JS}</script>"
+    return _page("feature", body)
 
 
 def _layer_span(layers: list[int]) -> str:
@@ -164,14 +234,21 @@ def _layer_span(layers: list[int]) -> str:
 
 
 def write_browser(records: list[dict[str, Any]], folder: str | Path, summary: dict[str, Any]) -> Path:
-    """Write ``folder/index.html`` and ``folder/pages/*.html``; returns the index path."""
+    """Write ``folder/index.html`` (+ ``index_data.js``), ``folder/feature.html`` and
+    ``folder/data/L{layer}_F{index}.js`` per feature; returns the index path."""
     folder = Path(folder)
-    pages = folder / "pages"
-    pages.mkdir(parents=True, exist_ok=True)
-    for stale in pages.glob("*.html"):
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for stale in [*data.glob("*.js"), *folder.glob("pages/*.html")]:  # pages/: the old per-feature pages
         stale.unlink()
+    rows = []
     for r in records:
-        (pages / f"L{r['layer']}_F{r['index']}.html").write_text(feature_page(r, summary))
+        (data / f"L{r['layer']}_F{r['index']}.js").write_text(f"showFeature({_js(r)});\n")
+        rows.append(
+            [r["layer"], r["index"], r["id"], r["density"], r["act_max"], r["label"], *_search_text(r)]
+        )
+    (folder / "index_data.js").write_text(f"const FEATURES = {_js(rows)};\n")
+    (folder / "feature.html").write_text(feature_template(summary))
     index = folder / "index.html"
-    index.write_text(index_page(records, summary))
+    index.write_text(index_page(summary))
     return index

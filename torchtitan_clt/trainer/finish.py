@@ -162,4 +162,5 @@ def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any) -> dict
             run_folder / "features",
             e.feature_examples,
             meta,
+            skip_positions=e.feature_skip_positions,
         )
