@@ -268,7 +268,9 @@ def test_target_norms_and_neighbours_against_explicit():
     for s in range(L):
         for i in range(F):
             for o in range(L - s):
-                assert float(t[s, i, s + o]) == pytest.approx(float(m.W_dec[s][i, o].detach().norm()), rel=1e-5)
+                assert float(t[s, i, s + o]) == pytest.approx(
+                    float(m.W_dec[s][i, o].detach().norm()), rel=1e-5
+                )
             assert torch.all(t[s, i, :s] == 0)
     rows, cos = nearest_features(m, k=3)
     dirs = torch.stack([sum(m.W_dec[s][:, o] for o in range(L - s)) for s in range(L)]).reshape(L * F, D)
