@@ -69,6 +69,62 @@ INPUT_HOOKS = ("resid_mid", "mlp_in")
 OUTPUT_HOOKS = ("mlp_out",)
 
 
+# What a stock circuit-tracer user runs instead of ``load_clt`` to keep the skip path.
+SKIP_FIX = (
+    "from torchtitan_clt.checkpoint.circuit_tracer import load_clt_skip; "
+    "clt = load_clt_skip(load_clt(folder), folder)"
+)
+
+
+@torch.no_grad()
+def stock_load_loss(model: Transcoder, batches: Iterable, on: str) -> dict[str, Any]:
+    """What circuit-tracer 0.5.0's stock ``load_clt`` loses on a CLT with a skip path: it reads
+    no ``W_skip_{l}`` (only its Gemma-Scope-2 loader reads a skip), so ``ReplacementModel
+    .from_pretrained`` and its CLI trace the features-only model. FVU per layer of the exported
+    model (a plain fp32 copy, folded) with the skip path and without it, on raw ``(x, y)``
+    ``batches`` (``on`` says which rows they are)."""
+    sse = torch.zeros(2, model.args.n_layers, dtype=torch.float64)
+    sum_y = sumsq = None
+    n = 0
+    for b in batches:
+        x, y = b[0], b[1]
+        a = model.encode(x)
+        full, stock = model.decode(a, x).double(), model.decode(a, features_only=True).double()
+        y = y.double()
+        sse[0] += (y - full).pow(2).sum((0, 2))
+        sse[1] += (y - stock).pow(2).sum((0, 2))
+        sum_y = y.sum(0) if sum_y is None else sum_y + y.sum(0)
+        sumsq = y.pow(2).sum((0, 2)) if sumsq is None else sumsq + y.pow(2).sum((0, 2))
+        n += x.shape[0]
+    out: dict[str, Any] = {"stock_load_clt_reads_skip": False, "fix": SKIP_FIX, "rows": on, "tokens": n}
+    if n:
+        fvu = (sse / (sumsq - sum_y.pow(2).sum(-1) / n).clamp_min(1e-30)).tolist()
+        out.update(
+            fvu_with_skip=sum(fvu[0]) / len(fvu[0]),
+            fvu_stock_load=sum(fvu[1]) / len(fvu[1]),
+            fvu_with_skip_per_layer=fvu[0],
+            fvu_stock_load_per_layer=fvu[1],
+        )
+    return out
+
+
+def describe_stock_load(loss: dict[str, Any]) -> str:
+    """The console / model card sentence for ``stock_load_loss``'s result."""
+    if "fvu_stock_load" in loss:
+        what = (
+            f"FVU {loss['fvu_stock_load']:.4f} instead of {loss['fvu_with_skip']:.4f} "
+            f"(mean over layers, {loss['tokens']} tokens of {loss['rows']})"
+        )
+    else:
+        what = "its FVU was not measured here (no activation rows; scripts/export.py measures it)"
+    return (
+        "this CLT has a skip path (W_skip_{l} in W_enc_{l}.safetensors) that circuit-tracer 0.5.0's "
+        "stock load_clt / ReplacementModel.from_pretrained do not read: a stock load traces the "
+        f"features-only model, {what}; the rest goes to the error nodes. To trace the model this run "
+        f"evaluated: {SKIP_FIX}, then ReplacementModel.from_pretrained_and_transcoders(model, clt)."
+    )
+
+
 class CircuitTracerExportError(ConfigError):
     """The model cannot be represented in circuit-tracer's format; the message says why (a
     ``ConfigError``: the trainer can check before training, see ``check_exportable``)."""
@@ -188,6 +244,14 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         return out
 
 
+def _rows_name(held_out: bool, report: dict[str, Any]) -> str:
+    if held_out:
+        return "held-out text"
+    # Native thresholds are not fitted to the rows, so they are a fair test of it.
+    fitted = report.get("thresholds") != "native"
+    return "calibration batches" + (" (the rows the thresholds were fitted on)" if fitted else "")
+
+
 def _convert(
     copy: Transcoder, calibration: Iterable | None, eval_batches: Iterable | None, options: dict[str, Any]
 ) -> tuple[Transcoder, dict[str, Any] | None]:
@@ -208,7 +272,7 @@ def _convert(
         return copy, report  # thresholds_for_export warns for TopK
     new, report = to_jumprelu(copy, batches, eval_batches=eval_batches, **options)
     report.pop("refine_history", None)
-    report["eval_on"] = "held-out batches" if eval_batches is not None else "calibration batches"
+    report["eval_on"] = _rows_name(eval_batches is not None, report)
     report["calibration_tokens"] = sum(
         int(b[0].shape[0] if isinstance(b, (tuple, list)) else b.shape[0]) for b in batches
     )
@@ -247,7 +311,7 @@ def export_circuit_tracer(
             from torchtitan_clt.checkpoint.sharded_calibration import convert_batchtopk
 
             theta, report = convert_batchtopk(stream, calibration)
-            report["eval_on"] = "calibration batches"
+            report["eval_on"] = _rows_name(False, report)
             report["calibration_tokens"] = sum(int(b[0].shape[0]) for b in calibration)
             theta = _checked(theta)
         else:
@@ -256,6 +320,9 @@ def export_circuit_tracer(
             if not isinstance(act, ReLU):
                 _warn_if_approximate(act)
                 theta = _StreamedThresholds(stream)
+        if kind == CLT_KIND and m.args.skip_connection:
+            note = {"stock_load_clt_reads_skip": False, "fix": SKIP_FIX}  # not measured when sharded
+            report = {**(report or {}), "stock_load": note}
         try:
             return _write_folder(
                 folder, kind, m, stream.layer_tensors, theta, llm_n_layers, dtype, m.args.activation, report
@@ -269,6 +336,10 @@ def export_circuit_tracer(
     # Pre-activations do not change when folding, so neither do thresholds fitted on them.
     copy, report = _convert(copy, calibration, eval_batches, dict(conversion_options or {}))
     theta = thresholds_for_export(copy)
+    if kind == CLT_KIND and getattr(copy, "W_skip", None) is not None:
+        rows = eval_batches if eval_batches is not None else calibration
+        on = "held-out text" if eval_batches is not None else "the calibration rows (training text)"
+        report = {**(report or {}), "stock_load": stock_load_loss(copy, list(rows or []), on)}
     tensors = export_layout_of(copy).layer_tensors
     return _write_folder(folder, kind, copy, tensors, theta, llm_n_layers, dtype, trained, report)
 
@@ -322,10 +393,30 @@ def _write_folder(
         "dtype": dtype_name(dtype),
         **(coverage_note(model, n_llm) or {}),  # layers / uncovered_layers for a subset
     }
+    if report is not None and "stock_load" in report:
+        config["skip_connection"] = True  # W_skip_{l}: read by load_clt_skip, not by load_clt
+        config["stock_load_clt_reads_skip"] = False
+        msg = describe_stock_load(report["stock_load"])
+        logger.warning("circuit-tracer export: %s", msg)
+        warnings.warn(msg, stacklevel=3)
     (folder / CONFIG_FILE).write_text(_yaml_dump(config))
     stale = folder / CONVERSION_FILE
     if report is not None:
         stale.write_text(json.dumps(report, indent=2) + "\n")
+        if "native" in report and "export" in report:
+            n, e = report["native"], report["export"]
+            logger.info(
+                "circuit-tracer export vs native on %s (%s tokens): L0 %.2f vs %.2f, FVU %.4f vs %.4f, "
+                "never-firing features %.1f%% vs %.1f%%",
+                report.get("eval_on"),
+                report.get("eval_tokens"),
+                e["l0"],
+                n["l0"],
+                e["fvu"],
+                n["fvu"],
+                100 * e["never_fire"],
+                100 * n["never_fire"],
+            )
         if "l0_after_mean" in report:
             logger.info(
                 "circuit-tracer export: %s -> JumpReLU (%s thresholds), on %s tokens: L0 %.2f -> %.2f, "

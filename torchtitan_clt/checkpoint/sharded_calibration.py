@@ -28,9 +28,10 @@ from torchtitan_clt.checkpoint.sharded_export import LayerStream
 from torchtitan_clt.models.activations import BatchTopK
 from torchtitan_clt.models.conversion import (
     INFERENCE_FAMILY,
+    MIN_FIRINGS,
     _calibrate,
-    _feature_thresholds,
     batchtopk_fit_report,
+    feature_thresholds,
 )
 
 
@@ -98,9 +99,15 @@ def _cuts(stream: LayerStream, rows: list, act: BatchTopK) -> list[torch.Tensor]
 
 
 @torch.no_grad()
-def convert_batchtopk(stream: LayerStream, calibration: list) -> tuple[torch.Tensor, dict[str, Any]]:
+def convert_batchtopk(
+    stream: LayerStream, calibration: list, thresholds: str = "native", min_firings: int = MIN_FIRINGS
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """θ  # [L, F] of the JumpReLU that replaces the sharded BatchTopK model (as the converted
-    model's ``feature_thresholds()`` gives it), and ``to_jumprelu``'s report, on every rank."""
+    model's ``feature_thresholds()`` gives it), and ``to_jumprelu``'s report, on every rank.
+    ``thresholds``: ``"native"`` (the model's inference threshold, unchanged: ``to_jumprelu``'s
+    default for BatchTopK) or ``"feature"`` (``conversion.feature_thresholds`` per layer)."""
+    if thresholds not in ("native", "feature"):
+        raise ValueError(f"convert_batchtopk: thresholds must be 'native' or 'feature' (got {thresholds!r}).")
     m, act = stream.model, stream.model.activation
     rows = _rows(calibration)
     if any(y is None for _, y in rows):
@@ -109,8 +116,11 @@ def convert_batchtopk(stream: LayerStream, calibration: list) -> tuple[torch.Ten
     N = sum(x.shape[0] for x, _ in rows)
     cuts = _cuts(stream, [x for x, _ in rows], act)
     theta = torch.zeros(L, F)
-    l0 = torch.zeros(2, L, dtype=torch.float64)  # before, after
-    y_hat = torch.zeros(2, N, L, d) if is_rank0() else None  # standardized, before / after
+    # before (training selection), after (the export) and, when they differ, native (inference)
+    V = 2 if thresholds == "native" else 3
+    l0 = torch.zeros(V, L, dtype=torch.float64)
+    never = torch.zeros(V, L, dtype=torch.float64)  # share of features that never fire
+    y_hat = torch.zeros(V, N, L, d) if is_rank0() else None  # standardized
     for j in range(L):
         w = stream.raw_layer(j)
         if not is_rank0():
@@ -128,29 +138,37 @@ def convert_batchtopk(stream: LayerStream, calibration: list) -> tuple[torch.Ten
             fired.append((h >= cut) & (h > 0))
         h, fired = torch.cat(hs), torch.cat(fired)  # [N, F]
         del hs
-        th = _feature_thresholds(h[:, None], fired.sum(0)[None])
-        th = _calibrate(h[:, None], th, fired.sum()[None])[0]
+        native_th = act.threshold[j].float().to(h.device)
+        if thresholds == "native":
+            th = native_th.expand(F)
+        else:
+            th = feature_thresholds(h, fired.sum(0), native_th, min_firings)
+            th = _calibrate(h[:, None], th[None], fired.sum()[None])[0]
         theta[j] = th.float().log().exp()  # the converted JumpReLU stores log θ
         after = h * (h > theta[j]).to(h.dtype)
         before = h * fired.to(h.dtype)
-        l0[0, j], l0[1, j] = float((before != 0).sum()) / N, float((after != 0).sum()) / N
+        variants = (before, after) if V == 2 else (before, after, h * (h > native_th).to(h.dtype))
+        for k, a in enumerate(variants):
+            l0[k, j] = float((a != 0).sum()) / N
+            never[k, j] = float(((a != 0).sum(0) == 0).double().mean())
         W_dec = w[stream.plan.per_source[j]] if stream.plan.per_source else w["W_dec"][:, None]  # [F, T, d]
-        for k, a in enumerate((before, after)):
+        for k, a in enumerate(variants):
             y_hat[k, :, j : j + W_dec.shape[1]] += (a @ W_dec.reshape(F, -1)).view(N, -1, d)
             y_hat[k, :, j] += w["b_dec"]
             if "W_skip" in w:
                 x = torch.cat([x for x, _ in rows])
                 xs = (x[:, j].float() - stream.std["in_mean"][j]) / stream.std["in_scale"][j]
                 y_hat[k, :, j] += xs @ w["W_skip"]
-        del w, h, fired, before, after, a, W_dec  # before the next layer's gather
+        del w, h, fired, before, after, a, W_dec, variants  # before the next layer's gather
     theta = _from_rank0(theta)
     report: dict[str, Any] = {
         "source_activation": m.args.activation,
-        "thresholds": "feature",
+        "thresholds": thresholds,
         "refine_steps": 0,
         "refit_decoder": False,
+        **({} if thresholds == "native" else {"min_firings": int(min_firings)}),
         "converted": True,
-        "calibrated": True,
+        "calibrated": thresholds != "native",
         "family": INFERENCE_FAMILY.get(m.args.family, m.args.family),
     }
     if is_rank0():
@@ -171,4 +189,10 @@ def convert_batchtopk(stream: LayerStream, calibration: list) -> tuple[torch.Ten
             fvu_before_mean=sum(fvu[0]) / L,
             fvu_after_mean=sum(fvu[1]) / L,
         )
+        nat = V - 1 if V == 3 else 1  # the native model's row (the export's when they are one)
+        nv = never.tolist()
+        for key, k in (("native", nat), ("export", 1)):
+            report[key] = {"l0": sum(l0s[k]) / L, "fvu": sum(fvu[k]) / L, "never_fire": sum(nv[k]) / L}
+        report["never_fire_native_per_layer"] = nv[nat]
+        report["never_fire_export_per_layer"] = nv[1]
     return theta, report

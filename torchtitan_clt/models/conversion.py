@@ -2,14 +2,18 @@
 
 ``to_jumprelu(model, batches=None, calibrate=True, thresholds="auto", refine_steps=None)`` returns
 a new model whose activation is JumpReLU(θ), and a report. θ  # [L, F] comes from:
+- ``"native"``: the model's own inference thresholds, unchanged (BatchTopK: its per-layer
+  threshold, fitted at the end of a run; the export is then the model the native export loads);
 - ``"layer"``: the per-layer threshold tracked during training (EMA of the smallest selected
   pre-activation, ``activation.threshold``; Bussmann et al. 2024, "BatchTopK Sparse Autoencoders");
 - ``"feature"`` (needs ``batches``): per feature, the midpoint between the c-th and (c+1)-th largest
   pre-activation on the batches, c the number of tokens the source model fires it on, so each
-  feature keeps its firing rate;
+  feature keeps its firing rate; a feature seen firing fewer than ``min_firings`` (8) times keeps
+  its layer's threshold (``feature_thresholds``: a cut fitted on a handful of rows silences a
+  rare feature on new text);
 - ``"match"`` (needs ``batches``): per feature, the cut of its sorted pre-activations that best
   reproduces the source's selection, each disagreement weighted by h² (``_match_thresholds``);
-- ``"auto"``: with batches ``"match"`` for TopK and ``"feature"`` for BatchTopK, else ``"layer"``.
+- ``"auto"``: ``"native"`` for BatchTopK; for TopK ``"match"`` with batches, else ``"layer"``.
 With ``calibrate`` and ``batches``, each layer's θ is then scaled by one factor so that the layer's
 L0 on the batches equals the source model's (BatchTopK: its training-mode selection over each
 batch as given; TopK: k per token). With ``refine_steps`` > 0 (default: 300 for TopK, 0 for
@@ -51,7 +55,10 @@ from torchtitan_clt.models.threshold_fit import fit_thresholds
 from torchtitan_clt.protocols.registry import model_registry
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs
 
-THRESHOLDS = ("auto", "layer", "feature", "match")
+THRESHOLDS = ("auto", "native", "layer", "feature", "match")
+# Per-feature thresholds only for features seen firing at least this often in the calibration
+# rows; the others keep their layer's threshold (``feature_thresholds``). Measured in issue 30.
+MIN_FIRINGS = 8
 # Families whose inference model is another family's (same parameters): the conversion's target.
 INFERENCE_FAMILY = {"matryoshka_clt": "clt"}
 DEFAULT_REFINE_STEPS = 300
@@ -80,16 +87,42 @@ def source_acts(model: Transcoder, h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _feature_thresholds(h: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
-    """θ [L, F]: per feature the midpoint between its c-th and (c+1)-th largest pre-activation
-    over the N rows of h  # [N, L, F], c = fired  # [L, F] counts; never below 0."""
+def feature_thresholds(
+    h: torch.Tensor, count: torch.Tensor, layer_theta: torch.Tensor | float, min_firings: int = MIN_FIRINGS
+) -> torch.Tensor:
+    """θ [F] of one layer (the per-layer form a layer-by-layer / sharded fit calls): per feature
+    the midpoint between the c-th and (c+1)-th largest of its pre-activations ``h  # [N, F]``,
+    c = ``count  # [F]`` its firings in the source model; a feature seen fewer than
+    ``min_firings`` times gets ``layer_theta`` (the layer's threshold, scalar or [F]) instead,
+    since a cut fitted on a handful of rows (or none: the observed maximum) would silence a rare
+    feature on new text. Never below 0."""
     N = h.shape[0]
-    srt = h.sort(dim=0, descending=True).values  # [N, L, F]
-    c = fired.long()
+    srt = h.sort(dim=0, descending=True).values  # [N, F]
+    c = count.long()
     above = srt.gather(0, (c - 1).clamp(0, N - 1)[None])[0]  # c-th largest
     below = srt.gather(0, c.clamp(0, N - 1)[None])[0]  # (c+1)-th largest
-    theta = torch.where(c == 0, srt[0], torch.where(c >= N, below, 0.5 * (above + below)))
+    theta = torch.where(c >= N, below, 0.5 * (above + below))
+    fallback = torch.as_tensor(layer_theta, dtype=theta.dtype, device=theta.device).expand_as(theta)
+    theta = torch.where(c < max(int(min_firings), 1), fallback, theta)
     return theta.clamp_min(0.0)
+
+
+@torch.no_grad()
+def _feature_thresholds(
+    h: torch.Tensor,
+    fired: torch.Tensor,
+    layer_theta: torch.Tensor | None = None,
+    min_firings: int = MIN_FIRINGS,
+) -> torch.Tensor:
+    """θ [L, F] from ``feature_thresholds`` per layer of h  # [N, L, F], ``fired  # [L, F]``
+    counts; ``layer_theta  # [L]`` the fallback for rarely seen features (None: the old rule,
+    θ = the feature's largest pre-activation when it never fired, and no fallback otherwise)."""
+    if layer_theta is None:
+        layer_theta = h.max(0).values  # [L, F]: the observed maximum
+        min_firings = 1
+    return torch.stack(
+        [feature_thresholds(h[:, j], fired[j], layer_theta[j], min_firings) for j in range(h.shape[1])]
+    )
 
 
 @torch.no_grad()
@@ -167,15 +200,21 @@ def _jumprelu_model(
 
 
 @torch.no_grad()
-def evaluate(model: Transcoder, batches: Iterable, reference: Transcoder | None = None) -> dict[str, Any]:
-    """L0 and FVU per layer of ``model`` on raw ``batches``, with the activation as trained (see
-    ``source_acts``). FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² (raw units); y is ``reference``'s output when a
-    batch has no target."""
+def evaluate(
+    model: Transcoder, batches: Iterable, reference: Transcoder | None = None, inference: bool = False
+) -> dict[str, Any]:
+    """L0, FVU and the share of features that never fire, per layer, of ``model`` on raw
+    ``batches``, with the activation as trained (see ``source_acts``; ``inference``: as used,
+    BatchTopK by its inference threshold, what the native export loads). FVU = Σ‖y − ŷ‖² /
+    Σ‖y − ȳ‖² (raw units); y is ``reference``'s output when a batch has no target."""
     sse = tot = sum_y = sumsq = l0 = None
+    fires = None  # [L, F] firings per feature
     n = 0
     for x, y in _batches(batches):
         h = model.pre_acts(model.standardize_in(x))
-        a = source_acts(model, h) if isinstance(model.activation, (TopK, BatchTopK)) else model.activation(h)
+        as_trained = isinstance(model.activation, (TopK, BatchTopK)) and not inference
+        a = source_acts(model, h) if as_trained else copy.deepcopy(model.activation).eval()(h)
+        fires = (a != 0).sum(0) if fires is None else fires + (a != 0).sum(0)
         y_hat = _decode_raw(model, a, x).double()
         if y is None:
             y = (reference if reference is not None else model).eval()(x)
@@ -196,12 +235,15 @@ def evaluate(model: Transcoder, batches: Iterable, reference: Transcoder | None 
     tot = sumsq - sum_y.pow(2).sum(-1) / n
     fvu = (sse / tot.clamp_min(1e-30)).tolist()
     l0_layers = (l0 / n).tolist()
+    never = (fires == 0).double().mean(-1).tolist()  # [L]
     return {
         "tokens": n,
         "l0_per_layer": l0_layers,
         "fvu_per_layer": fvu,
+        "never_fire_per_layer": never,
         "l0": sum(l0_layers) / len(l0_layers),
         "fvu": sum(fvu) / len(fvu),
+        "never_fire": sum(never) / len(never),
     }
 
 
@@ -215,6 +257,7 @@ def to_jumprelu(
     refine_steps: int | None = None,
     refine_options: dict[str, Any] | None = None,
     refit_decoder: bool | None = None,
+    min_firings: int = MIN_FIRINGS,
 ) -> tuple[Transcoder, dict[str, Any]]:
     """Convert a TopK / BatchTopK model to JumpReLU (see the module docstring). ReLU and JumpReLU
     models come back unchanged. Returns (model, report); the input model is not modified.
@@ -223,13 +266,16 @@ def to_jumprelu(
     BatchTopK; needs batches); ``refine_options``: ``threshold_fit.fit_thresholds`` arguments.
     ``refit_decoder``: refit W_dec and b_dec to the converted codes on the batches
     (``decoder_fit.refit_decoder``; None: for TopK sources of the plt / sae / clt families when
-    the batches hold at least 8 rows per feature writing a layer).
+    the batches hold at least 8 rows per feature writing a layer). ``min_firings``: the
+    ``"feature"`` fit's fallback (``feature_thresholds``).
 
     report: ``converted``, ``calibrated``, ``family`` (``matryoshka_clt`` becomes ``clt``),
     ``source_activation``, ``thresholds``, ``refine_steps`` (and ``refine_history``: the fit's
     minibatch FVU and L0) and, when there are batches to evaluate on,
     ``eval_tokens``, ``l0_before`` / ``l0_after`` / ``fvu_before`` / ``fvu_after`` (per layer)
-    and their ``*_mean``."""
+    and their ``*_mean``; ``native`` / ``export``: L0, FVU and ``never_fire`` (the share of
+    features that never fire on the rows) of the model as used (BatchTopK by its inference
+    threshold, what the native export loads) and of the JumpReLU."""
     src: Transcoder = getattr(model, "_orig_mod", model)
     act = src.activation
     report: dict[str, Any] = {"source_activation": src.args.activation, "thresholds": thresholds}
@@ -240,16 +286,17 @@ def to_jumprelu(
         raise ValueError(f"thresholds must be one of {', '.join(THRESHOLDS)} (got {thresholds!r}).")
     calib = _batches(batches)
     if thresholds == "auto":
-        thresholds = ("match" if isinstance(act, TopK) else "feature") if calib else "layer"
+        # BatchTopK's inference mode is already a JumpReLU: exporting it keeps one model (issue 30).
+        thresholds = "native" if isinstance(act, BatchTopK) else "match" if calib else "layer"
     report["thresholds"] = thresholds
     if thresholds in ("feature", "match") and not calib:
         raise ValueError("per-feature thresholds are estimated from activations: pass batches=[(x, y), ...].")
-    if thresholds == "layer" and not calib and bool((act.threshold_updates == 0).any()):
+    if thresholds in ("layer", "native") and not calib and bool((act.threshold_updates == 0).any()):
         raise ValueError(
             "the per-layer threshold was never tracked (it is estimated while training): train some "
             "steps first, or pass batches to calibrate on."
         )
-    if isinstance(act, TopK) and not calib:
+    if isinstance(act, TopK) and not calib and thresholds != "native":
         warnings.warn(
             "TopK -> JumpReLU without batches uses the tracked threshold (the smallest value TopK "
             "selected in a batch), which lets many more features fire; pass batches to calibrate.",
@@ -267,9 +314,9 @@ def to_jumprelu(
         refit_decoder = (
             isinstance(act, TopK) and family in REFIT_FAMILIES and rows >= REFIT_ROWS_PER_WRITER * writers
         )
-    report["refit_decoder"] = bool(refit_decoder and calib)
+    report["refit_decoder"] = bool(refit_decoder and calib) and thresholds != "native"
     ys = None  # raw targets of the calibration rows, for the threshold fit and the decoder refit
-    if calib:
+    if calib and thresholds != "native":
         xss = [src.standardize_in(x) for x, _ in calib]
         xs_all = torch.cat(xss)
         hs = [src.pre_acts(xs).float() for xs in xss]
@@ -279,7 +326,8 @@ def to_jumprelu(
         del hs
         target = fired.sum((0, 2))  # [L] counts
         if thresholds == "feature":
-            theta = _feature_thresholds(h, fired.sum(0))
+            theta = _feature_thresholds(h, fired.sum(0), act.threshold.float().to(h.device), min_firings)
+            report["min_firings"] = int(min_firings)
         elif thresholds == "match":
             theta = _match_thresholds(h, fired)
         del fired
@@ -319,14 +367,21 @@ def to_jumprelu(
         target = new.standardize_out(ys).float()
         skip = new.skip_std(xs_all)
         fit_decoder(new, new.activation(h).float(), target if skip is None else target - skip.float())
-    if calib:
+    if calib and thresholds != "native":
         del h, xs_all
-    report.update(converted=True, calibrated=bool(calibrate and calib), family=new.args.family)
+    fitted = bool(calib) and thresholds != "native"
+    report.update(converted=True, calibrated=bool(calibrate and fitted), family=new.args.family)
     ev = eval_batches if eval_batches is not None else (calib or None)
     if ev is not None:
         ev = _batches(ev)
         before, after = evaluate(src, ev), evaluate(new.eval(), ev, reference=src)
+        native = evaluate(src, ev, inference=True) if isinstance(act, BatchTopK) else before
         new.train(src.training)
+        keys = ("l0", "fvu", "never_fire")
+        report["native"] = {k: native.get(k, math.nan) for k in keys}
+        report["export"] = {k: after.get(k, math.nan) for k in keys}
+        report["never_fire_native_per_layer"] = native.get("never_fire_per_layer")
+        report["never_fire_export_per_layer"] = after.get("never_fire_per_layer")
         report.update(
             eval_tokens=before.get("tokens", 0),
             l0_before=before.get("l0_per_layer"),
