@@ -331,6 +331,14 @@ class Parallelism:
     tp: int = 1
     """Tensor-parallel degree: features are sharded over it."""
 
+    tp_layout: Literal["features", "code"] = "features"
+    """How tp splits the decoder. ``features``: each rank decodes its own features into a dense
+    partial ŷ [B, L, d_out], summed over tp (fp32 all-reduce, traffic ∝ B·L·d). ``code``: the
+    encoder stays sharded over features, the selected (value, feature id) entries are gathered
+    over tp and the decoder, skip path and b_dec are sharded over d_out, so each rank writes its
+    own slice of ŷ and takes the loss on its slice of y (traffic ∝ B·L·k; issue 27). Families
+    declare it with ``ModelSpec.tp_code_plan``."""
+
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     """FSDP2 reshard policy after forward."""
 

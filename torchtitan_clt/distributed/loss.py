@@ -14,6 +14,11 @@ need nothing under dp (FSDP averages the ranks' gradients, equal row counts). Pe
   candidates (``global_kth_largest``), the decoder sums its partials like the main one, and the
   normalizer is reduced over dp (each rank returns dp × its share, so the averaged gradient is
   the one-process gradient).
+
+Under ``parallelism.tp_layout = "code"`` (``distributed/tp_code.py``) ŷ is sharded over d_out:
+each rank takes the loss on its columns of y, so ``recon`` and AuxK's residual term are partial
+sums over tp too (their gradients are right per rank: the decoder's gather sums them at the
+selected entries), and AuxK's normalizer is also summed over tp.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ from torch.distributed.tensor import DTensor
 
 from torchtitan_clt.distributed.collectives import all_reduce_detached, global_kth_largest
 from torchtitan_clt.distributed.tensor_parallel import local_params, tp_group_of
+from torchtitan_clt.distributed.tp_code import d_slice, is_code_layout
 
 FEATURE_PARTIAL_TERMS = ("sparsity", "preact")
+# Also partial under the code layout, where each rank holds its columns of ŷ and y.
+D_OUT_PARTIAL_TERMS = ("recon", "auxk")
 # Terms that read the model's parameters (not only the forward's outputs).
 PARAM_READING_TERMS = ("preact", "auxk")
 
@@ -51,10 +59,12 @@ def feature_slice(full: torch.Tensor, n_local: int, tp_group) -> torch.Tensor:
 
 
 def auxk_loss_mesh(
-    model, out, y: torch.Tensor, dead: torch.Tensor, k_aux: int, tp_group=None, dp_group=None
+    model, out, y: torch.Tensor, dead: torch.Tensor, k_aux: int, tp_group=None, dp_group=None, d_group=None
 ) -> torch.Tensor:
     """AuxK (as ``models.losses.auxk_loss``) on this rank's rows and features: ``out`` local,
-    ``dead  # [L, F]`` whole. Equal to the one-process value when averaged over dp ranks."""
+    ``dead  # [L, F]`` whole. Equal to the one-process value when averaged over dp ranks.
+    ``d_group``: ranks holding other columns of ŷ and y (the code layout): the value is then this
+    rank's share of the residual term, over the normalizer summed over them."""
     h = out.pre_acts  # [B, L, F/tp]
     B, L, F_loc = h.shape
     dead = dead.to(h.device)
@@ -78,7 +88,10 @@ def auxk_loss_mesh(
         dp = dist.get_world_size(dp_group)
         stats = all_reduce_detached(stats.double(), dp_group).float()
     e_sum, e_sq, n = stats[:-2], stats[-2], stats[-1]
-    denom = (e_sq - e_sum.pow(2).sum() / n).clamp_min(1e-12)
+    denom = e_sq - e_sum.pow(2).sum() / n
+    if d_group is not None:
+        denom = all_reduce_detached(denom.double(), d_group).float()
+    denom = denom.clamp_min(1e-12)
     return dp * (e - e_hat).pow(2).sum() / denom
 
 
@@ -98,13 +111,17 @@ class MeshLossFn:
         if tp_group is None and self.dp_group is None:
             return self.loss_fn(model, out, y, step)
         local = local_output(out)
+        code = tp_group is not None and is_code_layout(model)
+        if code:
+            y = d_slice(y, tp_group)  # this rank's columns of ŷ
         terms_list = getattr(self.loss_fn, "terms", None)
         saved = []
         if terms_list is not None and self.dead_features is not None:
             saved = [(t, t.fn) for t in terms_list if t.name == "auxk"]
+            d_group = tp_group if code else None
             for t, _ in saved:
                 t.fn = lambda m, o, yy, s: auxk_loss_mesh(
-                    m, o, yy, self.dead_features.dead_mask(), self.auxk_k, tp_group, self.dp_group
+                    m, o, yy, self.dead_features.dead_mask(), self.auxk_k, tp_group, self.dp_group, d_group
                 )
         if isinstance(model, FSDPModule) and any(t.name in PARAM_READING_TERMS for t in terms_list or []):
             # These terms read parameters after forward, where FSDP holds only its shards: gather
@@ -119,10 +136,10 @@ class MeshLossFn:
                 t.fn = fn
         if tp_group is None:
             return loss, terms
-        weights = {t.name: t.weight(step) for t in terms_list or []}
+        weights = {t.name: t.weight(step) * (t.scale(model) if t.scale else 1.0) for t in terms_list or []}
         missing = torch.zeros((), dtype=loss.dtype, device=loss.device)
         terms = dict(terms)
-        for name in FEATURE_PARTIAL_TERMS:
+        for name in FEATURE_PARTIAL_TERMS + (D_OUT_PARTIAL_TERMS if code else ()):
             if name in terms:
                 part = terms[name]
                 full = all_reduce_detached(part, tp_group)

@@ -166,17 +166,15 @@ def _skip_partial_sharded(model: nn.Module, fn, tp_mesh: DeviceMesh, dim: int | 
     return run
 
 
-def apply_tp(
-    model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | None], bias_name: str = "b_dec"
-) -> nn.Module:
-    """Shard ``model``'s parameters over ``tp_mesh`` per ``plan`` and wrap its methods (see module doc).
-
-    Works on a meta-device model (before ``to_empty`` / ``init_weights``).
-    """
+def shard_parameters(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | None]) -> None:
+    """Every parameter of ``model`` becomes a DTensor over ``tp_mesh``, sharded on the dim
+    ``plan`` gives it (``placement_for``) or replicated."""
     for fqn, p in list(model.named_parameters()):
         dim = placement_for(fqn, plan)
         if dim is not None and p.shape[dim] % tp_mesh.size() != 0:
             what = "model.features_per_layer" if fqn != "W_skip" else "d_in (or model.skip_connection=false)"
+            if fqn.split(".")[0] in ("W_dec", "b_dec", "W_skip") and dim == p.dim() - 1:  # code layout
+                what = 'the output width d_out (or parallelism.tp_layout = "features")'
             raise ValueError(
                 f"{fqn} has {p.shape[dim]} rows on dim {dim}, not divisible by tp = {tp_mesh.size()}; "
                 f"pick parallelism.tp dividing {what}."
@@ -185,6 +183,16 @@ def apply_tp(
         mod, name = _owner(model, fqn)
         dt = distribute_tensor(p.data, tp_mesh, placements)
         mod.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+
+
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | None], bias_name: str = "b_dec"
+) -> nn.Module:
+    """Shard ``model``'s parameters over ``tp_mesh`` per ``plan`` and wrap its methods (see module doc).
+
+    Works on a meta-device model (before ``to_empty`` / ``init_weights``).
+    """
+    shard_parameters(model, tp_mesh, plan)
     tp_group = tp_mesh.get_group()
     split_skip = getattr(model, "W_skip", None) is not None and hasattr(model, "skip_partial")
     if split_skip:

@@ -178,7 +178,7 @@ class LayerwiseTranscoder(Transcoder):
             sel,
             group=g.features if sel.kind == "topk" else g.batch,
             batch_scale=g.batch_scale,
-            tp_group=g.features,
+            tp_group=g.features if g.sum_decoder_partials else None,
             extra=self.skip_partial(xs),  # under tp: in the same sum as the features' partials
         )
         if self.training:

@@ -57,6 +57,11 @@ class ModelSpec:
     """Parameter name (regex) -> the axis sharded over tp (the feature axis), or None to
     replicate it. ``None`` for the whole plan: no tensor parallelism (data parallelism still works)."""
 
+    tp_code_plan: dict[str, int | None] | None = None
+    """The same for ``parallelism.tp_layout = "code"``: the encoder's parameters on their feature
+    axis, the decoder's, the skip path's and ``b_dec`` on their ``d_out`` axis. ``None``: the
+    family trains on tp only with the ``features`` layout."""
+
     parallelize_fn: Callable[..., Any] | None = None
     """``fn(model, parallel_dims, job_config) -> model``, for a family that needs more than
     ``tp_plan`` + FSDP2; ``None``: ``distributed.parallelize.parallelize_transcoder``."""

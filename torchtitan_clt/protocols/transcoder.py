@@ -176,6 +176,9 @@ class MeshGroups:
     """Global batch / this rank's batch (the data-parallel degree)."""
     feature_shards: int = 1
     """How many ranks split the features (tp)."""
+    sum_decoder_partials: bool = True
+    """Whether the decoder's output is a partial ŷ summed over ``features``; False under
+    ``parallelism.tp_layout = "code"``, where each rank writes its own slice of ``d_out``."""
 
 
 class Transcoder(nn.Module):

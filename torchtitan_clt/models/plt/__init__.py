@@ -11,14 +11,26 @@ PLT_TP_PLAN: dict[str, int | None] = {
     r"b_dec": None,  # [L, d_out]: added once, after the decoder's partial sums are reduced
 }
 
+# parallelism.tp_layout = "code": the encoder on its feature axis, the decoder, the skip path and
+# b_dec on d_out (each rank writes its own columns of ŷ from every active feature).
+PLT_TP_CODE_PLAN: dict[str, int | None] = {
+    r"W_enc": 1,  # [L, F, d_in]
+    r"b_enc": 1,  # [L, F]
+    r"activation\.log_threshold": 1,  # [L, F] (JumpReLU)
+    r"W_dec": 2,  # [L, F, d_out]
+    r"W_skip": 2,  # [L, d_in, d_out]
+    r"b_dec": 1,  # [L, d_out]
+}
+
 register_model_spec(
     ModelSpec(
         name="plt",
         build_fn=build_plt,
         tp_plan=PLT_TP_PLAN,
+        tp_code_plan=PLT_TP_CODE_PLAN,
         export_layout=ExportLayout("per_layer"),
         description="Per-layer transcoder: layer l's features read x_l and write only y_l.",
     )
 )
 
-__all__ = ["PLT_TP_PLAN", "PerLayerTranscoder", "build_plt"]
+__all__ = ["PLT_TP_CODE_PLAN", "PLT_TP_PLAN", "PerLayerTranscoder", "build_plt"]
