@@ -311,3 +311,26 @@ def decoder_logits(
         top.append(logits.topk(k, dim=1).indices.cpu())
         bottom.append((-logits).topk(k, dim=1).indices.cpu())
     return torch.cat(top).view(L, F, k), torch.cat(bottom).view(L, F, k)
+
+
+@torch.no_grad()
+def activations_on_text(transcoder: nn.Module, llm, text: str) -> tuple[list[int], torch.Tensor]:
+    """(token ids with BOS first, activations ``[T-1, L, F]`` of every token after BOS) of
+    ``transcoder`` on ``text`` read by ``llm`` (an ``LLMHandle``), as the training stream reads it."""
+    from torchtitan_clt.data.tokenize import special_ids
+
+    a = transcoder.args
+    bos, _ = special_ids(llm.tokenizer)
+    ids = [bos] + list(llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) < 2:
+        raise ValueError("the text has no tokens: give a few words.")
+    extractor = llm.extractor(a.hook_in, a.hook_out, list(a.layers or range(a.n_layers)))
+    x, _ = extractor(torch.tensor([ids]))  # [T-1, L, d_in]
+    ref = next(iter(transcoder.parameters()))
+    was_training = transcoder.training
+    transcoder.eval()
+    try:
+        acts = transcoder.encode(x.to(ref.device, torch.float32)).float().cpu()
+    finally:
+        transcoder.train(was_training)
+    return ids, acts
