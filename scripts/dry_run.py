@@ -51,6 +51,9 @@ NCCL_GIB_PER_GROUP = 0.25
 HOST_RUNTIME_CUDA_GIB = 3.0
 # A gloo process group and its DTensor machinery, per CPU rank (measured before, 0.1 GiB).
 CPU_GLOO_BYTES = int(0.1 * GiB)
+# Transients of at least this size are attributed to where they were allocated (a stack walk each).
+SITE_BYTES_GPU = 256 * 2**20
+SITE_BYTES_CPU = 4 * 2**20
 
 
 # -- phases -------------------------------------------------------------------------------------
@@ -258,7 +261,12 @@ def trace(
     with tempfile.TemporaryDirectory(prefix="tclt-trace-") as folder:
         jc = _job_config_for_trace(cfg, card is not None, steps, folder)
         oracle = Expectations(jc.model.k, jc.model.features_per_layer, jc.model.activation)
-        tracer = MemTracer(values=oracle, fake_pinning=card is not None, meta_is_device=card is not None)
+        tracer = MemTracer(
+            values=oracle,
+            fake_pinning=card is not None,
+            meta_is_device=card is not None,
+            site_bytes=SITE_BYTES_GPU if card is not None else SITE_BYTES_CPU,
+        )
         real_build_mesh = ParallelDims.build_mesh
 
         def build_mesh(self: Any, device_type: str = "cpu") -> Any:
@@ -379,6 +387,11 @@ def summarize(
                 for kind, b in st.at_peak.items()
             },
             "held_at_peak_bytes": {kind: dict(b) for kind, b in st.at_peak.items()},
+            "transients_at_peak_gib": {  # the large ones, by where they were allocated
+                kind: {k: round(v / GiB, 3) for k, v in list(b.items())[:8]}
+                for kind, b in st.transient_sites.items()
+                if b
+            },
             "collective_send_bytes": dict(st.collectives),
             "collective_calls": dict(st.collective_calls),
             "h2d_bytes": st.h2d_bytes,
@@ -428,7 +441,7 @@ def summarize(
         },
         "substituted": substituted,
         "value_reads_assumed": dict(oracle.unknown),
-        "checkpoint_staged_gib": round(sum(t.numel() * t.element_size() for t in subs["staging"].staged) / GiB, 3),
+        "checkpoint_staged_gib": round(subs["staging"].staged_bytes / GiB, 3),
         "export_bytes": {"total": subs["writes"].bytes, "files": subs["writes"].files, "largest_file": subs["writes"].largest},
         "error": error,
         "seconds": round(seconds, 1),

@@ -40,13 +40,15 @@ class TrainState:
     def __init__(self) -> None:
         self.step = 0
         self.tokens = 0
+        self.wandb_run_id = ""  # metrics.wandb: a resumed run continues the same WandB run
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens}
+        return {"step": self.step, "tokens": self.tokens, "wandb_run_id": self.wandb_run_id}
 
     def load_state_dict(self, sd: dict) -> None:
         self.step = int(sd["step"])
         self.tokens = int(sd["tokens"])
+        self.wandb_run_id = str(sd.get("wandb_run_id", ""))  # absent from older checkpoints
 
 
 class Trainer:
@@ -116,8 +118,18 @@ class Trainer:
 
             self.evaluator = build_evaluator(cfg, self.device, llm=self.source.llm)  # None: no LLM
         ts = self.train_state
+        if cfg.metrics.wandb:
+            from torchtitan_clt.metrics.wandb_sink import agree_run_id
+
+            ts.wandb_run_id = agree_run_id(ts.wandb_run_id)
         self.metrics = MetricsLogger(
-            self.run_folder, cfg, self.rank, device=self.device, start_step=ts.step, start_tokens=ts.tokens
+            self.run_folder,
+            cfg,
+            self.rank,
+            device=self.device,
+            start_step=ts.step,
+            start_tokens=ts.tokens,
+            wandb_run_id=ts.wandb_run_id,
         )
 
     def train_step(self, step: int, collect: bool = False) -> StepStats:
@@ -214,6 +226,8 @@ class Trainer:
         # stays for the evaluation and the feature pass.
         llm = self.source.llm
         self.source.close()
+        if self.checkpointer is not None:  # the last save's host copy is freed once it is written
+            self.checkpointer.wait()
         # On a mesh the exports stream from the shards, first: nothing is gathered whole for them.
         streamed = exports and finish.exports_streamed(cfg, self.model, self.model_args, calibration)
         if streamed:  # every rank; a BatchTopK threshold is fitted into the shards first
@@ -233,6 +247,7 @@ class Trainer:
                 finish.export_all(cfg, plain, self.run_folder, calibration)
             if features:
                 finish.feature_pass(cfg, plain, self.run_folder, llm)
+        self.metrics.log_report()  # the plots (and exports, when asked) to WandB
         self.metrics.close()
 
 

@@ -47,6 +47,29 @@ def test_what_holds_the_peak():
     assert held["weights"] == 2 * MiB and held["transients"] == 5 * MiB
 
 
+def _make_big() -> torch.Tensor:
+    return torch.empty(3 * MiB, dtype=torch.uint8)
+
+
+def test_transients_at_the_peak_are_named_by_where_they_were_allocated():
+    from torchtitan_clt.tools.mem_trace import MemTracer
+
+    keep: dict[str, torch.Tensor] = {}
+    with MemTracer(holders={"weights": lambda: [keep["w"]]}, site_bytes=MiB) as tr:
+        keep["w"] = torch.empty(2 * MiB, dtype=torch.uint8)  # held: not a transient
+        with tr.phase("step") as st:
+            big = _make_big()
+            small = torch.empty(MiB // 2, dtype=torch.uint8)  # under site_bytes: not named
+            del big, small
+    sites = st.transient_sites["host"]
+    assert list(sites.values()) == [3 * MiB]
+    (where,) = sites
+    assert where.startswith("test_mem_trace.py:") and "_make_big" in where.split(" < ")[0]
+    assert st.at_peak["host"]["transients"] == 3 * MiB + MiB // 2
+    assert id(keep["w"].untyped_storage()) in tr.sites
+    assert len(tr.sites) == 1  # the freed ones are forgotten; the held one (w) stays
+
+
 def test_host_to_device_and_collective_bytes_follow_the_ring_formulas():
     """On a fake process group of 4 ranks: what rank 0 sends per collective (ring algorithms)."""
     import torch.distributed as dist

@@ -16,10 +16,13 @@ ring: every rank but the last forwards the whole message; the root sends it once
 from __future__ import annotations
 
 import contextlib
+import sysconfig
+import traceback
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +67,9 @@ class PhaseStats:
     """How many times the phase was entered (steps, refills...)."""
     rise: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
     """The most one entry added above what was live when it began (what the phase itself needs)."""
+    transient_sites: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per kind, at the peak, the transients' large storages by where they were allocated
+    (``file:line function``; with ``MemTracer(site_bytes=...)``)."""
 
 
 def _group_size(args: Iterable[Any]) -> int:
@@ -138,6 +144,20 @@ if hasattr(torch.ops.aten, "pin_memory"):
     _PIN_OPS.add(torch.ops.aten.pin_memory.default)
 
 
+def _allocation_site() -> str:
+    """The innermost three frames of the user's code (not torch's, not the standard library's)
+    that made a storage."""
+    frames = [
+        f
+        for f in traceback.extract_stack()
+        if not f.filename.startswith(_LIBRARY_PATHS + ("<",)) and f.filename != __file__
+    ]
+    return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:])) or "?"
+
+
+_LIBRARY_PATHS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
 class MemTracer(TorchDispatchMode):
     """Live bytes per kind (``host`` / ``device``) from every op's outputs, peaks and traffic per phase.
 
@@ -157,8 +177,11 @@ class MemTracer(TorchDispatchMode):
         fake_pinning: bool = False,
         snapshot_step: int = 64 * 2**20,
         meta_is_device: bool = False,
+        site_bytes: int | None = None,
     ):
         super().__init__()
+        self.site_bytes = site_bytes
+        self.sites: dict[int, str] = {}  # id(storage) -> where a storage of >= site_bytes was made
         self.holders = dict(holders or {})
         self.values = values
         self.meta_is_device = meta_is_device
@@ -227,10 +250,13 @@ class MemTracer(TorchDispatchMode):
             return
         ref = weakref.ref(st, lambda _r, k=key: self._free(k))
         self.live[key] = (kind, n, ref)
+        if self.site_bytes is not None and n >= self.site_bytes:
+            self.sites[key] = _allocation_site()
         self.current[kind] += n
 
     def _free(self, key: int) -> None:
         old = self.live.pop(key, None)
+        self.sites.pop(key, None)
         if old is not None:
             self.current[old[0]] -= old[1]
 
@@ -255,13 +281,14 @@ class MemTracer(TorchDispatchMode):
                 st.peak[kind] = now
                 step = min(self.snapshot_step, max(4096, now // 100))  # within 1% of the peak
                 if now >= self._snap_at[kind] + step or kind not in st.at_peak:
-                    st.at_peak[kind] = self.breakdown(kind)
+                    st.at_peak[kind] = self.breakdown(kind, st.transient_sites)
                     self._snap_at[kind] = now
                 elif now > sum(st.at_peak[kind].values()):
                     st.at_peak[kind]["transients"] += now - sum(st.at_peak[kind].values())
 
-    def breakdown(self, kind: str) -> dict[str, int]:
-        """Bytes of ``kind`` by holder now; what no holder claims is ``transients``."""
+    def breakdown(self, kind: str, sites: dict[str, dict[str, int]] | None = None) -> dict[str, int]:
+        """Bytes of ``kind`` by holder now; what no holder claims is ``transients`` (its large
+        storages by allocation site into ``sites[kind]`` when given)."""
         out: dict[str, int] = {}
         claimed: set[int] = set()
         with torch.utils._python_dispatch._disable_current_modes():
@@ -287,6 +314,13 @@ class MemTracer(TorchDispatchMode):
                 if n:
                     out[name] = n
         out["transients"] = self.current[kind] - sum(out.values())
+        if sites is not None and self.site_bytes is not None:
+            by_site: dict[str, int] = defaultdict(int)
+            for key, where in self.sites.items():
+                entry = self.live.get(key)
+                if entry is not None and entry[0] == kind and key not in claimed:
+                    by_site[where] += entry[1]
+            sites[kind] = dict(sorted(by_site.items(), key=lambda kv: -kv[1]))
         return out
 
     # -- dispatch ------------------------------------------------------------------------------

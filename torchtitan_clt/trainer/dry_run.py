@@ -289,11 +289,13 @@ def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 class Staging:
     """DCP's async save as far as memory goes: a host copy of every local tensor of the state,
-    held until the next save; traffic counted as device -> host."""
+    held until the save is waited for (DCP's own stager is closed, and its copy dropped, once the
+    write is done); traffic counted as device -> host."""
 
     def __init__(self, pin: bool):
         self.pin = pin
         self.staged: list[torch.Tensor] = []
+        self.staged_bytes = 0
         self.saves = 0
 
     def __call__(self, state_dict: Any, *args: Any, **kwargs: Any) -> Future:
@@ -308,9 +310,20 @@ class Staging:
                 host.copy_(local)
                 self.staged.append(host)
         self.saves += 1
+        self.staged_bytes = max(self.staged_bytes, sum(t.numel() * t.element_size() for t in self.staged))
         fut: Future = Future()
         fut.set_result(None)
         return fut
+
+    def released_on_wait(self, wait: Any) -> Any:
+        """``CheckpointManager.wait`` that also drops the staged copy: the run waits there for
+        the write, after which DCP's stager no longer holds it."""
+
+        def wait_and_release(manager: Any) -> None:
+            wait(manager)
+            self.staged = []
+
+        return wait_and_release
 
 
 class WriteCounter:
@@ -337,6 +350,7 @@ def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
     import safetensors.torch
     import torch.distributed.checkpoint as dcp
 
+    from torchtitan_clt.checkpoint.manager import CheckpointManager
     from torchtitan_clt.data import buffer, pipeline, source, tokenize
     from torchtitan_clt.kernels import select_torch
 
@@ -410,6 +424,9 @@ def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
         stack.enter_context(patched(torch, "save", save))
         stack.enter_context(patched(dcp, "async_save", staging))
         stack.enter_context(patched(dcp, "save", staging))
+        stack.enter_context(
+            patched(CheckpointManager, "wait", staging.released_on_wait(CheckpointManager.wait))
+        )
         try:
             from torchtitan_clt.checkpoint import safetensors_stream as sts
         except ImportError:  # pragma: no cover - older layout
