@@ -125,3 +125,23 @@ def test_stock_load_of_a_skip_clt_is_warned_with_what_it_loses(tmp_path):
     assert note["fvu_stock_load"] == pytest.approx(fvu(y, ct_out(plain, x)), rel=1e-4)
     assert note["fvu_with_skip"] == pytest.approx(fvu(y, ct_out(fixed, x)), rel=1e-4)
     assert note["fvu_stock_load"] > note["fvu_with_skip"] + 0.1  # the skip path matters here
+
+
+def test_model_card_says_what_a_stock_load_loses_and_names_the_hub_llm(tmp_path):
+    from torchtitan_clt.checkpoint.export import export_native
+    from torchtitan_clt.checkpoint.model_card import render_model_card
+
+    model = build(skip=True)
+    model.args.model_name = "SmolLM2-135M-Instruct.Q4_1"  # what a gguf: model_path gives
+    run = tmp_path / "run"
+    export_native(model, run / "export")
+    with pytest.warns(UserWarning, match="load_clt_skip"):
+        export_circuit_tracer(model, run / "circuit_tracer", calibration=rows(model))
+    note = json.loads((run / "circuit_tracer" / "conversion.json").read_text())["stock_load"]
+    files = ["config.json", "circuit_tracer/config.yaml"]
+    card = render_model_card(run, "org/tiny-clt", files)
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert 'from_pretrained_and_transcoders("HuggingFaceTB/SmolLM2-135M-Instruct", clt' in card
+    assert "clt = load_clt_skip(load_clt(folder, lazy_decoder=False), folder)" in card
+    assert f"{note['fvu_stock_load']:.4f} without the skip path against {note['fvu_with_skip']:.4f}" in card
+    assert "Q4_1" in card and "full-precision" in card  # says the traced LLM is not the exact one

@@ -47,6 +47,27 @@ METRICS = [  # (key, label, format)
 ]
 
 
+# LLMs the presets read from a local GGUF file (their model_name is the file's stem): the Hub id of
+# the full-precision model, which is what circuit-tracer and transformers load by name.
+HUB_IDS = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+GGUF_SUFFIX = re.compile(r"[.-](Q\d\w*|F16|F32|BF16|IQ\d\w*)$", re.I)
+
+
+def hub_model_id(model_name: str) -> tuple[str, str | None]:
+    """(the name to load the LLM by, a note when it is not the exact model trained on). A GGUF
+    file's stem (``SmolLM2-135M-Instruct.Q4_1``) maps to its full-precision Hub id."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model_name or ""):
+        return model_name, None
+    base = GGUF_SUFFIX.sub("", model_name or "")
+    if base in HUB_IDS:
+        return HUB_IDS[base], (
+            f"The dictionary was trained on the activations of `{model_name}` (a quantized GGUF file, "
+            f"dequantized); `{HUB_IDS[base]}` is its full-precision original, whose activations are "
+            "close to but not identical with those."
+        )
+    return f"<the Hub id of {model_name}>", f"`{model_name}` is a local model: give its Hub id or folder."
+
+
 def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -119,10 +140,41 @@ def _front_matter(s: dict[str, Any], tag: str) -> str:
         f"- {tag}",
         "- torchtitan_clt",
     ]
-    model = s["config"].get("model_name") or ""
+    model, _ = hub_model_id(s["config"].get("model_name") or "")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model):  # a Hub model id (not a local path or gguf:)
         lines.append(f"base_model: {model}")
     return "\n".join([*lines, "---", ""])
+
+
+def _skip_card(run: Path, repo_id: str, model_name: str) -> list[str]:
+    """The circuit-tracer section of a CLT with a skip path: what a stock load loses (measured at
+    export, ``circuit_tracer/conversion.json``) and the snippet that keeps it."""
+    note = (_json(Path(run) / "circuit_tracer" / "conversion.json") or {}).get("stock_load") or {}
+    if "fvu_stock_load" in note:
+        loss = (
+            f"On {note['tokens']:,} tokens of {note['rows']} its FVU (mean over layers) is "
+            f"{note['fvu_stock_load']:.4f} without the skip path against {note['fvu_with_skip']:.4f} "
+            "with it; the difference goes to the error nodes."
+        )
+    else:
+        loss = "What it loses was not measured at export (`scripts/export.py` measures it)."
+    return [
+        "In circuit-tracer. **This CLT has a skip path** (`W_skip_{l}` in `W_enc_{l}.safetensors`), which "
+        "circuit-tracer 0.5.0's stock `load_clt` (and so `ReplacementModel.from_pretrained`) does not "
+        f"read: a stock load traces the features-only model. {loss} Load it with the skip path:",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "from circuit_tracer import ReplacementModel",
+        "from circuit_tracer.transcoder.cross_layer_transcoder import load_clt",
+        "from torchtitan_clt.checkpoint.circuit_tracer import load_clt_skip",
+        "",
+        f'folder = snapshot_download("{repo_id}", allow_patterns="circuit_tracer/*") + "/circuit_tracer"',
+        "clt = load_clt_skip(load_clt(folder, lazy_decoder=False), folder)",
+        f'model = ReplacementModel.from_pretrained_and_transcoders("{model_name}", clt, backend="nnsight")',
+        "```",
+        "",
+    ]
 
 
 def render_model_card(
@@ -224,28 +276,27 @@ def render_model_card(
         "",
     ]
     if has_ct:
-        model_name = cfg.get("model_name") or "<the LLM>"
-        out += [
-            "In circuit-tracer (its Hub loader reads the subfolder):",
-            "",
-            "```python",
-            "from circuit_tracer import ReplacementModel",
-            "",
-            f'model = ReplacementModel.from_pretrained("{model_name}", "{repo_id}/circuit_tracer", backend="nnsight")',
-            "```",
-            "",
-            f'or as a torchtitan_clt model: `torchtitan_clt.load_pretrained("hf://{repo_id}/circuit_tracer")`.',
-            "",
-        ]
-        if skip and a.get("family") != "plt":
+        model_name, llm_note = hub_model_id(cfg.get("model_name") or "")
+        clt_skip = skip and family != "plt"
+        if not clt_skip:
             out += [
-                "This CLT has a skip path (`W_skip_{l}` in `W_enc_{l}.safetensors`), which circuit-tracer's "
-                "`load_clt` does not read: without it the replacement model leaves that part of each MLP "
-                "output to the error nodes. Load the transcoder with `load_clt` and then "
-                "`torchtitan_clt.checkpoint.circuit_tracer.load_clt_skip(clt, folder)`, and pass it to "
-                "`ReplacementModel.from_pretrained_and_transcoders`.",
+                "In circuit-tracer (its Hub loader reads the subfolder):",
+                "",
+                "```python",
+                "from circuit_tracer import ReplacementModel",
+                "",
+                f'model = ReplacementModel.from_pretrained("{model_name}", "{repo_id}/circuit_tracer", backend="nnsight")',
+                "```",
                 "",
             ]
+        else:
+            out += _skip_card(run, repo_id, model_name)
+        if llm_note:
+            out += [llm_note, ""]
+        out += [
+            f'As a torchtitan_clt model: `torchtitan_clt.load_pretrained("hf://{repo_id}/circuit_tracer")`.',
+            "",
+        ]
     else:
         out.append(
             "No `circuit_tracer/` folder here: circuit-tracer loads CLTs and per-layer transcoders that "
