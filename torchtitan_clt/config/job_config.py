@@ -426,6 +426,31 @@ class Metrics:
     per_layer: bool = True
     """Include per-layer lists (FVU, L0) in the logged metrics."""
 
+    wandb: bool = False
+    """Also log to Weights & Biases (rank 0; ``pip install 'torchtitan_clt[wandb]'``): every logged
+    scalar, the per-layer lists as one chart per layer, the resolved config, the report's plots at
+    the end. The run id is checkpointed, so a resumed or requeued run continues the same WandB run."""
+
+    wandb_project: str = "torchtitan_clt"
+    """WandB project."""
+
+    wandb_entity: str = ""
+    """WandB entity (user or team); empty: your default entity."""
+
+    wandb_run_name: str = ""
+    """WandB run name; empty: ``job.name``."""
+
+    wandb_tags: list[str] = field(default_factory=list)
+    """WandB tags, e.g. ``["clt", "sweep-3"]``."""
+
+    wandb_mode: Literal["", "online", "offline", "disabled"] = ""
+    """``offline`` writes the run under ``<run folder>/wandb/`` with no network (``wandb sync``
+    uploads it later); empty: the ``WANDB_MODE`` environment variable, else online."""
+
+    wandb_log_artifacts: bool = False
+    """At the end, log the exports (native, circuit-tracer, SAELens when written) with the report and
+    a generated model card as a WandB artifact ``<run name>-model`` (type ``model``)."""
+
 
 @dataclass
 class Profiling:

@@ -1,4 +1,5 @@
-"""Where metrics go: a console line, TensorBoard scalars (``tb/``) and ``metrics.jsonl``.
+"""Where metrics go: a console line, TensorBoard scalars (``tb/``), ``metrics.jsonl`` and, when
+``metrics.wandb``, a Weights & Biases run (``wandb_sink.py``).
 
 Only rank 0 writes; on other ranks ``log`` is a no-op. ``log(step, metrics)`` takes a dict:
 
@@ -101,7 +102,8 @@ class MetricsLogger:
     """Console + TensorBoard + ``metrics.jsonl`` for one run folder (rank 0 only).
 
     ``start_step`` > 0 (a resume) drops the lines after it from an existing ``metrics.jsonl`` and
-    appends; ``start_step`` 0 starts the file afresh.
+    appends; ``start_step`` 0 starts the file afresh. ``wandb_run_id``: the checkpointed WandB run
+    (``wandb_sink.agree_run_id``) continued when ``metrics.wandb``.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class MetricsLogger:
         device: torch.device | str | None = None,
         start_step: int = 0,
         start_tokens: int = 0,
+        wandb_run_id: str = "",
     ):
         self.cfg = job_config.metrics
         self.total_steps = job_config.training.steps
@@ -122,6 +125,7 @@ class MetricsLogger:
         self.run_folder = Path(run_folder)
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if not self.enabled:
             return
         self.run_folder.mkdir(parents=True, exist_ok=True)
@@ -134,6 +138,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
             self._tb = SummaryWriter(log_dir=str(self.run_folder / "tb"), flush_secs=30)
+        if self.cfg.wandb:
+            from torchtitan_clt.metrics.wandb_sink import WandbSink  # imports wandb: only when used
+
+            self._wandb = WandbSink(self.run_folder, job_config, wandb_run_id)
 
     def reset_timer(self, step: int, tokens: int) -> None:
         """Start the throughput window now (call right before the first step, after setup)."""
@@ -171,7 +179,15 @@ class MetricsLogger:
             self._jsonl.flush()
         if self._tb is not None:
             self._write_tb(step, record, terms)
+        if self._wandb is not None:
+            self._wandb.log(step, record, terms)
         return record
+
+    def log_report(self) -> None:
+        """After the report and the exports are written: the plots (and, when asked, the exports
+        as an artifact) to WandB."""
+        if self._wandb is not None:
+            self._wandb.log_report()
 
     def _console_line(self, step: int, r: dict[str, Any], terms: dict[str, Any]) -> str:
         parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
@@ -212,6 +228,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def _si(x: float) -> str:
