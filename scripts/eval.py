@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -68,6 +70,26 @@ def calibrate_batchtopk(run: Path | None, model, tokens: int) -> str:
     return f" ({describe_batchtopk_fit(fit)})"
 
 
+def say(msg: str) -> None:
+    """A progress line, flushed (a run of several minutes says what it is doing)."""
+    print(msg, flush=True)
+
+
+def describe_tokens(batches: list, asked: int) -> str:
+    """The honest count: what is read (whole batches) and scored (BOS excluded) vs what was asked."""
+    B, T = batches[0].shape
+    read = sum(b.numel() for b in batches)
+    scored = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+    how = (
+        "rounded up to whole batches" if read > asked else ("the held-out text ended" if read < asked else "")
+    )
+    return (
+        f"{len(batches)} batch(es) of {B} x {T} tokens: {read} tokens read, {scored} scored (BOS excluded), "
+        f"for {asked} asked"
+        + (f" ({how}; --tokens {len(batches) * B * T} reads exactly this)" if how else "")
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", type=Path, help="export, circuit-tracer folder, checkpoint step-N or run folder")
@@ -100,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
     from torchtitan_clt.metrics.evaluator import Evaluator
     from torchtitan_clt.metrics.report import headline, write_report
 
@@ -135,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = list(list_checkpoints(run / cfg.checkpoint.folder)[0]) or [None]
     history = []
     try:
+        say(f"Loading the LLM {cfg.data.model_path} and reading held-out text ({device}) ...")
         evaluator = Evaluator(cfg, device)
+        say(f"Held-out text: {describe_tokens(evaluator.batches, cfg.eval.tokens)}.")
         for k, step in enumerate(steps):
             model, kind = load_dictionary(args.path, step, device)
             if kind.startswith("checkpoint") and model.args.activation == "batchtopk":
@@ -145,7 +171,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{model.args.hook_in} -> {model.args.hook_out}, {model.args.features_per_layer} features/layer"
             )
             last = k == len(steps) - 1  # the per-layer open loop only for the last one
-            result = evaluator.run(model, step, open_loop=cfg.eval.open_loop and last)
+            open_loop = cfg.eval.open_loop and last
+            n_layers = len(model.args.layers or range(model.args.n_layers))
+            say(
+                f"Evaluating ({len(evaluator.batches)} batch(es): the clean and spliced LLM forwards"
+                + (
+                    f", then the open loop: 3 forwards per layer and batch, {n_layers} layers; "
+                    "--no-open-loop skips it"
+                    if open_loop
+                    else ""
+                )
+                + f") ... [{time.perf_counter() - t0:.0f} s]"
+            )
+            result = evaluator.run(model, step, open_loop=open_loop)
             if step is not None:
                 history.append({"step": step, **Evaluator.log_metrics(result)})
     except ConfigError as e:
@@ -154,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (run / "report" if run else Path("eval_report"))
     written = write_report(run, result["replacement"], result["feature_stats"], out_dir=out, history=history)
     print(json.dumps(headline(result["replacement"], result["feature_stats"]), indent=2))
-    print(f"Report: {', '.join(str(p) for p in written.values())}")
+    print(f"Report: {', '.join(str(p) for p in written.values())} [{time.perf_counter() - t0:.0f} s]")
     return 0
 
 

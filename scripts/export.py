@@ -24,8 +24,6 @@ import logging
 import sys
 from pathlib import Path
 
-from torchtitan_clt.tools.dtypes import DTYPES
-
 EXPORT_DTYPES = ("float32", "bfloat16")  # of tools.dtypes.DTYPES
 FORMATS = ["native", "circuit_tracer", "both", "saelens"]
 logger = logging.getLogger("export")
@@ -43,6 +41,25 @@ def conversion_batches(run: Path | None, model, calib_tokens: int, eval_tokens: 
     return run_batches(run, model, calib_tokens, eval_tokens, why="export")
 
 
+CROSSLAYER_FAMILIES = ("clt", "matryoshka_clt")  # built-ins whose features write to every later layer
+
+
+def refuse_early(ckpt: Path, fmt: str) -> None:
+    """Refusals the checkpoint's ``meta.json`` settles, before the model, the LLM or any
+    calibration text is loaded (sae-lens has no form for a crosslayer transcoder)."""
+    from torchtitan_clt.checkpoint.layout import META_FILE
+
+    if fmt != "saelens" or not (ckpt / META_FILE).is_file():
+        return
+    args = json.loads((ckpt / META_FILE).read_text()).get("model_args") or {}
+    if args.get("family") in CROSSLAYER_FAMILIES:
+        raise ValueError(
+            f"--format saelens: model.name={args['family']!r} is a crosslayer transcoder (its features write "
+            "to every later layer) and sae-lens stores one encoder and one decoder per layer (SAEs and "
+            "per-layer transcoders only). Use --format native (load_pretrained) or circuit_tracer."
+        )
+
+
 def export_checkpoint(
     path: str | Path,
     step: int | None = None,
@@ -54,14 +71,18 @@ def export_checkpoint(
     refine_steps: int | None = None,
 ) -> dict[str, Path]:
     """Load ``path`` (a run folder or a ``step-N`` folder) and export it; returns {format: folder}."""
-    from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
-    from torchtitan_clt.checkpoint.export import export_native
-    from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint, resolve_checkpoint
-    from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold
+    from torchtitan_clt.checkpoint.layout import resolve_checkpoint
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r}).")
     ckpt, run = resolve_checkpoint(path, step)
+    refuse_early(ckpt, fmt)  # before torch, the model and the LLM load
+    from torchtitan_clt.checkpoint.circuit_tracer import export_circuit_tracer
+    from torchtitan_clt.checkpoint.export import export_native
+    from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint
+    from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold
+    from torchtitan_clt.tools.dtypes import DTYPES
+
     model, meta = load_model_from_checkpoint(ckpt)
     if dtype is None:
         dtype = "float32"
@@ -115,9 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="run folder (outputs/<job>) or checkpoint folder (.../checkpoints/step-N)")
     p.add_argument("--step", type=int, default=None, help="step to export (default: the latest complete)")
     p.add_argument(
-        "--format", default="both", choices=FORMATS, help="both: native and circuit_tracer; saelens: SAE / PLT only"
+        "--format",
+        default="both",
+        choices=FORMATS,
+        help="both: native and circuit_tracer; saelens: SAE / PLT only",
     )
-    p.add_argument("--dtype", default=None, choices=list(EXPORT_DTYPES), help="default: checkpoint.export_dtype")
+    p.add_argument(
+        "--dtype", default=None, choices=list(EXPORT_DTYPES), help="default: checkpoint.export_dtype"
+    )
     p.add_argument("--out", default=None, help="output folder (default: <run>/exports/step-N)")
     p.add_argument(
         "--calib-tokens",

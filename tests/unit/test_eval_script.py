@@ -33,7 +33,7 @@ def _text(path: Path) -> Path:
     return path
 
 
-def test_eval_script_native_and_circuit_tracer_agree(tmp_path):
+def test_eval_script_native_and_circuit_tracer_agree(tmp_path, capsys):
     args = TranscoderArgs(
         family="clt",
         n_layers=4,
@@ -77,6 +77,10 @@ def test_eval_script_native_and_circuit_tracer_agree(tmp_path):
         assert (out / "decoder_norm_by_offset.png").is_file()
         assert "open_loop" not in doc["replacement"]
     assert heads["export"]["tokens_scored"] == 2 * 14
+    # The honest count, said before the work: 32 asked, one batch of 2 x 16 = 32 read, 30 scored.
+    out = capsys.readouterr().out
+    assert "1 batch(es) of 2 x 16 tokens: 32 tokens read, 30 scored (BOS excluded), for 32 asked." in out
+    assert "Evaluating (1 batch(es)" in out and out.index("Held-out text") < out.index("Evaluating")
     for k, v in heads["export"].items():
         assert heads["ct"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
@@ -84,3 +88,14 @@ def test_eval_script_native_and_circuit_tracer_agree(tmp_path):
 def test_eval_script_needs_model_outside_a_run(tmp_path, capsys):
     assert _script().main([str(tmp_path)]) == 2
     assert "--model is required" in capsys.readouterr().err
+
+
+def test_eval_script_says_when_tokens_are_rounded():
+    """Hand-worked: 33 asked of batches of 2 x 16 -> 2 batches, 64 read, 60 scored, rounded up."""
+    batches = [torch.zeros(2, 16, dtype=torch.long)] * 2
+    msg = _script().describe_tokens(batches, 33)
+    assert msg.startswith(
+        "2 batch(es) of 2 x 16 tokens: 64 tokens read, 60 scored (BOS excluded), for 33 asked"
+    )
+    assert "rounded up to whole batches; --tokens 64 reads exactly this" in msg
+    assert "held-out text ended" in _script().describe_tokens(batches, 100)
