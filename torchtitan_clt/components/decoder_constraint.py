@@ -8,13 +8,16 @@ gradient component along the row is removed before the optimizer step (the step 
 the sphere to first order) and the row is renormalized after it.
 
 Rows come from the family (``Transcoder.decoder_rows()``: each decoder parameter with the
-dimensions one feature's row spans). Those dimensions are never sharded (FSDP shards dim 0 and
-tensor parallel the feature dim), so every rank works on its local shard alone.
+dimensions one feature's row spans). FSDP shards dim 0 and the ``features`` tensor-parallel layout
+the feature dim, so there every rank works on its local shard alone; the ``code`` layout shards
+d_out, one of the row's dimensions: the row sums are then all-reduced over tp.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import Shard
 
 from torchtitan_clt.models.common import is_dtensor
 
@@ -25,6 +28,25 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))  # bf16 rows in fp32, fp64 kept
+
+
+def _row_groups(p: torch.Tensor, dims: tuple[int, ...]) -> list:
+    """The process groups sharding one of a row's ``dims`` of ``p`` (the code layout's d_out)."""
+    if not is_dtensor(p):
+        return []
+    row = {d % p.dim() for d in dims}
+    return [
+        p.device_mesh.get_group(i)
+        for i, pl in enumerate(p.placements)
+        if isinstance(pl, Shard) and pl.dim % p.dim() in row
+    ]
+
+
+def _row_sum(x: torch.Tensor, dims: tuple[int, ...], groups: list) -> torch.Tensor:
+    s = x.sum(dims, keepdim=True)
+    for g in groups:
+        dist.all_reduce(s, group=g)
+    return s
 
 
 class UnitNormDecoder:
@@ -46,9 +68,8 @@ class UnitNormDecoder:
             if p.grad is None:
                 continue
             w, g = _wide(_local(p)), _local(p.grad)
-            coef = (_wide(g) * w).sum(dims, keepdim=True) / w.pow(2).sum(dims, keepdim=True).clamp_min(
-                self.eps
-            )
+            groups = _row_groups(p, dims)
+            coef = _row_sum(_wide(g) * w, dims, groups) / _row_sum(w.pow(2), dims, groups).clamp_min(self.eps)
             g.sub_((coef * w).to(g.dtype))
 
     @torch.no_grad()
@@ -56,7 +77,11 @@ class UnitNormDecoder:
         """w ← w / ‖w‖ per row."""
         for p, dims in self.rows:
             w = _local(p)
-            norm = torch.linalg.vector_norm(_wide(w), dim=dims, keepdim=True).clamp_min(self.eps)
+            groups = _row_groups(p, dims)
+            if groups:
+                norm = _row_sum(_wide(w).pow(2), dims, groups).sqrt().clamp_min(self.eps)
+            else:
+                norm = torch.linalg.vector_norm(_wide(w), dim=dims, keepdim=True).clamp_min(self.eps)
             w.copy_((_wide(w) / norm).to(w.dtype))
 
 

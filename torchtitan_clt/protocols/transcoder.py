@@ -245,6 +245,11 @@ class Transcoder(nn.Module):
         return (y - self.out_mean) / self.out_scale
 
     def unstandardize_out(self, ys: torch.Tensor) -> torch.Tensor:
+        if hasattr(ys, "device_mesh"):  # a DTensor ŷ sharded over d_out (parallelism.tp_layout = "code")
+            from torch.distributed.tensor.experimental import implicit_replication
+
+            with implicit_replication():  # the whole buffers act as replicated: sliced locally
+                return ys * self.out_scale + self.out_mean
         return ys * self.out_scale + self.out_mean
 
     @torch.no_grad()
