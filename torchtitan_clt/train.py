@@ -69,6 +69,7 @@ class Trainer:
         self.model, self.decoder_constraint = build.build_model(
             cfg, self.spec, self.model_args, pd, self.device
         )
+        finish.check_whole_copy_fits(cfg, self.model, self.model_args, pd.world_size)
         self.optimizers = build_optimizer(self.model, cfg.optimizer)
         self.lr_schedulers = build_lr_scheduler(self.optimizers, cfg.lr_scheduler, cfg.training.steps)
         self.train_state = TrainState()
@@ -247,7 +248,10 @@ class Trainer:
                 finish.export_all(cfg, plain, self.run_folder, calibration)
             if features:
                 finish.feature_pass(cfg, plain, self.run_folder, llm)
-        self.metrics.log_report()  # the plots (and exports, when asked) to WandB
+        if cfg.metrics.wandb:  # the plots and, when asked, the exports and model card (a Hub push's files)
+            from torchtitan_clt.checkpoint.hub import plan_upload
+
+            self.metrics.log_report(plan_upload)
         self.metrics.close()
 
 

@@ -63,8 +63,36 @@ def test_an_unfinished_file_is_removed(tmp_path):
         out.close()
     assert not (tmp_path / "x.safetensors").exists()
     out = StreamedFile(tmp_path / "y.safetensors", [TensorSpec("a", torch.float32, (2, 3))])
-    with pytest.raises(ValueError, match=r"a\[0\]: got torch.float64"):
-        out.write("a", torch.ones(3, dtype=torch.float64), row=0)
+    with pytest.raises(ValueError, match=r"a\[0\]: got torch.int64"):
+        out.write("a", torch.ones(3, dtype=torch.int64), row=0)
+    with pytest.raises(ValueError, match=r"a\[1\]: got torch.float32 \[4\]"):
+        out.write("a", torch.ones(4), row=1)
+
+
+def test_a_cast_is_written_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """fp32 rows written into a bf16 file: the bytes of a whole cast, in pieces of at most
+    CAST_CHUNK_BYTES (no whole bf16 copy of the tensor)."""
+    from safetensors.torch import load_file
+
+    from torchtitan_clt.checkpoint import safetensors_stream as sts
+
+    monkeypatch.setattr(sts, "CAST_CHUNK_BYTES", 64)  # 32 bf16 elements a piece
+    pieces: list[int] = []
+    real_put = sts.StreamedFile._put
+    monkeypatch.setattr(
+        sts.StreamedFile, "_put", lambda self, p: (pieces.append(p.numel()), real_put(self, p))
+    )
+    w = torch.randn(3, 5, 20, generator=torch.Generator().manual_seed(0))  # 100 elements a row
+    b = torch.randn(7)
+    out = StreamedFile(tmp_path / "c.safetensors", [TensorSpec("w", torch.bfloat16, (3, 5, 20)),
+                                                    TensorSpec("b", torch.bfloat16, (7,))])  # fmt: skip
+    for j in (2, 0, 1):
+        out.write("w", w[j], row=j)
+    out.write("b", b)
+    out.close()
+    assert pieces == [32, 32, 32, 4] * 3 + [7]
+    got = load_file(str(tmp_path / "c.safetensors"))
+    assert torch.equal(got["w"], w.to(torch.bfloat16)) and torch.equal(got["b"], b.to(torch.bfloat16))
 
 
 def test_plan_cuts_between_tensors_in_order():

@@ -76,7 +76,7 @@ def export_native(
     for j in range(stream.n_layers):
         layer = stream.layer(j)
         if out is not None:
-            _write_layer(out, layer, j, plan.per_source, dtype)
+            _write_layer(out, layer, j, plan.per_source)
         del layer  # nothing of layer j may outlive the gather of layer j + 1
     stream.release()
     if out is None:
@@ -85,11 +85,8 @@ def export_native(
     return _write_config(folder, unwrap(model), dtype, extra_meta)
 
 
-def _write_layer(
-    out: StreamedExport, layer: dict, j: int, whole: tuple[str, ...], dtype: torch.dtype
-) -> None:
-    for name, value in layer.items():
-        value = value.to(dtype) if value.is_floating_point() else value
+def _write_layer(out: StreamedExport, layer: dict, j: int, whole: tuple[str, ...]) -> None:
+    for name, value in layer.items():  # cast to ``dtype`` by the writer, a chunk at a time
         out.write(name, value, row=None if name in whole else j)
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 WEIGHTS_FILE = "model.safetensors"
+# Bytes of one cast piece when a tensor is written in another dtype (a bound on the extra memory).
+CAST_CHUNK_BYTES = 256 * 2**20
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_GLOB = "model-*-of-*.safetensors"
 
@@ -105,17 +107,27 @@ class StreamedFile:
         self.f.truncate(self.size)
 
     def write(self, name: str, t: torch.Tensor, row: int | None = None) -> None:
-        """Tensor ``name`` whole, or its row ``row`` (index on the first axis)."""
+        """Tensor ``name`` whole, or its row ``row`` (index on the first axis). A floating-point
+        ``t`` of another dtype is cast to the file's a chunk at a time (``CAST_CHUNK_BYTES``), so
+        an fp32 layer written as bf16 never has a whole bf16 copy beside it."""
         spec = self.specs[name]
         want = spec.shape if row is None else spec.shape[1:]
-        if tuple(t.shape) != tuple(want) or t.dtype != spec.dtype:
+        castable = t.is_floating_point() and spec.dtype.is_floating_point
+        if tuple(t.shape) != tuple(want) or (t.dtype != spec.dtype and not castable):
             raise ValueError(f"{name}{'' if row is None else f'[{row}]'}: got {t.dtype} {list(t.shape)}, "
                              f"the file holds {spec.dtype} {list(want)}.")  # fmt: skip
-        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        at = self.base + self.offsets[name] + (0 if row is None else row * data.nbytes)
+        flat = t.detach().reshape(-1)
+        size = torch.empty((), dtype=spec.dtype).element_size()
+        at = self.base + self.offsets[name] + (0 if row is None else row * flat.numel() * size)
+        step = flat.numel() if t.dtype == spec.dtype and t.device.type == "cpu" else CAST_CHUNK_BYTES // size
         self.f.seek(at)
-        self.f.write(memoryview(data))
-        self.written[name] += data.nbytes
+        for lo in range(0, flat.numel(), max(1, step)):
+            self._put(flat[lo : lo + step].to("cpu", spec.dtype).contiguous())
+        self.written[name] += flat.numel() * size
+
+    def _put(self, piece: torch.Tensor) -> None:
+        """Append ``piece``'s bytes at the file's position (the only file I/O of a write)."""
+        self.f.write(memoryview(piece.view(torch.uint8).numpy()))
 
     def close(self) -> None:
         self.f.close()

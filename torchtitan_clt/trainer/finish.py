@@ -14,6 +14,7 @@ feature examples all see the model as it will be used.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_clt.config import JobConfig
+from torchtitan_clt.errors import ConfigError
 from torchtitan_clt.protocols import ModelSpec
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
 from torchtitan_clt.tools.logging import logger
@@ -29,6 +31,63 @@ from torchtitan_clt.tools.logging import logger
 def eval_wanted(cfg: JobConfig) -> bool:
     """Whether the run evaluates on held-out text (at the end, or every ``eval.every`` steps)."""
     return cfg.eval.enable or cfg.eval.every > 0
+
+
+def whole_copy_readers(cfg: JobConfig, model: Any, args: TranscoderArgs) -> list[str]:
+    """The end-of-run passes that read a whole single-device copy of the model on a mesh (module
+    docstring); empty when every pass streams from the shards."""
+    from torchtitan_clt.checkpoint.sharded_export import layer_plan
+
+    out = []
+    if eval_wanted(cfg):
+        out.append("the held-out evaluation (eval.enable / eval.every)")
+    if cfg.eval.feature_examples_tokens > 0:
+        out.append("the feature pass (eval.feature_examples_tokens)")
+    exports = cfg.checkpoint.export or cfg.checkpoint.export_circuit_tracer
+    topk_conversion = (
+        args.activation == "topk"
+        and cfg.checkpoint.export_circuit_tracer
+        and cfg.checkpoint.export_calibration_tokens > 0
+    )
+    if exports and (layer_plan(model) is None or topk_conversion):
+        why = "a TopK model's circuit-tracer conversion" if topk_conversion else f"a {args.family} export"
+        out.append(f"{why} (checkpoint.export / export_circuit_tracer)")
+    return out
+
+
+def host_budget_bytes() -> int | None:
+    """Host memory rank 0 may fill at the end of the run: what the node has available now over
+    the ranks it runs (None where /proc/meminfo is not there)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("MemAvailable:")), None)
+    if kib is None:
+        return None
+    return kib * 1024 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def check_whole_copy_fits(cfg: JobConfig, model: Any, args: TranscoderArgs, world_size: int) -> None:
+    """Before training: on a mesh, refuse a run whose end would gather a model too big for rank 0's
+    host (its state dict and the model built from it, fp32), naming the passes that need it."""
+    if world_size == 1 or not dist.is_initialized():
+        return
+    readers = whole_copy_readers(cfg, model, args)
+    budget = host_budget_bytes()
+    if not readers or budget is None:
+        return
+    need = 2 * sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
+    if need > budget:
+        gib = 2**30
+        raise ConfigError(
+            f"at the end of the run {', '.join(readers)} would gather the whole dictionary onto rank 0's "
+            f"host: {need / gib:.1f} GiB (fp32, plus the state dict it is built from) where "
+            f"{budget / gib:.1f} GiB is available per rank on this node. The exports stream from the "
+            "shards without it: turn those passes off (--eval.enable=false --eval.every=0 "
+            "--eval.feature_examples_tokens=0), and evaluate the export afterwards "
+            "(scripts/eval.py) on a machine with that much memory."
+        )
 
 
 def gather_plain_model(model: Any, spec: ModelSpec, args: TranscoderArgs, world_size: int) -> Any:
