@@ -183,11 +183,11 @@ class MetricsLogger:
             self._wandb.log(step, record, terms)
         return record
 
-    def log_report(self) -> None:
-        """After the report and the exports are written: the plots (and, when asked, the exports
-        as an artifact) to WandB."""
+    def log_report(self, plan_files=None) -> None:
+        """After the report and the exports are written: the plots (and, when asked, the files
+        ``plan_files(run_folder, repo_id)`` lists, as an artifact) to WandB."""
         if self._wandb is not None:
-            self._wandb.log_report()
+            self._wandb.log_report(plan_files)
 
     def _console_line(self, step: int, r: dict[str, Any], terms: dict[str, Any]) -> str:
         parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]

@@ -17,6 +17,7 @@ import math
 import re
 import secrets
 import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,23 +106,23 @@ class WandbSink:
         self.run.log(values, step=step)
         self.last_step = max(self.last_step, step)
 
-    def log_report(self) -> None:
-        """The end of the run: the report's plots as images, ``eval.json``'s headline in the
-        summary, and the exports with a model card as an artifact when asked."""
+    def log_report(self, plan_files: Callable[[Path, str], list] | None = None) -> None:
+        """The end of the run: the report's plots as images and, when asked, the exports with a
+        model card as an artifact: the files ``plan_files(run_folder, repo_id)`` lists
+        (``checkpoint.hub.plan_upload``, what a Hub push holds; handed in by the trainer, as
+        metrics never import checkpoint)."""
         report = self.run_folder / "report"
         images = {
             f"report/{p.stem}": self.wandb.Image(str(p)) for p in sorted(report.glob("*.png")) if p.is_file()
         }
         if images:
             self.run.log(images, step=self.last_step)
-        if self.log_artifacts:
-            self._log_artifact()
+        if self.log_artifacts and plan_files is not None:
+            self._log_artifact(plan_files)
 
-    def _log_artifact(self) -> None:
-        from torchtitan_clt.checkpoint.hub import plan_upload
-
-        try:  # what a Hub push would hold: exports, report, training config, model card
-            files = plan_upload(self.run_folder, f"wandb/{artifact_name(self.name)}")
+    def _log_artifact(self, plan_files: Callable[[Path, str], list]) -> None:
+        try:  # exports, report, training config, model card
+            files = plan_files(self.run_folder, f"wandb/{artifact_name(self.name)}")
         except FileNotFoundError as e:
             logger.warning(f"metrics.wandb_log_artifacts: nothing to log ({e})")
             return
