@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from torchtitan_clt.checkpoint.circuit_tracer_layers import (
     clt_layers,
@@ -45,6 +44,7 @@ from torchtitan_clt.checkpoint.circuit_tracer_layers import (
     plt_layers,
 )
 from torchtitan_clt.checkpoint.plain import folded_cpu_copy, is_rank0, unwrap
+from torchtitan_clt.checkpoint.safetensors_stream import save_streamed
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.models.activations import BatchTopK, ReLU, TopK
 from torchtitan_clt.protocols.model_spec import export_layout_of
@@ -377,11 +377,13 @@ def _write_folder(
     with torch.no_grad():
         if kind == CLT_KIND:
             for i, enc, dec in clt_layers(model, tensors, theta, n_llm, dtype):
-                save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
-                save_file(dec, str(folder / f"W_dec_{i}.safetensors"))
+                save_streamed(enc, folder / f"W_enc_{i}.safetensors", dtype)
+                save_streamed(dec, folder / f"W_dec_{i}.safetensors", dtype)  # cast a chunk at a time
+                del enc, dec  # nothing of this layer may outlive the next one's gather
         else:
             for i, sd in plt_layers(model, tensors, theta, n_llm, dtype):
-                save_file(sd, str(folder / f"layer_{i}.safetensors"))
+                save_streamed(sd, folder / f"layer_{i}.safetensors", dtype)
+                del sd
     config = {
         "model_kind": kind,
         "model_name": a.model_name,

@@ -76,8 +76,8 @@ def clt_layers(
     pos, F, d, skip, t = _prelude(model, tensors, dtype)
     for i in range(n_llm):
         j = pos.get(i)
-        w_dec = torch.zeros(F, n_llm - i, d, dtype=dtype)
         if j is None:
+            w_dec = torch.zeros(F, n_llm - i, d, dtype=dtype)
             w_enc, b_enc = _dead(F, model.args.d_in, dtype)
             enc = {f"W_enc_{i}": w_enc, f"b_enc_{i}": b_enc, f"b_dec_{i}": torch.zeros(d, dtype=dtype)}
             th = torch.full((F,), NEVER_FIRE_THRESHOLD, dtype=dtype)
@@ -87,8 +87,12 @@ def clt_layers(
             # b_dec_{i} is the bias of target layer i (zero where nothing is reconstructed).
             enc = {f"W_enc_{i}": t(w["W_enc"]), f"b_enc_{i}": t(w["b_enc"]), f"b_dec_{i}": t(w["b_dec"])}
             src = w["W_dec"]  # [F, L - j, d]: targets layers[j], layers[j + 1], ...
-            offsets = torch.tensor([layers[j + o] - i for o in range(src.shape[1])])
-            w_dec[:, offsets] = t(src)
+            offsets = [layers[j + o] - i for o in range(src.shape[1])]
+            if offsets == list(range(n_llm - i)):  # every later layer covered: the source as it is,
+                w_dec = src  # cast to dtype by the writer (no whole copy of the layer's decoder)
+            else:
+                w_dec = torch.zeros(F, n_llm - i, d, dtype=dtype)
+                w_dec[:, torch.tensor(offsets)] = t(src)
             th = t(theta[j]) if theta is not None else None
             w_skip = w["W_skip"]
         if skip:
