@@ -6,8 +6,11 @@ Calibrates on the run's training text (``--calib-tokens``, read from the start o
 documents) and measures L0 and FVU per layer, source vs converted, on the documents the training
 stream holds out (``--eval-tokens``): text neither the dictionary nor the calibration read. One
 row per setting (``--variants``: ``THRESHOLDS:STEPS[:OPTION=VALUE...]``, ``refit=0|1`` among the options, e.g. ``feature:0
-match:0 match:300:fit_gain=1``, options going to ``threshold_fit.fit_thresholds``; ``default``
-is ``to_jumprelu``'s defaults). Prints a table and writes
+match:0 match:300:fit_gain=1 feature:0:min_firings=1``, other options going to
+``threshold_fit.fit_thresholds``; ``default`` is ``to_jumprelu``'s defaults: for BatchTopK its
+native inference threshold, fitted first on the calibration rows as at the end of a run). Each
+row also holds ``native`` / ``export``: held-out L0, FVU and the share of features that never
+fire, of the model as the native export loads it and of the JumpReLU export. Prints a table and writes
 ``<out>/conversion.json`` (default ``<run>/report``). ``--cache FILE`` keeps the extracted
 activations, so that trying other settings skips the LLM.
 """
@@ -54,6 +57,9 @@ def _variant(spec: str) -> dict:
         if k == "refit":  # refit=0|1: to_jumprelu's refit_decoder
             kw["refit_decoder"] = v in ("1", "true")
             continue
+        if k == "min_firings":  # the per-feature fit's fallback to the layer threshold
+            kw["min_firings"] = int(v)
+            continue
         options[k] = v in ("1", "true") if k.startswith("fit_") else float(v) if "." in v else int(v)
     return {"thresholds": th, "refine_steps": int(steps), "refine_options": options, **kw}
 
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--variants", nargs="*", default=["feature:0", "default"])
+    p.add_argument("--variants", nargs="*", default=["feature:0:min_firings=1", "feature:0", "default"])
     p.add_argument("--cache", type=Path, default=None, help="activation cache file (.pt)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from torchtitan_clt.checkpoint.export import folded_cpu_copy
     from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint, resolve_checkpoint
     from torchtitan_clt.config.manager import load_config
-    from torchtitan_clt.models.conversion import to_jumprelu
+    from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold, to_jumprelu
 
     torch.manual_seed(0)
     ckpt, run = resolve_checkpoint(a.path, a.step)
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(["--config", str(run / "config.toml")], check=False)
     calib, held = _activations(cfg, model, a.calib_tokens, a.eval_tokens, a.cache)
     calib, held = _trim(calib, a.calib_tokens), _trim(held, a.eval_tokens)
+    fit = fit_batchtopk_threshold(model, calib)  # BatchTopK: its inference threshold, as a run's end fits it
+    if fit is not None:
+        print(describe_batchtopk_fit(fit))
     rows = []
     for v in a.variants:
         kw = {} if v == "default" else _variant(v)
@@ -111,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         r = rows[-1]
+        n, e = r.get("native", {}), r.get("export", {})
         print(
             f"{r['family']:<15} {r['activation']:<10} {v:<14} L0 {r['l0_before_mean']:7.2f} -> "
             f"{r['l0_after_mean']:7.2f}  FVU {r['fvu_before_mean']:.4f} -> {r['fvu_after_mean']:.4f} "
             f"({100 * (r['fvu_after_mean'] / r['fvu_before_mean'] - 1):+.1f}%)  "
-            f"eval {r['eval_tokens']} / calib {r['calib_tokens']} tokens, {r['seconds']} s",
+            f"eval {r['eval_tokens']} / calib {r['calib_tokens']} tokens, {r['seconds']} s\n"
+            f"{'':<27} native vs export: L0 {n.get('l0', float('nan')):.2f} / {e.get('l0', float('nan')):.2f}  "
+            f"FVU {n.get('fvu', float('nan')):.4f} / {e.get('fvu', float('nan')):.4f}  never firing "
+            f"{100 * n.get('never_fire', float('nan')):.1f}% / {100 * e.get('never_fire', float('nan')):.1f}%",
             flush=True,
         )
     out = a.out or run / "report"

@@ -11,8 +11,16 @@ latest checkpoint) or a circuit-tracer folder. The LLM is the run's ``data.model
 the graph JSON that circuit-tracer's local UI serves goes to ``--out`` (``<slug>.json`` and
 ``graph-metadata.json``), with the feature files of the graph's features copied from the run's
 ``features/`` (``scripts/features.py``) into ``--out/features/`` so the UI shows their examples.
-Prints the scores and the most influential features with their layers, and writes them to
-``--out/scores.json``; ``--json`` adds a line of JSON per prompt. Needs circuit-tracer: ``pip install '.[trace]'``.
+The whole graph is kept as ``<slug>.pt`` (reopen it with ``torchtitan_clt.tracing.graphs``: prune
+at another threshold, top nodes, score a node set) and ``<slug>.html`` shows the pruned graph
+offline (no network; feature nodes link to the run's feature browser). Prints the model's top
+predictions, the scores and the most influential features with their layers, and writes them to
+``--out/scores.json``; ``--json`` adds a line of JSON per prompt. Needs circuit-tracer:
+``pip install -e '.[trace]'`` (``scripts/setup.sh`` installs it).
+
+circuit-tracer's own UI (``python -m circuit_tracer start-server``) loads its scripts from public
+CDNs and listens on every interface; ``scripts/serve_graphs.py`` (or the command printed at the
+end) serves it on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 INSTALL = (
-    "scripts/trace.py needs circuit-tracer, an optional extra: pip install '.[trace]' "
+    "scripts/trace.py needs circuit-tracer, an optional extra: pip install -e '.[trace]' "
     "(circuit-tracer==0.5.0 with nnsight==0.6.3; it needs transformers<=4.57.3)."
 )
 SCAN = "./data/features"  # where the UI looks for feature files: <served folder>/features/
@@ -134,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from torchtitan_clt.checkpoint.run_inputs import circuit_tracer_folder, find_run, hf_folder, run_config
     from torchtitan_clt.config.manager import ConfigError
+    from torchtitan_clt.tracing.graph_html import write_graph_html
+    from torchtitan_clt.tracing.graphs import prune, top_predictions
 
     try:
         folder = circuit_tracer_folder(a.path)
@@ -175,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         replacement, completeness = compute_graph_scores(graph)
         slug = base if len(a.prompt) == 1 else f"{base}-{n + 1}"
+        graph.to("cpu")
+        graph.to_pt(str(out / f"{slug}.pt"))  # whole: reopen with torchtitan_clt.tracing.graphs
         create_graph_files(
             graph,
             slug,
@@ -186,6 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         tokens = json.loads((out / f"{slug}.json").read_text())["metadata"]["prompt_tokens"]
         top = top_features(graph, a.top, tokens)
         copied = copy_features(out / f"{slug}.json", features, out, [f["id"] for f in top])
+        predictions = [(t, round(p, 4), v) for t, p, v in top_predictions(graph, model.tokenizer)]
+        write_graph_html(
+            out / f"{slug}.html",
+            prune(graph, a.node_threshold, a.edge_threshold),
+            tokens,
+            prompt,
+            predictions,
+            n_layers=graph.cfg.n_layers,
+            features=features,
+            scores=(replacement, completeness),
+        )
         res = {
             "prompt": prompt,
             "slug": slug,
@@ -195,10 +218,14 @@ def main(argv: list[str] | None = None) -> int:
             "graph_features": int(len(graph.selected_features)),
             "feature_files": copied,
             "seconds": round(time.perf_counter() - t1, 1),
+            "predictions": predictions,
+            "graph_pt": str(out / f"{slug}.pt"),
+            "graph_html": str(out / f"{slug}.html"),
             "top_features": top,
         }
         results.append(res)
         print(f"\n[{slug}] {prompt!r}")
+        print("  the model predicts: " + ", ".join(f"{t!r} {p:.3f}" for t, p, _ in predictions[:5]))
         print(
             f"  replacement score {replacement:.4f}   completeness score {completeness:.4f}   "
             f"({res['active_features']} active features, {res['graph_features']} in the graph, "
@@ -214,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     # The scores beside the graphs, so a run's numbers outlive the terminal.
     (out / "scores.json").write_text(json.dumps(results, indent=1))
     print(
-        f"\ngraph files in {out}; view them with\n  {sys.executable} -m circuit_tracer start-server "
-        f"--graph_file_dir {out}\nand open http://localhost:8032/index.html"
+        f"\ngraph files in {out}: open {out}/<slug>.html in a browser (offline), reopen <slug>.pt with "
+        f"torchtitan_clt.tracing.graphs, or serve circuit-tracer's UI on this machine only with\n  "
+        f"{sys.executable} scripts/serve_graphs.py {out}\nand open http://127.0.0.1:8032/index.html "
+        "(its page loads d3 and its scripts from public CDNs)"
         + (
             ""
             if features and features.is_dir()

@@ -63,20 +63,51 @@ def test_run_writes_partial_export_and_features(run):
     assert (run / "features" / "index.html").is_file()
 
 
-def test_trace_prints_scores_and_the_ui_serves_the_graph(run, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def traced(run, tmp_path_factory):
+    """scripts/trace.py on one prompt: (its --out folder, its JSON line, its stdout)."""
+    import contextlib
+    import io
+    import os
+
+    tmp = tmp_path_factory.mktemp("traced")
+    old = os.environ.get("TCLT_CACHE")
+    os.environ["TCLT_CACHE"] = str(tmp / "cache")  # the tiny LLM's seeded weights
+    out = tmp / "graphs"
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = trace_script.main(
+                [
+                    str(run),
+                    "--prompt",
+                    "the cat sat on the",
+                    "--out",
+                    str(out),
+                    "--json",
+                    "--batch-size",
+                    "64",
+                ]
+            )
+    finally:
+        if old is None:
+            os.environ.pop("TCLT_CACHE")
+        else:
+            os.environ["TCLT_CACHE"] = old
+    assert rc == 0
+    text = buf.getvalue()
+    return out, json.loads(next(line for line in text.splitlines() if line.startswith("{"))), text
+
+
+def test_trace_prints_scores_and_the_ui_serves_the_graph(run, traced):
     from circuit_tracer.frontend.feature_models import Model as FeatureModel
     from circuit_tracer.frontend.graph_models import Model as GraphModel
-    from circuit_tracer.frontend.local_server import serve
 
-    monkeypatch.setenv("TCLT_CACHE", str(tmp_path / "cache"))  # the tiny LLM's seeded weights
-    out = tmp_path / "graphs"
-    rc = trace_script.main(
-        [str(run), "--prompt", "the cat sat on the", "--out", str(out), "--json", "--batch-size", "64"]
-    )
-    assert rc == 0
-    text = capsys.readouterr().out
+    from torchtitan_clt.tracing.serve import serve_local
+
+    out, res, text = traced
     assert "replacement score" in text and "completeness score" in text and "layer " in text
-    res = json.loads(next(line for line in text.splitlines() if line.startswith("{")))
+    assert "the model predicts: " in text
     assert 0 < res["replacement_score"] <= 1 and 0 < res["completeness_score"] <= 1
     assert res["top_features"] and all(f["layer"] in (0, 2) for f in res["top_features"])  # covered only
     assert json.loads((out / "scores.json").read_text()) == [res]
@@ -86,9 +117,10 @@ def test_trace_prints_scores_and_the_ui_serves_the_graph(run, tmp_path, monkeypa
     assert doc["metadata"]["scan"] == trace_script.SCAN
 
     port = _free_port()
-    server = serve(data_dir=str(out), port=port)
+    server = serve_local(out, port)  # circuit-tracer's handler, on 127.0.0.1 only
     try:
-        base = f"http://localhost:{port}"
+        assert server.httpd.server_address[0] == "127.0.0.1"
+        base = f"http://127.0.0.1:{port}"
         status, body = _get(f"{base}/data/graph-metadata.json")
         assert status == 200 and slug in [g["slug"] for g in json.loads(body)["graphs"]]
         status, body = _get(f"{base}/graph_data/{slug}.json")
@@ -106,4 +138,55 @@ def test_trace_prints_scores_and_the_ui_serves_the_graph(run, tmp_path, monkeypa
 def test_without_circuit_tracer_it_says_how_to_install(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "circuit_tracer", None)  # import fails
     assert trace_script.main([str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")]) == 3
-    assert "pip install '.[trace]'" in capsys.readouterr().err
+    assert "pip install -e '.[trace]'" in capsys.readouterr().err
+
+
+def test_graph_reopened_from_pt_prunes_to_the_json_and_scores(traced):
+    """The whole graph saved beside the JSON: reopened and pruned at the JSON's thresholds it gives
+    the JSON's node set; another threshold gives another one; scoring all features is circuit-
+    tracer's replacement score, and the model's predictions are the graph's logit targets."""
+    from circuit_tracer.graph import compute_graph_scores
+
+    from torchtitan_clt.tracing import graphs
+
+    out, res, _ = traced
+    doc = json.loads((out / f"{res['slug']}.json").read_text())
+    g = graphs.open_graph(out, res["slug"])
+    kept = graphs.prune(g, doc["metadata"]["node_threshold"], 0.98)
+    assert kept.node_ids == {n["node_id"] for n in doc["nodes"]}
+    assert {(e["source"], e["target"]) for e in doc["links"]} == {(s, d) for s, d, _ in kept.edges}
+    fewer = graphs.prune(g, 0.3, 0.98)
+    n_feat = sum(n.kind == "feature" for n in kept.nodes)
+    assert sum(n.kind == "feature" for n in fewer.nodes) < n_feat
+    top = graphs.top_nodes(g, 5)
+    assert top and all(a.influence >= b.influence for a, b in zip(top, top[1:]))
+    assert [(f["layer"], f["index"], f["pos"]) for f in res["top_features"][:3]] == [
+        (t.layer, t.feature, t.pos) for t in top[:3]
+    ]
+    replacement, _ = compute_graph_scores(g)
+    every = [n.node_id for n in graphs.top_nodes(g, 10**6)]
+    all_score = graphs.score_nodes(g, every)
+    assert all_score["replacement"] == pytest.approx(replacement, rel=1e-4)
+    assert all_score["features"] == len(g.selected_features)
+    none_score = graphs.score_nodes(g, [])
+    one = graphs.score_nodes(g, [f"L{top[0].layer}/F{top[0].feature}"])
+    assert none_score["replacement"] <= one["replacement"] <= all_score["replacement"] + 1e-6
+    assert 0 < one["influence"] < all_score["influence"] <= 1
+    preds = graphs.top_predictions(g)
+    assert [p[0] for p in preds] == [p[0] for p in res["predictions"]]
+    assert all(a[1] >= b[1] for a, b in zip(preds, preds[1:]))
+
+
+def test_offline_graph_page_has_no_network_and_links_the_feature_browser(run, traced):
+    import re
+
+    out, res, _ = traced
+    page = (out / f"{res['slug']}.html").read_text()
+    assert "<svg" in page and res["prompt"] in page
+    # nothing fetched: no external script, stylesheet, image or link (the SVG namespace is a name)
+    assert not re.search(r'(src|href)="(https?:)?//', page) and "<script src" not in page
+    links = re.findall(r'href="([^"#]+)#L(\d+)/F(\d+)"', page)
+    assert links, "feature nodes link to the feature browser"
+    for rel, layer, _ in links:
+        assert (out / rel).resolve() == (run / "features" / "feature.html").resolve()
+        assert int(layer) in (0, 2)
