@@ -1,7 +1,8 @@
 """Push a run to the Hugging Face Hub in one commit: native export (one ``model.safetensors``, or
 every ``model-*-of-*.safetensors`` shard and ``model.safetensors.index.json`` of an export over
-``checkpoint.export_max_file_gb``), circuit-tracer and SAELens folders when present, the report
-and a generated model card (README.md).
+``checkpoint.export_max_file_gb``), circuit-tracer and SAELens folders and the feature examples
+(``features/``: circuit-tracer's feature files and the browser) when present, the report and a
+generated model card (README.md).
 
   .venv/bin/python scripts/push_to_hub.py outputs/<job> --repo org/name --dry-run   # show the commit
   .venv/bin/python scripts/push_to_hub.py outputs/<job> --repo org/name [--private] [--revision BRANCH]
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "run", help="run folder (outputs/<job>) holding export/ (and optionally circuit_tracer/, saelens/)"
+        "run",
+        help="run folder (outputs/<job>) holding export/ (and optionally circuit_tracer/, saelens/, features/)",
     )
     p.add_argument("--repo", required=True, help="Hub repo id, org/name (created when missing)")
     p.add_argument(

@@ -243,6 +243,16 @@ def test_push_is_one_commit_of_the_planned_files(tmp_path, fake_api):
         assert text in card, text
 
 
+def test_features_folder_is_uploaded(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    (run / "features" / "data").mkdir(parents=True)
+    for name in ("17.json", "index.html", "data/L0_F3.js"):
+        (run / "features" / name).write_text("{}")
+    paths = {f.path_in_repo for f in plan_upload(run, REPO)}
+    assert {"features/17.json", "features/index.html", "features/data/L0_F3.js"} <= paths
+
+
 def test_card_falls_back_to_logged_evaluation(tmp_path):
     run = tmp_path / "run"
     make_run(run, eval_json=False)

@@ -137,8 +137,9 @@ def resolve_pretrained(path: str | os.PathLike) -> Path:
 
 
 # --- push ----------------------------------------------------------------------------------------
-# Run-folder subfolders uploaded as they are (when present), and the report's files.
-UPLOAD_FOLDERS = ("circuit_tracer", "saelens")
+# Run-folder subfolders uploaded as they are (when present; features/: the browser and
+# circuit-tracer's feature files), and the report's files.
+UPLOAD_FOLDERS = ("circuit_tracer", "saelens", "features")
 REPORT_FILES = ("eval.json", "*.png")
 
 
@@ -155,8 +156,8 @@ class PlannedFile:
 
 def plan_upload(run: str | os.PathLike, repo_id: str, header_comment: str | None = None) -> list[PlannedFile]:
     """The files one commit of ``run`` to ``repo_id`` holds: the native export at the root,
-    ``circuit_tracer/`` and ``saelens/`` when the run has them, ``report/`` (eval.json, plots),
-    ``training_config.toml`` and the generated ``README.md``. Checkpoints and logs stay local."""
+    ``circuit_tracer/``, ``saelens/`` and ``features/`` when the run has them, ``report/``
+    (eval.json, plots), ``training_config.toml`` and the generated ``README.md``. Checkpoints and logs stay local."""
     from torchtitan_clt.checkpoint.model_card import render_model_card
 
     if not re.fullmatch(rf"{_PART}/{_PART}", repo_id):
