@@ -5,7 +5,9 @@
 #   NGPU=8 NNODES=4 NODE_RANK=0 MASTER_ADDR=host0 ./run_train.sh --config train_configs/clt_8b.toml
 # Environment: NGPU (processes per node, default 1), NNODES (default 1), NODE_RANK (default 0),
 # MASTER_ADDR / MASTER_PORT (rendezvous, default localhost:29500), RDZV_ID (job id for rendezvous),
-# PYTHON (interpreter; default .venv/bin/python when present).
+# PYTHON (interpreter; default .venv/bin/python when present), MAX_RESTARTS (how often torchrun
+# restarts every node's workers after a crash, a killed worker, a lost node or a hang; each restart
+# resumes from the last complete checkpoint; default 3 on several nodes, 0 on one), LOG_RANK.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -37,6 +39,7 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-29500}
+if [[ $NNODES == 1 ]]; then MAX_RESTARTS=${MAX_RESTARTS:-0}; else MAX_RESTARTS=${MAX_RESTARTS:-3}; fi
 
 if [[ $NNODES == 1 ]]; then
   rdzv=(--standalone)
@@ -50,8 +53,22 @@ export PYTHONUNBUFFERED=1
 # pages in again; raising the thresholds keeps them mapped (a large win for CPU training).
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
+# NCCL: on a collective timeout (parallelism.train_timeout_s) the flight recorder dumps each rank's
+# last collectives to $TORCH_FR_DUMP_TEMP_FILE<rank> (read them with
+# `python -m torch.distributed.flight_recorder.fr_trace DIR`); gloo runs have tools/watchdog.py.
+if command -v nvidia-smi >/dev/null; then
+  export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
+  export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+  if [[ -z ${TORCH_FR_DUMP_TEMP_FILE:-} ]]; then
+    export TORCH_FR_DUMP_TEMP_FILE=${TMPDIR:-/tmp}/torchtitan_clt_nccl_trace_${RDZV_ID:-$$}/rank_
+    mkdir -p "$(dirname "$TORCH_FR_DUMP_TEMP_FILE")"
+  fi
+fi
 # torchtitan_clt.tools.launch is torchrun (same options) that exits with the worker's code without
-# a traceback and forwards SIGTERM / SIGUSR1 to the workers, which save and exit with 75.
+# a traceback, forwards SIGTERM / SIGUSR1 to the workers (which save and exit with 75), and
+# restarts the workers after a failure, but never after a config error (exit codes: README).
 exec "$PYTHON" -m torchtitan_clt.tools.launch --nproc-per-node "$NGPU" "${rdzv[@]}" \
+  --max-restarts "$MAX_RESTARTS" \
   --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
   -m torchtitan_clt.train "${args[@]}"

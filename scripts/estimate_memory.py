@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from torchtitan_clt.checkpoint.save_budget import SaveBudget  # noqa: E402
 from torchtitan_clt.config import ConfigError, load_config  # noqa: E402
 from torchtitan_clt.distributed.parallel_dims import ParallelDims  # noqa: E402
 from torchtitan_clt.protocols import model_registry  # noqa: E402
@@ -239,6 +240,15 @@ def trace_table(t: dict) -> str:
     return "\n".join(out)
 
 
+def save_budget(cfg, ns, hand: dict, ngpu: int) -> SaveBudget:
+    """The checkpoint's save time against the preemption signal's lead (``checkpoint/save_budget``):
+    per rank its shard of fp32 weights and AdamW m, v (12 bytes per parameter)."""
+    per_node = min(ns.gpus_per_node, ngpu)
+    lead = ns.signal_lead or cfg.checkpoint.signal_lead_s or 120.0
+    nodes = max(1, -(-ngpu // per_node))
+    return SaveBudget(12 * hand["per_gpu"], per_node, ns.storage_gbps, lead, nodes)
+
+
 def main(argv: list[str] | None = None) -> int:
     import json
 
@@ -256,6 +266,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the trace as one JSON object (last line)")
     ap.add_argument("--quick", action="store_true", help="only the hand count (no trace)")
     ap.add_argument("--sweep", default="", help="hand count: comma list of GPU counts, e.g. 8,16,32,64")
+    ap.add_argument(
+        "--storage-gbps",
+        type=float,
+        default=2.0,
+        help="checkpoint write bandwidth per node, GB/s, for the save-time line (default 2)",
+    )
+    ap.add_argument(
+        "--signal-lead",
+        type=float,
+        default=0.0,
+        help="seconds between the preemption signal "
+        "and the kill (default: checkpoint.signal_lead_s, else 120 as scripts/slurm_train.sh)",
+    )
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (default 8)")
     ns, overrides = ap.parse_known_args(argv)
     if not (ns.config or ns.config_opt):
         ap.error("give the config: --config FILE (or FILE)")
@@ -269,16 +293,20 @@ def main(argv: list[str] | None = None) -> int:
         if gpu != "none" and gpu not in GPUS:
             raise ConfigError(f"--gpu {gpu!r}: choose one of {', '.join(GPUS)}, or none.")
         hand = estimate(cfg, ngpu)
+        save = save_budget(cfg, ns, hand, ngpu)
         if ns.quick:
             print(report(cfg, hand))
+            print(save.line())
         else:
             t = trace(cfg, ngpu, None if gpu == "none" else gpu, steps=ns.steps)
             t["hand_count_gib"] = round(hand["total"] / GiB, 2)
+            t["checkpoint_save"] = {"line": save.line(), "save_s": save.save_s, "fits": save.fits}
             if ns.json:
                 print(json.dumps(t))
             else:
                 print(trace_table(t))
                 print(f"(the hand count, no trace: {hand['total'] / GiB:.2f} GiB per GPU; --quick shows it)")
+                print(save.line())
             if t["error"]:
                 return 1
     if ns.sweep:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import Future
@@ -47,6 +48,8 @@ from torchtitan_clt.checkpoint.integrity import Damaged, reason
 from torchtitan_clt.checkpoint.layout import META_FILE, TMP_DIR, checkpoint_path, list_checkpoints
 from torchtitan_clt.checkpoint.stateful import ModelWrapper, OptimizerWrapper, RNGState  # noqa: F401
 from torchtitan_clt.config.manager import ConfigError, InputError
+from torchtitan_clt.metrics.logger import log_event
+from torchtitan_clt.tools import restarts, watchdog
 from torchtitan_clt.tools.logging import logger
 
 # Older torch releases' async_save has no ``no_dist`` (it then infers it).
@@ -61,6 +64,45 @@ def _barrier() -> None:
 def _future_of(result: Any) -> Future:
     # torch >= 2.8 may return an AsyncSaveResponse wrapping the upload future.
     return getattr(result, "upload_completion", result)
+
+
+def _pinned_stager() -> Any:
+    """DCP's stager into pinned host memory, reused between saves; None where there is no CUDA
+    (pinning needs it) or this torch has no ``DefaultStager`` (then DCP's own pageable copy)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    if "async_stager" not in inspect.signature(dcp.async_save).parameters:
+        return None
+    # Staging synchronously (the step waits for the device-to-host copy, which is fast) keeps the
+    # optimizer from changing the weights under the copy; the write to disk stays in the background.
+    return DefaultStager(
+        StagingOptions(
+            use_pinned_memory=True,
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=True,
+        )
+    )
+
+
+_RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$|\.rank(\d+)\.pt$")
+
+
+def bytes_per_rank(path: Path, world: int) -> list[int]:
+    """Bytes of a checkpoint folder by the rank that wrote them: DCP's ``__R_i.distcp`` and the
+    per-rank ``states/<key>.rankR.pt``; the rest (metadata, shared states) rank 0's."""
+    out = [0] * max(world, 1)
+    for f in path.rglob("*"):
+        if not f.is_file():
+            continue
+        m = _RANK_FILE.search(f.name)
+        r = int(m.group(1) or m.group(2)) if m else 0
+        out[r if r < len(out) else 0] += f.stat().st_size
+    return out
 
 
 # --- the manager ---------------------------------------------------------------------------------
@@ -92,6 +134,9 @@ class CheckpointManager:
         self._pending: Future | None = None
         self._pending_step: int | None = None
         self._last_saved: int | None = None
+        self._stager = _pinned_stager() if self.enabled and self.cfg.async_mode == "async" else None
+        self._save_t: dict[int, tuple[float, float]] = {}  # step -> (start, blocked seconds)
+        self._saved_at: dict[int, float] = {}  # step -> when rank 0 committed it
         self._gloo = None
         if self.enabled and _dist_on():
             # A CPU group of our own: the background save's collectives never interleave with the
@@ -110,18 +155,19 @@ class CheckpointManager:
         ``last_step``); returns whether it did. Call it after the step's state is final."""
         if not self.should_save(step, force or last_step):
             return False
-        self.wait()  # one save in flight at a time
-        t0 = time.perf_counter()
-        tmp = self.folder / f"step-{step}.tmp"
-        if _rank() == 0:
-            self._remove_stale_tmp()
-            tmp.mkdir(parents=True, exist_ok=False)
-        _barrier()
+        with watchdog.long_phase():  # waits on the file system: the long timeout, not the training one
+            self.wait()  # one save in flight at a time
+            t0 = time.perf_counter()
+            tmp = self.folder / f"step-{step}.tmp"
+            if _rank() == 0:
+                self._remove_stale_tmp()
+                tmp.mkdir(parents=True, exist_ok=False)
+            _barrier()
 
-        try:
-            self._write(step, tmp, t0)
-        except (OSError, CheckpointException) as e:
-            self._abandon(step, tmp, e)
+            try:
+                self._write(step, tmp, t0)
+            except (OSError, CheckpointException) as e:
+                self._abandon(step, tmp, e)
         self._last_saved = step
         return True
 
@@ -141,6 +187,8 @@ class CheckpointManager:
 
         if self.cfg.async_mode == "async":
             kwargs = {"no_dist": True} if not _dist_on() and _ASYNC_HAS_NO_DIST else {}
+            if self._stager is not None:
+                kwargs["async_stager"] = self._stager
             with _quiet_dcp():
                 fut = _future_of(
                     dcp.async_save(dcp_sd, checkpoint_id=str(tmp), process_group=self._gloo, **kwargs)
@@ -152,10 +200,12 @@ class CheckpointManager:
                 fut.add_done_callback(lambda f, s=step: self._commit_if_ok(f, s, committed))
                 fut = committed
             self._pending, self._pending_step = fut, step
+            self._save_t[step] = (t0, time.perf_counter() - t0)
             logger.info(
-                "checkpoint: step %d staged in %.2fs, writing in the background",
+                "checkpoint: step %d staged in %.2fs%s, writing in the background",
                 step,
                 time.perf_counter() - t0,
+                " (pinned memory)" if self._stager is not None else "",
             )
         else:
             with _quiet_dcp():
@@ -163,12 +213,11 @@ class CheckpointManager:
             if _rank() == 0:
                 self._commit(step)
             _barrier()
+            took = time.perf_counter() - t0
             logger.info(
-                "checkpoint: saved step %d to %s in %.2fs",
-                step,
-                checkpoint_path(self.folder, step),
-                time.perf_counter() - t0,
+                "checkpoint: saved step %d to %s in %.2fs", step, checkpoint_path(self.folder, step), took
             )
+            self._log_save(step, t0, took)
 
     def _abandon(self, step: int, tmp: Path, err: BaseException) -> None:
         """A save failed (e.g. ENOSPC): remove its partial folder, keep every complete one, stop."""
@@ -190,15 +239,53 @@ class CheckpointManager:
             return
         fut, step = self._pending, self._pending_step
         self._pending = self._pending_step = None
-        try:
-            fut.result()  # re-raises a failed write
-        except (OSError, CheckpointException) as e:
-            self._abandon(step, self.folder / f"step-{step}.tmp", e)
-        _barrier()
+        with watchdog.long_phase():
+            try:
+                fut.result()  # re-raises a failed write
+            except (OSError, CheckpointException) as e:
+                self._abandon(step, self.folder / f"step-{step}.tmp", e)
+            _barrier()
         logger.info("checkpoint: background save of step %d finished", step)
+        t0, blocked = self._save_t.pop(step, (time.perf_counter(), 0.0))
+        self._log_save(step, t0, blocked)
 
     def close(self) -> None:
         self.wait()
+        if self._stager is not None:
+            self._stager.close()  # frees the pinned buffers
+            self._stager = None
+
+    def _log_save(self, step: int, t0: float, blocked_s: float) -> None:
+        """Rank 0: the save's wall time and bytes per rank, to the console and ``metrics.jsonl``."""
+        if _rank() != 0:
+            return
+        done = self._saved_at.pop(step, time.perf_counter())
+        per_rank = bytes_per_rank(checkpoint_path(self.folder, step), _world())
+        save_s = max(done - t0, blocked_s)
+        record = {
+            "save_s": round(save_s, 3),
+            "blocked_s": round(blocked_s, 3),
+            "async": self.cfg.async_mode == "async",
+            "pinned": self._stager is not None,
+            "bytes_per_rank_max": max(per_rank),
+            "bytes_total": sum(per_rank),
+            "write_gb_per_s": round(sum(per_rank) / max(save_s, 1e-9) / 1e9, 4),
+        }
+        if len(per_rank) <= 64:
+            record["bytes_per_rank"] = per_rank
+        log_event(step, "checkpoint", record)
+        lead = self.cfg.signal_lead_s
+        if lead > 0 and save_s > lead:
+            logger.warning(
+                "checkpoint: saving step %d took %.0f s, more than checkpoint.signal_lead_s = %g s: a "
+                "preemption's stop save would be killed before it completes. Ask for the signal earlier "
+                "(sbatch --signal=B:USR1@%d with SIGNAL_LEAD_S=%d) or write to faster storage.",
+                step,
+                save_s,
+                lead,
+                int(save_s * 1.5) + 30,
+                int(save_s * 1.5) + 30,
+            )
 
     def _model_args(self) -> dict[str, Any] | None:
         st = self.states.get("model")
@@ -232,6 +319,7 @@ class CheckpointManager:
                 committed.set_exception(fut.exception())
                 return
             self._commit(step)
+            self._saved_at[step] = time.perf_counter()
             committed.set_result(step)
         except BaseException as e:  # noqa: BLE001 - surfaced by wait()
             committed.set_exception(e)
@@ -273,8 +361,22 @@ class CheckpointManager:
         latest complete checkpoint). Returns the step loaded, or None when starting fresh."""
         if not self.enabled:
             return None
+        with watchdog.long_phase():
+            return self._load(step)
+
+    def _load(self, step: int) -> int | None:
         done, partial = list_checkpoints(self.folder)
-        if self.cfg.fresh_start:
+        restarted = restarts.current().count > 0
+        if restarted and (self.cfg.fresh_start or step != -1 or self.cfg.load_step != -1):
+            logger.warning(
+                "checkpoint: this is a restart (%s); checkpoint.fresh_start / load_step apply to the first "
+                "launch only: resuming from the latest complete checkpoint",
+                restarts.current().line(),
+            )
+            step = -1
+        elif step == -1:
+            step = self.cfg.load_step
+        if self.cfg.fresh_start and not restarted:
             if done and _rank() == 0:
                 aside = self.folder.with_name(f"{self.folder.name}.before_fresh_start.{int(time.time())}")
                 logger.warning(
@@ -289,8 +391,6 @@ class CheckpointManager:
                 s,
                 self.folder,
             )
-        if step == -1:
-            step = self.cfg.load_step
         if step == -1:
             if not done:
                 logger.info("checkpoint: none found in %s, starting from step 0", self.folder)

@@ -359,8 +359,21 @@ class Parallelism:
     mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
     """FSDP2 gradient reduction dtype."""
 
-    timeout_s: int = 600
-    """Collective timeout in seconds."""
+    init_timeout_s: int = 1800
+    """Collective timeout in seconds outside the training loop: the first rendezvous, ranks waiting
+    while another loads the LLM or fills the first buffer, checkpoint saves and loads, the end of
+    run's exports. The process group's own timeout."""
+
+    train_timeout_s: int = 300
+    """Collective timeout in seconds inside the training loop. On gloo the watchdog
+    (``tools/watchdog.py``) names the rank that stopped answering and the collective, and exits
+    with code 4 (the launcher restarts from the last checkpoint); on NCCL the group's timeout drops
+    to it once training starts (the flight recorder dumps on a timeout). Checkpoint saves keep
+    ``init_timeout_s``."""
+
+    timeout_s: int = 0
+    """Deprecated: use ``init_timeout_s`` and ``train_timeout_s``. When set (> 0) it is both, as
+    it used to be (with a warning)."""
 
 
 @dataclass
@@ -379,6 +392,11 @@ class Checkpoint:
 
     async_mode: Literal["disabled", "async"] = "disabled"
     """Write checkpoints in a background thread."""
+
+    signal_lead_s: float = 0.0
+    """Seconds between a preemption's signal and the kill (SLURM's ``--signal=B:USR1@N``;
+    ``scripts/slurm_train.sh`` passes its ``SIGNAL_LEAD_S``). A save that takes longer is warned
+    about: the stop save would be lost. 0: not checked."""
 
     load_step: int = -1
     """Step to resume from; -1 takes the latest complete checkpoint."""

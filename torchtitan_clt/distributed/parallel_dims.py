@@ -1,7 +1,12 @@
 """``ParallelDims``: the degrees of each parallelism and the device mesh built from them.
 
-The world is laid out as a 3-D mesh ``[dp_replicate, dp_shard, tp]`` (tp innermost, so a tensor-
-parallel group sits inside one node). Data loading and metric reduction need the flattened
+The world is laid out as a 3-D mesh ``[dp_replicate, dp_shard, tp]``, tp innermost: a tensor-
+parallel group is ``tp`` consecutive ranks. It sits inside one node when ``tp`` divides the GPUs
+per node, and spans ``tp / GPUs per node`` whole nodes when it is larger (clt_8b: tp = 32 spans 4
+nodes of 8, so its per-step sum of ŷ crosses the network; ``group_span`` says it, and the mesh
+logs it at start). A dp group's ranks are ``tp`` apart. ``dp_shard = -1`` takes the ranks left
+over, which makes FSDP2 shard over them; data-parallel replicas without sharding are
+``dp_replicate`` with ``dp_shard = 1``. Data loading and metric reduction need the flattened
 data-parallel group ``dp = dp_replicate × dp_shard``; it is built as its own 2-D mesh
 ``[dp, tp]`` over the same rank order with the public ``DeviceMesh`` constructor, instead of the
 private ``DeviceMesh._flatten``, so the code stays on stable APIs across PyTorch releases.
@@ -9,6 +14,7 @@ private ``DeviceMesh._flatten``, so the code stays on stable APIs across PyTorch
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.tools.logging import logger
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -113,6 +120,22 @@ class ParallelDims:
     def tp_rank(self) -> int:
         return self.coordinate()[2]
 
+    def group_span(self, name: str, ranks_per_node: int) -> int:
+        """How many nodes one group of mesh dimension ``name`` (``tp``, ``dp_shard``,
+        ``dp_replicate``, ``dp``) spans, with ``ranks_per_node`` consecutive ranks per node."""
+        if ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node must be at least 1, got {ranks_per_node}.")
+        pick = {
+            "tp": lambda c: (c[0], c[1]),
+            "dp_shard": lambda c: (c[0], c[2]),
+            "dp_replicate": lambda c: (c[1], c[2]),
+            "dp": lambda c: c[2],
+        }[name]
+        groups: dict = {}
+        for rank in range(self.world_size):
+            groups.setdefault(pick(self.coordinate(rank)), set()).add(rank // ranks_per_node)
+        return max(len(nodes) for nodes in groups.values())
+
     # ---- meshes --------------------------------------------------------------------------------
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         """Build the world mesh and the derived ``dp`` mesh; ``None`` in a single process.
@@ -124,6 +147,11 @@ class ParallelDims:
         if not dist.is_initialized():
             raise RuntimeError("build_mesh needs an initialized process group (call init_distributed).")
         shape = (self.dp_replicate, self.dp_shard, self.tp)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)  # set by torchrun
+        if self.tp_enabled and 0 < per_node < self.world_size and self.rank == 0:
+            span = self.group_span("tp", per_node)
+            if span > 1:
+                logger.info(f"mesh: each tp group of {self.tp} spans {span} nodes of {per_node} ranks")
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         self._world_mesh = mesh
         self._meshes = {"world": mesh}

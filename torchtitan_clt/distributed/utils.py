@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from torchtitan_clt.config.manager import ConfigError, to_toml
 from torchtitan_clt.distributed.parallel_dims import ParallelDims
+from torchtitan_clt.tools import restarts, watchdog
 from torchtitan_clt.tools.logging import logger
 
 
@@ -45,8 +47,11 @@ def device_type_for(job_config) -> str:
 def init_distributed(job_config) -> ParallelDims:
     """Create the process group (if launched with several processes) and the device mesh.
 
-    CUDA ranks use NCCL and bind ``cuda:LOCAL_RANK``; CPU ranks use gloo. The collective timeout is
-    ``parallelism.timeout_s``. Returns the validated ``ParallelDims`` with its meshes built.
+    CUDA ranks use NCCL and bind ``cuda:LOCAL_RANK``; CPU ranks use gloo. The group's timeout is
+    ``parallelism.init_timeout_s``; the training loop's is enforced by the watchdog
+    (``tools/watchdog.py``, started here). A restarted
+    worker learns here why it was restarted (``tools/restarts.py``). Returns the validated
+    ``ParallelDims`` with its meshes built.
     """
     p = job_config.parallelism
     world, rank, local_rank = env_world()
@@ -61,15 +66,49 @@ def init_distributed(job_config) -> ParallelDims:
             )
         torch.cuda.set_device(local_rank)
     if world == 1:
+        restarts.set_current(restarts.local_restarts())
         return dims
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
+        init_s, _ = timeouts(p)
         dist.init_process_group(
-            backend=backend, timeout=timedelta(seconds=p.timeout_s), rank=rank, world_size=world
+            backend=backend, timeout=timedelta(seconds=init_s), rank=rank, world_size=world
         )
+    _start_watchdog(job_config, rank, world)
     dims.build_mesh(device_type)
     logger.info(f"{dims} on {device_type} ({dist.get_backend()})")
     return dims
+
+
+def timeouts(p) -> tuple[int, int]:
+    """``(init, train)`` collective timeouts in seconds from the ``[parallelism]`` section; the
+    deprecated ``timeout_s`` (when > 0) is both, as it used to be."""
+    if p.timeout_s > 0:
+        logger.warning(
+            "parallelism.timeout_s is deprecated: it sets both parallelism.init_timeout_s and "
+            f"parallelism.train_timeout_s (to {p.timeout_s} s); set those instead."
+        )
+        return p.timeout_s, p.timeout_s
+    return p.init_timeout_s, p.train_timeout_s
+
+
+def _start_watchdog(job_config, rank: int, world: int) -> None:
+    """Agree on this launch's restart history and watchdog key prefix (one small all-gather over
+    every rank), then start the watchdog (``tools/watchdog.py``)."""
+    mine = restarts.local_restarts()
+    views: list = [None] * world
+    dist.all_gather_object(
+        views, (mine, f"torchtitan_clt/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{time.time_ns()}")
+    )
+    restarts.set_current(restarts.merge([v[0] for v in views]))
+    init_s, train_s = timeouts(job_config.parallelism)
+    # NCCL's own timeout may drop to the training one in the loop, unless rank 0 evaluates inside
+    # it while the others wait in a barrier.
+    watchdog.set_timeouts(init_s, train_s, lower_nccl=job_config.eval.every <= 0)
+    try:
+        watchdog.start_watchdog(rank, world, train_s, prefix=views[0][1])
+    except (RuntimeError, OSError, ValueError) as e:  # no store to beat to: train without it
+        logger.warning(f"watchdog: not started ({e}); a hung rank is caught by the group's timeout only")
 
 
 def config_digest(job_config) -> str:
@@ -148,6 +187,7 @@ def barrier() -> None:
 
 def destroy() -> None:
     """Tear down the process group (safe to call when there is none)."""
+    watchdog.stop_watchdog()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

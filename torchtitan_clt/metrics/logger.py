@@ -15,6 +15,9 @@ Only rank 0 writes; on other ranks ``log`` is a no-op. ``log(step, metrics)`` ta
     anything else  a scalar, written as is
 
 Tensors may live on the GPU: they are moved to the host together, once per log.
+
+Events that are not a training step (a restart, a checkpoint's save time and bytes) are rows
+``{"step": N, "event": NAME, ...}``, written by ``log_event`` from anywhere in the process.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from torchtitan_clt.tools import restarts
 from torchtitan_clt.tools.logging import logger
 from torchtitan_clt.tools.utils import peak_memory_gib
 
@@ -142,6 +146,20 @@ class MetricsLogger:
             from torchtitan_clt.metrics.wandb_sink import WandbSink  # imports wandb: only when used
 
             self._wandb = WandbSink(self.run_folder, job_config, wandb_run_id)
+        global _ACTIVE
+        _ACTIVE = self
+        if (r := restarts.current()).count > 0:  # merged over the ranks by init_distributed
+            self.event(start_step, "restart", {"restarts": r.count, "causes": r.causes}, line=r.line())
+
+    def event(self, step: int, name: str, fields: dict[str, Any], line: str | None = None) -> None:
+        """One ``{"step", "event", ...}`` row in ``metrics.jsonl`` and a console line."""
+        if not self.enabled:
+            return
+        logger.info(line or f"{name} at step {step}: " + ", ".join(f"{k} {v}" for k, v in fields.items()))
+        if self._jsonl is not None:
+            record = {"step": step, "event": name, **fields}
+            self._jsonl.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+            self._jsonl.flush()
 
     def reset_timer(self, step: int, tokens: int) -> None:
         """Start the throughput window now (call right before the first step, after setup)."""
@@ -222,6 +240,9 @@ class MetricsLogger:
             self._tb.add_scalar(f"loss/{k}", v, step)
 
     def close(self) -> None:
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
@@ -231,6 +252,18 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.close()
             self._wandb = None
+
+
+_ACTIVE: MetricsLogger | None = None  # the run's logger on rank 0, for log_event
+
+
+def log_event(step: int, name: str, fields: dict[str, Any]) -> None:
+    """An event row in the run's ``metrics.jsonl`` (``MetricsLogger.event``); only a console line
+    while no logger is open (before the trainer builds it, after it closes)."""
+    if _ACTIVE is not None:
+        _ACTIVE.event(step, name, fields)
+    else:
+        logger.info(f"{name} at step {step}: " + ", ".join(f"{k} {v}" for k, v in fields.items()))
 
 
 def _si(x: float) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torchtitan_clt.tools import watchdog
 from torchtitan_clt.tools.logging import logger
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -90,7 +91,8 @@ def stop_on_signals() -> Iterator[StopRequest]:
     stop = StopRequest(group)
     stop.install()
     try:
-        yield stop
+        with watchdog.training():  # the loop's collectives: parallelism.train_timeout_s
+            yield stop
     finally:
         stop.uninstall()
 
@@ -100,7 +102,7 @@ def stop_and_save(trainer: Any, step: int, stop: StopRequest, signum: int) -> No
     name = signal.Signals(signum).name
     t0 = time.perf_counter()
     ckpt = trainer.checkpointer
-    if ckpt is not None:
+    if ckpt is not None:  # (the save's own waits keep the long timeout: manager.py)
         # save() is a no-op when this step's interval checkpoint was just written.
         saved = ckpt.save(step, force=True)
         ckpt.close()  # waits for an async save to be committed on every rank
