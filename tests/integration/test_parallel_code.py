@@ -57,22 +57,28 @@ def _run_layout(tmp_path: Path, layout: str, cases: list[tuple[str, str, str]]) 
     return json.loads(out.read_text())
 
 
-CASES = {  # layout: [(family, activation, batchtopk scope, extra loss terms)]
+CASES = {  # layout: [(family, activation, batchtopk scope, extra loss terms and "sparse")]
+    # "sparse": the sparse step (kernels.sparse_density_threshold = 1: SparseEncode, the selection
+    # over ranks, decode_selected); else k / F is over the threshold and the activation's dense
+    # output is compacted before the gather (the path JumpReLU always takes).
     "tp2": [
+        ("clt", "batchtopk", "layer", "sparse"),
         ("clt", "batchtopk", "layer", ""),
-        ("clt", "topk", "all", ""),
+        ("clt", "topk", "all", "sparse"),
         ("plt", "jumprelu", "all", "preact+auxk"),
-        ("sae", "topk", "all", ""),
+        ("sae", "topk", "all", "sparse"),
     ],
     "tp4": [
-        ("clt", "batchtopk", "all", "auxk"),
+        ("clt", "batchtopk", "all", "auxk+sparse"),
+        ("clt", "topk", "all", ""),
         ("clt", "jumprelu", "all", "preact"),
-        ("sae", "batchtopk", "layer", ""),
+        ("sae", "batchtopk", "layer", "sparse"),
     ],
     "dp2xtp2": [
-        ("clt", "batchtopk", "all", "auxk"),
-        ("clt", "topk", "layer", ""),
-        ("plt", "batchtopk", "layer", ""),
+        ("clt", "batchtopk", "all", "auxk+sparse"),
+        ("clt", "topk", "layer", "sparse"),
+        ("plt", "batchtopk", "layer", "sparse"),
+        ("clt", "jumprelu", "layer", "preact"),
     ],
 }
 
@@ -90,6 +96,7 @@ def test_code_layout_matches_one_process(tmp_path, layout):
         if case[1] in ("batchtopk", "topk"):
             assert res["threshold_diff"] < 1e-5, (case, res)
         assert res["code_gathers"] > 0 and res["dense_sums"] == 0, (case, res)  # the path taken
+        assert (res["sparse_steps"] > 0) == ("sparse" in case[3]), (case, res)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +141,8 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
 
     import torchtitan_clt.distributed.tensor_parallel as tensor_parallel
     import torchtitan_clt.kernels.sparse_step as sparse_step
+    import torchtitan_clt.models.common as common
+    from torchtitan_clt import kernels
     from torchtitan_clt.distributed.loss import build_loss_fn_for_mesh
     from torchtitan_clt.distributed.parallelize import parallelize_model
     from torchtitan_clt.distributed.utils import clip_grad_norm_
@@ -157,7 +166,16 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
         **({"hook_in": "resid_post", "hook_out": "resid_post"} if family == "sae" else {}),
     )  # fmt: skip
     n_layers = args.n_layers
-    dense_sums = [0]
+    dense_sums, sparse_steps = [0], [0]
+    terms_expected = [t for t in extra.split("+") if t and t != "sparse"]
+    kernels.configure(sparse_density_threshold=1.0 if "sparse" in extra else 0.05)
+
+    def spy_sparse(*a, **kw):  # the sharded model's sparse step (encoder, selection, sparse decode)
+        sparse_steps[0] += kw.get("group") is not None and kw.get("tp_group") is None
+        return real_sparse(*a, **kw)
+
+    real_sparse = common.sparse_forward
+    common.sparse_forward = spy_sparse
 
     def spy(x, group):  # the features layout's dense sum of partial ŷ: must not run
         dense_sums[0] += 1
@@ -207,7 +225,7 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
             D // dims.tp,
         )
         loss, terms = tp_loss_fn(model, out, y[lo : lo + n_local], step)
-        for name in extra.split("+") if extra else []:
+        for name in terms_expected:
             assert name in terms and float(terms[name]) > 0, (name, terms)
         opt.zero_grad()
         loss.backward()
@@ -229,9 +247,10 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
     if isinstance(getattr(ref.activation, "threshold", None), torch.Tensor):
         thr_diff = (model.activation.threshold - ref.activation.threshold).abs().max().item()
     sparse_step.sum_partials = tensor_parallel.sum_partials = real_sum
+    common.sparse_forward = real_sparse
     return {"losses": losses, "ref_losses": ref_losses, "max_weight_diff": max_diff,
             "weights_moved": moved, "threshold_diff": thr_diff, "dense_sums": dense_sums[0],
-            "code_gathers": model.decode_selected.calls}  # fmt: skip
+            "code_gathers": model.decode_selected.calls, "sparse_steps": sparse_steps[0]}  # fmt: skip
 
 
 if __name__ == "__main__":
