@@ -132,7 +132,7 @@ MESH_CASES = {
     "clt_batchtopk_all_L6_d576_F4096_k16": (
         ["--model.features_per_layer=4096", "--model.k=16", "--data.synthetic_n_layers=6",
          "--data.synthetic_d_model=576"],
-        512, 8, ["1", "dp_shard2", "dp_shard2_ring", "tp2"],
+        512, 8, ["1", "dp_shard2", "dp_shard2_ring", "tp2", "tp2_code", "tp4_code", "dp2_tp2", "dp2_tp2_code"],
     ),
     "clt_batchtopk_all_L12_d768_F8192_k32": (
         ["--model.features_per_layer=8192", "--model.k=32", "--data.synthetic_n_layers=12",
@@ -153,7 +153,62 @@ MESH_LAYOUTS = {  # name: (processes, overrides)
         ["--parallelism.dp_shard=2", "--parallelism.tp=1", "--parallelism.gloo_shared_memory=false"],
     ),
     "tp2": (2, ["--parallelism.dp_shard=1", "--parallelism.tp=2"]),
+    # parallelism.tp_layout = "code" (issue 27): the sparse code crosses ranks, not a dense ŷ
+    "tp2_code": (2, ["--parallelism.dp_shard=1", "--parallelism.tp=2", "--parallelism.tp_layout=code"]),
+    "tp4_code": (4, ["--parallelism.dp_shard=1", "--parallelism.tp=4", "--parallelism.tp_layout=code"]),
+    "dp2_tp2": (4, ["--parallelism.dp_shard=2", "--parallelism.tp=2"]),
+    "dp2_tp2_code": (4, ["--parallelism.dp_shard=2", "--parallelism.tp=2", "--parallelism.tp_layout=code"]),
 }
+
+# Bytes one rank sends per call, ring algorithms (as tools/mem_trace.py counts them in the dry run).
+_RING_SENT = {
+    "all_reduce": lambda w, n: 2 * (w - 1) / w * n,
+    "all_gather": lambda w, n: (w - 1) * n,
+    "all_gather_into_tensor": lambda w, n: (w - 1) * n,
+    "reduce_scatter_tensor": lambda w, n: (w - 1) / w * n,
+    "broadcast": lambda w, n: n,
+}
+
+
+class ByteCounter:
+    """Bytes this rank sends through ``torch.distributed``'s collectives (per name), by the ring
+    formulas above; ``all_gather`` counts its input tensor. FSDP2's gloo collectives (the shared
+    segment, the point-to-point rings) do not go through these functions and are not counted."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, float] = {}
+        self._saved: list[tuple[str, object]] = []
+
+    def __enter__(self) -> ByteCounter:
+        import torch.distributed as dist
+
+        for name, formula in _RING_SENT.items():
+            fn = getattr(dist, name)
+            self._saved.append((name, fn))
+            setattr(dist, name, self._counted(name, fn, formula))
+        return self
+
+    def _counted(self, name, fn, formula):
+        import torch.distributed as dist
+
+        def run(*args, **kwargs):
+            t = (
+                args[1]
+                if name in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")
+                else args[0]
+            )
+            t = kwargs.get("input_tensor", kwargs.get("tensor", t))
+            w = dist.get_world_size(kwargs.get("group"))
+            self.sent[name] = self.sent.get(name, 0.0) + formula(w, t.numel() * t.element_size())
+            return fn(*args, **kwargs)
+
+        return run
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        for name, fn in reversed(self._saved):
+            setattr(dist, name, fn)
 
 
 def _peak_rss_gib() -> float:
@@ -179,7 +234,7 @@ def mesh_worker(steps: int, batch_size: int, overrides: list[str], out: Path) ->
 
         cfg = load_config(
             [
-                "--data.source=synthetic", f"--job.dump_folder={tmp}", f"--training.steps={steps + 2}",
+                "--data.source=synthetic", f"--job.dump_folder={tmp}", f"--training.steps={steps + 3}",
                 f"--training.batch_size={batch_size}", "--checkpoint.enable=false", "--checkpoint.export=false",
                 "--metrics.enable_tensorboard=false", f"--metrics.log_freq={10**6}", *overrides,
             ]
@@ -194,12 +249,15 @@ def mesh_worker(steps: int, batch_size: int, overrides: list[str], out: Path) ->
                 trainer_steps(trainer, 1)
                 times.append(time.perf_counter() - t0)
                 comm.append(timer.total())
+        with ByteCounter() as counter:  # one more step, untimed: the bytes it sends
+            trainer_steps(trainer, 1)
         rank = dist.get_rank() if dist.is_initialized() else 0
         result = {
             "rank": rank,
             "s_per_step": statistics.median(times),
             "step_times_s": times,
             "comm_s_per_step": statistics.median(comm),
+            "sent_bytes_per_step": counter.sent,
             "peak_rss_gib": _peak_rss_gib(),
             "rss_before_build_gib": rss_start,
             "threads": torch.get_num_threads(),
@@ -255,6 +313,7 @@ def bench_mesh(case: str, rounds: int) -> dict:
             "tokens_per_s": batch / step_s,
             "comm_s_per_step": statistics.median(max(r["comm_s_per_step"] for r in ranks) for ranks in ok),
             "peak_rss_gib_per_rank": max(r["peak_rss_gib"] for ranks in ok for r in ranks),
+            "sent_bytes_per_step_per_rank": ok[0][0].get("sent_bytes_per_step", {}),
             "decoder_path": ok[0][0]["decoder_path"],
             "launches": ok,
             "estimate_gib_per_rank": _estimate_gib(MESH_COMMON + overrides + MESH_LAYOUTS[name][1], batch),
@@ -288,7 +347,9 @@ def bench_extraction(model_path: str, layers: list[int], seq_len: int, batch: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["train", "mesh", "extraction", "kernels", "quality", "all"], default="train")
+    ap.add_argument(
+        "--suite", choices=["train", "mesh", "extraction", "kernels", "quality", "all"], default="train"
+    )
     ap.add_argument("--mesh-cases", nargs="*", default=list(MESH_CASES))
     ap.add_argument("--rounds", type=int, default=2, help="mesh: launches of each layout, alternated")
     ap.add_argument("--mesh-worker", action="store_true", help=argparse.SUPPRESS)
