@@ -64,6 +64,17 @@ def _variant(spec: str) -> dict:
     return {"thresholds": th, "refine_steps": int(steps), "refine_options": options, **kw}
 
 
+def _skip(batches, tokens: int):
+    """The rows after the first ``tokens``."""
+    out, n = [], 0
+    for x, y in batches:
+        k = max(0, min(x.shape[0], tokens - n))
+        if k < x.shape[0]:
+            out.append((x[k:], y[k:]))
+        n += x.shape[0]
+    return out
+
+
 def _trim(batches, tokens: int):
     out, n = [], 0
     for x, y in batches:
@@ -82,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--variants", nargs="*", default=["feature:0:min_firings=1", "feature:0", "default"])
     p.add_argument("--cache", type=Path, default=None, help="activation cache file (.pt)")
+    p.add_argument(
+        "--eval-split",
+        choices=["held_out", "train"],
+        default="held_out",
+        help="held_out: the documents training never read; train: the training rows right after the "
+        "calibration rows (never used to fit; for a dataset whose held-out part is small)",
+    )
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
 
@@ -95,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     model, meta = load_model_from_checkpoint(ckpt)
     model = folded_cpu_copy(model)
     cfg = load_config(["--config", str(run / "config.toml")], check=False)
-    calib, held = _activations(cfg, model, a.calib_tokens, a.eval_tokens, a.cache)
+    extra = a.eval_tokens if a.eval_split == "train" else 0
+    calib, held = _activations(cfg, model, a.calib_tokens + extra, a.eval_tokens, a.cache)
+    if a.eval_split == "train":
+        held = _skip(calib, a.calib_tokens)
     calib, held = _trim(calib, a.calib_tokens), _trim(held, a.eval_tokens)
     fit = fit_batchtopk_threshold(model, calib)  # BatchTopK: its inference threshold, as a run's end fits it
     if fit is not None:

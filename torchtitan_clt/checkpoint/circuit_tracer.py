@@ -245,11 +245,13 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 
 
 def _rows_name(held_out: bool, report: dict[str, Any]) -> str:
+    """What ``eval_on`` says; with native thresholds the export is the native model itself (the
+    run's held-out evaluation, report/eval.json, is then the export's too)."""
+    if report.get("thresholds") == "native":
+        report["same_model_as_native_export"] = True
     if held_out:
         return "held-out text"
-    # Native thresholds are not fitted to the rows, so they are a fair test of it.
-    fitted = report.get("thresholds") != "native"
-    return "calibration batches" + (" (the rows the thresholds were fitted on)" if fitted else "")
+    return "calibration batches (training text, the rows the thresholds were fitted on)"
 
 
 def _convert(
