@@ -98,7 +98,9 @@ def test_evaluator_runs_and_logs(run):
     assert len(fs["fvu_per_layer"]) == 3 and fs["l0"] > 0
     assert "open_loop" not in results[0]["replacement"]
     assert results[0]["replacement"]["zero_ablation"] == r["zero_ablation"]
-    fresh = compute_baselines(ev.llm.model, ev.batches, SpliceSpec.of(_clt([0, 1, 2]), ev.llm.model), per_layer=True)
+    fresh = compute_baselines(
+        ev.llm.model, ev.batches, SpliceSpec.of(_clt([0, 1, 2]), ev.llm.model), per_layer=True
+    )
     assert r["open_loop"]["ce_zero_ablation"] == pytest.approx([z["ce"] for z in fresh.zero_per_layer])
     assert r["open_loop"]["ce_mean_ablation"] == pytest.approx([z["ce"] for z in fresh.mean_per_layer])
     assert r["zero_ablation"]["ce"] == pytest.approx(fresh.zero["ce"])
@@ -187,3 +189,68 @@ def test_fvu_l0_plot_draws_the_quality_benchmark_rows(tmp_path, monkeypatch):
     )
     shipped = report.quality_reference()
     assert {r["label"] for r in shipped} >= {"topk_k16", "batchtopk_layer_k16"}
+
+
+def _thirty_layers():
+    L = 30
+    train = [
+        {"step": s, "loss": 100 / (s + 1), "fvu": 0.5,
+         "fvu_per_layer": [0.3 + 0.01 * i + (0.9 if i == 11 else 0) for i in range(L)]}
+        for s in range(0, 100, 10)
+    ]  # fmt: skip
+    edges = [-8 + 0.2 * i for i in range(41)]
+    fs = {
+        "tokens": 2048,
+        "dense_threshold": 0.1,
+        "density_hist": {
+            "log10_edges": edges,
+            "counts_per_layer": [[(i * b) % 7 if 20 < b < 38 else 0 for b in range(40)] for i in range(L)],
+            "dead_per_layer": [1] * L,
+        },
+        "decoder_norm_by_offset": {
+            "share": [[1 / (L - s) if o < L - s else float("nan") for o in range(L)] for s in range(L)],
+            "per_offset": {k: [1 / (o + 1) for o in range(L)] for k in ("mean", "p10", "p50", "p90")}
+            | {"offset": list(range(L))},
+        },
+    }
+    return train, fs
+
+
+def _draw(plot):
+    from matplotlib.figure import Figure
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")  # as write_report draws them
+    assert plot(fig)
+    FigureCanvasAgg(fig).draw()  # lay out, so that text extents are final
+    return fig
+
+
+def test_thirty_layer_plots_read():
+    """30 layers: per-layer FVU lines coloured by a layer colorbar with the layer above 1 named;
+    the density histogram coloured by layer with its legend outside the axes; offset ticks that
+    do not run together."""
+    from torchtitan_clt.metrics import report
+
+    train, fs = _thirty_layers()
+    fig = _draw(lambda f: report._plot_loss_fvu(f, train, []))
+    assert any(ax.get_ylabel() == "layer" for ax in fig.axes)  # the colorbar
+    fvu_ax = fig.axes[1]
+    assert [t.get_text() for t in fvu_ax.texts] == ["layer 11"]  # the one line above 1
+    colors = {tuple(line.get_color()) for line in fvu_ax.lines[:30]}
+    assert len(colors) == 30  # one colour per layer, none cycled
+
+    fig = _draw(lambda f: report._plot_density(f, fs, None))
+    ax = fig.axes[0]
+    leg = ax.get_legend().get_window_extent()
+    assert leg.x0 >= ax.get_window_extent().x1  # the legend is off the data
+    assert len({tuple(p.get_edgecolor()) for p in ax.patches}) == 30
+
+    fig = _draw(lambda f: report._plot_offsets(f, fs))
+    for ax in fig.axes[:2]:  # the heatmap and the norms (the third is the colorbar)
+        boxes = sorted(
+            (t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()), key=lambda b: b.x0
+        )
+        assert 2 < len(boxes) <= 10
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))  # no two labels touch

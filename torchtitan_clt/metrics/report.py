@@ -137,6 +137,23 @@ def _layer_labels(eval_results: dict | None, n: int) -> list[str]:
     return [str(x) for x in layers][:n] if len(layers) >= n else [str(i) for i in range(n)]
 
 
+def _ticks(n: int, most: int = 10) -> list[int]:
+    """At most ``most`` readable integer ticks over ``range(n)``, the last one included."""
+    return list(range(0, n, max(1, math.ceil(n / most))))
+
+
+def _layer_colors(fig, ax, n: int, labels: list[str]):
+    """(colormap over ``n`` layers, their labels) with a colorbar naming the layers beside ``ax``."""
+    from matplotlib import cm, colormaps, colors
+
+    cmap = colormaps["viridis"].resampled(max(n, 1))
+    if n > 1:
+        sm = cm.ScalarMappable(norm=colors.Normalize(-0.5, n - 0.5), cmap=cmap)
+        bar = fig.colorbar(sm, ax=ax, pad=0.01, label="layer")
+        bar.set_ticks(_ticks(n, 8), labels=[labels[i] for i in _ticks(n, 8)])
+    return cmap, labels
+
+
 def _plot_loss_fvu(fig, train: list[dict], evals: list[dict]) -> bool:
     if not train:
         return False
@@ -152,14 +169,13 @@ def _plot_loss_fvu(fig, train: list[dict], evals: list[dict]) -> bool:
     ax1.legend(fontsize=8)
     per = [r.get("fvu_per_layer") for r in train]
     n = max((len(p) for p in per if p), default=0)
+    cmap, labels = _layer_colors(fig, ax2, n, _layer_labels(evals[-1] if evals else None, n))
     for i in range(n):
-        ax2.plot(
-            steps,
-            [_num(p[i]) if p and i < len(p) else math.nan for p in per],
-            lw=0.8,
-            alpha=0.6,
-            label=f"layer {i}" if n <= 8 else None,
-        )
+        vals = [_num(p[i]) if p and i < len(p) else math.nan for p in per]
+        ax2.plot(steps, vals, lw=0.9, alpha=0.8, color=cmap(i))
+        if vals and math.isfinite(vals[-1]) and vals[-1] > 1:  # worse than predicting the mean: name it
+            ax2.annotate(f"layer {labels[i]}", (steps[-1], vals[-1]), fontsize=7, color=cmap(i),
+                         xytext=(3, 0), textcoords="offset points", va="center")  # fmt: skip
     ax2.plot(steps, [_num(r.get("fvu")) for r in train], color="k", lw=1.8, label="mean (train batch)")
     if evals:
         ax2.plot(
@@ -171,7 +187,7 @@ def _plot_loss_fvu(fig, train: list[dict], evals: list[dict]) -> bool:
         )
     ax2.set_yscale("log")
     ax2.set(title="Fraction of variance unexplained", xlabel="step", ylabel="FVU (log scale)")
-    ax2.legend(fontsize=7, ncol=2)
+    ax2.legend(fontsize=7)
     return True
 
 
@@ -205,9 +221,11 @@ def _plot_density(fig, fs: dict | None, ev: dict | None) -> bool:
     h = fs["density_hist"]
     edges = h["log10_edges"]
     ax = fig.subplots()
-    labels = _layer_labels(ev, len(h["counts_per_layer"]))
+    n = len(h["counts_per_layer"])
+    cmap, labels = _layer_colors(fig, ax, n, _layer_labels(ev, n))
     for i, counts in enumerate(h["counts_per_layer"]):
-        ax.stairs(counts, edges, lw=1.4, label=f"layer {labels[i]} ({h['dead_per_layer'][i]} dead)")
+        label = f"layer {labels[i]} ({h['dead_per_layer'][i]} dead)" if n <= 8 else None
+        ax.stairs(counts, edges, lw=1.4, color=cmap(i), label=label)
     ax.axvline(
         math.log10(fs["dense_threshold"]),
         color="gray",
@@ -217,12 +235,13 @@ def _plot_density(fig, fs: dict | None, ev: dict | None) -> bool:
     )
     # A feature seen once fires at 1/tokens: nothing lies to the left of that.
     ax.set_xlim(max(edges[0], math.floor(-math.log10(max(fs["tokens"], 1))) - 0.5), edges[-1] + 0.1)
+    dead = sum(h["dead_per_layer"])
     ax.set(
-        title=f"Feature firing frequency on {fs['tokens']} held-out tokens",
-        xlabel="log10 firing frequency (dead features not shown)",
+        title=f"Feature firing frequency on {fs['tokens']} held-out tokens ({dead} dead, not shown)",
+        xlabel="log10 firing frequency",
         ylabel="features",
     )
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # off the data
     return True
 
 
@@ -353,8 +372,9 @@ def _plot_offsets(fig, fs: dict | None) -> bool:
     im = ax1.imshow(share, cmap="magma", vmin=0, vmax=1, aspect="auto")
     fig.colorbar(im, ax=ax1, label="share of squared decoder norm")
     L = share.shape[0]
-    ax1.set_xticks(range(L))
-    ax1.set_yticks(range(L))
+    ticks = _ticks(L)
+    ax1.set_xticks(ticks)
+    ax1.set_yticks(ticks)
     if L <= 12:  # small enough to print the numbers in the cells
         for s_ in range(L):
             for o in range(L - s_):
@@ -378,7 +398,7 @@ def _plot_offsets(fig, fs: dict | None) -> bool:
         xlabel="target offset t − s",
         ylabel="‖W_dec,s→s+o‖ (raw units)",
     )
-    ax2.set_xticks(p["offset"])
+    ax2.set_xticks(_ticks(len(p["offset"])))
     ax2.legend(fontsize=8)
     return True
 
