@@ -217,9 +217,8 @@ def _thirty_layers():
 
 
 def _draw(plot):
-    from matplotlib.figure import Figure
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")  # as write_report draws them
     assert plot(fig)
