@@ -168,3 +168,69 @@ def test_builtin_names_are_the_registries():
     assert sorted(BUILTIN_NAMES["model.name"]) == model_registry.names()
     assert sorted(BUILTIN_NAMES["model.activation"]) == activation_registry.names()
     assert sorted(BUILTIN_NAMES["data.source"]) == data_source_registry.names()
+
+
+def _finished_run(root: Path, steps: int = 20) -> Path:
+    """A run folder as a finished run leaves it: the last checkpoint at ``steps``, then the report,
+    export and feature examples written after it."""
+    run = root / "done"
+    ckpt = run / "checkpoints" / f"step-{steps}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(f'{{"step": {steps}}}')
+    (ckpt / ".metadata").write_text("")
+    old = time.time() - 100
+    os.utime(ckpt / "meta.json", (old, old))
+    for f in ("report/eval.json", "export/config.json", "features/summary.json"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_text("{}")
+    return run
+
+
+def test_finished_run_says_so_and_exits_0_without_rewriting(tmp_path):
+    run = _finished_run(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    args = [f"--job.dump_folder={tmp_path}", "--job.name=done", "--training.steps=20"]
+    t0 = time.perf_counter()
+    r = subprocess.run(["./run_train.sh", "--config", DEBUG, *args], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (
+        r.stdout.strip().splitlines()
+        == [
+            f"{run} is complete (step 20 of 20): its report, exports and feature examples are there. Nothing to "
+            "do; raise --training.steps to train on, or start over with --checkpoint.fresh_start=true."
+        ]
+        and r.stderr == ""
+    )
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing rewritten
+    assert time.perf_counter() - t0 < 5
+    # Not complete, so the launch goes on (the check alone: exit 0, silent): more steps asked, a
+    # fresh start, or an end of run that did not finish (the report older than the checkpoint).
+    check = [sys.executable, "-m", "torchtitan_clt.config.check", "--config", DEBUG, *args]
+    for extra in (["--training.steps=30"], ["--checkpoint.fresh_start=true"]):
+        r = subprocess.run(check + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), extra
+    old = time.time() - 1000
+    os.utime(run / "report" / "eval.json", (old, old))
+    r = subprocess.run(check, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "")
+
+
+def test_export_saelens_of_a_clt_refused_before_loading(tmp_path):
+    """From the checkpoint's meta.json: one line, exit 2, before torch, the model or the LLM."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step-10"
+    ckpt.mkdir(parents=True)
+    (run / "config.toml").write_text((ROOT / DEMO).read_text())
+    (ckpt / "meta.json").write_text(
+        '{"step": 10, "model_args": {"family": "clt", "activation": "batchtopk"}}'
+    )
+    (ckpt / ".metadata").write_text("")  # a stand-in: loading it would fail, so the refusal came first
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "scripts/export.py", str(run), "--format", "saelens"], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    took = time.perf_counter() - t0
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "--format saelens: model.name='clt' is a crosslayer transcoder" in err[0], err
+    assert took < 2.0, took
