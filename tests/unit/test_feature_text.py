@@ -89,3 +89,13 @@ def test_bad_feature_refused_with_one_line(export, capsys, spec):
     code = _script().main([str(export), "--model", str(LLM), "--text", TEXT, "--feature", spec])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--feature" in err[0]
+
+
+def test_encode_names_the_expected_shape():
+    from helpers import tiny_model
+
+    m = tiny_model("clt", "relu", L=3, d=8, F=4, seed=0)
+    for bad in (torch.zeros(5, 8), torch.zeros(5, 2, 8), torch.zeros(5, 3, 7)):
+        with pytest.raises(ValueError, match=r"encode takes x of shape \[N, n_layers=3, d_in=8\].*got \[5"):
+            m.encode(bad)
+    assert m.encode(torch.zeros(5, 3, 8)).shape == (5, 3, 4)

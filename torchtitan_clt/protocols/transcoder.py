@@ -267,6 +267,13 @@ class Transcoder(nn.Module):
     # --- public API (raw units) ------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x  # [N, L, d_in] raw -> acts  # [N, L, F]"""
+        L, d = self.args.n_layers, self.args.d_in
+        if x.dim() != 3 or tuple(x.shape[1:]) != (L, d):
+            raise ValueError(
+                f"encode takes x of shape [N, n_layers={L}, d_in={d}] (tokens, the dictionary's layers "
+                f"{self.args.layers or list(range(L))}, width), got {list(x.shape)}; stack one "
+                "[N, d_in] activation per layer on dim 1."
+            )
         return self.activation(self.pre_acts(self.standardize_in(x)))
 
     def decode(
