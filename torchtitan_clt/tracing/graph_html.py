@@ -17,7 +17,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-COL_W, ROW_H, LEFT, TOP, BOTTOM = 120, 56, 150, 70, 70
+LEFT, TOP, BOTTOM = 90, 40, 60
+FIT_HEIGHT, MIN_ROW, MAX_ROW = 640, 44, 120
+LABELLED = 30  # feature nodes with a visible label (the most influential); the rest on hover
+DOT = 13  # px between nodes of one cell
+FIT_WIDTH, MIN_COL, MAX_COL = 1300, 56, 140  # columns shrink to fit a laptop screen, down to MIN_COL
 MAX_LABEL = 22
 
 
@@ -51,8 +55,10 @@ def render_graph_html(
     (labels); ``link_base``: the browser page the feature links point at (relative to the page)."""
     labels = _labels(features)
     n_pos = max(len(tokens), 1)
+    col_w = max(MIN_COL, min(MAX_COL, (FIT_WIDTH - LEFT) // n_pos))
     rows = n_layers + 2  # embeddings, layers 0..L-1, logits
-    width, height = LEFT + COL_W * n_pos + 40, TOP + ROW_H * (rows - 1) + BOTTOM
+    row_h = max(MIN_ROW, min(MAX_ROW, FIT_HEIGHT // (rows - 1)))
+    width, height = LEFT + col_w * n_pos + 170, TOP + row_h * (rows - 1) + BOTTOM
     by_cell: dict[tuple[int, int], list[Any]] = {}
 
     def row_of(n: Any) -> int:
@@ -65,12 +71,16 @@ def render_graph_html(
     for n in pruned.nodes:
         by_cell.setdefault((row_of(n), n.pos), []).append(n)
     xy: dict[str, tuple[float, float]] = {}
+    per_line = max(1, (col_w - 12) // DOT)  # a cell's nodes in a small grid, most influential first
     for (r, pos), cell in by_cell.items():
         cell.sort(key=lambda n: -n.influence)
         for k, n in enumerate(cell):
-            spread = min(COL_W - 24, 14 * (len(cell) - 1))
-            dx = 0 if len(cell) == 1 else -spread / 2 + spread * k / (len(cell) - 1)
-            xy[n.node_id] = (LEFT + COL_W * (pos + 0.5) + dx, TOP + ROW_H * (rows - 1 - r))
+            line, col = divmod(k, per_line)
+            on_line = min(len(cell) - line * per_line, per_line)
+            dx = (col - (on_line - 1) / 2) * DOT
+            xy[n.node_id] = (LEFT + col_w * (pos + 0.5) + dx, TOP + row_h * (rows - 1 - r) + line * 10)
+    feats = sorted((n for n in pruned.nodes if n.kind == "feature"), key=lambda n: -n.influence)
+    labelled = {n.node_id for n in feats[:LABELLED]}
 
     wmax = max((abs(w) for _, _, w in pruned.edges), default=1.0) or 1.0
     svg = [
@@ -78,13 +88,13 @@ def render_graph_html(
         f'viewBox="0 0 {width} {height}">'
     ]
     for r in range(rows):  # row labels and guides
-        y = TOP + ROW_H * (rows - 1 - r)
+        y = TOP + row_h * (rows - 1 - r)
         name = "tokens" if r == 0 else "logits" if r == rows - 1 else f"layer {r - 1}"
         svg.append(f'<line x1="{LEFT - 10}" y1="{y}" x2="{width - 20}" y2="{y}" class="guide"/>')
         svg.append(f'<text x="{LEFT - 16}" y="{y + 4}" class="rowlab">{name}</text>')
     for p, t in enumerate(tokens):
         svg.append(
-            f'<text x="{LEFT + COL_W * (p + 0.5)}" y="{height - 24}" class="tok">{_esc(repr(t))}</text>'
+            f'<text x="{LEFT + col_w * (p + 0.5)}" y="{height - 24}" class="tok">{_esc(repr(t))}</text>'
         )
     for s, d, w in sorted(pruned.edges, key=lambda e: abs(e[2])):
         if s not in xy or d not in xy:
@@ -92,9 +102,10 @@ def render_graph_html(
         (x1, y1), (x2, y2) = xy[s], xy[d]
         cls = "pos" if w >= 0 else "neg"
         sw = 0.4 + 4.0 * abs(w) / wmax
+        op = 0.08 + 0.8 * abs(w) / wmax
         svg.append(
             f'<line class="e {cls}" data-s="{_esc(s)}" data-d="{_esc(d)}" x1="{x1:.1f}" y1="{y1:.1f}" '
-            f'x2="{x2:.1f}" y2="{y2:.1f}" stroke-width="{sw:.2f}"><title>{_esc(s)} → {_esc(d)}: '
+            f'x2="{x2:.1f}" y2="{y2:.1f}" stroke-width="{sw:.2f}" stroke-opacity="{op:.2f}"><title>{_esc(s)} → {_esc(d)}: '
             f"{w:+.4g}</title></line>"
         )
     for n in pruned.nodes:
@@ -108,7 +119,9 @@ def render_graph_html(
             tip = f"{ref} at {tokens[n.pos] if n.pos < len(tokens) else n.pos!r}: {label}\nactivation {n.activation:.3f}, influence {n.influence:.3f}"
             shape = f'<circle class="n feat" data-id="{nid}" cx="{x:.1f}" cy="{y:.1f}" r="7"><title>{_esc(tip)}</title></circle>'
             short = label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
-            text = f'<text class="nlab" x="{x + 9:.1f}" y="{y - 8:.1f}">{_esc(short)}</text>'
+            text = ""
+            if n.node_id in labelled:
+                text = f'<text class="nlab" x="{x + 6:.1f}" y="{y - 9:.1f}">{_esc(short)}</text>'
             if link_base is not None:
                 href = f"{link_base}#{ref}"
                 svg.append(f'<a href="{_esc(href)}" target="_blank">{shape}{text}</a>')
@@ -146,7 +159,7 @@ body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:16px;color:
 h1{{font-size:18px;margin:0 0 4px}} .meta{{font-size:13px;color:#555;margin:2px 0}}
 .guide{{stroke:#eee}} .rowlab{{font-size:11px;fill:#888;text-anchor:end}}
 .tok{{font-size:12px;text-anchor:middle;font-family:ui-monospace,Menlo,Consolas,monospace}}
-.e{{stroke-opacity:.55}} .e.pos{{stroke:#3b7dd8}} .e.neg{{stroke:#d8453b}} .e.dim{{stroke-opacity:.04}}
+.e.pos{{stroke:#3b7dd8}} .e.neg{{stroke:#d8453b}} .e.dim{{stroke-opacity:.03 !important}} .e.hi{{stroke-opacity:.9 !important}}
 .n{{stroke:#333;stroke-width:1;cursor:pointer}} .feat{{fill:#f5b041}} .err{{fill:#bbb}}
 .tokn{{fill:#7fb77e}} .logit{{fill:#a67fd8}} .n.on{{stroke:#000;stroke-width:3}}
 .nlab{{font-size:10px;fill:#333}} a .nlab{{fill:#1a5fb4}}
@@ -164,7 +177,9 @@ blue edges excite, red inhibit, width ∝ |weight| · click a node to keep its e
   function show(id) {{
     svg.querySelectorAll('.n').forEach(function (n) {{ n.classList.toggle('on', n.dataset.id === id); }});
     edges.forEach(function (e) {{
-      e.classList.toggle('dim', id !== null && e.dataset.s !== id && e.dataset.d !== id);
+      var mine = id !== null && (e.dataset.s === id || e.dataset.d === id);
+      e.classList.toggle('dim', id !== null && !mine);
+      e.classList.toggle('hi', mine);
     }});
   }}
   svg.addEventListener('click', function (ev) {{
