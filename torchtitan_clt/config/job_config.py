@@ -414,10 +414,11 @@ class Checkpoint:
     """Rows of the training data, drawn after the last step, that calibrate TopK / BatchTopK
     inference. BatchTopK: its threshold is fitted so that k features fire per token and layer on
     them, for the end-of-run eval, the native export and the feature examples
-    (``report/batchtopk_threshold.json``). The circuit-tracer export (JumpReLU): each feature's
-    threshold and each layer's L0 (``conversion.json`` reports L0 and FVU before and after). 0:
-    the threshold tracked in training, uncalibrated. ``scripts/export.py`` does the circuit-tracer
-    conversion for any saved step."""
+    (``report/batchtopk_threshold.json``); the circuit-tracer export of a BatchTopK model is that
+    same JumpReLU (one model, whichever loader). TopK's circuit-tracer export (JumpReLU): each
+    feature's threshold and each layer's L0 are fitted on them (``conversion.json`` reports L0,
+    FVU and never-firing features, native vs export). 0: the threshold tracked in training,
+    uncalibrated. ``scripts/export.py`` measures the conversion on held-out text for any saved step."""
 
     export_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of exported weights."""
