@@ -108,7 +108,7 @@ function shade(a, top) {
 }
 function context(e, top, n) {
   const toks = e.tokens.map((t, k) => '<span class="tok' + (k == e.center ? ' max' : '') + '" title="' +
-    e.acts[k].toFixed(3) + '"' + shade(e.acts[k], top) + '>' + esc(t) + '</span>').join('');
+    e.acts[k].toFixed(3) + '"' + shade(e.acts[k], top) + '>' + esc(t).replace(/\n/g, '\u21b5\n') + '</span>').join('');
   return '<div class="ex-head">#' + n + ' &middot; max ' + e.max.toFixed(3) + ' &middot; context ' + e.context +
     ', position ' + e.position + '</div><div class="ctx">' + toks + '</div>';
 }
