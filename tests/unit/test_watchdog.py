@@ -117,3 +117,16 @@ def test_wrapped_collectives_record_the_call(tmp_path):
 def test_no_watchdog_without_torchrun(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     assert wd.start_watchdog(0, 2, 5.0, "p") is None
+
+
+def test_timeouts_and_the_deprecated_one(caplog):
+    from torchtitan_clt.config.job_config import JobConfig
+    from torchtitan_clt.distributed.utils import timeouts
+
+    p = JobConfig().parallelism
+    assert timeouts(p) == (1800, 300) and "deprecated" not in caplog.text
+    p.init_timeout_s, p.train_timeout_s = 900, 60
+    assert timeouts(p) == (900, 60)
+    p.timeout_s = 1200  # the old meaning: one timeout for everything
+    assert timeouts(p) == (1200, 1200)
+    assert "parallelism.timeout_s is deprecated" in caplog.text
