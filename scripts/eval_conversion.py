@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     from torchtitan_clt.checkpoint.export import folded_cpu_copy
     from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint, resolve_checkpoint
     from torchtitan_clt.config.manager import load_config
-    from torchtitan_clt.models.conversion import describe_batchtopk_fit, fit_batchtopk_threshold, to_jumprelu
+    from torchtitan_clt.models.conversion import (
+        describe_batchtopk_fit,
+        fit_batchtopk_threshold,
+        side_by_side,
+        to_jumprelu,
+    )
 
     torch.manual_seed(0)
     ckpt, run = resolve_checkpoint(a.path, a.step)
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         r = rows[-1]
-        n, e = r.get("native", {}), r.get("export", {})
+        n, e = side_by_side(r) or ({}, {})
         print(
             f"{r['family']:<15} {r['activation']:<10} {v:<14} L0 {r['l0_before_mean']:7.2f} -> "
             f"{r['l0_after_mean']:7.2f}  FVU {r['fvu_before_mean']:.4f} -> {r['fvu_after_mean']:.4f} "

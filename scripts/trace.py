@@ -43,7 +43,7 @@ INSTALL = (
 SCAN = "./data/features"  # where the UI looks for feature files: <served folder>/features/
 
 
-def load_transcoders(folder: Path, device, dtype):
+def load_transcoders(folder: Path, device, dtype, stock: bool = False):
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
@@ -53,7 +53,7 @@ def load_transcoders(folder: Path, device, dtype):
     hooks = dict(feature_input_hook=cfg["feature_input_hook"], feature_output_hook=cfg["feature_output_hook"])
     if cfg["model_kind"] == CLT_KIND:
         clt = load_clt(str(folder), scan=SCAN, device=device, dtype=dtype, lazy_decoder=False, **hooks)
-        return load_clt_skip(clt, folder), cfg
+        return (clt if stock else load_clt_skip(clt, folder)), cfg
     paths = {int(p.stem.split("_")[1]): str(p) for p in folder.glob("layer_*.safetensors")}
     ts = load_transcoder_set(
         paths, scan=SCAN, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=False, **hooks
@@ -107,6 +107,9 @@ def copy_features(graph_json: Path, features: Path | None, out: Path, extra: lis
         if src.is_file():
             shutil.copyfile(src, dest / src.name)
             n += 1
+    from torchtitan_clt.metrics.feature_files import label_graph_nodes
+
+    label_graph_nodes(graph_json, features)  # each feature node's clerp: its label (the UI's name)
     return n
 
 
@@ -125,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--edge-threshold", type=float, default=0.98)
     p.add_argument("--top", type=int, default=10, help="features printed per prompt")
     p.add_argument("--json", action="store_true", help="also print one JSON line per prompt")
+    p.add_argument(
+        "--stock-load",
+        action="store_true",
+        help="load the CLT as circuit-tracer's stock load_clt does (no W_skip: what a Hub user of a "
+        "skip CLT traces), to compare its scores with the run's model",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("circuit_tracer", "httpx", "nnsight"):
@@ -161,7 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         device = torch.device("cuda")
     t0 = time.perf_counter()
-    transcoders, ct_cfg = load_transcoders(folder, device, dtype)
+    transcoders, ct_cfg = load_transcoders(folder, device, dtype, a.stock_load)
+    if ct_cfg.get("skip_connection"):
+        print(
+            "note: this CLT has a skip path; "
+            + (
+                "--stock-load leaves it out (circuit-tracer's own loaders do)"
+                if a.stock_load
+                else "it is attached with load_clt_skip (circuit-tracer's stock load_clt does not read it)"
+            )
+        )
     model = ReplacementModel.from_pretrained_and_transcoders(
         llm_dir, transcoders, backend="nnsight", device=device, dtype=dtype
     )

@@ -17,6 +17,7 @@ from torchtitan_clt.checkpoint.circuit_tracer import (
     export_circuit_tracer,
     load_clt_skip,
     read_config,
+    stock_load_of,
 )
 from torchtitan_clt.checkpoint.plain import folded_cpu_copy
 from torchtitan_clt.protocols.registry import model_registry
@@ -104,7 +105,7 @@ def test_stock_load_of_a_skip_clt_is_warned_with_what_it_loses(tmp_path):
         out = export_circuit_tracer(model, tmp_path / "ct", calibration=calib)
     cfg = read_config(out)
     assert cfg["skip_connection"] is True and cfg["stock_load_clt_reads_skip"] is False
-    note = json.loads((out / "conversion.json").read_text())["stock_load"]
+    note = stock_load_of(json.loads((out / "conversion.json").read_text()))
     assert "load_clt_skip" in note["fix"] and note["tokens"] == 256
 
     x = torch.cat([b[0] for b in calib])
@@ -122,9 +123,9 @@ def test_stock_load_of_a_skip_clt_is_warned_with_what_it_loses(tmp_path):
         features_only = folded.decode(folded.encode(x), features_only=True)
         torch.testing.assert_close(ct_out(plain, x), features_only, atol=1e-4, rtol=1e-4)
     # The numbers in conversion.json are circuit-tracer's own, recomputed independently.
-    assert note["fvu_stock_load"] == pytest.approx(fvu(y, ct_out(plain, x)), rel=1e-4)
+    assert note["fvu"] == pytest.approx(fvu(y, ct_out(plain, x)), rel=1e-4)
     assert note["fvu_with_skip"] == pytest.approx(fvu(y, ct_out(fixed, x)), rel=1e-4)
-    assert note["fvu_stock_load"] > note["fvu_with_skip"] + 0.1  # the skip path matters here
+    assert note["fvu"] > note["fvu_with_skip"] + 0.1  # the skip path matters here
 
 
 def test_model_card_says_what_a_stock_load_loses_and_names_the_hub_llm(tmp_path):
@@ -137,11 +138,11 @@ def test_model_card_says_what_a_stock_load_loses_and_names_the_hub_llm(tmp_path)
     export_native(model, run / "export")
     with pytest.warns(UserWarning, match="load_clt_skip"):
         export_circuit_tracer(model, run / "circuit_tracer", calibration=rows(model))
-    note = json.loads((run / "circuit_tracer" / "conversion.json").read_text())["stock_load"]
+    note = stock_load_of(json.loads((run / "circuit_tracer" / "conversion.json").read_text()))
     files = ["config.json", "circuit_tracer/config.yaml"]
     card = render_model_card(run, "org/tiny-clt", files)
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert 'from_pretrained_and_transcoders("HuggingFaceTB/SmolLM2-135M-Instruct", clt' in card
     assert "clt = load_clt_skip(load_clt(folder, lazy_decoder=False), folder)" in card
-    assert f"{note['fvu_stock_load']:.4f} without the skip path against {note['fvu_with_skip']:.4f}" in card
+    assert f"{note['fvu']:.4f} without the skip path against {note['fvu_with_skip']:.4f}" in card
     assert "Q4_1" in card and "full-precision" in card  # says the traced LLM is not the exact one

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from torchtitan_clt.models.activations import JumpReLU
-from torchtitan_clt.models.conversion import evaluate, to_jumprelu
+from torchtitan_clt.models.conversion import evaluate, side_by_side, to_jumprelu
 from torchtitan_clt.protocols import model_registry
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
@@ -271,7 +271,8 @@ def test_batchtopk_default_is_the_native_model():
     assert rep["thresholds"] == "native" and not rep["calibrated"]
     x = _data(W, 64, 9)
     torch.testing.assert_close(new.eval()(x), m.eval()(x), rtol=0, atol=0)
-    assert rep["native"] == rep["export"]
+    native, export = side_by_side(rep)
+    assert native == export
 
 
 def test_rare_features_keep_the_layer_threshold_on_held_out_rows():
@@ -283,7 +284,8 @@ def test_rare_features_keep_the_layer_threshold_on_held_out_rows():
     m.activation.calibrate_threshold([m.pre_acts(m.standardize_in(calib[0][0]))], 96)
     _, old = to_jumprelu(m, calib, thresholds="feature", eval_batches=held_out, min_firings=1)
     _, new = to_jumprelu(m, calib, thresholds="feature", eval_batches=held_out)  # min_firings 8
-    native, o, n = new["native"], old["export"], new["export"]
+    native, n = side_by_side(new)
+    o = side_by_side(old)[1]
     assert n["never_fire"] <= native["never_fire"], (n, native)
     # the old cut fires the rarely seen features less than the model does: L0 and FVU drift
     assert o["l0"] < 0.95 * native["l0"] and o["fvu"] > native["fvu"] + 0.005, (o, native)

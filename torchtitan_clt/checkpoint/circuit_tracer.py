@@ -47,6 +47,7 @@ from torchtitan_clt.checkpoint.plain import folded_cpu_copy, is_rank0, unwrap
 from torchtitan_clt.checkpoint.safetensors_stream import save_streamed
 from torchtitan_clt.config.manager import ConfigError
 from torchtitan_clt.models.activations import BatchTopK, ReLU, TopK
+from torchtitan_clt.models.conversion import side_by_side
 from torchtitan_clt.protocols.model_spec import export_layout_of
 from torchtitan_clt.protocols.registry import model_registry
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, dtype_name
@@ -70,6 +71,7 @@ OUTPUT_HOOKS = ("mlp_out",)
 
 
 # What a stock circuit-tracer user runs instead of ``load_clt`` to keep the skip path.
+CALIBRATION_ROWS = "the calibration rows (training text)"
 SKIP_FIX = (
     "from torchtitan_clt.checkpoint.circuit_tracer import load_clt_skip; "
     "clt = load_clt_skip(load_clt(folder), folder)"
@@ -96,23 +98,46 @@ def stock_load_loss(model: Transcoder, batches: Iterable, on: str) -> dict[str, 
         sum_y = y.sum(0) if sum_y is None else sum_y + y.sum(0)
         sumsq = y.pow(2).sum((0, 2)) if sumsq is None else sumsq + y.pow(2).sum((0, 2))
         n += x.shape[0]
-    out: dict[str, Any] = {"stock_load_clt_reads_skip": False, "fix": SKIP_FIX, "rows": on, "tokens": n}
-    if n:
-        fvu = (sse / (sumsq - sum_y.pow(2).sum(-1) / n).clamp_min(1e-30)).tolist()
+    if not n:
+        return stock_load_keys(on, 0)
+    fvu = (sse / (sumsq - sum_y.pow(2).sum(-1) / n).clamp_min(1e-30)).tolist()
+    return stock_load_keys(on, n, fvu[0], fvu[1])
+
+
+def stock_load_keys(
+    on: str, tokens: int, with_skip: list[float] | None = None, stock: list[float] | None = None
+) -> dict[str, Any]:
+    """conversion.json's flat ``stock_load_*`` keys (``stock_load_of`` reads them back): the
+    note, and the FVU per layer with the skip path and as a stock load gives it, when measured."""
+    out: dict[str, Any] = {
+        "stock_load_clt_reads_skip": False,
+        "stock_load_fix": SKIP_FIX,
+        "stock_load_rows": on,
+        "stock_load_tokens": tokens,
+    }
+    if with_skip is not None and stock is not None:
         out.update(
-            fvu_with_skip=sum(fvu[0]) / len(fvu[0]),
-            fvu_stock_load=sum(fvu[1]) / len(fvu[1]),
-            fvu_with_skip_per_layer=fvu[0],
-            fvu_stock_load_per_layer=fvu[1],
+            stock_load_fvu_with_skip=sum(with_skip) / len(with_skip),
+            stock_load_fvu=sum(stock) / len(stock),
+            stock_load_fvu_with_skip_per_layer=with_skip,
+            stock_load_fvu_per_layer=stock,
         )
     return out
 
 
+def stock_load_of(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``stock_load_*`` keys of a conversion report without their prefix (``fix``, ``rows``,
+    ``tokens``, ``fvu_with_skip``, ``fvu``, ...); None when the export has no skip path."""
+    if not report or "stock_load_fix" not in report:
+        return None
+    return {k[len("stock_load_") :]: v for k, v in report.items() if k.startswith("stock_load_")}
+
+
 def describe_stock_load(loss: dict[str, Any]) -> str:
-    """The console / model card sentence for ``stock_load_loss``'s result."""
-    if "fvu_stock_load" in loss:
+    """The console / model card sentence for ``stock_load_of(report)``."""
+    if "fvu" in loss:
         what = (
-            f"FVU {loss['fvu_stock_load']:.4f} instead of {loss['fvu_with_skip']:.4f} "
+            f"FVU {loss['fvu']:.4f} instead of {loss['fvu_with_skip']:.4f} "
             f"(mean over layers, {loss['tokens']} tokens of {loss['rows']})"
         )
     else:
@@ -313,8 +338,11 @@ def export_circuit_tracer(
             from torchtitan_clt.checkpoint.sharded_calibration import convert_batchtopk
 
             theta, report = convert_batchtopk(stream, calibration)
+            stock = report.pop("_stock_fvu", None)
             report["eval_on"] = _rows_name(False, report)
             report["calibration_tokens"] = sum(int(b[0].shape[0]) for b in calibration)
+            if stock is not None:  # rank 0: measured layer by layer on the calibration rows
+                report.update(stock_load_keys(CALIBRATION_ROWS, report["eval_tokens"], *stock))
             theta = _checked(theta)
         else:
             _, report = _convert(m, [], None, {})  # no rows: nothing converted, says so (or None)
@@ -322,9 +350,8 @@ def export_circuit_tracer(
             if not isinstance(act, ReLU):
                 _warn_if_approximate(act)
                 theta = _StreamedThresholds(stream)
-        if kind == CLT_KIND and m.args.skip_connection:
-            note = {"stock_load_clt_reads_skip": False, "fix": SKIP_FIX}  # not measured when sharded
-            report = {**(report or {}), "stock_load": note}
+        if kind == CLT_KIND and m.args.skip_connection and stock_load_of(report) is None:
+            report = {**(report or {}), **stock_load_keys(CALIBRATION_ROWS, 0)}  # no rows: not measured
         try:
             return _write_folder(
                 folder, kind, m, stream.layer_tensors, theta, llm_n_layers, dtype, m.args.activation, report
@@ -340,8 +367,8 @@ def export_circuit_tracer(
     theta = thresholds_for_export(copy)
     if kind == CLT_KIND and getattr(copy, "W_skip", None) is not None:
         rows = eval_batches if eval_batches is not None else calibration
-        on = "held-out text" if eval_batches is not None else "the calibration rows (training text)"
-        report = {**(report or {}), "stock_load": stock_load_loss(copy, list(rows or []), on)}
+        on = "held-out text" if eval_batches is not None else CALIBRATION_ROWS
+        report = {**(report or {}), **stock_load_loss(copy, list(rows or []), on)}
     tensors = export_layout_of(copy).layer_tensors
     return _write_folder(folder, kind, copy, tensors, theta, llm_n_layers, dtype, trained, report)
 
@@ -397,18 +424,19 @@ def _write_folder(
         "dtype": dtype_name(dtype),
         **(coverage_note(model, n_llm) or {}),  # layers / uncovered_layers for a subset
     }
-    if report is not None and "stock_load" in report:
+    if stock_load_of(report) is not None:
         config["skip_connection"] = True  # W_skip_{l}: read by load_clt_skip, not by load_clt
         config["stock_load_clt_reads_skip"] = False
-        msg = describe_stock_load(report["stock_load"])
+        msg = describe_stock_load(stock_load_of(report))
         logger.warning("circuit-tracer export: %s", msg)
         warnings.warn(msg, stacklevel=3)
     (folder / CONFIG_FILE).write_text(_yaml_dump(config))
     stale = folder / CONVERSION_FILE
     if report is not None:
         stale.write_text(json.dumps(report, indent=2) + "\n")
-        if "native" in report and "export" in report:
-            n, e = report["native"], report["export"]
+        both = side_by_side(report)
+        if both is not None:
+            n, e = both
             logger.info(
                 "circuit-tracer export vs native on %s (%s tokens): L0 %.2f vs %.2f, FVU %.4f vs %.4f, "
                 "never-firing features %.1f%% vs %.1f%%",

@@ -102,6 +102,7 @@ def clt_layers(
             enc[f"threshold_{i}"] = th
         w = src = w_skip = None  # layer j's tensors must not outlive the next one's gather (sharded_export)
         yield i, enc, {f"W_dec_{i}": w_dec.contiguous()}
+        enc = w_dec = th = None  # resumed: the suspended frame must not hold layer j into the next gather
 
 
 def plt_layers(

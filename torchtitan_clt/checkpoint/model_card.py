@@ -149,11 +149,13 @@ def _front_matter(s: dict[str, Any], tag: str) -> str:
 def _skip_card(run: Path, repo_id: str, model_name: str) -> list[str]:
     """The circuit-tracer section of a CLT with a skip path: what a stock load loses (measured at
     export, ``circuit_tracer/conversion.json``) and the snippet that keeps it."""
-    note = (_json(Path(run) / "circuit_tracer" / "conversion.json") or {}).get("stock_load") or {}
-    if "fvu_stock_load" in note:
+    from torchtitan_clt.checkpoint.circuit_tracer import stock_load_of
+
+    note = stock_load_of(_json(Path(run) / "circuit_tracer" / "conversion.json")) or {}
+    if "fvu" in note:
         loss = (
             f"On {note['tokens']:,} tokens of {note['rows']} its FVU (mean over layers) is "
-            f"{note['fvu_stock_load']:.4f} without the skip path against {note['fvu_with_skip']:.4f} "
+            f"{note['fvu']:.4f} without the skip path against {note['fvu_with_skip']:.4f} "
             "with it; the difference goes to the error nodes."
         )
     else:

@@ -29,6 +29,7 @@ from torchtitan_clt.models.activations import BatchTopK
 from torchtitan_clt.models.conversion import (
     INFERENCE_FAMILY,
     MIN_FIRINGS,
+    SIDE_BY_SIDE,
     _calibrate,
     batchtopk_fit_report,
     feature_thresholds,
@@ -65,15 +66,23 @@ def fit_batchtopk(stream: LayerStream, calibration: list) -> dict[str, Any] | No
                 flat = torch.cat([top, flat])
             top = flat.topk(min(rank + 1, flat.numel())).values
             if groups > 1:
-                thr[j] = top[rank] if top.numel() > rank else 0.0
+                thr[j] = _cut(top, rank)
                 top = None
         del W, b  # before the next layer's gather
     if groups == 1 and top is not None:
-        thr[0] = top[rank] if top.numel() > rank else 0.0
+        thr[0] = _cut(top, rank)
     thr = _from_rank0(thr.clamp_min(0.0).expand(L).contiguous())
     ema = act.threshold.detach().to("cpu").clone()
     act.threshold.copy_(thr.to(act.threshold.device))
     return batchtopk_fit_report(act, n, thr, ema)
+
+
+def _cut(top: torch.Tensor, rank: int) -> float:
+    """``BatchTopK.calibrate_threshold``'s cut of the descending ``top`` values: midway between
+    the rank-th and (rank+1)-th largest (0 when there are not more than rank)."""
+    if top.numel() <= rank:
+        return 0.0
+    return float(0.5 * (top[rank - 1] + top[rank])) if rank > 0 else float(top[rank])
 
 
 def _cuts(stream: LayerStream, rows: list, act: BatchTopK) -> list[torch.Tensor] | None:
@@ -121,6 +130,7 @@ def convert_batchtopk(
     l0 = torch.zeros(V, L, dtype=torch.float64)
     never = torch.zeros(V, L, dtype=torch.float64)  # share of features that never fire
     y_hat = torch.zeros(V, N, L, d) if is_rank0() else None  # standardized
+    skip_sse = torch.zeros(2, L, dtype=torch.float64)  # raw SSE of the export with / without W_skip
     for j in range(L):
         w = stream.raw_layer(j)
         if not is_rank0():
@@ -152,13 +162,24 @@ def convert_batchtopk(
             l0[k, j] = float((a != 0).sum()) / N
             never[k, j] = float(((a != 0).sum(0) == 0).double().mean())
         W_dec = w[stream.plan.per_source[j]] if stream.plan.per_source else w["W_dec"][:, None]  # [F, T, d]
+        skip = None
+        if "W_skip" in w:
+            xs = (torch.cat([x[:, j] for x, _ in rows]).float() - stream.std["in_mean"][j]) / stream.std[
+                "in_scale"
+            ][j]
+            skip = xs @ w["W_skip"]  # [N, d] standardized
         for k, a in enumerate(variants):
             y_hat[k, :, j : j + W_dec.shape[1]] += (a @ W_dec.reshape(F, -1)).view(N, -1, d)
             y_hat[k, :, j] += w["b_dec"]
-            if "W_skip" in w:
-                x = torch.cat([x for x, _ in rows])
-                xs = (x[:, j].float() - stream.std["in_mean"][j]) / stream.std["in_scale"][j]
-                y_hat[k, :, j] += xs @ w["W_skip"]
+            if skip is not None:
+                y_hat[k, :, j] += skip
+        if skip is not None:  # target j is complete (sources <= j): what a stock load_clt loses on it
+            sc, mu = stream.std["out_scale"][j].double(), stream.std["out_mean"][j].double()
+            full = y_hat[1, :, j].double() * sc + mu
+            yj = torch.cat([y[:, j] for _, y in rows]).double()
+            skip_sse[0, j] = (yj - full).pow(2).sum()
+            skip_sse[1, j] = (yj - (full - skip.double() * sc)).pow(2).sum()
+            del full, yj, skip
         del w, h, fired, before, after, a, W_dec, variants  # before the next layer's gather
     theta = _from_rank0(theta)
     report: dict[str, Any] = {
@@ -191,8 +212,13 @@ def convert_batchtopk(
         )
         nat = V - 1 if V == 3 else 1  # the native model's row (the export's when they are one)
         nv = never.tolist()
-        for key, k in (("native", nat), ("export", 1)):
-            report[key] = {"l0": sum(l0s[k]) / L, "fvu": sum(fvu[k]) / L, "never_fire": sum(nv[k]) / L}
+        per = {"l0": l0s, "fvu": fvu, "never_fire": nv}
+        for key in SIDE_BY_SIDE:  # in to_jumprelu's order
+            for side, k in (("native", nat), ("export", 1)):
+                report[f"{side}_{key}"] = sum(per[key][k]) / L
+        if m.args.skip_connection:
+            t = tot.clamp_min(1e-30)
+            report["_stock_fvu"] = ((skip_sse[0] / t).tolist(), (skip_sse[1] / t).tolist())
         report["never_fire_native_per_layer"] = nv[nat]
         report["never_fire_export_per_layer"] = nv[1]
     return theta, report

@@ -282,8 +282,9 @@ class BatchTopK(_Selecting):
     def calibrate_threshold(self, pre_acts: Iterable[torch.Tensor], n_rows: int) -> torch.Tensor:
         """Set the eval-mode threshold so that on ``n_rows`` rows (their ``[n, L, F]``
         pre-activations, in batches) exactly k features fire per token and layer on average (ties
-        aside): per layer the (k·N+1)-th largest value (scope ``all``: the (k·N·L+1)-th over every
-        layer), never below 0. The tracked EMA of the smallest selected value sits below that
+        aside): per layer midway between the (k·N)-th and (k·N+1)-th largest value (scope ``all``:
+        over every layer), never below 0; midway, so that whether a row's value fires does not
+        depend on the rounding of another computation of it (a sharded one, an export). The tracked EMA of the smallest selected value sits below that
         quantile, so its eval L0 is above k. Returns the new ``threshold  # [L]``."""
         groups = self.n_layers if self.scope == "layer" else 1
         rank = self.k * n_rows * (self.n_layers // groups)  # values to keep above the threshold
@@ -297,6 +298,8 @@ class BatchTopK(_Selecting):
         if top is None or seen != n_rows:
             raise ValueError(f"calibrate_threshold: got {seen} rows of pre-activations, expected {n_rows}")
         thr = top[:, rank] if top.shape[1] > rank else torch.zeros(groups, device=top.device)
+        if 0 < rank < top.shape[1]:  # midway to the rank-th: no row sits on the cut (issue 30)
+            thr = 0.5 * (top[:, rank - 1] + top[:, rank])
         self.threshold.copy_(thr.clamp_min(0.0).expand(self.n_layers).to(self.threshold.device))
         return self.threshold.clone()
 

@@ -59,6 +59,16 @@ THRESHOLDS = ("auto", "native", "layer", "feature", "match")
 # Per-feature thresholds only for features seen firing at least this often in the calibration
 # rows; the others keep their layer's threshold (``feature_thresholds``). Measured in issue 30.
 MIN_FIRINGS = 8
+SIDE_BY_SIDE = ("l0", "fvu", "never_fire")  # conversion.json's native_* / export_* keys
+
+
+def side_by_side(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]] | None:
+    """(native, export) ``{l0, fvu, never_fire}`` of a conversion report; None without them."""
+    if f"native_{SIDE_BY_SIDE[0]}" not in report:
+        return None
+    return tuple({k: report[f"{side}_{k}"] for k in SIDE_BY_SIDE} for side in ("native", "export"))
+
+
 # Families whose inference model is another family's (same parameters): the conversion's target.
 INFERENCE_FAMILY = {"matryoshka_clt": "clt"}
 DEFAULT_REFINE_STEPS = 300
@@ -273,9 +283,9 @@ def to_jumprelu(
     ``source_activation``, ``thresholds``, ``refine_steps`` (and ``refine_history``: the fit's
     minibatch FVU and L0) and, when there are batches to evaluate on,
     ``eval_tokens``, ``l0_before`` / ``l0_after`` / ``fvu_before`` / ``fvu_after`` (per layer)
-    and their ``*_mean``; ``native`` / ``export``: L0, FVU and ``never_fire`` (the share of
-    features that never fire on the rows) of the model as used (BatchTopK by its inference
-    threshold, what the native export loads) and of the JumpReLU."""
+    and their ``*_mean``; ``native_*`` / ``export_*`` (``side_by_side``): L0, FVU and
+    ``never_fire`` (the share of features that never fire on the rows) of the model as used
+    (BatchTopK by its inference threshold, what the native export loads) and of the JumpReLU."""
     src: Transcoder = getattr(model, "_orig_mod", model)
     act = src.activation
     report: dict[str, Any] = {"source_activation": src.args.activation, "thresholds": thresholds}
@@ -377,11 +387,6 @@ def to_jumprelu(
         before, after = evaluate(src, ev), evaluate(new.eval(), ev, reference=src)
         native = evaluate(src, ev, inference=True) if isinstance(act, BatchTopK) else before
         new.train(src.training)
-        keys = ("l0", "fvu", "never_fire")
-        report["native"] = {k: native.get(k, math.nan) for k in keys}
-        report["export"] = {k: after.get(k, math.nan) for k in keys}
-        report["never_fire_native_per_layer"] = native.get("never_fire_per_layer")
-        report["never_fire_export_per_layer"] = after.get("never_fire_per_layer")
         report.update(
             eval_tokens=before.get("tokens", 0),
             l0_before=before.get("l0_per_layer"),
@@ -393,6 +398,11 @@ def to_jumprelu(
             fvu_before_mean=before.get("fvu", math.nan),
             fvu_after_mean=after.get("fvu", math.nan),
         )
+        for k in SIDE_BY_SIDE:  # flat keys: report readers compare floats with a tolerance
+            report[f"native_{k}"] = native.get(k, math.nan)
+            report[f"export_{k}"] = after.get(k, math.nan)
+        report["never_fire_native_per_layer"] = native.get("never_fire_per_layer")
+        report["never_fire_export_per_layer"] = after.get("never_fire_per_layer")
     return new, report
 
 
