@@ -194,3 +194,16 @@ def test_offline_graph_page_has_no_network_and_links_the_feature_browser(run, tr
     for rel, layer, _ in links:
         assert (out / rel).resolve() == (run / "features" / "feature.html").resolve()
         assert int(layer) in (0, 2)
+
+
+def test_every_feature_node_of_the_graph_json_has_its_label(run, traced):
+    """circuit-tracer's UI names a node by its clerp: each transcoder node of the graph JSON whose
+    feature fired in the run's feature pass carries that feature file's label."""
+    out, res, _ = traced
+    doc = json.loads((out / f"{res['slug']}.json").read_text())
+    nodes = [n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    fired = [n for n in nodes if (run / "features" / f"{n['feature']}.json").is_file()]
+    assert fired, "the graph has features that fired in the feature pass"
+    for n in fired:
+        label = json.loads((run / "features" / f"{n['feature']}.json").read_text())["label"]
+        assert label and n["clerp"] == label, n
