@@ -27,7 +27,7 @@ STEPS = 6
 BASE = [
     "--config", "train_configs/debug_model.toml",
     "--job.custom_import", str(THIS),
-    "--data.source=synthetic", "--data.synthetic_n_layers=3", "--data.synthetic_d_model=16",
+    "--data.source=synthetic", "--data.synthetic_n_layers=4", "--data.synthetic_d_model=64",  # the LLM its export names
     "--model.name=clt", "--model.features_per_layer=32", "--model.k=4",
     "--model.activation=batchtopk", "--model.batchtopk_scope=all", "--model.skip_connection=true",
     "--loss.sparsity=none", f"--training.steps={STEPS}", "--training.batch_size=32",
@@ -81,7 +81,7 @@ def test_mesh_run_exports_without_gathering_the_model(tmp_path, layout):
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
         else:
             assert torch.equal(got[k], want[k]), k
-    x = torch.randn(9, 3, 16)
+    x = torch.randn(9, 4, 64)
     torch.testing.assert_close(load_pretrained(run / "export")(x), load_pretrained(tmp_path / "one")(x))
 
     conversion = json.loads((run / "circuit_tracer" / "conversion.json").read_text())
