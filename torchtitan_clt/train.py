@@ -216,6 +216,8 @@ class Trainer:
 
     def _finish(self) -> None:
         cfg = self.cfg
+        if self.checkpointer is not None:  # the last save's host copy is freed once it is written
+            self.checkpointer.wait()
         wants_eval = finish.eval_wanted(cfg)
         exports = cfg.checkpoint.export or cfg.checkpoint.export_circuit_tracer
         features = cfg.eval.feature_examples_tokens > 0
@@ -227,8 +229,6 @@ class Trainer:
         # stays for the evaluation and the feature pass.
         llm = self.source.llm
         self.source.close()
-        if self.checkpointer is not None:  # the last save's host copy is freed once it is written
-            self.checkpointer.wait()
         # On a mesh the exports stream from the shards, first: nothing is gathered whole for them.
         streamed = exports and finish.exports_streamed(cfg, self.model, self.model_args, calibration)
         if streamed:  # every rank; a BatchTopK threshold is fitted into the shards first
