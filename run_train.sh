@@ -33,7 +33,7 @@ fi
 # Check the config before any worker starts (no torch import: well under a second); a bad field,
 # value or file prints one line and exits 2 (exit codes: README, "Exit codes").
 # Exit 3: the run folder holds this run finished (the check said so): nothing to do, exit 0.
-"$PYTHON" -m torchtitan_clt.config.check "${args[@]}" || { rc=$?; [[ $rc == 3 ]] && exit 0; exit $rc; }
+"$PYTHON" -m torchtitan_clt.prelaunch "${args[@]}" || { rc=$?; [[ $rc == 3 ]] && exit 0; exit $rc; }
 
 NGPU=${NGPU:-1}
 NNODES=${NNODES:-1}

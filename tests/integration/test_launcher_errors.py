@@ -206,7 +206,7 @@ def test_finished_run_says_so_and_exits_0_without_rewriting(tmp_path):
     assert time.perf_counter() - t0 < 5
     # Not complete, so the launch goes on (the check alone: exit 0, silent): more steps asked, a
     # fresh start, or an end of run that did not finish (the report older than the checkpoint).
-    check = [sys.executable, "-m", "torchtitan_clt.config.check", "--config", DEBUG, *args]
+    check = [sys.executable, "-m", "torchtitan_clt.prelaunch", "--config", DEBUG, *args]
     for extra in (["--training.steps=30"], ["--checkpoint.fresh_start=true"]):
         r = subprocess.run(check + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
         assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), extra

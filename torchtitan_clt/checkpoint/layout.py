@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from torchtitan_clt.config.manager import InputError
 
@@ -65,3 +66,27 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path,
     if step not in done:
         raise InputError(f"no complete checkpoint of step {step} in {folder} (complete: {done}).")
     return checkpoint_path(folder, step), path
+
+
+def run_complete(cfg: Any) -> str | None:
+    """A line saying the run folder already holds this config's finished run (its last checkpoint
+    at ``training.steps`` and the end-of-run outputs written after it), else None: relaunching the
+    command of a finished run then says so instead of rewriting its report and exports."""
+    c = cfg.checkpoint
+    if not c.enable or c.fresh_start:
+        return None
+    run = Path(cfg.job.dump_folder) / cfg.job.name
+    done, _ = list_checkpoints(run / c.folder)
+    if not done or done[-1] < cfg.training.steps:
+        return None
+    saved = (checkpoint_path(run / c.folder, done[-1]) / META_FILE).stat().st_mtime
+    outputs = [run / "report" / "eval.json"]
+    outputs += [run / "export" / "config.json"] if c.export else []
+    outputs += [run / "features" / "summary.json"] if cfg.eval.feature_examples_tokens > 0 else []
+    if not all(p.is_file() and p.stat().st_mtime >= saved for p in outputs):
+        return None  # stopped during the end of run: the relaunch finishes it
+    return (
+        f"{run} is complete (step {done[-1]} of {cfg.training.steps}): its report, exports and feature "
+        f"examples are there. Nothing to do; raise --training.steps to train on, or start over with "
+        "--checkpoint.fresh_start=true."
+    )

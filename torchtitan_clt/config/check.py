@@ -1,9 +1,9 @@
 """Check a config before any worker starts: ``python -m torchtitan_clt.config.check --config FILE
 [--section.field=value ...]``. Exit 0 when it loads and validates, else one line and exit 2.
 
-Exit 3 (``COMPLETE``) when the run folder already holds the finished run: ``run_train.sh`` then
-exits 0 without starting it. ``run_train.sh`` runs it before torchrun, so a typo costs a fraction of a second (this imports no
-torch) instead of a launch of every rank. Besides the config's own validation it checks what the
+``run_train.sh`` runs it before torchrun (through ``torchtitan_clt.prelaunch``, which also says when
+the run is already complete), so a typo costs a fraction of a second (this imports no torch)
+instead of a launch of every rank. Besides the config's own validation it checks what the
 run will read, from files alone: the dataset path, the layer indices against the LLM's
 ``config.json`` (or a GGUF file's header), built-in names (case, did-you-mean), and that an
 end-of-run pass needing the LLM (eval, feature examples, circuit-tracer calibration) has an LLM as
@@ -200,35 +200,6 @@ def check_llm(cfg: Any) -> None:
             )
 
 
-COMPLETE = 3  # exit code: the run is already complete, nothing to do (run_train.sh exits 0)
-
-
-def run_complete(cfg: Any) -> str | None:
-    """A line saying the run folder already holds this config's finished run (its last checkpoint
-    at ``training.steps`` and the end-of-run outputs written after it), else None: relaunching the
-    command of a finished run then says so instead of rewriting its report and exports."""
-    from torchtitan_clt.checkpoint.layout import META_FILE, checkpoint_path, list_checkpoints
-
-    c = cfg.checkpoint
-    if not c.enable or c.fresh_start:
-        return None
-    run = Path(cfg.job.dump_folder) / cfg.job.name
-    done, _ = list_checkpoints(run / c.folder)
-    if not done or done[-1] < cfg.training.steps:
-        return None
-    saved = (checkpoint_path(run / c.folder, done[-1]) / META_FILE).stat().st_mtime
-    outputs = [run / "report" / "eval.json"]
-    outputs += [run / "export" / "config.json"] if c.export else []
-    outputs += [run / "features" / "summary.json"] if cfg.eval.feature_examples_tokens > 0 else []
-    if not all(p.is_file() and p.stat().st_mtime >= saved for p in outputs):
-        return None  # stopped during the end of run: the relaunch finishes it
-    return (
-        f"{run} is complete (step {done[-1]} of {cfg.training.steps}): its report, exports and feature "
-        f"examples are there. Nothing to do; raise --training.steps to train on, or start over with "
-        "--checkpoint.fresh_start=true."
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -241,9 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)
         return 2
-    if (done := run_complete(cfg)) is not None:
-        print(done)
-        return COMPLETE
     return 0
 
 
