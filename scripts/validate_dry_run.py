@@ -46,7 +46,7 @@ WORLD = {"tp4": 4, "dp2tp2": 4, "tp2": 2}
 TOLERANCE = 0.15
 
 
-def measured(layout: str, extra: list[str], folder: Path) -> list[dict[str, Any]]:
+def measured(layout: str, extra: list[str], folder: Path, mmap_threshold: int = 0) -> list[dict[str, Any]]:
     out = folder / "measured"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD[layout]}",
@@ -54,6 +54,8 @@ def measured(layout: str, extra: list[str], folder: Path) -> list[dict[str, Any]
         *TWIN, *LAYOUTS[layout], *extra, f"--job.dump_folder={folder / 'run'}",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if mmap_threshold:  # a fixed threshold: glibc stops raising it, so freed blocks leave the RSS
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(
@@ -102,18 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", action="append", choices=list(LAYOUTS), help="repeatable; default tp4")
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--out", default="", help="write the JSON here too")
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="run the twin with MALLOC_MMAP_THRESHOLD_ fixed at this many bytes (glibc otherwise "
+        "raises it after big frees and keeps later ones in its heap: RSS above the live bytes)",
+    )
     ns, extra = ap.parse_known_args(argv)
     results = []
     for layout in ns.layout or ["tp4"]:
         with tempfile.TemporaryDirectory(prefix="tclt-twin-") as d:
             t0 = time.perf_counter()
-            meas = measured(layout, extra, Path(d))
+            meas = measured(layout, extra, Path(d), ns.mmap_threshold)
             t1 = time.perf_counter()
             tr = traced(layout, extra, ns.rank)
             res = {
                 "layout": layout,
                 "overrides": [*LAYOUTS[layout], *extra],
                 "rank": ns.rank,
+                "malloc_mmap_threshold": ns.mmap_threshold or "glibc default (dynamic)",
                 **compare(meas, tr, ns.rank),
                 "trace_error": tr.get("error"),
                 "seconds": {"measured": round(t1 - t0), "traced": round(time.perf_counter() - t1)},
