@@ -56,14 +56,22 @@ class TiedSAE(Transcoder):
         self.b_dec.zero_()
 
     def _fold_into_weights(self, in_mean, in_scale, out_mean, out_scale):
-        identity = (in_mean == 0).all() & (in_scale == 1).all() & (out_mean == 0).all() & (out_scale == 1).all()
+        identity = (
+            (in_mean == 0).all() & (in_scale == 1).all() & (out_mean == 0).all() & (out_scale == 1).all()
+        )
         if not bool(identity):
             raise ValueError("tied weights cannot absorb standardization: train with standardize.* = none")
 
 
 def tied_layer_tensors(model, j):
     """What the per-layer export formats read: the one matrix serves as encoder and decoder."""
-    return {"W_enc": model.W[j], "b_enc": model.b_enc[j], "W_dec": model.W[j], "b_dec": model.b_dec[j], "W_skip": None}
+    return {
+        "W_enc": model.W[j],
+        "b_enc": model.b_enc[j],
+        "W_dec": model.W[j],
+        "b_dec": model.b_dec[j],
+        "W_skip": None,
+    }
 
 
 class ToySource(ActivationSource):  # no LLM: llm is None

@@ -95,7 +95,10 @@ def test_damaged_checkpoint_named_by_load_step_stops(tmp_path, reference, caplog
     run_dir = _copy_run(reference, tmp_path)
     _truncate(run_dir / "checkpoints/step-10/__0_0.distcp")
     assert run(tmp_path, "--checkpoint.load_step=10") == 2
-    assert "checkpoint.load_step=10) is damaged" in caplog.text and "Pick another step (complete: [5, 10])" in caplog.text
+    assert (
+        "checkpoint.load_step=10) is damaged" in caplog.text
+        and "Pick another step (complete: [5, 10])" in caplog.text
+    )
     assert load_model_from_checkpoint(run_dir, 5)[1]["step"] == 5  # the good one still loads
 
 
@@ -154,7 +157,10 @@ def test_nan_activations_stop_before_the_optimizer_step(tmp_path, caplog):
     ]  # fmt: skip
     assert main(args) == 3
     # custom_family's toy_nan: every target is NaN from the 4th batch (256 rows × 16 dims per layer).
-    assert "Non-finite activations at step 4: targets (mlp_out) at layer 0 (4096 NaN, 0 inf), layer 1" in caplog.text
+    assert (
+        "Non-finite activations at step 4: targets (mlp_out) at layer 0 (4096 NaN, 0 inf), layer 1"
+        in caplog.text
+    )
     assert "The optimizer did not take step 4" in caplog.text
     # In process: the weights after the failed step are those of the step-3 checkpoint.
     trainer = Trainer(load_config([*args, "--job.name=again", "--checkpoint.enable=false"]))
@@ -199,7 +205,9 @@ def test_dataset_that_matches_nothing_or_only_empty_files(tmp_path, caplog, data
     (tmp_path / "empty").mkdir()
     for i in range(2):
         (tmp_path / "empty" / f"part{i}.txt").write_text("")
-    rc = main(["--config", DEBUG, f"--job.dump_folder={tmp_path}", f"--data.dataset={dataset.format(tmp=tmp_path)}"])
+    rc = main(
+        ["--config", DEBUG, f"--job.dump_folder={tmp_path}", f"--data.dataset={dataset.format(tmp=tmp_path)}"]
+    )
     assert rc == 2
     assert needle in caplog.text and "Traceback" not in caplog.text
 
@@ -227,4 +235,6 @@ def test_cache_from_another_model_hook_or_layers(tmp_path, small_cache, caplog, 
              "--checkpoint.enable=false", "--checkpoint.export=false", "--standardize.estimate_tokens=256"]  # fmt: skip
     assert main(["--config", DEBUG, f"--job.dump_folder={tmp_path}", *cache, override]) == 2
     assert needle.format(cache=small_cache) in caplog.text, caplog.text[-2000:]
-    assert main(["--config", DEBUG, f"--job.dump_folder={tmp_path}", "--job.name=good", *cache]) == 0  # still trains
+    assert (
+        main(["--config", DEBUG, f"--job.dump_folder={tmp_path}", "--job.name=good", *cache]) == 0
+    )  # still trains

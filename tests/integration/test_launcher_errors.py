@@ -162,12 +162,18 @@ def test_good_configs_pass_the_check():
 
 
 def test_builtin_names_are_the_registries():
-    from torchtitan_clt.config.check import BUILTIN_NAMES
-    from torchtitan_clt.protocols import activation_registry, data_source_registry, model_registry
-
-    assert sorted(BUILTIN_NAMES["model.name"]) == model_registry.names()
-    assert sorted(BUILTIN_NAMES["model.activation"]) == activation_registry.names()
-    assert sorted(BUILTIN_NAMES["data.source"]) == data_source_registry.names()
+    # A fresh process: other tests register their own families into this one's registries.
+    code = (
+        "from torchtitan_clt.config.check import BUILTIN_NAMES\n"
+        "from torchtitan_clt.protocols import activation_registry, data_source_registry, model_registry\n"
+        "for field, reg in [('model.name', model_registry), ('model.activation', activation_registry),\n"
+        "                   ('data.source', data_source_registry)]:\n"
+        "    assert sorted(BUILTIN_NAMES[field]) == reg.names(), (field, BUILTIN_NAMES[field], reg.names())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
 
 
 def _finished_run(root: Path, steps: int = 20) -> Path:

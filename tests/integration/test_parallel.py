@@ -92,7 +92,7 @@ def run_training(folder: Path, name: str, ngpu: int, overrides: list[str], env_e
 
 def losses(run: Path) -> list[float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows]
+    return [r["loss"] for r in rows if "loss" in r]
 
 
 def weights(run: Path) -> dict:

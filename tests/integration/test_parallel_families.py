@@ -74,7 +74,14 @@ def test_family_dp2_matches_one_process(tmp_path, family):
 @pytest.mark.parametrize("family", ["molt", "matryoshka_clt"])
 def test_family_without_tp_plan_refuses_tp(tmp_path, family):
     env = dict(os.environ, NGPU="2", OMP_NUM_THREADS="1", PYTHON=sys.executable)
-    cmd = ["bash", str(ROOT / "run_train.sh"), f"--job.dump_folder={tmp_path}", *BASE, *FAMILIES[family], *TP2]
+    cmd = [
+        "bash",
+        str(ROOT / "run_train.sh"),
+        f"--job.dump_folder={tmp_path}",
+        *BASE,
+        *FAMILIES[family],
+        *TP2,
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "does not support tensor parallelism yet" in r.stdout + r.stderr

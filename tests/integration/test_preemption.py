@@ -119,7 +119,9 @@ def test_slurm_script_forwards_usr1_and_requeues(tmp_path):
         "trap 'kill -USR1 $pid' USR1; trap 'kill -TERM $pid' TERM\n"
         "while true; do wait $pid && rc=0 || rc=$?; kill -0 $pid 2>/dev/null || break; done; exit $rc\n"
     )
-    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol.log\necho 127.0.0.1\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol.log\necho 127.0.0.1\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1",

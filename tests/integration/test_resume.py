@@ -62,7 +62,7 @@ def config(folder: Path, name: str, source: str, extra=()):
 
 def losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def weights(trainer) -> dict[str, torch.Tensor]:

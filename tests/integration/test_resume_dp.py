@@ -55,7 +55,7 @@ def run(folder: Path, name: str, ngpu: int, record: Path) -> str:
 
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def rows_seen(record: Path, steps: range) -> Counter:

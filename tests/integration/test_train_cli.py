@@ -25,12 +25,31 @@ def _metrics(tmp_path, name):
 
 
 def test_debug_run_trains_logs_and_exports(tmp_path):
-    assert _run(tmp_path, "--training.steps=40", "--checkpoint.enable=false", "--eval.every=20", "--eval.tokens=256") == 0
+    assert (
+        _run(
+            tmp_path,
+            "--training.steps=40",
+            "--checkpoint.enable=false",
+            "--eval.every=20",
+            "--eval.tokens=256",
+        )
+        == 0
+    )
     run = tmp_path / "debug_model"
     all_rows = _metrics(tmp_path, "debug_model")
     rows = [r for r in all_rows if "loss" in r]
     assert rows[0]["step"] == 1 and rows[-1]["step"] == 40
-    for key in ("loss", "loss_recon", "loss_sparsity", "fvu", "l0", "dead_frac", "lr", "tokens_per_s", "tokens"):
+    for key in (
+        "loss",
+        "loss_recon",
+        "loss_sparsity",
+        "fvu",
+        "l0",
+        "dead_frac",
+        "lr",
+        "tokens_per_s",
+        "tokens",
+    ):
         assert key in rows[-1], key
     assert len(rows[-1]["fvu_per_layer"]) == 4 and len(rows[-1]["l0_per_layer"]) == 4
     assert rows[-1]["fvu"] < rows[0]["fvu"], "training should reduce FVU"
@@ -53,7 +72,16 @@ def test_debug_run_trains_logs_and_exports(tmp_path):
 
 
 def test_resolved_config_reloads(tmp_path):
-    assert _run(tmp_path, "--training.steps=2", "--lr_scheduler.warmup_steps=0", "--model.k=7", "--checkpoint.enable=false") == 0
+    assert (
+        _run(
+            tmp_path,
+            "--training.steps=2",
+            "--lr_scheduler.warmup_steps=0",
+            "--model.k=7",
+            "--checkpoint.enable=false",
+        )
+        == 0
+    )
     from torchtitan_clt.config import load_config
 
     cfg = load_config(["--config", str(tmp_path / "debug_model" / "config.toml")])
@@ -212,9 +240,19 @@ def test_help_lists_every_field():
 
 def test_run_train_sh_launches_through_torchrun(tmp_path):
     proc = subprocess.run(
-        ["./run_train.sh", "--config", DEBUG, f"--job.dump_folder={tmp_path}", "--training.steps=5",
-         "--checkpoint.enable=false", "--checkpoint.export=false"],
-        cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ, "PYTHON": sys.executable},
+        [
+            "./run_train.sh",
+            "--config",
+            DEBUG,
+            f"--job.dump_folder={tmp_path}",
+            "--training.steps=5",
+            "--checkpoint.enable=false",
+            "--checkpoint.export=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(_metrics(tmp_path, "debug_model")) >= 2

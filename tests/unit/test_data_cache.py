@@ -48,14 +48,10 @@ def cache(tmp_path_factory, llm):
     """Two writer ranks (as torchrun would run them), fp32, 2 blocks per shard."""
     folder = tmp_path_factory.mktemp("cache") / "c"
     assert (
-        write_activation_cache(
-            _cfg(), folder, 200, 32, "float32", rank=1, world=2, llm=LLMHandle(*llm)
-        )
+        write_activation_cache(_cfg(), folder, 200, 32, "float32", rank=1, world=2, llm=LLMHandle(*llm))
         is None
     )
-    meta = write_activation_cache(
-        _cfg(), folder, 200, 32, "float32", rank=0, world=2, llm=LLMHandle(*llm)
-    )
+    meta = write_activation_cache(_cfg(), folder, 200, 32, "float32", rank=0, world=2, llm=LLMHandle(*llm))
     return folder, meta
 
 
@@ -274,9 +270,7 @@ def test_interrupted_writer_resumes_to_the_same_cache(cache, tmp_path, monkeypat
     assert torch.load(folder / "progress_rank00000.pt", weights_only=True)["blocks"] == 4
     assert not (folder / "meta.json").exists()
     monkeypatch.setattr(cache_writer, "save_file", real)
-    assert (
-        write_activation_cache(*args, rank=0, world=2, llm=LLMHandle(*llm)) is None
-    )  # rank 1 missing
+    assert write_activation_cache(*args, rank=0, world=2, llm=LLMHandle(*llm)) is None  # rank 1 missing
     meta = write_activation_cache(*args, rank=1, world=2, llm=LLMHandle(*llm))
     assert meta == ref_meta
     for i in range(meta["n_shards"]):

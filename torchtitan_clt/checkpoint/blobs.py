@@ -51,7 +51,9 @@ def world() -> int:
 def quiet_dcp() -> Iterator[None]:
     # DCP warns on every call without a process group; one process is a supported setup here.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
         yield
 
 

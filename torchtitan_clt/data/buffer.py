@@ -214,9 +214,7 @@ class ShuffleBuffer:
         self._stop = threading.Event()
         cuda = on_gpu(self.device) or self.pin_memory
         self._stream = (
-            torch.cuda.Stream(self.device if on_gpu(self.device) else None)
-            if prefetch and cuda
-            else None
+            torch.cuda.Stream(self.device if on_gpu(self.device) else None) if prefetch and cuda else None
         )
         self._main_stream = (
             torch.cuda.current_stream(self._stream.device) if self._stream is not None else None

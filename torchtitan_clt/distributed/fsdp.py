@@ -15,7 +15,6 @@ from torchtitan_clt.tools.dtypes import DTYPES
 FSDP_FORWARD_METHODS = ("forward_std", "encode", "decode", "decoder_norms")
 
 
-
 def mixed_precision_policy(job_config, device_type: str) -> MixedPrecisionPolicy | None:
     """bf16 compute params / fp32 reduction on GPU per config; no policy on CPU (fp32 throughout)."""
     if device_type != "cuda":

@@ -25,6 +25,19 @@ except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
 
 
+def selection_of(act: nn.Module) -> Selection | None:
+    """``act.selection()``, or None for a user's activation that subclasses ``nn.Module`` only
+    (the registry asks for ``cls(args) -> nn.Module``, not for ``Activation``)."""
+    fn = getattr(act, "selection", None)
+    return fn() if fn is not None else None
+
+
+def grad_support_of(act: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+    """``act.grad_support(h)``, or None for a plain ``nn.Module`` activation."""
+    fn = getattr(act, "grad_support", None)
+    return fn(h) if fn is not None else None
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -123,7 +136,7 @@ class LayerwiseTranscoder(Transcoder):
     def sparse_selection(self) -> Selection | None:
         """The selection the sparse step runs now, or None (elementwise activation, eval-mode
         BatchTopK, ``sparse_forward`` off, or k above the density threshold)."""
-        sel = self.activation.selection() if self.sparse_forward else None
+        sel = selection_of(self.activation) if self.sparse_forward else None
         # k / F is the active fraction on every rank too: features shard k along with F.
         if sel is None or sel.k > kernels.options().sparse_density_threshold * self.args.features_per_layer:
             return None
@@ -135,7 +148,7 @@ class LayerwiseTranscoder(Transcoder):
         was = act.training
         act.train(True)
         try:
-            sel = act.selection()
+            sel = selection_of(act)
             plan = self.sparse_selection()
         finally:
             act.train(was)
@@ -165,7 +178,7 @@ class LayerwiseTranscoder(Transcoder):
         if sel is None:
             h = self.pre_acts(xs)
             a = self.activation(h)
-            support = self.activation.grad_support(h) if self.training else None
+            support = grad_support_of(self.activation, h) if self.training else None
             y = self.decode_std(a) if support is None else self.decode_std(a, support=support)
             return TranscoderOutput(pre_acts=h, acts=a, y_hat=self._add_skip(y, xs), dec_norms=dec_norms)
         g, act = self.mesh_groups, self.activation

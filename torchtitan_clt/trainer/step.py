@@ -25,6 +25,7 @@ from torchtitan_clt.data.source import ActivationSource
 from torchtitan_clt.errors import TrainingError
 from torchtitan_clt.kernels.step_selection import StepSelection
 from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
+from torchtitan_clt.models.common import selection_of
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderOutput
 from torchtitan_clt.tools.guards import all_finite, describe_nonfinite
 
@@ -76,7 +77,7 @@ class TrainStep:
         n = self.grad_accum_steps
         fired, rows = None, 0
         act = getattr(self.model, "activation", None)
-        sel = act.selection() if act is not None else None
+        sel = selection_of(act) if act is not None else None
         if n > 1 and sel is not None and sel.kind == "batchtopk":
             batches = [self._next_batch(stats) for _ in range(n)]  # the step's inputs, never its h
             chosen = self._select_over_step(act, sel, batches)

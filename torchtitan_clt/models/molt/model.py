@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from torchtitan_clt.config.manager import ConfigError
-from torchtitan_clt.models.common import LayerwiseTranscoder, check_norm_mode, new_param
+from torchtitan_clt.models.common import LayerwiseTranscoder, check_norm_mode, grad_support_of, new_param
 from torchtitan_clt.models.init import Constant, Drawn, RowNormalized, TransformScaled, init_param_
 from torchtitan_clt.protocols.transcoder import TranscoderArgs, TranscoderOutput, parse_dtype
 
@@ -132,7 +132,7 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
         h = self.pre_acts(xs)
         a = self.activation(h)
         used = a != 0
-        support = self.activation.grad_support(h)  # JumpReLU's threshold window (∂L/∂a where a = 0)
+        support = grad_support_of(self.activation, h)  # JumpReLU's threshold window (∂L/∂a where a = 0)
         if support is not None:
             used = used | support
         return TranscoderOutput(
