@@ -121,3 +121,27 @@ def tagged_extract(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x[:, :, 0, T] = torch.arange(1, T).float()
     x = x.reshape(B * (T - 1), 2, 64)
     return x, -x
+
+
+def run_ranks(fn, args: tuple, nprocs: int, timeout_s: float = 300.0, start_method: str = "spawn") -> None:
+    """``fn(rank, *args)`` on ``nprocs`` processes (ranks of a gloo group the worker sets up).
+
+    Spawned by default: a child forked from a pytest process whose other threads hold a lock can
+    hang (one did, on a fresh clone). ``start_method="fork"`` is for workers that need what the
+    test built in this process (a loaded LLM). A rank that fails fails the test with its traceback;
+    ranks still running after ``timeout_s`` are killed and the test fails instead of stalling."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method=start_method)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(
+                f"{nprocs} ranks of {fn.__name__} still running after {timeout_s:.0f} s (a deadlock?)"
+            )

@@ -19,7 +19,7 @@ from torchtitan_clt.components.lr_scheduler import build_lr_scheduler
 from torchtitan_clt.components.optimizer import build_optimizer
 from torchtitan_clt.config import ConfigError, InputError, JobConfig, help_text, load_config
 from torchtitan_clt.distributed.loss import build_loss_fn_for_mesh
-from torchtitan_clt.distributed.utils import check_config_consistent, init_distributed
+from torchtitan_clt.distributed.utils import check_config_consistent, destroy, init_distributed
 from torchtitan_clt.errors import TrainingError
 from torchtitan_clt.metrics.logger import MetricsLogger
 from torchtitan_clt.metrics.training import DeadFeatureTracker
@@ -278,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning(str(e))
         return 75
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy()  # the watchdog thread too: left running, it can abort the exit (SIGABRT)
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_ranks
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -54,7 +54,7 @@ def test_tp_group_gets_identical_batches_from_shared_extraction(tmp_path):
         loader = build_token_loader(TextSpec(cfg.data.dataset), tok, 8, 2, dp_rank=reader, dp_degree=2)
         per_reader.append(torch.cat([ext(b)[0] for _, b in zip(range(2), loader)]).flatten(1))
 
-    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
+    run_ranks(_worker, (str(tmp_path),), 2, start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for (x0, y0), (x1, y1) in zip(r0, r1):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_ranks
 
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.data import SourceContext, load_llm, write_activation_cache
@@ -80,7 +80,7 @@ def cache(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cache_tp_reads_each_block_once_and_serves_the_tp1_batches(cache, tmp_path):
-    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
+    run_ranks(_worker, (str(tmp_path),), 2, start_method="fork")
     out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     # Reads: refills A, B, C, D of 3 blocks are positions 0..11 of the seeded order; position g is

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import tagged_extract
+from helpers import run_ranks, tagged_extract
 
 from torchtitan_clt.config import JobConfig
 from torchtitan_clt.data import SourceContext, load_llm
@@ -182,7 +181,7 @@ def _worker(rank: int, world: int, job: str) -> None:
 def _launch(job: str, world: int) -> list[dict]:
     if world == 1:
         return [JOBS[job](0, 1)]
-    mp.start_processes(_worker, args=(world, job), nprocs=world, join=True, start_method="fork")
+    run_ranks(_worker, (world, job), world, start_method="fork")
     return [torch.load(Path(_STATE["folder"]) / f"{job}{r}.pt", weights_only=False) for r in range(world)]
 
 

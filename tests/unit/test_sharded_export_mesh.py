@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_args
+from helpers import run_ranks, tiny_args
 
 L, D, F = 6, 8, 16
 
@@ -157,12 +157,11 @@ def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp4", "dp2_tp2"])
 def test_streamed_exports_equal_the_gathered_ones_and_hold_one_layer(tmp_path, layout):
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     from torchtitan_clt.checkpoint.export import load_pretrained
 
-    mp.start_processes(_worker, args=(4, str(tmp_path), layout), nprocs=4, join=True, start_method="fork")
+    run_ranks(_worker, (4, str(tmp_path), layout), 4)
     for case in ("clt_mean0", "clt_mean", "plt_mean0", "plt_mean"):
         got, want = tmp_path / "0" / case, tmp_path / "ref" / case
         exact = case.endswith("mean0")
@@ -258,10 +257,9 @@ def _batchtopk_worker(rank: int, world: int, tmp: str) -> None:
 
 @pytest.mark.slow
 def test_batchtopk_fit_and_conversion_from_the_shards(tmp_path):
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    mp.start_processes(_batchtopk_worker, args=(4, str(tmp_path)), nprocs=4, join=True, start_method="fork")
+    run_ranks(_batchtopk_worker, (4, str(tmp_path)), 4)
     reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(4)]
     for scope in ("all", "layer"):
         r0 = reports[0][scope]

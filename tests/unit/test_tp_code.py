@@ -12,11 +12,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-# A fresh-clone run hung in this module (two forked gloo ranks waiting on each other, 2026-12-07);
-# until that is found, it must not stall the suite. The code layout is opt-in (tp_layout="code").
-pytestmark = pytest.mark.skip(reason="hangs on a fresh clone (two gloo ranks deadlock); see issue 27's note")
+from helpers import run_ranks
 
 
 def _free_port() -> int:
@@ -134,7 +130,7 @@ def _worker(rank: int, world: int, port: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_code_layout_pieces_match_one_process(world):
-    mp.start_processes(_worker, args=(world, _free_port()), nprocs=world, join=True, start_method="fork")
+    run_ranks(_worker, (world, _free_port()), world)
 
 
 def test_step_bytes_formula():

@@ -26,6 +26,7 @@ training timeout when training starts (``distributed/utils.py``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import inspect
@@ -166,6 +167,10 @@ class Watchdog:
         for name, fn in self._saved:
             setattr(dist, name, fn)
         self._saved.clear()
+        # Joined, not left running: a daemon thread inside a store call when the interpreter
+        # exits aborts the process (SIGABRT, "terminate called without an active exception").
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.tick_s + 35.0)
 
     # ---- the thread ------------------------------------------------------------------------------
     def _key(self, rank: int) -> str:
@@ -285,6 +290,7 @@ def start_watchdog(rank: int, world: int, train_timeout_s: float, prefix: str) -
     store = dist.TCPStore(host, int(port), is_master=False, timeout=wait, wait_for_workers=False)
     _CURRENT = Watchdog(rank, world, train_timeout_s, store, prefix)
     _CURRENT.start()
+    atexit.register(stop_watchdog)  # a worker that never calls distributed.destroy still exits cleanly
     return _CURRENT
 
 
