@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -12,6 +14,8 @@ from torchtitan_clt.distributed.shm_comm import use_shared_memory_collectives
 from torchtitan_clt.tools.dtypes import DTYPES
 
 # Methods other than ``forward`` that read parameters: FSDP must gather them around each call.
+# They call each other (``forward_std`` takes ``decoder_norms``, ``forward`` calls ``encode`` /
+# ``decode``), so only the outermost call is an FSDP entry point (``register_entry_points``).
 FSDP_FORWARD_METHODS = ("forward_std", "encode", "decode", "decoder_norms")
 
 
@@ -59,7 +63,51 @@ def apply_fsdp(
             continue
         if ring_collectives:
             use_ring_collectives(unit)
-    for name in FSDP_FORWARD_METHODS:
-        if hasattr(model, name):
-            register_fsdp_forward_method(model, name)
+    register_entry_points(model, FSDP_FORWARD_METHODS)
     return model
+
+
+def register_entry_points(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Make ``forward`` and each method in ``names`` an FSDP forward, outermost call only.
+
+    ``register_fsdp_forward_method`` runs FSDP's pre/post-forward around every call, nested ones
+    included: with ``reshard_after_forward`` on, ``decoder_norms`` called inside ``forward_std``
+    freed the gathered parameters mid-forward and the rest of ``forward_std`` met sharded DTensors
+    ("aten.bmm got mixed torch.Tensor and DTensor"). A call made while another entry point of
+    ``model`` runs goes straight to the method: the parameters are already gathered, and the
+    outer call's post-forward reshards them once.
+    """
+    depth = [0]  # entry points of ``model`` now running (a list: the closures below mutate it)
+
+    def enter(module, args):
+        depth[0] += 1
+
+    def leave(module, args, out):
+        depth[0] -= 1
+
+    # Around FSDP's own forward hooks (registered by fully_shard): always_call keeps the count
+    # right when forward raises.
+    model.register_forward_pre_hook(enter, prepend=True)
+    model.register_forward_hook(leave, always_call=True)
+    for name in names:
+        if not hasattr(model, name):
+            continue
+        plain = getattr(model, name)
+        register_fsdp_forward_method(model, name)
+        setattr(model, name, _outermost(plain, getattr(model, name), depth))
+
+
+def _outermost(plain, gathered, depth: list[int]):
+    """``gathered`` (FSDP's wrapped method) for an outermost call, ``plain`` for a nested one."""
+
+    @functools.wraps(plain)
+    def method(*args, **kwargs):
+        if depth[0]:
+            return plain(*args, **kwargs)
+        depth[0] += 1
+        try:
+            return gathered(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    return method
