@@ -20,6 +20,13 @@ What callers get back:
   gathers) and nothing dense is gathered unless asked for.
 - The loss runs on the local shards (``distributed/loss.py``, ``MeshLossFn``).
 - ``encode`` returns a feature-sharded DTensor; ``decode`` takes one (or this rank's local shard).
+
+A family whose feature axis is a run of segments with separate decoder tensors (MOLT: one ``U`` /
+``V`` per group of transforms, ``model.feature_segments()``) shards each segment's tensors on
+their own, while the encoder's rows stay one contiguous block per rank. ``SegmentExchange``
+moves the gates from the block to this rank's segment shares before the decoder (and the decoder
+norms back), with one all-to-all of this rank's share each way: the selection, the losses and the
+metrics see the same contiguous layout as for any other family.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -166,6 +174,127 @@ def _skip_partial_sharded(model: nn.Module, fn, tp_mesh: DeviceMesh, dim: int | 
     return run
 
 
+def _all_to_all_last(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """All-to-all along the last axis: ``send[q]`` entries (in order) to rank q, ``recv[p]`` from p."""
+    flat = x.movedim(-1, 0).contiguous()
+    out = flat.new_empty((sum(recv), *flat.shape[1:]))
+    dist.all_to_all_single(out, flat, recv, send, group=group)
+    return out.movedim(0, -1)
+
+
+class _Exchange(torch.autograd.Function):
+    """``x[..., send_order]`` sent out, received entries put in ``recv_order``; backward the reverse."""
+
+    @staticmethod
+    def forward(ctx, x, plan: SegmentExchange):
+        ctx.plan = plan
+        return plan.move(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.plan.inverse().move(g.contiguous()), None
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentExchange:
+    """Moves the last (feature) axis of a tensor from one layout of the global features over the
+    tp ranks to another (``between``), exactly (entries are moved, never summed)."""
+
+    send_order: torch.Tensor  # local positions, grouped by destination rank
+    send: list[int]  # entries to each rank
+    recv: list[int]  # entries from each rank
+    recv_order: torch.Tensor  # output position j takes received entry recv_order[j]
+    group: Any
+
+    @classmethod
+    def between(cls, src: list[torch.Tensor], dst: list[torch.Tensor], rank: int, group) -> SegmentExchange:
+        """``src[r]`` / ``dst[r]``: the global feature ids rank r holds, in its local order."""
+        n = int(sum(len(i) for i in src))
+        owner, owner_src = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+        for r, ids in enumerate(dst):
+            owner[ids] = r
+        for r, ids in enumerate(src):
+            owner_src[ids] = r
+        dest = owner[src[rank]]
+        send_order = torch.sort(dest, stable=True).indices
+        send = torch.bincount(dest, minlength=len(dst)).tolist()
+        recv = torch.bincount(owner_src[dst[rank]], minlength=len(src)).tolist()
+        # What arrives: from each rank in turn, its entries for this rank in its local order.
+        got = torch.cat([ids[owner[ids] == rank] for ids in src])
+        where = torch.empty(n, dtype=torch.long)
+        where[got] = torch.arange(len(got))
+        return cls(send_order, send, recv, where[dst[rank]], group)
+
+    def inverse(self) -> SegmentExchange:
+        back = torch.empty_like(self.recv_order)
+        back[self.recv_order] = torch.arange(len(back))
+        undo = torch.empty_like(self.send_order)
+        undo[self.send_order] = torch.arange(len(undo))
+        return SegmentExchange(back, self.recv, self.send, undo, self.group)
+
+    def move(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device
+        out = _all_to_all_last(x.index_select(-1, self.send_order.to(dev)), self.send, self.recv, self.group)
+        return out.index_select(-1, self.recv_order.to(dev))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bool:  # masks: no gradient, and the collectives take no bool
+            return self.move(x.to(torch.uint8)).bool()
+        return _Exchange.apply(x, self)
+
+
+def segment_exchanges(
+    segments: list[int], rank: int, world: int, group
+) -> tuple[SegmentExchange, SegmentExchange]:
+    """(block -> segment shares, segment shares -> block) for a feature axis made of ``segments``
+    (counts, each divisible by ``world``): rank r's block is features [r·N/W, (r+1)·N/W), its
+    segment shares the r-th slice of every segment, in segment order."""
+    N = sum(segments)
+    blocks = [torch.arange(r * N // world, (r + 1) * N // world) for r in range(world)]
+    starts = [sum(segments[:i]) for i in range(len(segments))]
+    shares = [
+        torch.cat(
+            [torch.arange(o + r * n // world, o + (r + 1) * n // world) for o, n in zip(starts, segments)]
+        )
+        for r in range(world)
+    ]
+    there = SegmentExchange.between(blocks, shares, rank, group)
+    return there, SegmentExchange.between(shares, blocks, rank, group)
+
+
+def _segmented(model: nn.Module, tp_mesh: DeviceMesh) -> tuple[SegmentExchange, SegmentExchange]:
+    """The exchanges of a model with ``feature_segments()``, checking every segment splits evenly."""
+    segments, world = list(model.feature_segments()), tp_mesh.size()
+    if any(n % world for n in segments):
+        raise ValueError(
+            f"{type(model).__name__}: its feature segments {segments} (model.molt_counts) must each "
+            f"be divisible by parallelism.tp = {world}; pick counts that are multiples of {world}."
+        )
+    return segment_exchanges(segments, tp_mesh.get_local_rank(), world, tp_mesh.get_group())
+
+
+def _decode_std_segmented(fn, there: SegmentExchange):
+    """The features of ``acts`` and of a ``used`` / ``support`` mask moved to the segment shares."""
+
+    @functools.wraps(fn)
+    def run(acts: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        for key in ("used", "support"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = there(_to_local(kwargs[key]))
+        return fn(there(_to_local(acts)), *args, **kwargs)
+
+    return run
+
+
+def _norms_to_block(model: nn.Module, fn, back: SegmentExchange):
+    @functools.wraps(fn)
+    def run(*args, **kwargs) -> torch.Tensor:
+        with local_params(model):
+            return back(fn(*args, **kwargs))
+
+    return run
+
+
 def shard_parameters(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | None]) -> None:
     """Every parameter of ``model`` becomes a DTensor over ``tp_mesh``, sharded on the dim
     ``plan`` gives it (``placement_for``) or replicated."""
@@ -194,6 +323,7 @@ def apply_tp(
     """
     shard_parameters(model, tp_mesh, plan)
     tp_group = tp_mesh.get_group()
+    segmented = _segmented(model, tp_mesh) if hasattr(model, "feature_segments") else None
     split_skip = getattr(model, "W_skip", None) is not None and hasattr(model, "skip_partial")
     if split_skip:
         skip_dim = placement_for("W_skip", plan)
@@ -207,7 +337,11 @@ def apply_tp(
                 lambda xs, part=model.skip_partial: sum_partials(part(xs), tp_group)
             )
         elif name == "decode_std":
+            if segmented is not None:
+                fn = _decode_std_segmented(fn, segmented[0])
             wrapped = _decode_std_reduced(model, fn, tp_group, bias_name)
+        elif name == "decoder_norms" and segmented is not None:
+            wrapped = _norms_to_block(model, fn, segmented[1])
         elif name == "forward_std":
             wrapped = _forward_std_sharded(model, fn, tp_mesh)
         elif name == "encode":

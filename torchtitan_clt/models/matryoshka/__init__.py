@@ -1,3 +1,4 @@
+from torchtitan_clt.models.clt import CLT_TP_PLAN
 from torchtitan_clt.models.matryoshka.model import (
     MATRYOSHKA_ACTIVATIONS,
     MatryoshkaCLT,
@@ -10,10 +11,11 @@ register_model_spec(
     ModelSpec(
         name="matryoshka_clt",
         build_fn=build_matryoshka_clt,
-        # No tensor parallelism yet: the nested losses decode prefixes [0, m) of the global feature
-        # axis, so with features sharded each rank would need its share of every prefix and a
-        # reduction per prefix. Until that exists, parallelism.tp > 1 stops with a message.
-        tp_plan=None,
+        # The CLT's parameters, sharded as the CLT's: each rank decodes its band of every nested
+        # prefix and the prefixes' partial sums are reduced together (decode_prefixes_std).
+        tp_plan=CLT_TP_PLAN,
+        # No code layout: the nested prefixes decode densely, not from a gathered sparse code.
+        tp_code_plan=None,
         export_layout=ExportLayout("crosslayer"),  # at inference it is a plain CLT
         activations=MATRYOSHKA_ACTIVATIONS,
         description="Crosslayer transcoder trained so that nested feature prefixes each reconstruct.",

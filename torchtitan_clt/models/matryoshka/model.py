@@ -14,8 +14,10 @@ Defaults: those of the CLT (decoder U(±1/sqrt(L·d)), tied encoder, b_dec = 0).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from torchtitan_clt.config.manager import ConfigError
+from torchtitan_clt.kernels.collectives import sum_partials
 from torchtitan_clt.models.clt.model import CrossLayerTranscoder
 from torchtitan_clt.protocols.transcoder import TranscoderArgs, TranscoderOutput
 
@@ -43,20 +45,34 @@ class MatryoshkaCLT(CrossLayerTranscoder):
         self.prefixes = matryoshka_prefixes(args)
 
     def decode_prefixes_std(self, acts: torch.Tensor) -> list[torch.Tensor]:
-        """acts  # [B, L, F] -> [ŷ from features [0, m_g) for each g], each [B, L, d_out]."""
+        """acts  # [B, L, F] -> [ŷ from features [0, m_g) for each g], each [B, L, d_out].
+
+        Under tensor parallelism (``mesh_groups.feature_shards`` > 1) ``acts`` and ``W_dec`` hold
+        this rank's block of features: each prefix meets the block in a (possibly empty) band,
+        the rank decodes its part of every prefix, and the G partial sums cross ranks as one
+        stacked all-reduce before the bias is added."""
         B, L, d = acts.shape[0], self.args.n_layers, self.args.d_out
-        y = self.b_dec.expand(B, L, d)
-        outs, lo = [], 0
-        for hi in self.prefixes:
-            delta = torch.zeros(B, L, d, dtype=y.dtype, device=acts.device)
+        F_loc = acts.shape[-1]
+        g = self.mesh_groups
+        split = g.feature_shards > 1 and g.sum_decoder_partials
+        first = dist.get_rank(g.features) * F_loc if split else 0  # global id of local feature 0
+        partial = torch.zeros(B, L, d, dtype=self.b_dec.dtype, device=acts.device)
+        partials, lo = [], 0
+        for m in self.prefixes:
+            hi = min(max(m - first, 0), F_loc)  # the prefix's band [lo, hi) in local features
             for s in range(L):
+                if hi == lo:
+                    break
                 W = self.W_dec[s][lo:hi]  # [hi−lo, L−s, d]: the rows of this prefix band
                 a = acts[:, s, lo:hi].to(W.dtype)
-                delta[:, s:] += (a @ W.reshape(hi - lo, -1)).view(B, L - s, d)
-            y = y + delta
-            outs.append(y)
+                partial[:, s:] += (a @ W.reshape(hi - lo, -1)).view(B, L - s, d)
+            partials.append(partial.clone())
             lo = hi
-        return outs
+        ys = torch.stack(partials)  # [G, B, L, d]
+        if split:
+            ys = sum_partials(ys.float() if ys.dtype in (torch.bfloat16, torch.float16) else ys, g.features)
+        ys = ys + self.b_dec.to(ys.dtype)
+        return list(ys.unbind(0))
 
     def decoder_path(self) -> str:
         return "dense: the nested prefixes decode with matmuls (matryoshka_clt has no sparse step yet)"

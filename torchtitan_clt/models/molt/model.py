@@ -92,7 +92,8 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
         xl = xs.to(self.W_enc.dtype).transpose(0, 1)  # [L, B, d_in]
         y = torch.zeros(L, B, self.args.d_out, dtype=xl.dtype, device=xl.device)
         lo = 0
-        for g, (_, n) in enumerate(self.groups):
+        for g, U in enumerate(self.U):
+            n = U.shape[1]  # this rank's transforms of the group (all of them on one device)
             gate = acts[..., lo : lo + n].to(xl.dtype).transpose(0, 1)  # [L, B, n]
             lo += n
             on = used[..., lo - n : lo].any(0)  # [L, n] transforms some token uses
@@ -128,6 +129,13 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
     def decoder_path(self) -> str:
         return "sparse: each layer applies only the transforms whose gate is open"
 
+    def feature_segments(self) -> list[int]:
+        """The feature axis as consecutive segments, one per group of transforms: each group's
+        ``U`` / ``V`` is its own tensor, so tensor parallelism shards every segment over the ranks
+        (``distributed/tensor_parallel.py`` moves the gates between that layout and the
+        contiguous one of the encoder)."""
+        return [n for _, n in self.groups]
+
     def forward_std(self, xs: torch.Tensor) -> TranscoderOutput:
         h = self.pre_acts(xs)
         a = self.activation(h)
@@ -138,7 +146,7 @@ class MixtureOfLinearTransforms(LayerwiseTranscoder):
         return TranscoderOutput(
             pre_acts=h,
             acts=a,
-            y_hat=self.decode_std(a, xs, used.detach()),
+            y_hat=self.decode_std(a, xs, used=used.detach()),
             dec_norms=None
             if self.args.decoder_norm == "none"
             else self.decoder_norms(self.args.decoder_norm),
