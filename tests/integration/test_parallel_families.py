@@ -1,11 +1,12 @@
 """The SAE, MOLT and Matryoshka CLT families train on a gloo mesh exactly like one process.
 
-Each family runs 12 steps through ``run_train.sh`` on 1 process and on 2 (dp_shard=2; the SAE also
-on tp=2, with PLT's tensor-parallel plan) over the same global batches (the dp-sliced synthetic
+Each family runs 12 steps through ``run_train.sh`` on 1 process and on 2 (dp_shard=2, then tp=2;
+the SAE with PLT's tensor-parallel plan) over the same global batches (the dp-sliced synthetic
 source of ``test_parallel.py``; the SAE reads and writes one hook, so its variant serves ``x`` as
 the target). Losses must agree within 1e-5 relative at every step and the exported weights within
-1e-4: a missing gradient average is off by O(1e-1). MOLT and Matryoshka have no tensor-parallel
-layout yet: tp=2 must stop with the message saying so.
+1e-4: a missing gradient average is off by O(1e-1). Every family also trains on tp=2 (the
+``features`` layout; MOLT and Matryoshka in detail: test_parallel_molt_matryoshka.py); MOLT and
+Matryoshka have no ``code`` layout: asked for it, tp=2 must stop with the message naming the other.
 """
 
 from __future__ import annotations
@@ -63,16 +64,15 @@ def same_training(run: Path, ref: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_dp2_matches_one_process(tmp_path, family):
+def test_family_dp2_and_tp2_match_one_process(tmp_path, family):
     ref = run_training(tmp_path, f"ref_{family}", 1, BASE + FAMILIES[family])
     same_training(run_training(tmp_path, f"dp2_{family}", 2, BASE + FAMILIES[family] + DP2), ref)
-    if family == "sae":
-        same_training(run_training(tmp_path, "tp2_sae", 2, BASE + FAMILIES[family] + TP2), ref)
+    same_training(run_training(tmp_path, f"tp2_{family}", 2, BASE + FAMILIES[family] + TP2), ref)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["molt", "matryoshka_clt"])
-def test_family_without_tp_plan_refuses_tp(tmp_path, family):
+def test_family_without_code_plan_refuses_code_layout(tmp_path, family):
     env = dict(os.environ, NGPU="2", OMP_NUM_THREADS="1", PYTHON=sys.executable)
     cmd = [
         "bash",
@@ -81,10 +81,11 @@ def test_family_without_tp_plan_refuses_tp(tmp_path, family):
         *BASE,
         *FAMILIES[family],
         *TP2,
+        "--parallelism.tp_layout=code",
     ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
-    assert "does not support tensor parallelism yet" in r.stdout + r.stderr
+    assert 'set parallelism.tp_layout = "features"' in r.stdout + r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
