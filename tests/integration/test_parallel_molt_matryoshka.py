@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,6 +107,51 @@ def test_tp_matches_one_process(tmp_path, layout):
 
 
 # ---------------------------------------------------------------------------------------------
+# trainer: MOLT on tp=2 through run_train.sh, its metrics, its export, and a resume on one process
+
+N = 4  # checkpoint at step N of 2N
+METRICS_EXACT = ("l0", "fvu", "dead_frac", "l0_per_layer", "fvu_per_layer")  # as logged (rounded)
+
+
+def _rows(run: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_molt_trainer_tp2_metrics_export_and_resume_on_one_process(tmp_path):
+    sys.path.insert(0, str(HERE.parent))
+    import test_parallel_families as fam
+    from test_parallel import assert_same_training, run_training, weights
+
+    args = fam.BASE + fam.FAMILIES["molt"]
+    args += [f"--training.steps={2 * N}", "--checkpoint.enable=true", f"--checkpoint.interval={N}"]
+    args += ["--checkpoint.keep_latest_k=0"]
+    one = run_training(tmp_path, "one", 1, args)
+    tp2 = run_training(tmp_path, "tp2", 2, args + fam.TP2)
+    assert_same_training(tp2, one, 2 * N)  # losses of every step; the export gathered on rank 0
+    got, want = _rows(tp2), _rows(one)
+    for step in want:
+        for key in METRICS_EXACT:
+            assert got[step][key] == want[step][key], (step, key, got[step][key], want[step][key])
+        a, b = got[step]["loss_sparsity"], want[step]["loss_sparsity"]
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (step, a, b)
+
+    folder = tmp_path / "resume"
+    ckpt = folder / "resumed" / "checkpoints" / f"step-{N}"
+    shutil.copytree(tp2 / "checkpoints" / f"step-{N}", ckpt)
+    resumed = run_training(folder, "resumed", 1, args)
+    after = _rows(resumed)
+    assert sorted(after) == list(range(N + 1, 2 * N + 1)), sorted(after)
+    for step, row in after.items():
+        assert abs(row["loss"] - got[step]["loss"]) <= 1e-5 * max(1.0, abs(got[step]["loss"])), step
+    w, w_ref = weights(resumed), weights(tp2)
+    assert w.keys() == w_ref.keys()
+    for k in w_ref:
+        assert (w[k].float() - w_ref[k].float()).abs().max().item() <= 1e-4, k
+
+
+# ---------------------------------------------------------------------------------------------
 # worker (runs under torchrun)
 
 STEPS = 6
@@ -162,7 +208,12 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
     from torchtitan_clt.protocols import model_registry
     from torchtitan_clt.protocols.transcoder import TranscoderArgs
 
-    cfg.model.name, cfg.model.activation, cfg.model.k, cfg.model.batchtopk_scope = family, activation, K, scope
+    cfg.model.name, cfg.model.activation, cfg.model.k, cfg.model.batchtopk_scope = (
+        family,
+        activation,
+        K,
+        scope,
+    )
     cfg.loss.sparsity = "none" if family == "matryoshka_clt" else "tanh"
     cfg.loss.lambda_sparsity = 0.01
     cfg.loss.lambda_preact = 0.05 if "preact" in extra else 0.0
@@ -249,7 +300,8 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
             losses.append(t.item() / dist.get_world_size())
 
         full = {
-            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()
+            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+            for n, p in model.named_parameters()
         }
         init = spec.build_fn(args)
         init.init_weights(seed=7)
