@@ -527,6 +527,10 @@ class CollectiveCounter:
                 "reduce_scatter", (w_of(group) - 1) * size(t) // w_of(group)
             ),
             "broadcast": lambda t, *a, group=None, **k: ("broadcast", size(t) if w_of(group) > 1 else 0),
+            # The root sends every other rank its part (y's columns under the code layout): W-1
+            # parts of size(t); a rank is the root of 1/W of the chunks (the refills' deal), so
+            # per chunk it sends (W-1)/W parts on average, whoever this trace makes the root.
+            "scatter": lambda t, *a, group=None, **k: ("scatter", (w_of(group) - 1) * size(t) // w_of(group)),
         }  # fmt: skip
         saved = {}
         for name, count in counters.items():

@@ -19,6 +19,8 @@ from torchtitan_clt.components.lr_scheduler import build_lr_scheduler
 from torchtitan_clt.components.optimizer import build_optimizer
 from torchtitan_clt.config import ConfigError, InputError, JobConfig, help_text, load_config
 from torchtitan_clt.distributed.loss import build_loss_fn_for_mesh
+from torchtitan_clt.distributed.tensor_parallel import tp_group_of
+from torchtitan_clt.distributed.tp_code import is_code_layout
 from torchtitan_clt.distributed.utils import check_config_consistent, destroy, init_distributed
 from torchtitan_clt.errors import TrainingError
 from torchtitan_clt.metrics.logger import MetricsLogger
@@ -113,6 +115,9 @@ class Trainer:
             logger.info(f"Resumed from step {self.train_state.step} ({self.train_state.tokens} tokens)")
         if self.train_state.step == 0:
             build.standardize(cfg, self.model, self.source, self.micro_batch, pd, self.dp_group)
+        if is_code_layout(self.model):  # each rank reads, and the data path moves, its columns of y
+            self.source.deliver_target_columns()
+            self.step_fn.y_columns = tp_group_of(self.model)
         self.evaluator = None
         if finish.eval_wanted(cfg) and self.rank == 0:
             from torchtitan_clt.metrics.evaluator import build_evaluator
@@ -183,7 +188,9 @@ class Trainer:
             for v in (*scalars.values(), l0_layers):
                 dist.all_reduce(v, group=self.dp_group)
                 v /= self.parallel_dims.dp_degree
-        fvu_layers = stats.fvu.compute(self.dp_group)  # [L], exact over all ranks' rows
+        fvu_layers = stats.fvu.compute(
+            self.dp_group, self.step_fn.y_columns
+        )  # [L], exact over all ranks' rows
         loss = scalars.pop("loss")
         metrics = {
             "tokens": self.train_state.tokens,
@@ -224,7 +231,11 @@ class Trainer:
         # Training rows for the inference threshold of BatchTopK and the circuit-tracer conversion.
         uses = wants_eval or cfg.checkpoint.export or features
         need = cfg.checkpoint.export_circuit_tracer or (self.model_args.activation == "batchtopk" and uses)
-        calibration = finish.calibration_batches(cfg, self.model_args, self.source) if need else []
+        calibration = (
+            finish.calibration_batches(cfg, self.model_args, self.source, self.step_fn.y_columns)
+            if need
+            else []
+        )
         # The source's buffer is done with (its rows can be most of a rank's host memory); its LLM
         # stays for the evaluation and the feature pass.
         llm = self.source.llm

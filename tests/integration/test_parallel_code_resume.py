@@ -57,6 +57,13 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def fvus(run_dir: Path) -> dict[int, list[float]]:
+    """FVU per layer of each step: on the code layout each rank sums its own columns of y and ŷ
+    (the trainer slices y), reduced over tp in ``FVUAccumulator.compute``."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["fvu_per_layer"] for r in rows if "fvu_per_layer" in r}
+
+
 @pytest.mark.slow
 def test_code_layout_resumes_on_tp4_and_one_process(tmp_path):
     tp2 = ["--parallelism.dp_shard=1", "--parallelism.tp=2"]
@@ -72,6 +79,9 @@ def test_code_layout_resumes_on_tp4_and_one_process(tmp_path):
         assert sorted(got) == list(range(N + 1, 2 * N + 1)), (name, sorted(got))
         for step in got:
             assert abs(got[step] - want[step]) <= 1e-5 * max(1.0, abs(want[step])), (name, step)
+        f_got, f_want = fvus(resumed), fvus(full)
+        for step in got:  # logged rounded to 5 decimals
+            assert max(abs(a - b) for a, b in zip(f_got[step], f_want[step])) <= 2e-5, (name, step)
         w, w_ref = (
             load_file(str(resumed / "export/model.safetensors")),
             load_file(str(full / "export/model.safetensors")),

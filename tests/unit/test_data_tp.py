@@ -75,3 +75,51 @@ def test_tp_group_gets_identical_batches_from_shared_extraction(tmp_path):
     got, _ = one.next_batch(8)
     assert sorted(map(tuple, got.flatten(1).tolist())) == sorted(map(tuple, owed.flatten(1).tolist()))
     one.close()
+
+
+def _columns_worker(rank: int, folder: str, switch_after: int) -> None:
+    """5 batches of 16 rows; after ``switch_after`` of them y comes as this rank's columns
+    (``deliver_target_columns``, the code layout). Counts the scatters that moved y."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rdv{switch_after}", rank=rank, world_size=2)
+    scatters = []
+    real = dist.scatter
+
+    def spy(tensor, *a, **k):
+        scatters.append(tensor.numel())
+        return real(tensor, *a, **k)
+
+    dist.scatter = spy
+    try:
+        from torchtitan_clt.data import SourceContext, build_stream_source
+
+        src = build_stream_source(_cfg(), SourceContext(tp_group=dist.group.WORLD, seed=1))
+        batches = []
+        for i in range(5):
+            if i == switch_after:
+                assert src.deliver_target_columns()
+            batches.append(src.next_batch(16))
+        src.close()
+        torch.save((batches, len(scatters)), os.path.join(folder, f"cols{switch_after}_rank{rank}.pt"))
+    finally:
+        dist.scatter = real
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_code_layout_moves_only_each_ranks_columns_of_y(tmp_path):
+    """The same rows as whole refills; after the switch each rank's y is its half of the columns
+    (mid-refill, a prefetched whole refill, then refills scattered by columns)."""
+    for switch in (5, 1):  # 5: never switched, the reference
+        run_ranks(_columns_worker, (str(tmp_path), switch), 2, start_method="fork")
+    ref = [torch.load(tmp_path / f"cols5_rank{r}.pt")[0] for r in range(2)]
+    assert all(torch.load(tmp_path / f"cols5_rank{r}.pt")[1] == 0 for r in range(2))  # whole: broadcasts only
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(*ref))  # whole y: the same on both ranks
+    for r in range(2):
+        got, n_scatter = torch.load(tmp_path / f"cols1_rank{r}.pt")
+        assert n_scatter > 0  # y of the later refills moved by columns, not broadcast whole
+        for i, ((x, y), (x_ref, y_ref)) in enumerate(zip(got, ref[r])):
+            assert torch.equal(x, x_ref)
+            w = y_ref.shape[-1] // 2
+            want = y_ref if i < 1 else y_ref[..., r * w : (r + 1) * w]
+            assert torch.equal(y, want), (r, i)

@@ -91,6 +91,9 @@ class ChunkShare:
         self.piece_bytes = piece_bytes or PIECE_BYTES
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self._stage: torch.Tensor | None = None  # one piece, when the buffer is not on ``device``
+        # Refills started from now on hold only this rank's columns of y (``columns``); set by
+        # ``ActivationSource.deliver_target_columns`` under the code tensor-parallel layout.
+        self.y_columns = False
 
     def owner(self, first: int, c: int) -> int:
         return (first + c) % self.size
@@ -136,6 +139,26 @@ class ChunkShare:
             if not direct:
                 out[a:b].copy_(piece, non_blocking=True)
 
+    def columns(self, owner: int, t: torch.Tensor | None, out: torch.Tensor) -> None:
+        """The owner's rows ``t [n, ..., d]`` (``None`` on the others) scattered by columns: rank r
+        gets ``t[..., r·d/size : (r+1)·d/size]`` into ``out [n, ..., d/size]``. For y under the
+        ``code`` tensor-parallel layout, where each rank's loss reads only its columns of ŷ and y
+        (``y_columns``): 1/size of the bytes a broadcast of whole rows moves."""
+        n, w = out.shape[0], out.shape[-1]
+        step = max(1, self.piece_bytes // (out[0].numel() * self.size * out.element_size()))
+        direct = out.device == self.device
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            piece = out[a:b] if direct else self._piece(step, out)[: b - a]
+            parts = None
+            if self.rank == owner:
+                assert t is not None
+                rows = t[a:b].to(self.device)
+                parts = [rows[..., r * w : (r + 1) * w].contiguous() for r in range(self.size)]
+            dist.scatter(piece, parts, group=self.group, group_src=owner)
+            if not direct:
+                out[a:b].copy_(piece, non_blocking=True)
+
     def _piece(self, step: int, like: torch.Tensor) -> torch.Tensor:
         shape = (step, *like.shape[1:])
         if self._stage is None or tuple(self._stage.shape) != shape or self._stage.dtype != like.dtype:
@@ -156,6 +179,7 @@ class _Refill:
     ready: Any = None  # CUDA event recorded when a prefetch on the side stream finished
     first: int = 0  # tensor parallelism: the rank that extracted chunk 0
     chunks: int = 0  # chunks it holds
+    y_columns: bool = False  # y holds only this rank's columns (``ChunkShare.columns``)
 
 
 class _Job(threading.Thread):
@@ -224,6 +248,7 @@ class ShuffleBuffer:
         self.x: torch.Tensor | None = None  # [N, L, d_in] rows of the refill being drained
         self.y: torch.Tensor | None = None  # [N, L, d_out]
         self.rows = 0  # rows filled (N)
+        self._y_columns = False  # self.y is this rank's columns only (the code tp layout)
         self._perm: torch.Tensor | None = None
         self._loader_state: dict | None = None  # loader state at the start of the current refill
         self._loader_end: dict | None = None  # loader state at its end
@@ -285,6 +310,7 @@ class ShuffleBuffer:
         filled = c = 0
         ahead = None  # tensor parallelism: this rank's next chunk, extracted before its turn
         from_cuda = False
+        cols = share is not None and share.y_columns  # read once: a refill's slot has one y width
         while filled < self.buffer_tokens:
             if self._stop.is_set():
                 raise _Cancelled
@@ -306,7 +332,18 @@ class ShuffleBuffer:
             # Whole chunks so no row is wasted; allocated once unless an adopted refill had
             # another chunk size.
             cap = self.capacity(rows)
-            if slot.x is None or (filled == 0 and tuple(slot.x.shape) != (cap, *x_row)):
+            if cols:
+                assert share is not None
+                if y_row[-1] % share.size:
+                    raise ConfigError(
+                        f"d_out = {y_row[-1]} does not split over {share.size} tensor-parallel ranks: "
+                        'parallelism.tp_layout = "code" needs d_out divisible by parallelism.tp.'
+                    )
+                y_row = (*y_row[:-1], y_row[-1] // share.size)
+            stale = slot.x is None or slot.y is None
+            if stale or (
+                filled == 0 and (tuple(slot.x.shape), tuple(slot.y.shape)) != ((cap, *x_row), (cap, *y_row))
+            ):
                 slot.x = slot.y = None  # the old pair is freed before the new one is allocated
                 slot.x = self._empty((cap, *x_row), x_dtype)
                 slot.y = self._empty((cap, *y_row), y_dtype)
@@ -325,7 +362,10 @@ class ShuffleBuffer:
                 if owner != share.rank and ahead is None and 0 < (share.rank - owner) % share.size <= later:
                     ahead = self._own_chunk(it, extract)
                 share.rows(owner, x, slot.x[filled : filled + n])
-                share.rows(owner, y, slot.y[filled : filled + n])
+                if cols:
+                    share.columns(owner, y, slot.y[filled : filled + n])
+                else:
+                    share.rows(owner, y, slot.y[filled : filled + n])
                 from_cuda |= on_gpu(share.device)
                 x = y = None  # this rank's extraction is freed before it extracts the next one
             filled += n
@@ -336,7 +376,7 @@ class ShuffleBuffer:
             )
         if from_cuda and self.device.type == "cpu":  # host rows copied asynchronously must land
             torch.cuda.current_stream().synchronize()
-        slot.rows, slot.chunks = filled, c
+        slot.rows, slot.chunks, slot.y_columns = filled, c, cols
         slot.loader_end = copy.deepcopy(self.loader.state_dict()) if adopted is None else None
         if adopted is None and share is not None:
             self._first = share.owner(slot.first, c)
@@ -406,6 +446,8 @@ class ShuffleBuffer:
         self._cur = nxt
         slot = self._slots[nxt]
         self.x, self.y, self.rows, self._loader_state = slot.x, slot.y, slot.rows, slot.loader_state
+        self._y_columns = slot.y_columns
+        self._to_own_columns()  # a refill prefetched whole before the switch to columns
         self._loader_end, self._adopted, self._cur_first = slot.loader_end, slot.adopted, slot.first
         if slot.adopted is not None:
             self._queue.pop(0)
@@ -413,6 +455,23 @@ class ShuffleBuffer:
         self.refills += 1
         if self.prefetch:
             self._start_prefetch()
+
+    def deliver_y_columns(self) -> bool:
+        """From the next batch on, y holds only this rank's columns (``ChunkShare.columns``; the
+        ``code`` tensor-parallel layout); refills started from now on move only those. False
+        without tensor parallelism (nothing to split)."""
+        if self.share is None:
+            return False
+        self.share.y_columns = True
+        self._to_own_columns()  # the refill being drained was filled whole
+        return True
+
+    def _to_own_columns(self) -> None:
+        share = self.share
+        if self.y is None or self._y_columns or share is None or not share.y_columns:
+            return
+        w = self.y.shape[-1] // share.size
+        self.y, self._y_columns = self.y[..., share.rank * w : (share.rank + 1) * w], True
 
     def _new_pass(self, pass_idx: int) -> None:
         self.pass_idx, self.pos = pass_idx, 0

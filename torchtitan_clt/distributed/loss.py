@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from torchtitan_clt.distributed.collectives import all_reduce_detached, global_kth_largest
 from torchtitan_clt.distributed.tensor_parallel import local_params, tp_group_of
-from torchtitan_clt.distributed.tp_code import d_slice, is_code_layout
+from torchtitan_clt.distributed.tp_code import is_code_layout, own_columns
 
 FEATURE_PARTIAL_TERMS = ("sparsity", "preact")
 # Also partial under the code layout, where each rank holds its columns of ŷ and y.
@@ -113,7 +113,7 @@ class MeshLossFn:
         local = local_output(out)
         code = tp_group is not None and is_code_layout(model)
         if code:
-            y = d_slice(y, tp_group)  # this rank's columns of ŷ
+            y = own_columns(y, tp_group, model.args.d_out)  # this rank's columns of ŷ (and of y)
         terms_list = getattr(self.loss_fn, "terms", None)
         saved = []
         if terms_list is not None and self.dead_features is not None:

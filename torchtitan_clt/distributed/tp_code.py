@@ -173,6 +173,21 @@ def d_slice(t: torch.Tensor, group) -> torch.Tensor:
     return t[..., rank * n : (rank + 1) * n]
 
 
+def own_columns(y: torch.Tensor, group, d_out: int) -> torch.Tensor:
+    """This rank's columns of y: sliced when ``y`` has all ``d_out`` of them, else already its own
+    (a source delivering columns, ``ActivationSource.deliver_target_columns``)."""
+    return d_slice(y, group) if y.shape[-1] == d_out else y
+
+
+@torch.no_grad()
+def whole_columns(y: torch.Tensor, group) -> torch.Tensor:
+    """The tp ranks' column slices of the same rows -> whole rows, on every rank (a collective)."""
+    world, _ = _world_rank(group)
+    parts = [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(parts, y.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
 def _code_decode_selected(model: nn.Module, fn, group):
     """``decode_selected(idx, vals, bias)`` on this rank's features -> its ``d_out`` slice of ŷ
     from every rank's features."""
@@ -253,9 +268,10 @@ def _sharded(t, mesh: DeviceMesh, dim: int):
 
 
 @contextlib.contextmanager
-def _local_out_buffers(model: nn.Module, group) -> Iterator[None]:
+def local_out_buffers(model: nn.Module, group) -> Iterator[None]:
     """Within the block ``out_mean`` / ``out_scale`` read as this rank's ``d_out`` columns, so the
-    public ``decode`` unstandardizes its slice of ŷ."""
+    public ``decode`` unstandardizes its slice of ŷ and the trainer (un)standardizes its columns
+    of y and ŷ."""
     saved = {name: model._buffers[name] for name in ("out_mean", "out_scale")}
     for name, b in saved.items():
         model._buffers[name] = d_slice(b, group)
@@ -286,7 +302,7 @@ def _code_decode_public(model: nn.Module, fn, group):
 
     @functools.wraps(fn)
     def run(acts: torch.Tensor, x: torch.Tensor | None = None, *, features_only: bool = False):
-        with local_params(model), _local_out_buffers(model, group):
+        with local_params(model), local_out_buffers(model, group):
             y = fn(_local(acts), x, features_only=features_only)
         return _GatherLastDim.apply(y, group)
 

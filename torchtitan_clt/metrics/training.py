@@ -99,8 +99,12 @@ class FVUAccumulator:
     def reset(self) -> None:
         self.sums = None
 
-    def compute(self, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-        """[L] FVU (float64). With ``group``, a collective: every rank in it must call it."""
+    def compute(
+        self, group: dist.ProcessGroup | None = None, columns: dist.ProcessGroup | None = None
+    ) -> torch.Tensor:
+        """[L] FVU (float64). With ``group``, a collective: every rank in it must call it.
+        ``columns``: ranks that each summed their own columns of the same rows (the code
+        tensor-parallel layout); their per-layer sums add up (the column blocks are disjoint)."""
         if self.sums is None:
             raise RuntimeError("FVUAccumulator.compute() called before any update()")
         s = self.sums
@@ -112,6 +116,13 @@ class FVUAccumulator:
             sse, rest = flat[:n_layers], flat[n_layers:]
             sm, rest = rest[: n_layers * d].reshape(n_layers, d), rest[n_layers * d :]
             s = FVUSums(sse, sm, rest[:n_layers], rest[n_layers])
+        if columns is not None and dist.is_initialized() and dist.get_world_size(columns) > 1:
+            # Σ‖y − ȳ‖² = Σ‖y‖² − ‖Σy‖²/n splits into column blocks: reduce the three [L] sums.
+            parts = torch.stack([s.sse, s.sumsq, (s.sum * s.sum).sum(-1)])
+            dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=columns)
+            n = s.count.clamp_min(1)
+            var = (parts[1] - parts[2] / n).clamp_min(0)
+            return torch.where(var > 0, parts[0] / var, torch.full_like(var, float("nan")))
         return s.fvu()
 
 

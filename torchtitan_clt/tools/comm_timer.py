@@ -19,6 +19,7 @@ COLLECTIVES = (
     "all_gather_into_tensor",
     "reduce_scatter_tensor",
     "broadcast",
+    "scatter",
     "barrier",
     "all_to_all_single",
     "isend",

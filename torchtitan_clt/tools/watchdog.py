@@ -54,6 +54,7 @@ COLLECTIVES = (
     "reduce_scatter_tensor",
     "broadcast",
     "broadcast_object_list",
+    "scatter",
     "gather_object",
     "scatter_object_list",
     "barrier",

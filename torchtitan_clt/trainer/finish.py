@@ -116,19 +116,27 @@ def exports_streamed(cfg: JobConfig, model: Any, args: TranscoderArgs, calibrati
     return not (calibration and args.activation == "topk" and cfg.checkpoint.export_circuit_tracer)
 
 
-def calibration_batches(cfg: JobConfig, args: TranscoderArgs, source: Any) -> list[tuple[torch.Tensor, ...]]:
+def calibration_batches(
+    cfg: JobConfig, args: TranscoderArgs, source: Any, y_columns: Any = None
+) -> list[tuple[torch.Tensor, ...]]:
     """Raw training rows for the JumpReLU conversion of a TopK / BatchTopK export and for the
     BatchTopK inference threshold. Every rank draws them (the stream source's tp all-gather is
-    collective); rank 0 uses them."""
+    collective); rank 0 uses them. ``y_columns``: the tp group whose ranks hold columns of y (the
+    code layout): the rows' y is gathered whole."""
     tokens = cfg.checkpoint.export_calibration_tokens
     if tokens <= 0 or args.activation not in ("topk", "batchtopk"):
         return []
     batch = min(tokens, cfg.training.batch_size)
+    out = []
     with torch.no_grad():
-        return [
-            tuple(t.detach().to("cpu", torch.float32) for t in source.next_batch(batch))
-            for _ in range(-(-tokens // batch))
-        ]
+        for _ in range(-(-tokens // batch)):
+            x, y = source.next_batch(batch)
+            if y_columns is not None and y.shape[-1] != args.d_out:
+                from torchtitan_clt.distributed.tp_code import whole_columns
+
+                y = whole_columns(y, y_columns)
+            out.append(tuple(t.detach().to("cpu", torch.float32) for t in (x, y)))
+    return out
 
 
 def fit_batchtopk(plain: Any, batches: list, run_folder: Path) -> Any:

@@ -12,16 +12,20 @@ selection). AuxK alone stays per micro-batch: its normaliser ‖e − ē‖² is
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from torchtitan_clt.components.decoder_constraint import UnitNormDecoder
 from torchtitan_clt.components.lr_scheduler import LRSchedulersContainer
 from torchtitan_clt.components.optimizer import OptimizersContainer, clip_grad_norm_
 from torchtitan_clt.data.source import ActivationSource
+from torchtitan_clt.distributed.tp_code import local_out_buffers, own_columns
 from torchtitan_clt.errors import TrainingError
 from torchtitan_clt.kernels.step_selection import StepSelection
 from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
@@ -64,6 +68,9 @@ class TrainStep:
     max_norm: float
     device: torch.device
     autocast_dtype: torch.dtype | None
+    y_columns: Any = None
+    """The tp group whose ranks each hold their own columns of ŷ and y (``parallelism.tp_layout =
+    "code"``): the step reads, standardizes and measures only this rank's columns; None otherwise."""
 
     def __call__(self, step: int, collect: bool = False) -> StepStats:
         """Train one step; ``collect``: also gather the FVU sums and L0 (the logged steps)."""
@@ -103,6 +110,12 @@ class TrainStep:
         self.optimizers.zero_grad()
         return stats
 
+    def _columns(self):
+        """The model's ``out_mean`` / ``out_scale`` as this rank's columns (the code layout)."""
+        if self.y_columns is None:
+            return contextlib.nullcontext()
+        return local_out_buffers(self.model, self.y_columns)
+
     def _autocast(self):
         enabled = self.autocast_dtype is not None
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
@@ -111,6 +124,8 @@ class TrainStep:
         t0 = time.perf_counter()
         x, y = self.source.next_batch(self.micro_batch)  # [B, L, d_in], [B, L, d_out] raw
         stats.data_wait_s += time.perf_counter() - t0
+        if self.y_columns is not None:  # [B, L, d_out / tp]
+            y = own_columns(y, self.y_columns, self.model.args.d_out)
         return x, y
 
     def _select_over_step(self, act, sel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepSelection:
@@ -131,7 +146,9 @@ class TrainStep:
         """Forward and backward of one micro-batch; returns ``fired`` or-ed with its firing."""
         m = self.model
         batch_ok = all_finite(x, y)  # read with the loss check: no extra device sync
-        xs, ys = m.standardize_in(x), m.standardize_out(y)
+        xs = m.standardize_in(x)
+        with self._columns():
+            ys = m.standardize_out(y)
         with self._autocast():
             out = self.forward(xs)
             loss, terms = self.loss_fn(m, out, ys, step)
@@ -150,7 +167,11 @@ class TrainStep:
         now = (acts != 0).reshape(-1, *acts.shape[-2:]).any(0)  # [L, F]
         if stats.fvu is not None:
             with torch.no_grad():
-                stats.fvu.update(y, m.unstandardize_out(out.y_hat.detach().float()))
+                y_hat = out.y_hat.detach().float()
+                if self.y_columns is not None:  # this rank's columns; compute() sums over tp
+                    y_hat = y_hat.to_local() if isinstance(y_hat, DTensor) else y_hat
+                with self._columns():
+                    stats.fvu.update(y, m.unstandardize_out(y_hat))
                 stats.l0.append(l0_per_layer(acts))
         for k, v in terms.items():
             stats.terms[k] = stats.terms.get(k, 0.0) + v.detach().float()
