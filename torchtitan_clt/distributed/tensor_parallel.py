@@ -321,9 +321,10 @@ def apply_tp(
 
     Works on a meta-device model (before ``to_empty`` / ``init_weights``).
     """
+    # Checked first: a segment that does not split is the setting to name (not its tensors' rows).
+    segmented = _segmented(model, tp_mesh) if hasattr(model, "feature_segments") else None
     shard_parameters(model, tp_mesh, plan)
     tp_group = tp_mesh.get_group()
-    segmented = _segmented(model, tp_mesh) if hasattr(model, "feature_segments") else None
     split_skip = getattr(model, "W_skip", None) is not None and hasattr(model, "skip_partial")
     if split_skip:
         skip_dim = placement_for("W_skip", plan)
