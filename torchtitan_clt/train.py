@@ -116,8 +116,16 @@ class Trainer:
         if self.train_state.step == 0:
             build.standardize(cfg, self.model, self.source, self.micro_batch, pd, self.dp_group)
         if is_code_layout(self.model):  # each rank reads, and the data path moves, its columns of y
-            self.source.deliver_target_columns()
-            self.step_fn.y_columns = tp_group_of(self.model)
+            group = tp_group_of(self.model)
+            how = (
+                "scattered by the data path"
+                if self.source.deliver_target_columns()
+                else "sliced from whole rows"
+            )
+            logger.info(
+                f"data: y as this rank's {self.model_args.d_out // dist.get_world_size(group)} of {self.model_args.d_out} columns ({how})"
+            )
+            self.step_fn.y_columns = group
         self.evaluator = None
         if finish.eval_wanted(cfg) and self.rank == 0:
             from torchtitan_clt.metrics.evaluator import build_evaluator
