@@ -17,6 +17,10 @@ def _kernel_backends():
     return ["torch", pytest.param("triton", marks=pytest.mark.skipif(not has_triton(), reason="no triton"))]
 
 
+# The modules holding @triton.jit kernels, each with one kernel that shows how it was decorated.
+TRITON_MODULES = (("select_triton", "_compact_kernel"), ("decode_triton", "_fwd_kernel"))
+
+
 def _interpreted_kernels() -> None:
     """(Re)import the Triton kernel modules under ``TRITON_INTERPRET=1``: the interpreter is chosen
     when a kernel is decorated, so a module imported before the flag was set holds compiled ones."""
@@ -24,9 +28,22 @@ def _interpreted_kernels() -> None:
 
     from triton.runtime.interpreter import InterpretedFunction
 
-    for name, kernel in (("select_triton", "_compact_kernel"), ("decode_triton", "_fwd_kernel")):
+    for name, kernel in TRITON_MODULES:
         mod = importlib.import_module(f"torchtitan_clt.kernels.{name}")
         if not isinstance(getattr(mod, kernel), InterpretedFunction):
+            importlib.reload(mod)
+
+
+def _compiled_kernels() -> None:
+    """The inverse, for the GPU tests: an earlier test's ``backend`` fixture leaves the modules
+    interpreted for the rest of the session, so a GPU run would otherwise test the interpreter."""
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for name, kernel in TRITON_MODULES:
+        mod = importlib.import_module(f"torchtitan_clt.kernels.{name}")
+        if isinstance(getattr(mod, kernel), InterpretedFunction):
             importlib.reload(mod)
 
 
@@ -37,3 +54,18 @@ def backend(request, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         _interpreted_kernels()
     return request.param
+
+
+@pytest.fixture
+def triton_interpreted(monkeypatch):
+    """The Triton kernels under the interpreter (CPU tensors), whatever an earlier test loaded."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _interpreted_kernels()
+
+
+@pytest.fixture
+def triton_compiled(monkeypatch):
+    """The Triton kernels compiled for CUDA (tests/unit/test_kernels_gpu.py)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _compiled_kernels()

@@ -1,5 +1,8 @@
 """Compiled Triton kernels on CUDA (no interpreter) at sizes that exercise multi-block loops, bf16
-weights and many entries per feature. Skipped without a GPU; run by scripts/gpu_check.sh."""
+weights, many entries per feature and more rows than CUDA's grid axis 1 allows (65,535). Skipped
+without a GPU (every test here, including the check that the kernels are compiled, is skipped on
+CPU); run by scripts/gpu_check.sh. The ``triton_compiled`` fixture (tests/conftest.py) reloads the
+kernel modules compiled: an earlier ``backend`` test leaves them interpreted for the session."""
 
 from __future__ import annotations
 
@@ -17,7 +20,38 @@ pytestmark = [
     pytest.mark.skipif(
         os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiled kernels only"
     ),
+    pytest.mark.usefixtures("triton_compiled"),
 ]
+
+
+def test_kernels_are_compiled_not_interpreted():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from torchtitan_clt.kernels import decode_triton, select_triton
+
+    for mod in (select_triton, decode_triton):
+        for name in dir(mod):
+            if name.endswith("_kernel"):
+                assert not isinstance(getattr(mod, name), InterpretedFunction), f"{mod.__name__}.{name}"
+
+
+def test_topk_past_the_grid_axis_1_limit():
+    # 4096 tokens x 17 layers = 69,632 rows: the old (1, rows) launch failed here.
+    g = torch.Generator(device="cuda").manual_seed(3)
+    h = torch.randn(4096 * 17, 512, device="cuda", generator=g)
+    vals, idx = dispatch.topk_select(h, 32, backend="triton")
+    ref = torch.topk(h, 32, dim=1).indices.sort(1).values
+    assert torch.equal(idx.sort(1).values, ref)
+    assert torch.equal(vals, h.gather(1, idx))
+
+
+@pytest.mark.parametrize("scope", ["layer", "all"])
+def test_batchtopk_many_rows(scope):
+    g = torch.Generator(device="cuda").manual_seed(4)
+    h = torch.randn(8192, 16, 1024, device="cuda", generator=g)
+    idx_t, vals_t, tau_t = dispatch.batchtopk_select(h, 16, scope, backend="triton")
+    idx_r, vals_r, tau_r = dispatch.batchtopk_select(h, 16, scope, backend="torch")
+    assert torch.equal(tau_t, tau_r) and torch.equal(idx_t, idx_r)
 
 
 def _rel(a, b):

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from torchtitan_clt.kernels import launch
+
 _BLOCK_D = 256
 _BLOCK_K = 16
 _BLOCK_E = 16
@@ -134,7 +136,7 @@ def decode_forward(
     if n == 0 or d == 0:
         return out
     bd = _block_d(d)
-    _fwd_kernel[(n, triton.cdiv(d, bd))](
+    _fwd_kernel[launch.grid(n, triton.cdiv(d, bd))](
         idx,
         vals,
         w,
@@ -160,7 +162,7 @@ def decode_grad_vals(idx: torch.Tensor, w: torch.Tensor, grad_out: torch.Tensor)
     if n == 0 or k == 0:
         return gv
     d = w.shape[1]
-    _bwd_vals_kernel[(n, triton.cdiv(k, _BLOCK_K))](
+    _bwd_vals_kernel[launch.grid(n, triton.cdiv(k, _BLOCK_K))](
         idx,
         w,
         grad_out,
@@ -206,7 +208,7 @@ def decode_grad_weight(
         return gw
     start, end, rows, v = group_by_feature(idx, vals, n_features)
     bd = _block_d(d)
-    _bwd_weight_kernel[(n_features, triton.cdiv(d, bd))](
+    _bwd_weight_kernel[launch.grid(n_features, triton.cdiv(d, bd))](
         start,
         end,
         rows,

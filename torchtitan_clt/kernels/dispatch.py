@@ -70,8 +70,10 @@ def batchtopk_threshold(
         tau, _ = select_triton.radix_kth_largest(h, kth)  # groups = layers, over [N, F]
         return tau
     hp = h.permute(1, 0, 2)
-    # one group over every element; a [L, N, F]-stored tensor (the encoder's bmm output) is not copied
-    h3 = hp.reshape(n_layers, 1, n * f) if hp.is_contiguous() else h.contiguous().reshape(n, 1, n_layers * f)
+    # One group over every element, seen as N*L rows of F so the scan splits over up to ~1024
+    # programs (as [L, 1, N*F] it ran on L programs of N*F elements each, issue 28). A [L, N, F]-
+    # stored tensor (the encoder's bmm output) is not copied.
+    h3 = (hp if hp.is_contiguous() else h.contiguous()).reshape(n * n_layers, 1, f)
     kth = torch.full((1,), min(k_total, h.numel()), dtype=torch.long, device=h.device)
     tau, _ = select_triton.radix_kth_largest(h3, kth)
     return tau.expand(n_layers).contiguous()

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from torchtitan_clt.kernels import launch
+
 _BLOCK = 1024
 _TARGET_PROGRAMS = 1024
 
@@ -66,7 +68,7 @@ def _radix_hist_kernel(
                 ok = inb & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
             digit = tl.where(ok, digit, 256)
             hist += tl.histogram(digit, 512)
-    tl.store(part_ptr + (g * n_prog + p) * 512 + tl.arange(0, 512), hist)
+    tl.store(part_ptr + (g.to(tl.int64) * n_prog + p) * 512 + tl.arange(0, 512), hist)
 
 
 def radix_kth_largest(h3: torch.Tensor, kth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +86,7 @@ def radix_kth_largest(h3: torch.Tensor, kth: torch.Tensor) -> tuple[torch.Tensor
     part = torch.empty((g_dim, n_prog, 512), dtype=torch.int32, device=dev)
     for shift in (24, 16, 8, 0):
         prefix_s = (prefix_u - 2**31).to(torch.int32)
-        _radix_hist_kernel[(g_dim, n_prog)](
+        _radix_hist_kernel[launch.grid(g_dim, n_prog)](
             h3,
             part,
             prefix_s,
@@ -130,8 +132,10 @@ def _compact_kernel(
 ):
     # MODE 0: h >= tau and h > 0; 1: h >= tau; 2: h != 0.  EXACT: take h > tau plus the first
     # krem[g] entries equal to tau (TopK: exactly k per row). WRITE=False only counts.
-    a = tl.program_id(0)
-    g = tl.program_id(1)
+    # One program per (a, g) row on grid axis 0 (up to 2^31 - 1 rows; axis 1 stops at 65,535).
+    pid = tl.program_id(0)
+    a = pid // G
+    g = pid % G
     row = h_ptr + a.to(tl.int64) * s_a + g.to(tl.int64) * s_g
     out = idx_ptr + a.to(tl.int64) * s_oa + g.to(tl.int64) * s_og
     tau = tl.load(tau_ptr + g)
@@ -160,7 +164,7 @@ def _compact_kernel(
             tl.store(out + pos, offs.to(tl.int64), mask=sel)
         run += tl.sum(sel_i, 0)
     if not WRITE:
-        tl.store(cnt_ptr + a * G + g, run)
+        tl.store(cnt_ptr + pid.to(tl.int64), run)
 
 
 _MODE_ID = {"positive": 0, "ge": 1, "nonzero": 2}
@@ -177,7 +181,7 @@ def compact(h3: torch.Tensor, tau: torch.Tensor, mode: str = "positive") -> torc
     tau = tau.to(device=h3.device, dtype=torch.float32).contiguous()
     counts = torch.empty((a_dim, g_dim), dtype=torch.int32, device=h3.device)
     block = _block_for(m_dim)
-    _compact_kernel[(a_dim, g_dim)](
+    _compact_kernel[launch.grid(a_dim * g_dim)](
         h3,
         tau,
         tau,
@@ -196,7 +200,7 @@ def compact(h3: torch.Tensor, tau: torch.Tensor, mode: str = "positive") -> torc
     width = int(counts.max()) if counts.numel() else 0
     idx = torch.full((a_dim, g_dim, width), -1, dtype=torch.long, device=h3.device)
     if width > 0:
-        _compact_kernel[(a_dim, g_dim)](
+        _compact_kernel[launch.grid(a_dim * g_dim)](
             h3,
             tau,
             tau,
@@ -222,7 +226,7 @@ def topk_select(h: torch.Tensor, k: int) -> torch.Tensor:
     kth = torch.full((n,), k, dtype=torch.long, device=h.device)
     tau, krem = radix_kth_largest(h3, kth)
     idx = torch.empty((1, n, k), dtype=torch.long, device=h.device)
-    _compact_kernel[(1, n)](
+    _compact_kernel[launch.grid(n)](
         h3,
         tau,
         krem.to(torch.int32),
