@@ -188,10 +188,11 @@ def _gloo_worker(rank: int, world: int, store: str) -> None:
             m.w = torch.nn.Parameter(torch.randn(shape))
             fully_shard(m, mesh=hsdp)
             assert torch.equal(_slice(m.w.full_tensor(), I.shard_box(m.w)), m.w.to_local()), m.w.placements
-        # whole models on dp2×tp2 (CLT / PLT, tp then FSDP2) and HSDP 2×2 (MOLT): one process's bits
+        # whole models on dp2×tp2 (CLT / PLT / MOLT / Matryoshka, tp then FSDP2) and HSDP 2×2 (MOLT): one process's bits
         from torchtitan_clt.distributed.fsdp import apply_fsdp
         from torchtitan_clt.distributed.tensor_parallel import apply_tp
         from torchtitan_clt.models.clt import CLT_TP_PLAN
+        from torchtitan_clt.models.molt import MOLT_TP_PLAN
         from torchtitan_clt.models.plt import PLT_TP_PLAN
 
         for family, plan, kw in [
@@ -199,8 +200,10 @@ def _gloo_worker(rank: int, world: int, store: str) -> None:
             ("clt", CLT_TP_PLAN, {"decoder_init_norm": 0.3}),
             ("plt", PLT_TP_PLAN, {}),
             ("molt", None, {}),
+            ("molt", MOLT_TP_PLAN, {"extra": {"molt_ranks": [3, 2], "molt_counts": [2, 6]}}),
+            ("matryoshka_clt", CLT_TP_PLAN, {"act": "batchtopk"}),
         ]:
-            args = tiny_args(family, "jumprelu", L=3, d=6, F=8, **kw)
+            args = tiny_args(family, kw.pop("act", "jumprelu"), L=3, d=6, F=8, **kw)
             spec = model_registry.get(family)
             ref = spec.build_fn(args)
             ref.init_weights(7)
