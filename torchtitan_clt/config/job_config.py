@@ -269,7 +269,8 @@ class Training:
     """Gradient clipping norm (0 disables)."""
 
     mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast dtype of the dictionary's forward: ``auto`` is bf16 on GPU and fp32 on CPU."""
+    """Autocast dtype of the dictionary's forward: ``auto`` is bf16 on GPU and fp32 on CPU.
+    ``fp16`` is refused (it would train without loss scaling); use ``bf16``."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training device; ``auto`` picks CUDA when available."""

@@ -187,6 +187,12 @@ def validate(cfg: JobConfig) -> None:
     need(t.steps > 0, f"training.steps must be positive, got {t.steps}.")
     need(t.batch_size > 0, f"training.batch_size must be positive, got {t.batch_size}.")
     need(t.grad_accum_steps > 0, "training.grad_accum_steps must be positive.")
+    need(
+        t.mixed_precision != "fp16",
+        'training.mixed_precision = "fp16" is not supported: fp16 needs loss scaling (a GradScaler), '
+        "which this trainer does not do, and its narrow range overflows unscaled. Use "
+        '"bf16" (fp32\'s range, no scaling; any GPU since Ampere) or "fp32".',
+    )
     need(cfg.loss.dead_after_tokens >= 0, "loss.dead_after_tokens must be >= 0 (0: auto).")
     need(cfg.loss.auxk_alpha >= 0, f"loss.auxk_alpha must be >= 0 (0: off), got {cfg.loss.auxk_alpha}.")
     need(
