@@ -16,9 +16,21 @@ MODES = ("positive", "ge", "nonzero")
 
 
 def topk_select(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h [N, M]`` -> ``(vals [N, k], idx [N, k])``, the k largest per row (order unspecified)."""
-    vals, idx = torch.topk(h, k, dim=-1, sorted=False)
-    return vals, idx
+    """``h [N, M]`` -> ``(vals [N, k], idx [N, k])``, the k largest per row (order unspecified).
+
+    Ties at the k-th value go to the lowest ids, as in the Triton kernel and on every tp layout
+    (``kernels.selection``): ``torch.topk`` alone picks among ties in no stated order. A second
+    pass marks exactly k entries (those above the k-th value, then the first tied ones) and
+    ``topk`` of the marks returns them; no host sync."""
+    if k == 0:
+        return h[..., :0], torch.zeros((*h.shape[:-1], 0), dtype=torch.long, device=h.device)
+    tau = torch.topk(h, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = h > tau
+    tied = h == tau
+    need = k - above.sum(-1, keepdim=True)
+    marks = above.to(torch.int8) * 2 + (tied & (tied.cumsum(-1) <= need)).to(torch.int8)
+    idx = torch.topk(marks, k, dim=-1, sorted=False).indices  # exactly k marks are nonzero
+    return h.gather(-1, idx), idx
 
 
 def _tau_dtype(h: torch.Tensor) -> torch.dtype:

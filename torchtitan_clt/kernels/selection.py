@@ -9,8 +9,16 @@ concatenated ``h``. Each rank first selects locally with the *global* budget (k�
 or k·B_global·L; k per row for TopK), which keeps every entry of the global selection that it
 holds: the global threshold is at least the local one. The global threshold is then the budget-th
 largest of the ranks' local picks (``global_kth_largest``: two small all-gathers, never the dense
-``h``), and each rank keeps its picks at or above it. Ties at the threshold are all kept, as in
-one process.
+``h``), and each rank keeps its picks above it.
+
+Ties at the threshold, the same on every layout:
+- TopK keeps exactly k per token and layer: ties go to the lowest global feature id, on one
+  process (both backends) and under tensor parallelism, where the features are split in rank
+  order (rank r holds the r-th block); a third all-gather of per-row tie counts tells each rank
+  how many of its tied entries are left after the lower ranks' (``_topk_exact``).
+- BatchTopK keeps every entry equal to the threshold, on one process and on every mesh, so a
+  batch can keep more than its k·B budget when values tie there (with bf16 pre-activations it
+  may). Breaking those ties by id would tie the selection to the order of the batch's rows.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from torchtitan_clt.kernels import dispatch
 from torchtitan_clt.kernels.collectives import all_min, global_kth_largest, world_size
@@ -69,9 +78,7 @@ def select(
         idx = _topk_ids(h, sel.k, sel.positive, backend)
         if not distributed:
             return idx, torch.full((n_layers,), float("nan"), device=h.device)
-        cand = _candidates(h, idx).reshape(n * n_layers, -1)  # [N*L, K]
-        tau = global_kth_largest(cand, sel.k, group).view(n, n_layers, 1)
-        return _keep_at_least(h, idx, tau), torch.full((n_layers,), float("nan"), device=h.device)
+        return _topk_exact(h, idx, sel.k, group), torch.full((n_layers,), float("nan"), device=h.device)
     k_total = sel.k * n * batch_scale * (n_layers if sel.scope == "all" else 1)
     idx, tau = dispatch.batchtopk_select_ids(h, k_total, sel.scope, sel.positive, backend)
     if not distributed:
@@ -97,6 +104,38 @@ def _candidates(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     with one_thread(h.device):
         v = h.gather(-1, idx.clamp(min=0)) if h.shape[-1] else h.new_zeros(idx.shape)
         return torch.where(idx >= 0, v, torch.full((), float("-inf"), dtype=v.dtype, device=v.device))
+
+
+def _topk_exact(h: torch.Tensor, idx: torch.Tensor, k: int, group) -> torch.Tensor:
+    """TopK over the ranks of ``group`` (features split in rank order): of this rank's local picks
+    ``idx [N, L, K]`` (ascending ids, ties already lowest-id first), those in the global top k with
+    ties broken by the lowest global feature id."""
+    n, n_layers, _ = idx.shape
+    cand = _candidates(h, idx)  # [N, L, K], -inf at padding
+    tau = global_kth_largest(cand.reshape(n * n_layers, -1), k, group).view(n, n_layers, 1)
+    with one_thread(h.device):
+        valid = idx >= 0
+        above = valid & (cand > tau.to(cand.dtype))
+        tied = valid & (cand == tau.to(cand.dtype))
+        counts = torch.stack([above.sum(-1), tied.sum(-1)], -1).to(torch.int32)  # [N, L, 2]
+    parts = [torch.empty_like(counts) for _ in range(world_size(group))]
+    dist.all_gather(parts, counts.contiguous(), group=group)
+    me = dist.get_rank(group)
+    with one_thread(h.device):
+        every = torch.stack(parts)  # [W, N, L, 2]
+        need = k - every[..., 0].sum(0)  # tied entries the row still takes, lowest ids first
+        before = every[:me, ..., 1].sum(0)  # ... of which the lower ranks' (lower ids) go first
+        quota = (need - before).clamp(min=0).unsqueeze(-1)  # [N, L, 1]
+        keep = above | (tied & (tied.cumsum(-1) <= quota))
+        return _repack(idx, keep, h.shape[-1])
+
+
+def _repack(idx: torch.Tensor, keep: torch.Tensor, f: int) -> torch.Tensor:
+    """``idx`` where ``keep``: ids ascending, padding (-1) last, width the widest row."""
+    key = torch.where(keep, idx, f).sort(-1).values
+    width = int(keep.sum(-1).max()) if keep.numel() else 0
+    key = key[..., :width]
+    return torch.where(key < f, key, -1)
 
 
 def _keep_at_least(h: torch.Tensor, idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
