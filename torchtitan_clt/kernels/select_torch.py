@@ -20,16 +20,15 @@ def topk_select(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     Ties at the k-th value go to the lowest ids, as in the Triton kernel and on every tp layout
     (``kernels.selection``): ``torch.topk`` alone picks among ties in no stated order. A second
-    pass marks exactly k entries (those above the k-th value, then the first tied ones) and
-    ``topk`` of the marks returns them; no host sync."""
+    ``topk`` over an int32 score (entries above the k-th value first, then tied ones, lower id
+    higher) takes exactly those k; no host sync."""
+    m = h.shape[-1]
     if k == 0:
         return h[..., :0], torch.zeros((*h.shape[:-1], 0), dtype=torch.long, device=h.device)
     tau = torch.topk(h, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    above = h > tau
-    tied = h == tau
-    need = k - above.sum(-1, keepdim=True)
-    marks = above.to(torch.int8) * 2 + (tied & (tied.cumsum(-1) <= need)).to(torch.int8)
-    idx = torch.topk(marks, k, dim=-1, sorted=False).indices  # exactly k marks are nonzero
+    ids_down = torch.arange(m, 0, -1, dtype=torch.int32, device=h.device)  # m - id: lower id higher
+    score = torch.where(h > tau, m + 1, torch.where(h == tau, ids_down, 0))
+    idx = torch.topk(score, k, dim=-1, sorted=False).indices  # >= k entries score above 0
     return h.gather(-1, idx), idx
 
 
