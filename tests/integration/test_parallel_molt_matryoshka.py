@@ -26,22 +26,15 @@ paired with the wrong transform is off by O(1e-1).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from mesh_cases import FixedDead, run_layout, worker
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
-
-LAYOUTS = {  # name: (nproc, dp_replicate, dp_shard, tp)
-    "tp2": (2, 1, 1, 2),
-    "dp2xtp2": (4, 1, 2, 2),
-}
 
 CASES = {  # layout: [(family, activation, batchtopk scope, extra loss terms and "sparse")]
     "tp2": [
@@ -59,32 +52,10 @@ CASES = {  # layout: [(family, activation, batchtopk scope, extra loss terms and
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_layout(tmp_path: Path, layout: str) -> list[dict]:
-    """One torchrun launch per layout; the workers train every case in turn on the same mesh."""
-    nproc, *_ = LAYOUTS[layout]
-    out = tmp_path / f"{layout}.json"
-    spec = ",".join(":".join(c) for c in CASES[layout])
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-        str(HERE), layout, spec, str(out),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return json.loads(out.read_text())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(CASES))
 def test_tp_matches_one_process(tmp_path, layout):
-    for case, res in zip(CASES[layout], _run_layout(tmp_path, layout)):
+    for case, res in zip(CASES[layout], run_layout(HERE, tmp_path, layout, CASES[layout])):
         ref, got = res["ref_losses"], res["losses"]
         assert len(got) == len(ref) == STEPS
         for step, (a, b) in enumerate(zip(got, ref)):
@@ -165,33 +136,6 @@ EXTRA = {
 }
 
 
-def _worker(layout: str, cases: str, out_path: str) -> None:
-    from torchtitan_clt.config import JobConfig
-    from torchtitan_clt.distributed import init_distributed
-
-    _, R, S, T = LAYOUTS[layout]
-    cfg = JobConfig()
-    cfg.training.device = "cpu"
-    cfg.parallelism.dp_replicate, cfg.parallelism.dp_shard, cfg.parallelism.tp = R, S, T
-    dims = init_distributed(cfg)
-    results = [_train_case(cfg, dims, *case.split(":")) for case in cases.split(",")]
-    if dims.rank == 0:
-        Path(out_path).write_text(json.dumps(results))
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
-
-
-class _FixedDead:
-    """Stands in for the trainer's DeadFeatureTracker: a fixed dead mask [L, F]."""
-
-    def __init__(self, mask):
-        self.mask = mask
-
-    def dead_mask(self):
-        return self.mask
-
-
 def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str) -> dict:
     import torch
     import torch.distributed as dist
@@ -256,7 +200,7 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
         model.to_empty(device="cpu")
         model.init_weights(seed=7)
 
-        dead = _FixedDead(torch.arange(L * F).view(L, F) % 3 == 0)  # a third of the features
+        dead = FixedDead(torch.arange(L * F).view(L, F) % 3 == 0)  # a third of the features
         loss_fn = build_loss_fn(cfg.loss, dead_features=dead)
         tp_loss_fn = build_loss_fn_for_mesh(cfg.loss, dims, dead_features=dead)
         opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
@@ -322,4 +266,4 @@ def _train_case(cfg, dims, family: str, activation: str, scope: str, extra: str)
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:4])
+    worker(*sys.argv[1:4], _train_case)
