@@ -146,6 +146,26 @@ def test_trace_of_a_tensor_parallel_run_matches_its_layout():
     assert t["fits"] is True
 
 
+def test_trace_of_the_code_layout_runs_and_moves_y_by_columns():
+    """tp=4 on the code layout (issue 27): the step traces through the gather of the code (its pack
+    sized from this rank's own count, which the dry run's stand-in gathers do not give); no dense
+    ŷ all-reduce, and y's refills after the standardization scattered by columns."""
+    dry_run = _dry_run()
+    cfg = _tiny(
+        "--parallelism.tp=4", "--parallelism.dp_shard=1", "--parallelism.tp_layout=code",
+        "--model.activation=topk", "--data.buffer_device=cpu",
+    )  # fmt: skip
+    # 8 steps: the refills of 496 rows made before the switch (the first, and the one prefetched
+    # with it) are drained, so the third is made by columns.
+    t = dry_run.trace(cfg, 4, gpu="h100-80gb", steps=8)
+    assert t["error"] is None, t["error"]
+    L, d, B = 4, 64, 64
+    coll = t["per_step"]["collectives"]
+    assert coll.get("all_reduce", 0) < (2 * 3 * (B * L * d * 4) // 4) // 10, coll  # no dense ŷ sum
+    assert coll["scatter (data, refill)"] > 0, coll
+    assert coll["all_gather"] > 0, coll  # the code and the selection
+
+
 @pytest.mark.slow
 def test_trace_on_the_cpu_counts_the_buffer_it_allocates():
     dry_run = _dry_run()

@@ -71,7 +71,9 @@ class _GatherCode(torch.autograd.Function):
         nnz = torch.tensor([mine.numel()], dtype=torch.int64, device=idx.device)
         counts = [torch.empty_like(nnz) for _ in range(world)]
         dist.all_gather(counts, nnz, group=group)
-        m = int(torch.cat(counts).max())
+        # Own count included explicitly: the same in a real run, and what a traced dry run (whose
+        # gathered values are stand-ins) needs to size this rank's pack.
+        m = max(int(torch.cat(counts).max()), mine.numel())
         packed = torch.zeros((3, m), dtype=torch.float32, device=idx.device)
         packed[1:].view(torch.int32).fill_(-1)
         packed[0, : mine.numel()] = vals.detach().reshape(-1)[mine].float()
