@@ -22,6 +22,7 @@ LAYOUTS = {  # name: (nproc, dp_replicate, dp_shard, tp)
     "tp4": (4, 1, 1, 4),
     "dp2xtp2": (4, 1, 2, 2),
     "hsdp2x2": (4, 2, 2, 1),
+    "rep2xtp2": (4, 2, 1, 2),  # the flagship's way to grow: data-parallel replicas of a tp group
 }
 
 

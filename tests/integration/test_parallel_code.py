@@ -7,7 +7,7 @@ reference with the same seed; both take 6 AdamW steps on the same global batches
 on its data-parallel slice). The losses of each step and the final whole weights (the CLT's and
 PLT's skip path included, split over tp) must agree.
 
-Tolerance: 2e-5 relative on losses and 1e-4 absolute on weights (after 6 Adam steps of lr 1e-2),
+Tolerance: 1e-5 relative on losses and 1e-4 absolute on weights (after 6 Adam steps of lr 1e-2),
 from fp32 reordering only (the tp partial sums and the FSDP gradient average add in a different
 order than one matmul); a wrong reduction (a missing or doubled all-reduce, a local BatchTopK) is
 off by O(1). A spy checks the code path was taken: the decoder's gather ran, the features
@@ -48,6 +48,10 @@ CASES = {  # layout: [(family, activation, batchtopk scope, extra loss terms and
         ("plt", "batchtopk", "layer", "sparse"),
         ("clt", "jumprelu", "layer", "preact"),
     ],
+    "rep2xtp2": [  # HSDP's replicate dimension beside tp (clt_8b's dp_replicate = N / 32)
+        ("clt", "batchtopk", "all", "sparse"),
+        ("sae", "jumprelu", "all", "preact"),
+    ],
 }
 
 
@@ -58,7 +62,7 @@ def test_code_layout_matches_one_process(tmp_path, layout):
         ref, got = res["ref_losses"], res["losses"]
         assert len(got) == len(ref) == STEPS
         for step, (a, b) in enumerate(zip(got, ref)):
-            assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), f"{case} step {step}: {a} vs one-process {b}"
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"{case} step {step}: {a} vs one-process {b}"
         assert res["max_weight_diff"] < 1e-4, (case, res)
         assert res["weights_moved"] > 1e-3, (case, res)  # not a comparison of two untouched inits
         if case[1] in ("batchtopk", "topk"):
