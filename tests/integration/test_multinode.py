@@ -3,7 +3,7 @@ exactly like one process.
 
 Each node is its own ``run_train.sh`` (its own torchrun agent) with NNODES=2, NODE_RANK=0/1 and
 MASTER_ADDR/MASTER_PORT on localhost; the mesh spans both (tp = 2 across the nodes, the layout
-that ``clt_8b.toml`` uses). The SLURM launcher is exercised the same way, with stand-ins for
+that ``clt_8b.toml`` uses), on both tensor-parallel layouts (``parallelism.tp_layout``). The SLURM launcher is exercised the same way, with stand-ins for
 ``srun`` / ``scontrol`` that start one task per node locally. Tolerance as in test_parallel.py
 (fp32 reordering only): losses within 1e-5 relative, final weights within 1e-4.
 """
@@ -32,7 +32,8 @@ def _env(**extra) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, NGPU="1", **extra)
 
 
-def _finish(procs, name) -> None:
+def _finish(procs, name) -> str:
+    """Wait for the launchers; their joint output (stdout and stderr)."""
     outs = []
     for p in procs:
         try:
@@ -40,8 +41,11 @@ def _finish(procs, name) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()
-        outs.append((p.returncode, out[-3000:], err[-3000:]))
-    assert all(rc == 0 for rc, _, _ in outs), f"{name}: " + "\n".join(map(str, outs))
+        outs.append((p.returncode, out, err))
+    assert all(rc == 0 for rc, _, _ in outs), f"{name}: " + "\n".join(
+        str((rc, o[-3000:], e[-3000:])) for rc, o, e in outs
+    )
+    return "\n".join(o + e for _, o, e in outs)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +54,11 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_launchers_on_localhost_match_one_process(tmp_path, reference):
+@pytest.mark.parametrize("tp_layout", ["features", "code"])
+def test_two_launchers_on_localhost_match_one_process(tmp_path, reference, tp_layout):
     port = str(_free_port())
-    args = [*BASE, *ACT, *MESH, f"--job.dump_folder={tmp_path}", "--job.name=two_nodes"]
+    args = [*BASE, *ACT, *MESH, f"--parallelism.tp_layout={tp_layout}"]
+    args += [f"--job.dump_folder={tmp_path}", "--job.name=two_nodes"]
     procs = [
         subprocess.Popen(
             ["bash", str(ROOT / "run_train.sh"), *args],
@@ -66,7 +72,8 @@ def test_two_launchers_on_localhost_match_one_process(tmp_path, reference):
         )
         for rank in (0, 1)
     ]
-    _finish(procs, "two launchers")
+    log = _finish(procs, "two launchers")
+    assert ("y as this rank's 8 of 16 columns" in log) == (tp_layout == "code"), log[-2000:]  # the path taken
     assert_same_training(tmp_path / "two_nodes", reference)
 
 
