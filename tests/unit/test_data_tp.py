@@ -94,10 +94,16 @@ def _columns_worker(rank: int, folder: str, switch_after: int) -> None:
         from torchtitan_clt.data import SourceContext, build_stream_source
 
         src = build_stream_source(_cfg(), SourceContext(tp_group=dist.group.WORLD, seed=1))
+        alone = [dist.new_group([r]) for r in range(2)]  # (every rank makes every group)
         batches = []
         for i in range(5):
             if i == switch_after:
-                assert src.deliver_target_columns()
+                try:  # a model's tp group that is not the data's: refused, nothing switched
+                    src.deliver_target_columns(alone[rank])
+                    raise AssertionError("a tp group other than the data's was accepted")
+                except RuntimeError as e:
+                    assert "is not the model's" in str(e)
+                assert src.deliver_target_columns(dist.group.WORLD)
             batches.append(src.next_batch(16))
         src.close()
         torch.save((batches, len(scatters)), os.path.join(folder, f"cols{switch_after}_rank{rank}.pt"))

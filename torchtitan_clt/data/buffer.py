@@ -456,12 +456,22 @@ class ShuffleBuffer:
         if self.prefetch:
             self._start_prefetch()
 
-    def deliver_y_columns(self) -> bool:
+    def deliver_y_columns(self, tp_group: Any = None) -> bool:
         """From the next batch on, y holds only this rank's columns (``ChunkShare.columns``; the
         ``code`` tensor-parallel layout); refills started from now on move only those. False
-        without tensor parallelism (nothing to split)."""
+        without tensor parallelism (nothing to split). ``tp_group``: the model's tp group, whose
+        rank order decides which columns a rank's loss reads; the data's group must be the same."""
         if self.share is None:
             return False
+        if tp_group is not None:
+            mine, model = (
+                dist.get_process_group_ranks(self.share.group),
+                dist.get_process_group_ranks(tp_group),
+            )
+            if mine != model:  # else a rank would get another rank's columns of y
+                raise RuntimeError(
+                    f"the data's tp group {mine} is not the model's {model} (same ranks, same order)"
+                )
         self.share.y_columns = True
         self._to_own_columns()  # the refill being drained was filled whole
         return True
@@ -470,8 +480,9 @@ class ShuffleBuffer:
         share = self.share
         if self.y is None or self._y_columns or share is None or not share.y_columns:
             return
-        w = self.y.shape[-1] // share.size
-        self.y, self._y_columns = self.y[..., share.rank * w : (share.rank + 1) * w], True
+        from torchtitan_clt.distributed.tp_code import d_slice
+
+        self.y, self._y_columns = d_slice(self.y, share.group), True
 
     def _new_pass(self, pass_idx: int) -> None:
         self.pass_idx, self.pos = pass_idx, 0

@@ -87,12 +87,13 @@ class ActivationSource:
     def close(self) -> None:
         pass
 
-    def deliver_target_columns(self) -> bool:
+    def deliver_target_columns(self, tp_group: Any = None) -> bool:
         """Under the ``code`` tensor-parallel layout: from the next batch on, y holds only this
-        rank's ``d_out / tp`` columns, and refills move only those (``ChunkShare.columns``).
-        False where the source does not (no shared buffer): the trainer slices whole rows."""
+        rank's ``d_out / tp`` columns (its rank in ``tp_group``, the model's), and refills move only
+        those (``ChunkShare.columns``). False where the source does not (no shared buffer): the
+        trainer slices whole rows."""
         buffer = getattr(self, "buffer", None)
-        return buffer.deliver_y_columns() if buffer is not None else False
+        return buffer.deliver_y_columns(tp_group) if buffer is not None else False
 
     def describe(self) -> dict[str, Any]:
         """What the batches are, saved with the state and in exports."""
