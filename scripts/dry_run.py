@@ -369,16 +369,30 @@ def summarize(
 ) -> dict[str, Any]:
     dev_extra = (CUDA_CONTEXT_GIB + NCCL_GIB_PER_GROUP * _groups(cfg, world)) * GiB if card else 0
     host_base = HOST_RUNTIME_CUDA_GIB * GiB if card else baseline
+    refill = tracer.phases.get("refill")
+    # The trace runs a prefetched refill inline (dispatch modes are per thread); a real run extracts
+    # it on its thread while steps go on, so a step's peak also holds the refill's transients.
+    overlap = {"host": 0, "device": 0}
+    if refill is not None and refill.entries and cfg.data.prefetch:
+        overlap = dict(refill.transient)
     phases = {}
     for name in PHASES:
         st = tracer.phases.get(name)
         if st is None or (st.entries == 0 and name != "other"):
             continue
+        extra = overlap if name == "step" else {"host": 0, "device": 0}
         phases[name] = {
-            "device_peak_gib": round((st.peak["device"] + dev_extra) / GiB, 3) if card else 0.0,
-            "host_peak_gib": round((st.peak["host"] + host_base) / GiB, 3),
+            "device_peak_gib": round((st.peak["device"] + extra["device"] + dev_extra) / GiB, 3)
+            if card
+            else 0.0,
+            "host_peak_gib": round((st.peak["host"] + extra["host"] + host_base) / GiB, 3),
             "device_tensors_gib": round(st.peak["device"] / GiB, 3),
             "host_tensors_gib": round(st.peak["host"] / GiB, 3),
+            **(
+                {"refill_in_flight_gib": {k: round(v / GiB, 3) for k, v in extra.items()}}
+                if name == "step"
+                else {}
+            ),
             "device_rise_gib": round(st.rise["device"] / GiB, 3),
             "host_rise_gib": round(st.rise["host"] / GiB, 3),
             "entries": st.entries,
@@ -398,7 +412,6 @@ def summarize(
             "d2h_bytes": st.d2h_bytes,
         }
     step = tracer.phases.get("step")
-    refill = tracer.phases.get("refill")
     source = parts.get("source")
     rows = _rows_per_refill(source) if source is not None else 0
     rows_per_step = cfg.training.batch_size  # rows every rank of a tp group reads, per dp rank below
@@ -412,9 +425,11 @@ def summarize(
         h2d = step.h2d_bytes / n
         if refill is not None and refill.entries and rows:
             share = rows_per_step / rows  # refills per step
-            for k, v in refill.collectives.items():
-                coll[f"{k} (data, refill)"] = v / refill.entries * share
-            h2d += refill.h2d_bytes / refill.entries * share
+            # The last refill: the steady state (the code layout's refills before its switch to y
+            # columns, standardization's among them, move whole rows).
+            for k, v in refill.last_collectives.items():
+                coll[f"{k} (data, refill)"] = v * share
+            h2d += refill.last_h2d_bytes * share
         per_step = {
             "h2d_bytes": int(h2d),
             "collective_send_bytes": int(sum(coll.values())),

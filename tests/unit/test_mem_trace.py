@@ -34,6 +34,25 @@ def test_live_bytes_peaks_and_phases_on_real_tensors():
     assert tr.phases["other"].peak["host"] >= 2 * MiB
 
 
+def test_an_entrys_transient_is_what_it_frees_before_it_ends():
+    """``transient``: the most one entry rose above what it left live (a refill's extraction, which
+    a real run overlaps with the step); ``last_*``: the latest entry's traffic alone."""
+    from torchtitan_clt.tools.mem_trace import MemTracer
+
+    kept = []
+    with MemTracer() as tr:
+        for scratch, keep in ((3, 1), (1, 2)):  # MiB used only inside, MiB left behind
+            with tr.phase("refill") as st:
+                tmp = torch.empty(scratch * MiB, dtype=torch.uint8)
+                kept.append(torch.empty(keep * MiB, dtype=torch.uint8))
+                tmp.fill_(1)
+                del tmp
+        assert st.entries == 2 and st.transient["host"] == 3 * MiB  # the first: 4 up, 1 left
+        assert st.rise["host"] == 4 * MiB
+        assert st.last_h2d_bytes == 0 and dict(st.last_collectives) == {}
+    del kept
+
+
 def test_what_holds_the_peak():
     from torchtitan_clt.tools.mem_trace import MemTracer
 
@@ -162,8 +181,15 @@ def test_trace_of_the_code_layout_runs_and_moves_y_by_columns():
     L, d, B = 4, 64, 64
     coll = t["per_step"]["collectives"]
     assert coll.get("all_reduce", 0) < (2 * 3 * (B * L * d * 4) // 4) // 10, coll  # no dense ŷ sum
-    assert coll["scatter (data, refill)"] > 0, coll
     assert coll["all_gather"] > 0, coll  # the code and the selection
+    # The steady state is the last refill's: x broadcast whole, y scattered as 1/tp of its columns
+    # (the refills before the switch broadcast y whole too). Small metadata broadcasts aside.
+    x_bytes, y_bytes = coll["broadcast (data, refill)"], coll["scatter (data, refill)"]
+    assert y_bytes > 0 and abs(x_bytes / y_bytes - 4) < 0.01, coll
+    assert t["per_step"]["h2d_bytes"] > 0
+    # The step holds a prefetched refill's transients too (run inline here, beside the step there).
+    step = t["phases"]["step"]
+    assert step["refill_in_flight_gib"]["device"] > 0, step
 
 
 @pytest.mark.slow

@@ -67,6 +67,13 @@ class PhaseStats:
     """How many times the phase was entered (steps, refills...)."""
     rise: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
     """The most one entry added above what was live when it began (what the phase itself needs)."""
+    last_collectives: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Bytes sent by collective op during the latest entry (the steady state where early entries
+    differ, e.g. refills before and after the code layout's switch to y columns)."""
+    last_h2d_bytes: int = 0
+    transient: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
+    """The most one entry rose above what it left live at its end: what it needs only while it
+    runs (a prefetched refill's extraction, which a real run overlaps with the step)."""
     transient_sites: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per kind, at the peak, the transients' large storages by where they were allocated
     (``file:line function``; with ``MemTracer(site_bytes=...)``)."""
@@ -196,6 +203,7 @@ class MemTracer(TorchDispatchMode):
         self.phases: dict[str, PhaseStats] = {}
         self._stack: list[str] = ["other"]
         self._start: list[dict[str, int]] = [{"host": 0, "device": 0}]
+        self._entry_rise: list[dict[str, int]] = [{"host": 0, "device": 0}]
         self._snap_at = {"host": 0, "device": 0}
         self._snap_phase: dict[str, str] = {}
         self.stats("other")
@@ -214,14 +222,20 @@ class MemTracer(TorchDispatchMode):
     def phase(self, name: str) -> Iterator[PhaseStats]:
         st = self.stats(name)
         st.entries += 1
+        st.last_collectives, st.last_h2d_bytes = defaultdict(int), 0
         self._stack.append(name)
         self._start.append(dict(self.current))
+        self._entry_rise.append({"host": 0, "device": 0})
         self._note_peak()
         try:
             yield st
         finally:
+            start, rise = self._start[-1], self._entry_rise[-1]
+            for kind, now in self.current.items():
+                st.transient[kind] = max(st.transient[kind], rise[kind] - (now - start[kind]))
             self._stack.pop()
             self._start.pop()
+            self._entry_rise.pop()
             self._note_peak()
 
     # -- storages ------------------------------------------------------------------------------
@@ -274,6 +288,7 @@ class MemTracer(TorchDispatchMode):
         start = self._start[-1]
         for kind, now in self.current.items():
             st.rise[kind] = max(st.rise[kind], now - start[kind])
+            self._entry_rise[-1][kind] = max(self._entry_rise[-1][kind], now - start[kind])
             if now > st.peak[kind] and self._snap_phase.get(kind) != self.phase_name:
                 self._snap_at[kind] = 0  # a new phase: its first peak gets its own breakdown
                 self._snap_phase[kind] = self.phase_name
@@ -374,6 +389,7 @@ class MemTracer(TorchDispatchMode):
         st = self.stats(self.phase_name)
         if sent is not None:
             st.collectives[sent[0]] += sent[1]
+            st.last_collectives[sent[0]] += sent[1]
             st.collective_calls[sent[0]] += 1
         if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
             src = args[1] if func is torch.ops.aten.copy_.default else args[0]
@@ -383,6 +399,7 @@ class MemTracer(TorchDispatchMode):
                 n = src.numel() * src.element_size()  # a cross-device copy moves the source's dtype
                 if src.device.type == "cpu" and dst_dev.type != "cpu":
                     st.h2d_bytes += n
+                    st.last_h2d_bytes += n
                 elif src.device.type != "cpu" and dst_dev.type == "cpu":
                     st.d2h_bytes += n
         out = func(*args, **kwargs)
