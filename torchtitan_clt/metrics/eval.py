@@ -197,12 +197,15 @@ def evaluate_replacement(
     open_loop: bool = True,
     baselines: Baselines | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ops: Any = None,
 ) -> dict[str, Any]:
     """Closed-loop (and per-layer open-loop) replacement metrics on ``token_batches  # [B, T]``.
 
     ``llm``: a plain causal LM (``hook_module`` must know it). ``transcoder``: a plain
     ``Transcoder`` (on any device; evaluated in eval mode, its mode restored after).
     ``baselines``: from ``compute_baselines`` for the same batches, to skip recomputing them.
+    ``ops``: a sharded model's layer pieces (``metrics.sharded_eval.tp_shards``; every rank of the
+    mesh calls this with the same batches), None for a plain model.
 
     Returns a JSON-ready dict: ``tokens_scored``, ``layers`` (LLM layers), ``hook_in``,
     ``hook_out``, ``ce_clean``; ``closed_loop``, ``zero_ablation``, ``mean_ablation``, each
@@ -229,11 +232,13 @@ def evaluate_replacement(
         for tokens in batches:
             lc = logits_of(llm, tokens)
             closed.update(
-                lc, forward_replaced(llm, tokens, transcoder, spec, list(range(n)), chunk_elements), tokens
+                lc,
+                forward_replaced(llm, tokens, transcoder, spec, list(range(n)), chunk_elements, ops),
+                tokens,
             )
             for i in range(len(opened)):
                 opened[i].update(
-                    lc, forward_replaced(llm, tokens, transcoder, spec, [i], chunk_elements), tokens
+                    lc, forward_replaced(llm, tokens, transcoder, spec, [i], chunk_elements, ops), tokens
                 )
     finally:
         transcoder.train(was_training)

@@ -1,7 +1,8 @@
 """Periodic evaluation during training: the LLM and the held-out token batches, built once.
 
     evaluator = build_evaluator(job_config, device, llm=source.llm)   # the source's LLMHandle, or None
-    result = evaluator.run(plain_model, step)       # rank 0 only, a plain (gathered) model
+    result = evaluator.run(plain_model, step)       # one process, or rank 0 with a gathered copy
+    result = evaluator.run(sharded_model, step)     # every rank of the mesh (metrics/sharded_eval.py)
     metrics_logger.log(step, evaluator.log_metrics(result))
     write_report(run_folder, result["replacement"], result["feature_stats"])   # at the end
 
@@ -14,6 +15,7 @@ tokenizer (a stream source's prefetch thread shares them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -31,6 +33,7 @@ from torchtitan_clt.metrics.eval import (
     flat_metrics,
 )
 from torchtitan_clt.metrics.feature_stats import FeatureStatsAccumulator
+from torchtitan_clt.metrics.sharded_eval import ShardedFeatureStats, supported, tp_shards
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +90,18 @@ class Evaluator:
     def run(
         self, transcoder: nn.Module, step: int | None = None, open_loop: bool | None = None
     ) -> dict[str, Any]:
-        """Evaluate a plain ``Transcoder`` (any device); its train/eval mode is restored.
+        """Evaluate a plain ``Transcoder`` (any device), or a model sharded over the mesh whose
+        family ``sharded_eval.supported`` (every rank calls it then; each gets the same result);
+        its train/eval mode is restored.
 
         ``open_loop``: override ``eval.open_loop`` for this run (e.g. only at the end)."""
         t0 = time.perf_counter()
         open_loop = self.open_loop if open_loop is None else open_loop
         llm = self.llm.model
         spec = SpliceSpec.of(transcoder, llm)
-        with self.llm.lock:
+        sharded = supported(transcoder)
+        shards = tp_shards(transcoder) if sharded else contextlib.nullcontext()
+        with self.llm.lock, shards as ops:
             b = self._baselines
             if b is None or b.spec != spec:
                 b = compute_baselines(llm, self.batches, spec, per_layer=open_loop)
@@ -102,17 +109,22 @@ class Evaluator:
                 b = compute_baselines(llm, self.batches, spec, per_layer=True, reuse=b)
             self._baselines = b
             replacement = evaluate_replacement(
-                llm, transcoder, self.batches, open_loop=open_loop, baselines=b
+                llm, transcoder, self.batches, open_loop=open_loop, baselines=b, ops=ops
             )
-            stats = FeatureStatsAccumulator(transcoder, self.dense_threshold)
+            stats = (
+                ShardedFeatureStats(ops.tc, ops, self.dense_threshold)
+                if sharded
+                else FeatureStatsAccumulator(transcoder, self.dense_threshold)
+            )
             extractor = self.llm.extractor(spec.hook_in, spec.hook_out, spec.layers)
             for tokens in self.batches:
                 stats.update(*extractor(tokens))
-        self.last = {"step": step, "replacement": replacement, "feature_stats": stats.compute()}
+            features = stats.compute()  # sharded: reads the decoder shards, gathers the counts
+        self.last = {"step": step, "replacement": replacement, "feature_stats": features}
         c = replacement["closed_loop"]
         logger.info(
             "eval%s: CE clean %.4f, replacement %.4f (ΔCE %.4f), CE recovered %.3f (zero) %.3f (mean), "
-            "KL %.4f, top-1 %.3f; FVU %.4f, L0 %.1f (%.1f s)",
+            "KL %.4f, top-1 %.3f; FVU %.4f, L0 %.1f (%.1f s%s)",
             "" if step is None else f" step {step}",
             replacement["ce_clean"],
             c["ce"],
@@ -124,6 +136,7 @@ class Evaluator:
             self.last["feature_stats"]["fvu"],
             self.last["feature_stats"]["l0"],
             time.perf_counter() - t0,
+            ", from the shards" if sharded else "",
         )
         return self.last
 

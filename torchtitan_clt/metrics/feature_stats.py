@@ -99,8 +99,11 @@ class FeatureStatsAccumulator:
         }
         for key in ("fvu", "nmse", "explained_variance", "l0", "dead_frac", "dense_frac"):
             out[key] = _mean_finite(out[f"{key}_per_layer"])
-        out["decoder_norm_by_offset"] = decoder_norms_by_offset(self.tc)
+        out["decoder_norm_by_offset"] = self._decoder_norms()
         return out
+
+    def _decoder_norms(self) -> dict[str, Any] | None:
+        return decoder_norms_by_offset(self.tc)
 
 
 def feature_stats(
@@ -137,14 +140,21 @@ def decoder_norms_by_offset(transcoder: nn.Module) -> dict[str, Any] | None:
     decs = _clt_decoders(transcoder)
     if decs is None:
         return None
-    L = len(decs)
     scale = transcoder.out_scale.float()  # [L, d_out]: raw = standardized · scale (+ mean)
+    norms = []
+    for s, W in enumerate(decs):
+        w = W.detach().float() * scale[s:].to(W.device)[None]  # [F, L−s, d]
+        norms.append(torch.linalg.vector_norm(w, dim=2).double().cpu())  # [F, L−s]
+    return summarize_decoder_norms(norms)
+
+
+def summarize_decoder_norms(per_source: list[torch.Tensor]) -> dict[str, Any]:
+    """``decoder_norms_by_offset``'s summary of ``per_source[s]  # [F, L−s]`` raw-unit norms."""
+    L = len(per_source)
     mean = torch.full((L, L), float("nan"), dtype=torch.float64)
     share = torch.full((L, L), float("nan"), dtype=torch.float64)
     by_offset: list[list[torch.Tensor]] = [[] for _ in range(L)]
-    for s, W in enumerate(decs):
-        w = W.detach().float() * scale[s:].to(W.device)[None]  # [F, L−s, d]
-        norms = torch.linalg.vector_norm(w, dim=2).double().cpu()  # [F, L−s]
+    for s, norms in enumerate(per_source):
         mean[s, : L - s] = norms.mean(0)
         sq = norms.pow(2).sum(0)
         share[s, : L - s] = sq / sq.sum().clamp_min(1e-30)

@@ -16,7 +16,8 @@ Cost: one full-width encode and decode per covered layer and forward, in token c
 Fast paths (same numbers, L× less work): the built-in families' own per-layer pieces are used
 when a model does not override them: layer i's encoder (``W_enc[i]``, ``b_enc[i]``), the CLT's
 per-source decode ``_decode_source``, the PLT / SAE decoder ``W_dec[i]``. ``FAST_PATHS = False``
-turns them off (the tests compare both).
+turns them off (the tests compare both). On a mesh the same pieces run on each rank's
+tensor-parallel shard with the group's collectives (``metrics/sharded_eval.py``, passed as ``ops``).
 """
 
 from __future__ import annotations
@@ -151,7 +152,9 @@ class _Writes:
     cross-layer models add every source's write to a running sum, plus ``base  # [L, d_out]``
     = decode(0) (the bias path) at output time."""
 
-    def __init__(self, transcoder: nn.Module, targets: list[int], chunk_elements: int):
+    def __init__(
+        self, transcoder: nn.Module, targets: list[int], chunk_elements: int, ops: _LayerOps | None = None
+    ):
         self.tc = transcoder
         a = transcoder.args
         self.L, self.F, self.d_in, self.d_out = a.n_layers, a.features_per_layer, a.d_in, a.d_out
@@ -159,9 +162,13 @@ class _Writes:
         ref = next(iter(transcoder.parameters()), None)
         self.device = ref.device if ref is not None else torch.device("cpu")
         self.cross = is_cross_layer(transcoder)
-        self.ops = _LayerOps(transcoder)
+        self.ops = ops or _LayerOps(transcoder)
+        self.sharded = getattr(self.ops, "sharded", False)  # metrics/sharded_eval.py: tp shards
         self.base = None
-        if self.cross:
+        if self.sharded:
+            self.cross = self.ops.clt
+            self.base = self.ops.base() if self.cross else None
+        elif self.cross:
             zeros = torch.zeros(1, self.L, self.F, device=self.device)
             self.base = self._decode(zeros, torch.zeros(1, self.L, self.d_in, device=self.device))[0].float()
         self.chunk = max(1, chunk_elements // (self.L * max(self.F, self.d_in, self.d_out)))
@@ -181,6 +188,11 @@ class _Writes:
             y = self.y[r : r + self.chunk]
             if not self.cross:
                 y[:, self.targets.index(i)] = self._layer_output(i, xc)
+            elif self.sharded:  # the skip path travels in the same collective as the write
+                if later:  # the same on every rank: the collectives stay matched
+                    w = self.ops.clt_write(i, xc, skip=i in self.targets)
+                    y[:, [k for k, _ in later]] += w[:, [o for _, o in later]]
+                continue
             elif self.ops.clt:
                 if later:
                     w = self.ops.clt_write(i, xc)
@@ -298,10 +310,13 @@ def forward_replaced(
     spec: SpliceSpec,
     replace: list[int],
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ops: _LayerOps | None = None,
 ) -> torch.Tensor:
     """Logits with ``hook_out`` replaced by the dictionary at dictionary layers ``replace`` (indices
-    into ``spec.layers``); inputs are read at every dictionary layer up to the last replaced one."""
-    state = _Writes(transcoder, sorted(replace), chunk_elements)
+    into ``spec.layers``); inputs are read at every dictionary layer up to the last replaced one.
+    ``ops``: how a layer runs (default the plain model's own pieces; a sharded model's are
+    ``metrics.sharded_eval.ShardedLayerOps``)."""
+    state = _Writes(transcoder, sorted(replace), chunk_elements, ops)
     same_point = spec.hook_in == spec.hook_out
     regs: list[tuple[int, str, Any]] = []
     for i in range(max(replace) + 1):
