@@ -127,7 +127,9 @@ class Trainer:
             )
             self.step_fn.y_columns = group
         self.evaluator = None
-        if finish.eval_wanted(cfg) and self.rank == 0:
+        # From the shards every rank evaluates (metrics/sharded_eval.py); else rank 0 a gathered copy.
+        self.eval_sharded = finish.eval_wanted(cfg) and finish.eval_from_shards(self.model, self.model_args)
+        if finish.eval_wanted(cfg) and (self.rank == 0 or self.eval_sharded):
             from torchtitan_clt.metrics.evaluator import build_evaluator
 
             self.evaluator = build_evaluator(cfg, self.device, llm=self.source.llm)  # None: no LLM
@@ -177,7 +179,7 @@ class Trainer:
                     last = self._log(step, stats, data_wait_s / max(elapsed, 1e-9))
                     t_window, data_wait_s = time.perf_counter(), 0.0
                 if cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < t.steps:
-                    self._evaluate(step, self._gather(), open_loop=False)
+                    self._evaluate(step, None if self.eval_sharded else self._gather(), open_loop=False)
                 if self.checkpointer is not None:
                     self.checkpointer.save(step, last_step=step == t.steps)
                 if profiler is not None:
@@ -220,11 +222,15 @@ class Trainer:
         )
 
     def _evaluate(self, step: int, plain, open_loop: bool) -> dict | None:
-        """Replacement-model evaluation on held-out text, once (rank 0), of the gathered ``plain``."""
+        """Replacement-model evaluation on held-out text: of the sharded model on every rank
+        (``eval_sharded``; rank 0 logs), else once on rank 0 of the gathered ``plain``."""
         result = None
-        if plain is not None and self.evaluator is not None:
-            result = self.evaluator.run(plain.to(self.device), step, open_loop=open_loop)
-            self.metrics.log(step, self.evaluator.log_metrics(result))
+        model = self.model if self.eval_sharded else plain
+        if model is not None and self.evaluator is not None:
+            model = model if self.eval_sharded else model.to(self.device)
+            result = self.evaluator.run(model, step, open_loop=open_loop)
+            if self.rank == 0:
+                self.metrics.log(step, self.evaluator.log_metrics(result))
         if dist.is_initialized():
             dist.barrier()
         return result
@@ -250,12 +256,16 @@ class Trainer:
         self.source.close()
         # On a mesh the exports stream from the shards, first: nothing is gathered whole for them.
         streamed = exports and finish.exports_streamed(cfg, self.model, self.model_args, calibration)
-        if streamed:  # every rank; a BatchTopK threshold is fitted into the shards first
+        # Every rank; a BatchTopK threshold is fitted into the shards first (the shards' evaluation
+        # and streamed exports read it, and a copy gathered after carries it).
+        fit_in_shards = streamed or (self.eval_sharded and self.model_args.activation == "batchtopk")
+        if fit_in_shards:
             finish.fit_batchtopk_sharded(self.model, calibration, self.run_folder)
+        if streamed:
             finish.export_all(cfg, self.model, self.run_folder, calibration)
-        whole = wants_eval or features or (exports and not streamed)
+        whole = (wants_eval and not self.eval_sharded) or features or (exports and not streamed)
         plain = self._gather() if whole else None  # carries a threshold fitted above
-        if not streamed:
+        if not fit_in_shards:
             plain = finish.fit_batchtopk(plain, calibration, self.run_folder)
         result = self._evaluate(self.train_state.step, plain, cfg.eval.open_loop) if wants_eval else None
         if self.rank == 0:

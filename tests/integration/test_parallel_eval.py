@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_ranks
 from torch.distributed.tensor import DTensor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,6 +200,8 @@ def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "code", "dp2xtp2"])
 def test_sharded_evaluation_equals_the_gathered_one(tmp_path, layout):
+    from helpers import run_ranks  # here: the trainer imports this module (job.custom_import)
+
     world = 4 if layout == "dp2xtp2" else 2
     run_ranks(_worker, (world, str(tmp_path), layout), world, timeout_s=400)
     reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(world)]
@@ -224,3 +225,88 @@ def test_sharded_evaluation_equals_the_gathered_one(tmp_path, layout):
         # The numbers are not trivial: the replacement moves the logits, features fire.
         assert want[".replacement.closed_loop.kl"] > 1e-4, case
         assert 0 < want[".feature_stats.l0"] < F, case
+
+
+# --- the trainer: eval.every and the end of run take the sharded path --------------------------
+THIS = Path(__file__).resolve()
+STEPS = 4
+TRAIN = [
+    "--config", "train_configs/debug_model.toml", "--job.custom_import", str(THIS),
+    "--model.features_per_layer=32", "--model.activation=batchtopk", "--model.k=4",
+    f"--training.steps={STEPS}", "--training.batch_size=64", "--standardize.estimate_tokens=256",
+    "--data.buffer_tokens=512", "--metrics.log_freq=1", "--metrics.enable_tensorboard=false",
+    "--checkpoint.interval=2", "--checkpoint.export_calibration_tokens=64",
+    "--eval.enable=true", "--eval.every=2", "--eval.tokens=96", "--eval.batch_size=2",
+    "--parallelism.tp=2", "--parallelism.dp_shard=1",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_trainer_evaluates_from_the_shards(tmp_path):
+    """``run_train.sh`` on tp=2 with ``eval.every`` and the final evaluation of a BatchTopK CLT
+    (its inference threshold fitted into the shards): no rank gathers the model (this module, as
+    the run's ``job.custom_import``, makes ``gather_plain_model`` of a sharded model raise), and
+    the logged metrics equal the evaluator's on the checkpoint rebuilt in one process (step 2: as
+    trained; the end: with the fitted threshold from ``report/batchtopk_threshold.json``)."""
+    import os
+    import subprocess
+    import sys
+
+    from torchtitan_clt.checkpoint.offline import load_model_from_checkpoint
+    from torchtitan_clt.config import load_config
+    from torchtitan_clt.metrics.evaluator import Evaluator
+
+    env = dict(os.environ, NGPU="2", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    env["MASTER_PORT"] = str(29500 + (os.getpid() + 13) % 1000)
+    args = [*TRAIN, f"--job.dump_folder={tmp_path}", "--job.name=run"]
+    r = subprocess.run(
+        ["bash", str(ROOT / "run_train.sh"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    assert "from the shards" in log and "gathering the whole model" not in log, log[-3000:]
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {x["step"]: x for x in rows if "eval_ce_clean" in x}
+    assert sorted(evals) == [2, STEPS]
+
+    cfg = load_config(args, check=False)
+    ev = Evaluator(cfg, "cpu")
+    fit = json.loads((run / "report" / "batchtopk_threshold.json").read_text())
+    for step, open_loop in ((2, False), (STEPS, cfg.eval.open_loop)):
+        model, _ = load_model_from_checkpoint(run, step=step)
+        if step == STEPS:
+            with torch.no_grad():
+                model.activation.threshold.copy_(torch.tensor(fit["threshold"]))
+        want = Evaluator.log_metrics(ev.run(model, step, open_loop=open_loop))
+        got = evals[step]
+        flat_got = _flat({k: got[k] for k in want})
+        for k, v in _flat(want).items():
+            # CE recovered divides by the ablation's CE gap: it amplifies fp32 reordering
+            tol = 1e-4 if "recovered" in k else 1e-5
+            assert abs(flat_got[k] - v) <= tol * max(1.0, abs(v)), (step, k, flat_got[k], v)
+    assert evals[STEPS]["eval_ce_replacement"] != evals[2]["eval_ce_replacement"]
+
+
+# --- ``job.custom_import`` side: the run may not gather a sharded model -------------------------
+def _forbid_gathers() -> None:
+    from torchtitan_clt.checkpoint.sharded_export import is_sharded
+    from torchtitan_clt.trainer import finish
+
+    gather = finish.gather_plain_model
+
+    def forbidden(model, *a, **kw):
+        if is_sharded(model):
+            raise RuntimeError("gather_plain_model: the model was gathered whole")
+        return gather(model, *a, **kw)
+
+    finish.gather_plain_model = forbidden
+
+
+if __name__ != "__main__" and not __name__.startswith("test_") and "torchtitan_clt_custom" in __name__:
+    _forbid_gathers()

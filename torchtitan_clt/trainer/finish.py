@@ -1,14 +1,15 @@
 """After the loop: held-out evaluation, the report, the exports and the feature pass.
 
 On a mesh the exports are streamed from the sharded model, one source layer at a time
-(``checkpoint.sharded_export``; ``exports_streamed`` says when), so no rank holds more than its
-shard plus one layer. What needs the whole dictionary gathers it onto rank 0 once
-(``gather_plain_model``) and reads that copy: the held-out evaluation (the replacement model runs
-inside the LLM), the feature pass, and the circuit-tracer JumpReLU conversion of a TopK model
-(a threshold fit on the whole model); the exports then come from that copy too. A BatchTopK model
-gets its inference threshold fitted on training rows before any of them (``fit_batchtopk``, or
-``fit_batchtopk_sharded`` layer by layer on a mesh), so the evaluation, the exports and the
-feature examples all see the model as it will be used.
+(``checkpoint.sharded_export``; ``exports_streamed`` says when), and the held-out evaluation runs
+from the shards on every rank (``metrics/sharded_eval.py``; ``eval_from_shards`` says when), so no
+rank holds more than its shard plus one layer. What still needs the whole dictionary gathers it
+onto rank 0 once (``gather_plain_model``) and reads that copy: the feature pass, the circuit-tracer
+JumpReLU conversion of a TopK model (a threshold fit on the whole model), and the evaluation of a
+family without the per-layer pieces (MOLT, a user's); the exports then come from that copy too. A
+BatchTopK model gets its inference threshold fitted on training rows before any of them
+(``fit_batchtopk``, or ``fit_batchtopk_sharded`` layer by layer on a mesh), so the evaluation, the
+exports and the feature examples all see the model as it will be used.
 """
 
 from __future__ import annotations
@@ -33,14 +34,26 @@ def eval_wanted(cfg: JobConfig) -> bool:
     return cfg.eval.enable or cfg.eval.every > 0
 
 
+def eval_from_shards(model: Any, args: TranscoderArgs) -> bool:
+    """Whether the held-out evaluation runs from the sharded ``model`` on every rank
+    (``metrics.sharded_eval.supported``) instead of a copy gathered onto rank 0. A BatchTopK model's
+    inference threshold must then be fitted in the shards too (``layer_plan``)."""
+    from torchtitan_clt.checkpoint.sharded_export import layer_plan
+    from torchtitan_clt.metrics.sharded_eval import supported
+
+    if not supported(model):
+        return False
+    return args.activation != "batchtopk" or layer_plan(model) is not None
+
+
 def whole_copy_readers(cfg: JobConfig, model: Any, args: TranscoderArgs) -> list[str]:
     """The end-of-run passes that read a whole single-device copy of the model on a mesh (module
     docstring); empty when every pass streams from the shards."""
     from torchtitan_clt.checkpoint.sharded_export import layer_plan
 
     out = []
-    if eval_wanted(cfg):
-        out.append("the held-out evaluation (eval.enable / eval.every)")
+    if eval_wanted(cfg) and not eval_from_shards(model, args):
+        out.append(f"the held-out evaluation of a {args.family} model (eval.enable / eval.every)")
     if cfg.eval.feature_examples_tokens > 0:
         out.append("the feature pass (eval.feature_examples_tokens)")
     exports = cfg.checkpoint.export or cfg.checkpoint.export_circuit_tracer
@@ -83,10 +96,10 @@ def check_whole_copy_fits(cfg: JobConfig, model: Any, args: TranscoderArgs, worl
         raise ConfigError(
             f"at the end of the run {', '.join(readers)} would gather the whole dictionary onto rank 0's "
             f"host: {need / gib:.1f} GiB (fp32, plus the state dict it is built from) where "
-            f"{budget / gib:.1f} GiB is available per rank on this node. The exports stream from the "
-            "shards without it: turn those passes off (--eval.enable=false --eval.every=0 "
-            "--eval.feature_examples_tokens=0), and evaluate the export afterwards "
-            "(scripts/eval.py) on a machine with that much memory."
+            f"{budget / gib:.1f} GiB is available per rank on this node. The exports (and the "
+            "evaluation of the built-in families) stream from the shards without it: turn those "
+            "passes off (--eval.enable=false --eval.every=0 --eval.feature_examples_tokens=0), "
+            "and evaluate the export afterwards (scripts/eval.py) on a machine with that much memory."
         )
 
 
@@ -94,6 +107,7 @@ def gather_plain_model(model: Any, spec: ModelSpec, args: TranscoderArgs, world_
     """A single-device copy of the (possibly sharded) model on rank 0; None elsewhere (collective)."""
     if not dist.is_initialized() or world_size == 1:
         return model
+    logger.info("gathering the whole model onto rank 0")  # tests read it: the path taken
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
