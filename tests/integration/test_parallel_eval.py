@@ -6,8 +6,8 @@ For a CLT with a skip path and a PLT, each with JumpReLU, BatchTopK (its inferen
 TopK (the global top k over the shards), every rank runs the trainer's ``Evaluator`` on the sharded
 model; the reference is the same evaluator, in the same process, on the plain copy that today's path
 gathers (``finish.gather_plain_model``) of the same weights, on the same held-out tokens. The
-metrics must agree within 1e-5 relative (fp32 summation order: partial sums over ranks) and be the
-same on every rank. A spy on ``gather_plain_model`` shows the sharded run never gathers, and a
+metrics must agree within 1e-5 relative (fp32 summation order: partial sums over ranks; 1e-4 for
+CE recovered, a ratio over an ablation's CE gap) and be the same on every rank. A spy on ``gather_plain_model`` shows the sharded run never gathers, and a
 ``TorchDispatchMode`` records the shape of every tensor an op made during it: none is the whole
 shape of a weight matrix the layout shards (the gathered path's ops do see them, on rank 0).
 Then the trainer: ``run_train.sh`` at tp=2 evaluates every ``eval.every`` steps and at the end from
@@ -104,6 +104,12 @@ def _flat(r: dict) -> dict[str, float]:
 
     walk(r, "")
     return out
+
+
+def _tol(key: str) -> float:
+    """1e-5 relative; CE recovered divides by an ablation's CE gap (a layer's can be ~1e-3), which
+    amplifies the fp32 reordering of the CEs it is made of: 1e-4."""
+    return 1e-4 if "recovered" in key else 1e-5
 
 
 def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
@@ -218,7 +224,7 @@ def test_sharded_evaluation_equals_the_gathered_one(tmp_path, layout):
                 k: (got[k], want[k])
                 for k in want
                 if not (math.isnan(want[k]) and math.isnan(got[k]))
-                and abs(got[k] - want[k]) > 1e-5 * max(1.0, abs(want[k]))
+                and abs(got[k] - want[k]) > _tol(k) * max(1.0, abs(want[k]))
             }
             assert not bad, (case, r, bad)
             rep = reports[r][case]
@@ -292,9 +298,7 @@ def test_trainer_evaluates_from_the_shards(tmp_path):
         got = evals[step]
         flat_got = _flat({k: got[k] for k in want})
         for k, v in _flat(want).items():
-            # CE recovered divides by the ablation's CE gap: it amplifies fp32 reordering
-            tol = 1e-4 if "recovered" in k else 1e-5
-            assert abs(flat_got[k] - v) <= tol * max(1.0, abs(v)), (step, k, flat_got[k], v)
+            assert abs(flat_got[k] - v) <= _tol(k) * max(1.0, abs(v)), (step, k, flat_got[k], v)
     assert evals[STEPS]["eval_ce_replacement"] != evals[2]["eval_ce_replacement"]
 
 

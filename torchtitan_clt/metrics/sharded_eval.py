@@ -15,11 +15,14 @@ one layer's chunk of activations. Per layer ``i`` and token chunk (``ShardedLaye
   training selection over the tp group (``kernels.selection.select``: the global top k, ties to the
   lowest feature id, as in one process);
 - ``features`` layout (decoder sharded over features): this rank's features decode a partial write,
-  the skip path its slice of d_in, and one fp32 all-reduce sums them;
-- ``code`` layout (``distributed/tp_code.py``: decoder sharded over d_out): the layer's
-  activations ``[c, F]`` all-gathered (dense: a chunk is small), this rank's d_out columns decoded
-  from every feature, the columns all-gathered.
-So the result is the plain model's up to fp32 summation order. Families: those whose per-layer
+  the skip path its slice of d_in, into a running partial sum per replaced target;
+- ``code`` layout (``distributed/tp_code.py``: decoder sharded over d_out): the layer's active
+  entries all-gathered as the sparse code (value, id), this rank's d_out columns decoded from every
+  feature into its columns of each target.
+Only when the LLM reads a target is it made whole (``finish``: one fp32 all-reduce of ``[n, d]``,
+or one all-gather of the columns) and the bias path added: a CLT source writes to every later
+layer, so reducing per source would move L/2 times more. The result is the plain model's up to
+fp32 summation order. Families: those whose per-layer
 pieces ``metrics/splice.py`` runs (``_LayerOps``: CLT, Matryoshka CLT, PLT, SAE); others (MOLT, a
 user's family) are gathered as before (``supported``).
 """
@@ -115,8 +118,9 @@ class ShardedLayerOps(_LayerOps):
     """``_LayerOps`` on this rank's tp shards plus the tp group's collectives (module docstring).
 
     The parameters must read as the local shards (``tp_shards``). ``encode`` gives this rank's
-    features of a layer; ``clt_write`` / ``plt_output`` / ``base`` give the whole width, identical
-    on every rank of the group. ``observe(i, acts)`` (optional) sees each encoded chunk's local
+    features of a layer; ``clt_write`` / ``plt_output`` this rank's part of the output
+    (``width`` columns), which ``finish`` makes whole, identical on every rank of the group, and
+    ``base`` adds the bias to. ``observe(i, acts)`` (optional) sees each encoded chunk's local
     activations (the feature statistics count them)."""
 
     sharded = True
@@ -194,36 +198,57 @@ class ShardedLayerOps(_LayerOps):
         return y
 
     def _features(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """What the decoder of this rank reads: its own features (``features``) or all of them."""
+        """What this rank's decoder reads  # [c, F/tp] or [c, F]: its own features (``features``),
+        or (``code``) every rank's, moved as the sparse code (``tp_code.gather_code``: value and id
+        of the active entries) and laid out dense for the family's decoder."""
         a = self.encode(i, x)
-        return self._cat(a, 1) if self.code else a
+        if not self.code:
+            return a
+        from torchtitan_clt import kernels
+        from torchtitan_clt.distributed.tp_code import gather_code
+
+        a3 = a[:, None]  # [c, 1, F/tp]
+        idx, _ = kernels.compact(a3, torch.zeros(1), "nonzero")
+        vals = kernels.dispatch.gather_selected(a3, idx)
+        vals, idx = gather_code(vals, idx, self.f_local, self.group)  # global ids, -1 padded
+        full = a.new_zeros(a.shape[0], self.f_local * self.world)
+        keep = idx[:, 0] >= 0
+        # Added, not written: the padding (-1, sent to feature 0) adds zeros to a real entry.
+        return full.scatter_add_(1, idx[:, 0].clamp(min=0), torch.where(keep, vals[:, 0], 0.0))
+
+    @property
+    def width(self) -> int:
+        """Columns of the output this rank accumulates: all of d_out (``features``: a partial
+        sum over its features) or its own d_out/tp (``code``)."""
+        return self.d_out // self.world if self.code else self.d_out
 
     def clt_write(self, i: int, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
-        """Source i's write to targets i..L-1  # [c, L−i, d_out], raw units, no bias; with
-        ``skip``, layer i's skip path added at offset 0 (its own target)."""
+        """This rank's part of source i's write to targets i..L-1  # [c, L−i, width], raw units,
+        no bias (``finish`` makes it whole); with ``skip``, layer i's skip path at offset 0."""
         tc = self.tc
-        w = tc._decode_source(i, self._features(i, x)).float()  # [c, L−i, d_out or d_out/tp]
+        w = tc._decode_source(i, self._features(i, x)).float()
         s = self._skip_partial(i, x) if skip else None
         if s is not None:
             w[:, 0] += s
-        scale = tc.out_scale[i:, self.cols]
-        return self._cat(w * scale, -1) if self.code else self._sum(w) * scale
+        return w * tc.out_scale[i:, self.cols]
 
     def plt_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer i's output  # [c, d_out] raw."""
+        """This rank's part of layer i's output  # [c, width], raw units, no bias (``base``)."""
         tc = self.tc
         a = self._features(i, x).to(tc.W_dec.dtype)
-        y = (a @ tc.W_dec[i]).float()  # [c, d_out or d_out/tp]
+        y = (a @ tc.W_dec[i]).float()
         s = self._skip_partial(i, x)
         if s is not None:
             y = y + s
-        if not self.code:
-            y = self._sum(y)
-        y = (y + tc.b_dec[i].float()) * tc.out_scale[i, self.cols] + tc.out_mean[i, self.cols]
-        return self._cat(y, -1) if self.code else y
+        return y * tc.out_scale[i, self.cols]
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """A target's accumulated part  # [n, width] -> the whole output without bias  # [n, d_out]:
+        one reduction per target read (never per source: a source writes to every later layer)."""
+        return self._cat(y, -1) if self.code else self._sum(y.clone())
 
     def base(self) -> torch.Tensor:
-        """What a cross-layer model writes with no feature active: its bias path  # [L, d_out] raw."""
+        """The bias path, what every target gets with no feature active  # [L, d_out] raw."""
         tc = self.tc
         b = self._cat(tc.b_dec.float(), -1) if self.code else tc.b_dec.float()
         return b * tc.out_scale + tc.out_mean

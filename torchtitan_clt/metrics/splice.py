@@ -165,9 +165,9 @@ class _Writes:
         self.ops = ops or _LayerOps(transcoder)
         self.sharded = getattr(self.ops, "sharded", False)  # metrics/sharded_eval.py: tp shards
         self.base = None
-        if self.sharded:
+        if self.sharded:  # each rank accumulates its part; output() makes a target whole
             self.cross = self.ops.clt
-            self.base = self.ops.base() if self.cross else None
+            self.base = self.ops.base()
         elif self.cross:
             zeros = torch.zeros(1, self.L, self.F, device=self.device)
             self.base = self._decode(zeros, torch.zeros(1, self.L, self.d_in, device=self.device))[0].float()
@@ -180,7 +180,8 @@ class _Writes:
             return
         n = x.shape[0]
         if self.y is None:
-            self.y = torch.zeros(n, len(self.targets), self.d_out, device=self.device)
+            width = self.ops.width if self.sharded else self.d_out
+            self.y = torch.zeros(n, len(self.targets), width, device=self.device)
         x = x.to(self.device, torch.float32)
         later = [(k, t - i) for k, t in enumerate(self.targets) if t >= i]  # (slot, offset) reached
         for r in range(0, n, self.chunk):
@@ -188,7 +189,7 @@ class _Writes:
             y = self.y[r : r + self.chunk]
             if not self.cross:
                 y[:, self.targets.index(i)] = self._layer_output(i, xc)
-            elif self.sharded:  # the skip path travels in the same collective as the write
+            elif self.sharded:  # this rank's part, skip path included
                 if later:  # the same on every rank: the collectives stay matched
                     w = self.ops.clt_write(i, xc, skip=i in self.targets)
                     y[:, [k for k, _ in later]] += w[:, [o for _, o in later]]
@@ -236,6 +237,8 @@ class _Writes:
         if self.y is None:
             raise RuntimeError(f"dictionary layer {i}: the target hook fired before any input hook.")
         y = self.y[:, self.targets.index(i)]
+        if self.sharded:
+            return self.ops.finish(y) + self.base[i]
         return y + self.base[i] if self.cross else y
 
 
