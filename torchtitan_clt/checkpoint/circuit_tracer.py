@@ -478,15 +478,43 @@ def _layer_files(folder: Path, pattern: str) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+# Tensors whose first dimension is the feature (the rest are per layer: b_dec, W_skip).
+_PER_FEATURE = re.compile(r"^(W_enc|b_enc|threshold|W_dec)(_\d+)?$|^activation_function\.threshold$")
+
+
+def _read(path: Path, features: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """A file's tensors; with ``features = (lo, hi)`` only those features' rows of the per-feature
+    ones (read as slices: the rest of the file is not loaded)."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        if features is None:
+            return {k: f.get_tensor(k) for k in f.keys()}
+        lo, hi = features
+        return {k: f.get_slice(k)[lo:hi] if _PER_FEATURE.match(k) else f.get_tensor(k) for k in f.keys()}
+
+
+def export_features_per_layer(folder: str | Path) -> int:
+    """Features per layer of a circuit-tracer folder, from its first file's header."""
+    folder = Path(folder)
+    kind = read_config(folder).get("model_kind")
+    path, key = (
+        (folder / "W_enc_0.safetensors", "W_enc_0")
+        if kind == CLT_KIND
+        else (folder / "layer_0.safetensors", "W_enc")
+    )
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return int(f.get_slice(key).get_shape()[0])
 
 
 def load_circuit_tracer(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    features: tuple[int, int] | None = None,
 ) -> Transcoder:
-    """A circuit-tracer CLT or PLT-set folder as our ``Transcoder`` (JumpReLU or ReLU), eval mode."""
+    """A circuit-tracer CLT or PLT-set folder as our ``Transcoder`` (JumpReLU or ReLU), eval mode.
+    ``features = (lo, hi)``: a dictionary of features ``lo..hi-1`` of every layer only (their
+    activations are those of the whole dictionary: JumpReLU and ReLU act per feature), read from
+    the files as slices; a rank's share of a sharded feature pass."""
     folder = Path(folder)
     config = read_config(folder)
     kind = config.get("model_kind")
@@ -501,7 +529,7 @@ def load_circuit_tracer(
             f"(known: {', '.join(back)})."
         )
     if kind == CLT_KIND:
-        enc = [_read(p) for p in _layer_files(folder, r"^W_enc_(\d+)\.safetensors$")]
+        enc = [_read(p, features) for p in _layer_files(folder, r"^W_enc_(\d+)\.safetensors$")]
         L = len(enc)
         W_enc = torch.stack([enc[i][f"W_enc_{i}"] for i in range(L)])  # [L, F, d]
         b_enc = torch.stack([enc[i][f"b_enc_{i}"] for i in range(L)])
@@ -511,11 +539,13 @@ def load_circuit_tracer(
             if "threshold_0" in enc[0]
             else None
         )
-        W_dec = {f"W_dec.{i}": _read(folder / f"W_dec_{i}.safetensors")[f"W_dec_{i}"] for i in range(L)}
+        W_dec = {
+            f"W_dec.{i}": _read(folder / f"W_dec_{i}.safetensors", features)[f"W_dec_{i}"] for i in range(L)
+        }
         W_skip = torch.stack([enc[i][f"W_skip_{i}"] for i in range(L)]) if "W_skip_0" in enc[0] else None
         family = "clt"
     elif kind == PLT_KIND:
-        layers = [_read(p) for p in _layer_files(folder, r"^layer_(\d+)\.safetensors$")]
+        layers = [_read(p, features) for p in _layer_files(folder, r"^layer_(\d+)\.safetensors$")]
         L = len(layers)
         # Stored [d_out, d_in] (x @ W_skip.T); ours is [L, d_in, d_out].
         W_skip = torch.stack([s["W_skip"].T for s in layers]) if "W_skip" in layers[0] else None

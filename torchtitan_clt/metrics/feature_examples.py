@@ -145,6 +145,28 @@ class _Kept:
         )
 
 
+def _i64(c: int) -> int:
+    """A 64-bit constant as the int64 that has its bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (z >> n) & ((1 << (64 - n)) - 1)
+
+
+def sample_keys(seed: int, context: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """Uniform keys in [0, 1) per (context, feature) pair (broadcast): a hash of the pair
+    (splitmix64), not a generator's stream, so it is the same whichever rank holds the feature
+    and however many features it holds (a sharded pass samples what one process does)."""
+    z = context.to(torch.int64) * _i64(0xD1B54A32D192ED03) + feature.to(torch.int64)
+    z = z + seed * _i64(0xABC98388FB8FAC03) + _i64(0x9E3779B97F4A7C15)
+    z = (z ^ _shr(z, 30)) * _i64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _i64(0x94D049BB133111EB)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40).to(torch.float32) / float(1 << 24)  # the top 24 bits: exact in float32
+
+
 class FeatureExamplesAccumulator:
     def __init__(
         self,
@@ -153,10 +175,21 @@ class FeatureExamplesAccumulator:
         skip_positions: int = DEFAULT_SKIP_POSITIONS,
         n_sampled: int | None = None,
         seed: int = 0,
+        feature_offset: int = 0,
+        n_features_total: int | None = None,
     ):
+        """``feature_offset`` / ``n_features_total``: ``transcoder`` holds features
+        ``feature_offset..`` of each layer's ``n_features_total`` (a rank of a sharded pass); the
+        random sample then draws the keys the whole dictionary's pass would."""
         self.tc = transcoder
         a = transcoder.args
         self.L, self.F, self.K = a.n_layers, a.features_per_layer, n_examples
+        total = n_features_total or self.F
+        self.seed = seed
+        # Each feature's number in the whole dictionary (layer * total + index): its sample keys.
+        self.feature_ids = (
+            torch.arange(self.L)[:, None] * total + feature_offset + torch.arange(self.F)
+        ).flatten()
         self.LF = self.L * self.F
         self.skip = skip_positions
         self.tokens_seen = 0
@@ -166,7 +199,6 @@ class FeatureExamplesAccumulator:
         self.act_max = torch.zeros(self.LF)
         self.top = _Kept(self.LF, n_examples)
         self.sampled = _Kept(self.LF, 2 * n_examples if n_sampled is None else n_sampled)
-        self.gen = torch.Generator().manual_seed(seed)
         self.hist = torch.zeros(self.LF, HIST_BINS, dtype=torch.int64)
         self.hist_top = torch.zeros(self.LF)
 
@@ -197,7 +229,8 @@ class FeatureExamplesAccumulator:
         peak += self.skip
         peak_tok = tokens[:, 1:].gather(1, peak)
         self.top.merge(value, value, peak, peak_tok, tokens, acts, self.contexts)
-        key = torch.rand(value.shape, generator=self.gen).clamp_min(1e-12).masked_fill(value <= 0, 0.0)
+        key = sample_keys(self.seed, self.contexts + torch.arange(B)[:, None], self.feature_ids[None])
+        key = key.clamp_min(1e-12).masked_fill(value <= 0, 0.0)
         self.sampled.merge(key, value, peak, peak_tok, tokens, acts, self.contexts)
         self.contexts += B
 
@@ -268,26 +301,33 @@ def decoder_target_norms(transcoder: nn.Module) -> torch.Tensor | None:
 
 @torch.no_grad()
 def nearest_features(
-    transcoder: nn.Module, k: int = 8, max_features: int = MAX_NEIGHBOUR_FEATURES
+    transcoder: nn.Module | None,
+    k: int = 8,
+    max_features: int = MAX_NEIGHBOUR_FEATURES,
+    dirs: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rows ``[L*F, k]``, cosines ``[L*F, k]``): every feature's ``k`` nearest other features by the
-    cosine of their total decoder directions (``decoder_directions``), over all layers. None past
-    ``max_features`` features (all pairs: ``(L*F)² · d`` multiply-adds)."""
-    dirs = decoder_directions(transcoder).cpu()
+    cosine of their total decoder directions (``decoder_directions``, or ``dirs  # [L, F, d]``),
+    over all layers. None past ``max_features`` features (all pairs: ``(L*F)² · d`` multiply-adds).
+    ``rows``: only these features (flat ``layer * F + index``), in that order."""
+    dirs = decoder_directions(transcoder).cpu() if dirs is None else dirs
     L, F, d = dirs.shape
     if L * F > max_features:
         return None
     chunk = max(1, 2**26 // (L * F))  # a [chunk, L*F] similarity block of at most 256 MiB
     unit = torch.nn.functional.normalize(dirs.reshape(L * F, d), dim=1)
     k = min(k, L * F - 1)
-    rows, cos = [], []
-    for s in range(0, L * F, chunk):
-        sim = unit[s : s + chunk] @ unit.T  # [n, LF]
-        sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -2.0  # not itself
+    wanted = torch.arange(L * F) if rows is None else rows
+    out, cos = [], []
+    for s in range(0, wanted.numel(), chunk):
+        mine = wanted[s : s + chunk]
+        sim = unit[mine] @ unit.T  # [n, LF]
+        sim[torch.arange(sim.shape[0]), mine] = -2.0  # not itself
         c, r = sim.topk(k, dim=1)
-        rows.append(r)
+        out.append(r)
         cos.append(c)
-    return torch.cat(rows), torch.cat(cos)
+    return torch.cat(out), torch.cat(cos)
 
 
 @torch.no_grad()

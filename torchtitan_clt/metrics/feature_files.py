@@ -16,18 +16,22 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from torchtitan_clt.metrics.feature_examples import (
     DEFAULT_SKIP_POSITIONS,
     HIST_BINS,
+    MAX_NEIGHBOUR_FEATURES,
     ExampleSlots,
     FeatureExamples,
     FeatureExamplesAccumulator,
+    decoder_directions,
     decoder_logits,
     decoder_target_norms,
     nearest_features,
@@ -39,6 +43,30 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WINDOW_BEFORE, WINDOW_AFTER = 24, 8  # tokens shown around an example's strongest activation
+
+
+@dataclass(frozen=True)
+class FeatureShare:
+    """A rank's share of a sharded feature pass: features ``lo..hi-1`` of each layer's
+    ``n_features``, the ranks of ``group`` together holding all of them."""
+
+    lo: int
+    hi: int
+    n_features: int
+    group: Any = None
+
+    @classmethod
+    def of(cls, n_features: int, group: Any = None) -> FeatureShare:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if n_features % world:
+            raise ValueError(
+                f"a feature pass over {world} ranks splits each layer's {n_features} features evenly: "
+                f"use a multiple of {world} (model.features_per_layer) or run scripts/features.py."
+            )
+        n = n_features // world
+        return cls(rank * n, (rank + 1) * n, n_features, group)
+
+
 SAMPLE_BANDS = 4  # quantile bands the random sample of a feature's contexts is cut into
 
 
@@ -136,15 +164,19 @@ def feature_records(
     bottom_ids: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+    share: FeatureShare | None = None,
 ) -> list[dict[str, Any]]:
     """One JSON-ready record per feature that fired (the browser's and circuit-tracer's input).
     ``targets``  # [L, F, L]: decoder norm per target layer (a CLT); ``neighbours``: rows and
-    cosines ``[L*F, k]`` of the nearest features by decoder direction."""
+    cosines ``[L*F, k]`` of the nearest features by decoder direction (rows over every rank's
+    features). ``share``: ``ex`` holds features ``share.lo..hi-1`` of each layer."""
     records = []
     density = ex.density
     alive = (ex.fired > 0).nonzero().flatten().tolist()
+    offset, n_all = (share.lo, share.n_features) if share is not None else (0, ex.n_features)
     for row in alive:
-        j, i = divmod(row, ex.n_features)
+        j, i_local = divmod(row, ex.n_features)
+        i = i_local + offset
         examples = [
             _example(ex.top, row, s, text)
             for s in range(ex.top.values.shape[1])
@@ -165,16 +197,16 @@ def feature_records(
             "hist_top": float(ex.hist_top[row]),
             "examples": examples,
             "bands": quantile_bands(sampled),
-            "top_logits": text(top_ids[j, i].tolist()) if top_ids is not None else [],
-            "bottom_logits": text(bottom_ids[j, i].tolist()) if bottom_ids is not None else [],
+            "top_logits": text(top_ids[j, i_local].tolist()) if top_ids is not None else [],
+            "bottom_logits": text(bottom_ids[j, i_local].tolist()) if bottom_ids is not None else [],
         }
         if targets is not None:
             r["targets"] = [
-                [int(layers[t]), round(float(targets[j, i, t]), 4)] for t in range(j, targets.shape[2])
+                [int(layers[t]), round(float(targets[j, i_local, t]), 4)] for t in range(j, targets.shape[2])
             ]
         if neighbours is not None:
             r["neighbours"] = [
-                [int(layers[n // ex.n_features]), n % ex.n_features, round(float(c), 3)]
+                [int(layers[n // n_all]), n % n_all, round(float(c), 3)]
                 for n, c in zip(neighbours[0][row].tolist(), neighbours[1][row].tolist())
             ]
         r["label"] = label_from_examples(r)
@@ -246,22 +278,34 @@ def label_graph_nodes(graph_json: str | Path, features: str | Path) -> int:
     return n
 
 
-def example_summary(ex: FeatureExamples, min_contexts: int = 8) -> dict[str, Any]:
-    """What the selection achieved, over the features that fired: how many have at least
-    ``min_contexts`` distinct example contexts (top and sampled together), and the fraction whose
-    top example peaks right after BOS (window position 1, the attention-sink artifact)."""
+def example_stats(ex: FeatureExamples) -> dict[str, Any]:
+    """What ``example_summary`` is made of, for the features in ``ex`` (the shares of a sharded
+    pass are summed): distinct example contexts per feature that fired, and how many of those
+    features' top example peaks right after BOS."""
     fired = ex.fired > 0
-    n_fired = max(int(fired.sum()), 1)
     distinct = []
     for row in fired.nonzero().flatten().tolist():
         ctx = set(ex.top.context[row].tolist()) | set(ex.sampled.context[row].tolist())
         distinct.append(len(ctx - {-1}))
     has_top = ex.top.context[:, 0] >= 0
     at_bos = fired & has_top & (ex.top.peak[:, 0] == 0)
+    return {"skip_positions": ex.skip_positions, "distinct": distinct, "at_bos": int(at_bos.sum())}
+
+
+def example_summary(
+    ex: FeatureExamples | None, min_contexts: int = 8, stats: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """What the selection achieved, over the features that fired: how many have at least
+    ``min_contexts`` distinct example contexts (top and sampled together), and the fraction whose
+    top example peaks right after BOS (window position 1, the attention-sink artifact). Of ``ex``,
+    or of every rank's ``stats`` (``example_stats``)."""
+    stats = stats if stats is not None else [example_stats(ex)]
+    distinct = [d for s in stats for d in s["distinct"]]
+    n_fired = max(len(distinct), 1)
     return {
-        "skip_positions": ex.skip_positions,
+        "skip_positions": stats[0]["skip_positions"],
         f"features_with_{min_contexts}_contexts": sum(d >= min_contexts for d in distinct),
-        "top_example_after_bos_frac": int(at_bos.sum()) / n_fired,
+        "top_example_after_bos_frac": sum(s["at_bos"] for s in stats) / n_fired,
         "distinct_contexts_median": sorted(distinct)[len(distinct) // 2] if distinct else 0,
     }
 
@@ -276,38 +320,76 @@ def write_feature_examples(
     meta: dict[str, Any] | None = None,
     targets: torch.Tensor | None = None,
     neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+    share: FeatureShare | None = None,
 ) -> dict[str, Any]:
     """Write ``folder/{id}.json``, ``folder/index.html``, ``folder/feature.html`` with
-    ``folder/data/`` and ``folder/summary.json``; returns the summary."""
-    from torchtitan_clt.metrics.feature_html import write_browser
+    ``folder/data/`` and ``folder/summary.json``; returns the summary. With ``share`` (every rank
+    of its group calls this, collectively) each rank writes its own features' files and rank 0
+    the index and the summary of all of them; the files are those one process would write."""
+    from torchtitan_clt.metrics.feature_html import clear_browser, write_feature_pages, write_index
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.json"):
-        stale.unlink()
-    records = feature_records(ex, layers, TokenText(tokenizer), top_ids, bottom_ids, targets, neighbours)
+    first = share is None or dist.get_rank(share.group) == 0
+    if first:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.json"):
+            stale.unlink()
+        clear_browser(folder)
+    if share is not None:
+        dist.barrier(group=share.group)
+    records = feature_records(
+        ex, layers, TokenText(tokenizer), top_ids, bottom_ids, targets, neighbours, share
+    )
     name = str((meta or {}).get("name", folder.parent.name))
     for r in records:
         (folder / f"{r['id']}.json").write_text(json.dumps(circuit_tracer_feature(r, name)))
-    n = ex.n_layers * ex.n_features
-    summary = {
-        "name": name,
-        "tokens": ex.tokens_seen,
-        "layers": [int(v) for v in layers],
-        "features_per_layer": ex.n_features,
-        "features": n,
-        "fired": len(records),
-        "dead_frac": 1 - len(records) / max(n, 1),
-        "histogram_bins": HIST_BINS,
-        **example_summary(ex),
-        **(meta or {}),
-    }
-    write_browser(records, folder, summary)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    mine = (write_feature_pages(records, folder), example_stats(ex))
+    parts = [mine]
+    if share is not None:  # the index rows and statistics of every rank, on rank 0
+        parts = [None] * dist.get_world_size(share.group) if first else None
+        dist.gather_object(mine, parts, group_dst=0, group=share.group)
+    summary = None
+    if first:
+        rows = sorted((row for p in parts for row in p[0]), key=lambda row: (row[0], row[1]))
+        n_features = share.n_features if share is not None else ex.n_features
+        n = ex.n_layers * n_features
+        summary = {
+            "name": name,
+            "tokens": ex.tokens_seen,
+            "layers": [int(v) for v in layers],
+            "features_per_layer": n_features,
+            "features": n,
+            "fired": len(rows),
+            "dead_frac": 1 - len(rows) / max(n, 1),
+            "histogram_bins": HIST_BINS,
+            **example_summary(None, stats=[p[1] for p in parts]),
+            **(meta or {}),
+        }
+        write_index(rows, folder, summary)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if share is not None:
+        box = [summary]
+        dist.broadcast_object_list(box, group_src=0, group=share.group)
+        summary = box[0]
     return summary
 
 
 @torch.no_grad()
+def shared_neighbours(transcoder: nn.Module, share: FeatureShare) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``nearest_features`` of this rank's features among every rank's (the decoder directions
+    gathered: only below ``MAX_NEIGHBOUR_FEATURES`` features in all, where the one-process pass
+    computes them too)."""
+    dirs = decoder_directions(transcoder).cpu()  # [L, f, d], this rank's features
+    L, f, _ = dirs.shape
+    if L * share.n_features > MAX_NEIGHBOUR_FEATURES:
+        return None
+    parts: list[Any] = [None] * dist.get_world_size(share.group)
+    dist.all_gather_object(parts, dirs, group=share.group)
+    every = torch.cat(parts, dim=1)  # [L, F, d]
+    rows = (torch.arange(L)[:, None] * share.n_features + share.lo + torch.arange(f)).flatten()
+    return nearest_features(None, dirs=every, rows=rows)
+
+
 def run_feature_pass(
     transcoder: nn.Module,
     llm: LLMHandle,
@@ -318,17 +400,28 @@ def run_feature_pass(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     skip_positions: int = DEFAULT_SKIP_POSITIONS,
+    share: FeatureShare | None = None,
 ) -> dict[str, Any]:
     """Stream ``batches`` (``[B, T]`` token ids) until ``tokens`` tokens, collect the examples of
     every feature of ``transcoder`` and write them to ``folder`` (see ``write_feature_examples``).
     Whole batches are read: the count read (in the summary's ``tokens``, and logged) can exceed
-    ``tokens`` by up to one batch, or fall short when the text ends."""
+    ``tokens`` by up to one batch, or fall short when the text ends. ``share``: a sharded pass
+    (every rank of ``share.group`` calls this with the same batches): ``transcoder`` holds this
+    rank's features only (``load_circuit_tracer(features=...)``)."""
     from tqdm.auto import tqdm
 
+    if share is not None and dist.get_rank(share.group) != 0:
+        progress = False
     a = transcoder.args
     layers = list(a.layers or range(a.n_layers))
     extractor = llm.extractor(a.hook_in, a.hook_out, layers)
-    acc = FeatureExamplesAccumulator(transcoder, n_examples, skip_positions)
+    acc = FeatureExamplesAccumulator(
+        transcoder,
+        n_examples,
+        skip_positions,
+        feature_offset=share.lo if share is not None else 0,
+        n_features_total=share.n_features if share is not None else None,
+    )
     t0 = time.perf_counter()
     bar = tqdm(total=tokens, unit="tok", desc="feature examples", disable=not progress)
     seen = 0
@@ -349,6 +442,7 @@ def run_feature_pass(
         )
     ex = acc.result()
     top, bottom = decoder_logits(transcoder, llm.model)
+    neighbours = nearest_features(transcoder) if share is None else shared_neighbours(transcoder, share)
     info = {
         "seconds": round(time.perf_counter() - t0, 1),
         "examples_per_feature": n_examples,
@@ -363,7 +457,8 @@ def run_feature_pass(
         bottom,
         {**info, **(meta or {})},
         decoder_target_norms(transcoder),
-        nearest_features(transcoder),
+        neighbours,
+        share,
     )
     logger.info(
         "feature examples: %d tokens, %d of %d features fired (%d with 8+ distinct contexts), written "
@@ -376,3 +471,29 @@ def run_feature_pass(
         time.perf_counter() - t0,
     )
     return summary
+
+
+def run_feature_pass_sharded(
+    circuit_tracer_folder: str | Path,
+    llm: LLMHandle,
+    batches: Iterable[torch.Tensor],
+    tokens: int,
+    folder: str | Path,
+    n_examples: int = 8,
+    meta: dict[str, Any] | None = None,
+    skip_positions: int = DEFAULT_SKIP_POSITIONS,
+    group: Any = None,
+) -> dict[str, Any]:
+    """``run_feature_pass`` of a circuit-tracer export over the ranks of ``group`` (every rank
+    calls it with the same batches): each reads only its share of every layer's features from the
+    export's files (``load_circuit_tracer(features=...)``: the encoder and decoder rows of those
+    features, no whole layer), runs the text through its LLM, and writes those features' files;
+    rank 0 writes the index and the summary. Memory per rank: its features' slots (a
+    ``world``-th of one process's) and its slice of the dictionary."""
+    from torchtitan_clt.checkpoint.circuit_tracer import export_features_per_layer, load_circuit_tracer
+
+    share = FeatureShare.of(export_features_per_layer(circuit_tracer_folder), group)
+    transcoder = load_circuit_tracer(circuit_tracer_folder, features=(share.lo, share.hi))
+    return run_feature_pass(
+        transcoder, llm, batches, tokens, folder, n_examples, meta, skip_positions=skip_positions, share=share
+    )

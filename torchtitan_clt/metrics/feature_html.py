@@ -233,22 +233,42 @@ def _layer_span(layers: list[int]) -> str:
     return ", ".join(map(str, layers))
 
 
-def write_browser(records: list[dict[str, Any]], folder: str | Path, summary: dict[str, Any]) -> Path:
-    """Write ``folder/index.html`` (+ ``index_data.js``), ``folder/feature.html`` and
-    ``folder/data/L{layer}_F{index}.js`` per feature; returns the index path."""
+def clear_browser(folder: str | Path) -> None:
+    """Remove an earlier browser's per-feature files from ``folder``."""
     folder = Path(folder)
-    data = folder / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    for stale in [*data.glob("*.js"), *folder.glob("pages/*.html")]:  # pages/: the old per-feature pages
+    for stale in [
+        *folder.glob("data/*.js"),
+        *folder.glob("pages/*.html"),
+    ]:  # pages/: the old per-feature pages
         stale.unlink()
+
+
+def write_feature_pages(records: list[dict[str, Any]], folder: str | Path) -> list[list[Any]]:
+    """``folder/data/L{layer}_F{index}.js`` per feature; returns the index's rows for them (a rank
+    of a sharded pass writes its own features' pages, rank 0 the index of every rank's rows)."""
+    data = Path(folder) / "data"
+    data.mkdir(parents=True, exist_ok=True)
     rows = []
     for r in records:
         (data / f"L{r['layer']}_F{r['index']}.js").write_text(f"showFeature({_js(r)});\n")
         rows.append(
             [r["layer"], r["index"], r["id"], r["density"], r["act_max"], r["label"], *_search_text(r)]
         )
+    return rows
+
+
+def write_index(rows: list[list[Any]], folder: str | Path, summary: dict[str, Any]) -> Path:
+    """``folder/index.html`` (+ ``index_data.js``) and ``folder/feature.html``; returns the index."""
+    folder = Path(folder)
     (folder / "index_data.js").write_text(f"const FEATURES = {_js(rows)};\n")
     (folder / "feature.html").write_text(feature_template(summary))
     index = folder / "index.html"
     index.write_text(index_page(summary))
     return index
+
+
+def write_browser(records: list[dict[str, Any]], folder: str | Path, summary: dict[str, Any]) -> Path:
+    """Write ``folder/index.html`` (+ ``index_data.js``), ``folder/feature.html`` and
+    ``folder/data/L{layer}_F{index}.js`` per feature; returns the index path."""
+    clear_browser(folder)
+    return write_index(write_feature_pages(records, folder), folder, summary)
