@@ -141,6 +141,10 @@ def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
         )
         cfg.eval.dataset, cfg.eval.tokens, cfg.eval.batch_size = str(ASSETS / "tiny_text.txt"), 36, 3
         ev = Evaluator(cfg, "cpu")  # every rank: its own LLM, the same held-out tokens
+        if layout == "tp2":  # the feature statistics in blocks of 10 rows, chunked inside them
+            from torchtitan_clt.metrics import splice
+
+            splice.DEFAULT_CHUNK_ELEMENTS = len(LAYERS) * D * 10
         gathers = [0]
         gather = finish.gather_plain_model
 

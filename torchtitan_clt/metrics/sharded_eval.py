@@ -291,20 +291,24 @@ class ShardedFeatureStats(FeatureStatsAccumulator):
         def observe(i: int, a: torch.Tensor) -> None:
             fired[i] += (a != 0).sum(0).double().cpu()
 
-        state = _Writes(self.tc, list(range(L)), DEFAULT_CHUNK_ELEMENTS, ops=self.ops)
-        x, y = x.to(state.device, torch.float32), y.to(state.device, torch.float32)
+        # Rows in blocks: ŷ and the partial sums stay [rows, L, d_out] (one chunk's worth).
+        rows = max(1, DEFAULT_CHUNK_ELEMENTS // (L * max(self.ops.d_in, self.ops.d_out)))
         was_training = self.tc.training
         self.tc.eval()  # BatchTopK: its inference threshold (training mode would also move its EMA)
         self.ops.observe = observe
         try:
-            for i in range(L):
-                state.read(i, x[:, i])
+            for r in range(0, x.shape[0], rows):
+                state = _Writes(self.tc, list(range(L)), DEFAULT_CHUNK_ELEMENTS, ops=self.ops)
+                xr = x[r : r + rows].to(state.device, torch.float32)
+                yr = y[r : r + rows].to(state.device, torch.float32)
+                for i in range(L):
+                    state.read(i, xr[:, i])
+                y_hat = torch.stack([state.output(t) for t in range(L)], 1)  # [rows, L, d_out]
+                s = fvu_sums(yr, y_hat)
+                self.sums = s if self.sums is None else self.sums + s
         finally:
             self.ops.observe = None
             self.tc.train(was_training)
-        y_hat = torch.stack([state.output(t) for t in range(L)], 1)  # [N, L, d_out]
-        s = fvu_sums(y, y_hat)
-        self.sums = s if self.sums is None else self.sums + s
         self.fired = fired if self.fired is None else self.fired + fired  # this rank's features
         self.tokens += x.shape[0]
 
