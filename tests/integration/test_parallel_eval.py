@@ -180,7 +180,9 @@ def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
                     else:
                         model.get_buffer(name).copy_(p)
             model.train()
-            assert sharded_eval.supported(model)
+            assert sharded_eval.supported(model) and finish.eval_from_shards(model, args)
+            cfg.eval.enable = True  # the pre-training check no longer counts the evaluation
+            assert not any("evaluation" in r for r in finish.whole_copy_readers(cfg, model, args))
             n0 = gathers[0]
             with _Shapes() as shapes:
                 got = ev.run(model, step=7, open_loop=True)
