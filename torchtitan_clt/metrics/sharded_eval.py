@@ -37,8 +37,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchtitan_clt.checkpoint.plain import unwrap
-from torchtitan_clt.checkpoint.sharded_export import is_sharded
 from torchtitan_clt.distributed.tensor_parallel import tp_group_of
 from torchtitan_clt.distributed.tp_code import is_code_layout
 from torchtitan_clt.metrics.feature_stats import DEFAULT_DENSE_THRESHOLD, FeatureStatsAccumulator
@@ -53,10 +51,16 @@ except ImportError:  # pragma: no cover - torch built without distributed
     Replicate = None  # type: ignore[assignment,misc]
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module behind a ``torch.compile`` wrapper (metrics does not import checkpoint)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def supported(model: nn.Module) -> bool:
     """Whether ``model`` is sharded over a mesh and its family has the per-layer pieces the sharded
     evaluation runs (module docstring); if not, the trainer gathers a plain copy instead."""
-    if not (dist.is_available() and dist.is_initialized() and is_sharded(model)):
+    sharded = any(is_dtensor(p) for p in unwrap(model).parameters())
+    if not (dist.is_available() and dist.is_initialized() and sharded):
         return False
     ops = _LayerOps(unwrap(model))
     return ops.clt or ops.plt
