@@ -22,9 +22,9 @@ one layer's chunk of activations. Per layer ``i`` and token chunk (``ShardedLaye
 Only when the LLM reads a target is it made whole (``finish``: one fp32 all-reduce of ``[n, d]``,
 or one all-gather of the columns) and the bias path added: a CLT source writes to every later
 layer, so reducing per source would move L/2 times more. The result is the plain model's up to
-fp32 summation order. Families: those whose per-layer
-pieces ``metrics/splice.py`` runs (``_LayerOps``: CLT, Matryoshka CLT, PLT, SAE); others (MOLT, a
-user's family) are gathered as before (``supported``).
+fp32 summation order. Families: those whose per-layer pieces ``metrics/splice.py`` runs
+(``_LayerOps``: CLT, Matryoshka CLT, PLT, SAE; tested: CLT and PLT); others (MOLT, a user's
+family) are gathered as before (``supported``).
 """
 
 from __future__ import annotations
