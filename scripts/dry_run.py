@@ -577,7 +577,18 @@ def measure(cfg: Any) -> dict[str, Any]:
     rss = RSSPhases()
     counter = CollectiveCounter(rss)
     baseline = _rss_now()
-    with phase_hooks(rss.phase, parts), counter.installed():
+    # TCLT_MEASURE_TENSORS=1: also the tensors' live bytes per phase (this thread's, real values),
+    # to tell a gap between trace and RSS made of tensors from one made of anything else.
+    from torchtitan_clt.tools.mem_trace import MemTracer
+
+    tensors = MemTracer(site_bytes=SITE_BYTES_CPU) if os.environ.get("TCLT_MEASURE_TENSORS") else None
+
+    @contextlib.contextmanager
+    def enter(name: str) -> Iterator[None]:
+        with rss.phase(name), tensors.phase(name) if tensors is not None else contextlib.nullcontext():
+            yield
+
+    with phase_hooks(enter, parts), counter.installed(), tensors or contextlib.nullcontext():
         trainer = Trainer(cfg)
         trainer.train()
     rss._cut()
@@ -595,6 +606,23 @@ def measure(cfg: Any) -> dict[str, Any]:
             if name in rss.peak
         },
         "rows_per_refill": rows,
+        **(
+            {
+                "tensors": {
+                    name: {
+                        "host_peak_gib": round(st.peak["host"] / GiB, 3),
+                        "host_rise_gib": round(st.rise["host"] / GiB, 3),
+                        "transients_at_peak_gib": {
+                            k: round(v / GiB, 3)
+                            for k, v in list(st.transient_sites.get("host", {}).items())[:8]
+                        },
+                    }
+                    for name, st in tensors.phases.items()
+                }
+            }
+            if tensors is not None
+            else {}
+        ),
     }
 
 

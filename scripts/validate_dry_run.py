@@ -41,8 +41,11 @@ LAYOUTS = {
     "tp4": ["--parallelism.dp_shard=1", "--parallelism.tp=4"],
     "dp2tp2": ["--parallelism.dp_shard=2", "--parallelism.tp=2"],
     "tp2": ["--parallelism.dp_shard=1", "--parallelism.tp=2"],
+    # clt_8b's layout: the code crosses ranks, y moves by columns
+    "tp4_code": ["--parallelism.dp_shard=1", "--parallelism.tp=4", "--parallelism.tp_layout=code"],
+    "dp2tp2_code": ["--parallelism.dp_shard=2", "--parallelism.tp=2", "--parallelism.tp_layout=code"],
 }
-WORLD = {"tp4": 4, "dp2tp2": 4, "tp2": 2}
+WORLD = {"tp4": 4, "dp2tp2": 4, "tp2": 2, "tp4_code": 4, "dp2tp2_code": 4}
 TOLERANCE = 0.15
 
 

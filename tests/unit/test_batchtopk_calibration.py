@@ -70,3 +70,28 @@ def test_too_few_positive_values_give_threshold_zero_and_a_wrong_row_count_is_re
     assert torch.equal(act.calibrate_threshold([h], n_rows=10), torch.zeros(2))
     with pytest.raises(ValueError, match="expected 11"):
         act.calibrate_threshold([h], n_rows=11)
+
+
+def test_top_values_matches_topk_with_a_bounded_workspace(monkeypatch):
+    """The calibrations' running top (``select_torch.top_values``): the values of one ``topk`` over
+    the whole input, while no single ``topk`` call sees more than a chunk plus the k kept."""
+    from torchtitan_clt.kernels import select_torch
+
+    widths = []
+    real = torch.Tensor.topk
+
+    def spy(self, k, *a, **kw):
+        widths.append(self.shape[-1])
+        return real(self, k, *a, **kw)
+
+    g = torch.Generator().manual_seed(0)
+    for shape, k, chunk in [((5000,), 300, 1000), ((3, 4000), 50, 900), ((2, 10), 30, 4)]:
+        t = torch.randn(shape, generator=g).round(decimals=1)  # ties too
+        want = t.topk(min(k, shape[-1]), dim=-1).values
+        widths.clear()
+        monkeypatch.setattr(torch.Tensor, "topk", spy)
+        got = select_torch.top_values(t, k, chunk)
+        monkeypatch.setattr(torch.Tensor, "topk", real)
+        assert torch.equal(got, want), shape
+        rows = t.numel() // shape[-1]
+        assert len(widths) > 1 and max(widths) <= k + max(chunk // rows, 1), (shape, widths)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from torchtitan_clt.checkpoint.plain import is_rank0
 from torchtitan_clt.checkpoint.sharded_export import LayerStream
+from torchtitan_clt.kernels.select_torch import top_values
 from torchtitan_clt.models.activations import BatchTopK
 from torchtitan_clt.models.conversion import (
     INFERENCE_FAMILY,
@@ -64,7 +65,7 @@ def fit_batchtopk(stream: LayerStream, calibration: list) -> dict[str, Any] | No
             flat = torch.cat([stream.pre_acts(x, j, W, b).flatten() for x in rows])
             if top is not None:
                 flat = torch.cat([top, flat])
-            top = flat.topk(min(rank + 1, flat.numel())).values
+            top = top_values(flat, rank + 1)
             if groups > 1:
                 thr[j] = _cut(top, rank)
                 top = None
@@ -97,7 +98,7 @@ def _cuts(stream: LayerStream, rows: list, act: BatchTopK) -> list[torch.Tensor]
             k_total = act.k * x.shape[0] * stream.n_layers
             flat = stream.pre_acts(x, j, W, b).flatten()
             flat = flat if tops[i] is None else torch.cat([tops[i], flat])
-            tops[i] = flat.topk(min(k_total, flat.numel())).values
+            tops[i] = top_values(flat, k_total)
         del W, b  # before the next layer's gather
     return [
         t[-1]
@@ -141,7 +142,7 @@ def convert_batchtopk(
         for i, h in enumerate(hs):
             if cuts is None:
                 k_total = act.k * h.shape[0]
-                top = h.flatten().topk(min(k_total, h.numel())).values
+                top = top_values(h.flatten(), k_total)
                 cut = top[-1] if top.numel() == k_total else torch.tensor(-math.inf)
             else:
                 cut = cuts[i]

@@ -11,6 +11,28 @@ import torch
 
 from torchtitan_clt.kernels.layout_torch import one_thread
 
+# Elements per topk call in ``top_values``: the CPU kernel copies its whole input as (value,
+# int64 index) pairs, 16 B an element (2 GiB for one layer's calibration pre-activations at
+# 4096 rows x 32768 features), so large inputs go through in chunks.
+TOP_CHUNK = 1 << 24
+
+
+def top_values(t: torch.Tensor, k: int, chunk: int = TOP_CHUNK) -> torch.Tensor:
+    """``t.topk(min(k, n), dim=-1).values`` (descending) of ``t  # [..., n]``, taken over chunks of
+    the last dimension with a running top: the same values, with a kernel workspace of
+    ``(k + chunk) x rows`` elements instead of the whole input's."""
+    n = t.shape[-1]
+    top = None
+    rows = t.numel() // n if n else 0
+    step = max(chunk // max(1, rows), 1)
+    for s in range(0, n, step):
+        part = t[..., s : s + step]
+        if top is not None:
+            part = torch.cat([top, part], dim=-1)
+        top = part.topk(min(k, part.shape[-1]), dim=-1).values
+    return top if top is not None else t[..., :0]
+
+
 # What the compaction keeps, given a threshold tau per group.
 MODES = ("positive", "ge", "nonzero")
 

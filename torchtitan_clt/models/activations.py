@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from torchtitan_clt.kernels import dispatch
+from torchtitan_clt.kernels.select_torch import top_values
 from torchtitan_clt.kernels.selection import Selection, min_selected, select
 from torchtitan_clt.kernels.step_selection import StepSelection
 from torchtitan_clt.models.common import new_param
@@ -294,7 +295,7 @@ class BatchTopK(_Selecting):
             flat = h.float().transpose(0, 1).reshape(groups, -1)
             if top is not None:
                 flat = torch.cat([top.to(flat.device), flat], dim=1)
-            top = flat.topk(min(rank + 1, flat.shape[1]), dim=1).values
+            top = top_values(flat, rank + 1)
         if top is None or seen != n_rows:
             raise ValueError(f"calibrate_threshold: got {seen} rows of pre-activations, expected {n_rows}")
         thr = top[:, rank] if top.shape[1] > rank else torch.zeros(groups, device=top.device)
