@@ -263,7 +263,10 @@ class Trainer:
             finish.fit_batchtopk_sharded(self.model, calibration, self.run_folder)
         if streamed:
             finish.export_all(cfg, self.model, self.run_folder, calibration)
-        whole = (wants_eval and not self.eval_sharded) or features or (exports and not streamed)
+        ws = self.parallel_dims.world_size
+        features_over_ranks = streamed and finish.features_from_shards(cfg, self.model, self.model_args, ws)
+        whole = (wants_eval and not self.eval_sharded) or (features and not features_over_ranks)
+        whole = whole or (exports and not streamed)
         plain = self._gather() if whole else None  # carries a threshold fitted above
         if not fit_in_shards:
             plain = finish.fit_batchtopk(plain, calibration, self.run_folder)
@@ -275,8 +278,10 @@ class Trainer:
         if plain is not None:  # rank 0
             if exports and not streamed:
                 finish.export_all(cfg, plain, self.run_folder, calibration)
-            if features:
+            if features and not features_over_ranks:
                 finish.feature_pass(cfg, plain, self.run_folder, llm)
+        if features_over_ranks:  # every rank, its share of the features (after rank 0's exports)
+            finish.feature_pass(cfg, None, self.run_folder, llm, over_ranks=True)
         if cfg.metrics.wandb:  # the plots and, when asked, the exports and model card (a Hub push's files)
             from torchtitan_clt.checkpoint.hub import plan_upload
 

@@ -255,12 +255,13 @@ TRAIN = [
     "--checkpoint.interval=2", "--checkpoint.export_calibration_tokens=64",
     "--eval.enable=true", "--eval.every=2", "--eval.tokens=96", "--eval.batch_size=2",
     "--parallelism.tp=2", "--parallelism.dp_shard=1",
+    "--checkpoint.export_circuit_tracer=true", "--eval.feature_examples_tokens=96",
 ]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_trainer_evaluates_from_the_shards(tmp_path):
-    """``run_train.sh`` on tp=2 with ``eval.every`` and the final evaluation of a BatchTopK CLT
+    """``run_train.sh`` on tp=2 with ``eval.every``, the final evaluation and the feature pass of a BatchTopK CLT
     (its inference threshold fitted into the shards): no rank gathers the model (this module, as
     the run's ``job.custom_import``, makes ``gather_plain_model`` of a sharded model raise), and
     the logged metrics equal the evaluator's on the checkpoint rebuilt in one process (step 2: as
@@ -306,6 +307,14 @@ def test_trainer_evaluates_from_the_shards(tmp_path):
         for k, v in _flat(want).items():
             assert abs(flat_got[k] - v) <= _tol(k) * max(1.0, abs(v)), (step, k, flat_got[k], v)
     assert evals[STEPS]["eval_ce_replacement"] != evals[2]["eval_ce_replacement"]
+    # The feature pass read the circuit-tracer export's halves on the two ranks (nothing gathered).
+    summary = json.loads((run / "features" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["features"] == 4 * 32, summary
+    assert (
+        summary["fired"]
+        == len([p for p in (run / "features").glob("*.json") if p.name != "summary.json"])
+        > 0
+    )
 
 
 # --- ``job.custom_import`` side: the run may not gather a sharded model -------------------------

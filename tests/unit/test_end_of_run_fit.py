@@ -35,6 +35,16 @@ def test_a_run_that_streams_everything_gathers_nothing():
     cfg = _cfg("--eval.enable=true", "--eval.feature_examples_tokens=64")
     readers = finish.whole_copy_readers(cfg, m, m.args)
     assert len(readers) == 2 and "evaluation" in readers[0] and "feature pass" in readers[1]
+    # On 4 ranks with the circuit-tracer export streamed, the feature pass reads its shares of it.
+    cfg = _cfg(
+        "--eval.enable=false", "--eval.feature_examples_tokens=64", "--checkpoint.export_circuit_tracer=true"
+    )
+    assert finish.whole_copy_readers(cfg, m, m.args, world_size=4) == []
+    assert "feature pass" in finish.whole_copy_readers(cfg, m, m.args, world_size=3)[0]  # 16 % 3: uneven
+    cfg = _cfg(
+        "--eval.enable=false", "--eval.feature_examples_tokens=64", "--checkpoint.export_circuit_tracer=false"
+    )
+    assert "feature pass" in finish.whole_copy_readers(cfg, m, m.args, world_size=4)[0]  # no export to read
     topk = tiny_model("clt", "topk", L=3, d=8, F=16)
     cfg = _cfg("--eval.enable=false", "--checkpoint.export_circuit_tracer=true")
     assert any("TopK" in r for r in finish.whole_copy_readers(cfg, topk, topk.args))

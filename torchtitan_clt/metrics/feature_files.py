@@ -471,29 +471,3 @@ def run_feature_pass(
         time.perf_counter() - t0,
     )
     return summary
-
-
-def run_feature_pass_sharded(
-    circuit_tracer_folder: str | Path,
-    llm: LLMHandle,
-    batches: Iterable[torch.Tensor],
-    tokens: int,
-    folder: str | Path,
-    n_examples: int = 8,
-    meta: dict[str, Any] | None = None,
-    skip_positions: int = DEFAULT_SKIP_POSITIONS,
-    group: Any = None,
-) -> dict[str, Any]:
-    """``run_feature_pass`` of a circuit-tracer export over the ranks of ``group`` (every rank
-    calls it with the same batches): each reads only its share of every layer's features from the
-    export's files (``load_circuit_tracer(features=...)``: the encoder and decoder rows of those
-    features, no whole layer), runs the text through its LLM, and writes those features' files;
-    rank 0 writes the index and the summary. Memory per rank: its features' slots (a
-    ``world``-th of one process's) and its slice of the dictionary."""
-    from torchtitan_clt.checkpoint.circuit_tracer import export_features_per_layer, load_circuit_tracer
-
-    share = FeatureShare.of(export_features_per_layer(circuit_tracer_folder), group)
-    transcoder = load_circuit_tracer(circuit_tracer_folder, features=(share.lo, share.hi))
-    return run_feature_pass(
-        transcoder, llm, batches, tokens, folder, n_examples, meta, skip_positions=skip_positions, share=share
-    )

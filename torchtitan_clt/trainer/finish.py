@@ -3,10 +3,13 @@
 On a mesh the exports are streamed from the sharded model, one source layer at a time
 (``checkpoint.sharded_export``; ``exports_streamed`` says when), and the held-out evaluation runs
 from the shards on every rank (``metrics/sharded_eval.py``; ``eval_from_shards`` says when), so no
-rank holds more than its shard plus one layer. What still needs the whole dictionary gathers it
-onto rank 0 once (``gather_plain_model``) and reads that copy: the feature pass, the circuit-tracer
-JumpReLU conversion of a TopK model (a threshold fit on the whole model), and the evaluation of a
-family without the per-layer pieces (MOLT, a user's); the exports then come from that copy too. A
+rank holds more than its shard plus one layer; so does the feature pass when the circuit-tracer
+export was streamed (``features_from_shards``: every rank reads its share of each layer's features
+from the export). What still needs the whole dictionary gathers it onto rank 0 once
+(``gather_plain_model``) and reads that copy: the feature pass without that export, the
+circuit-tracer JumpReLU conversion of a TopK model (a threshold fit on the whole model), and the
+evaluation of a family without the per-layer pieces (MOLT, a user's); the exports then come from
+that copy too. A
 BatchTopK model gets its inference threshold fitted on training rows before any of them
 (``fit_batchtopk``, or ``fit_batchtopk_sharded`` layer by layer on a mesh), so the evaluation, the
 exports and the feature examples all see the model as it will be used.
@@ -46,15 +49,20 @@ def eval_from_shards(model: Any, args: TranscoderArgs) -> bool:
     return args.activation != "batchtopk" or layer_plan(model) is not None
 
 
-def whole_copy_readers(cfg: JobConfig, model: Any, args: TranscoderArgs) -> list[str]:
-    """The end-of-run passes that read a whole single-device copy of the model on a mesh (module
-    docstring); empty when every pass streams from the shards."""
+def whole_copy_readers(
+    cfg: JobConfig, model: Any, args: TranscoderArgs, world_size: int | None = None
+) -> list[str]:
+    """The end-of-run passes that read a whole single-device copy of the model on a mesh of
+    ``world_size`` ranks (default: this run's) (module docstring); empty when every pass streams
+    from the shards."""
     from torchtitan_clt.checkpoint.sharded_export import layer_plan
 
     out = []
     if eval_wanted(cfg) and not eval_from_shards(model, args):
         out.append(f"the held-out evaluation of a {args.family} model (eval.enable / eval.every)")
-    if cfg.eval.feature_examples_tokens > 0:
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if cfg.eval.feature_examples_tokens > 0 and not features_from_shards(cfg, model, args, world_size):
         out.append("the feature pass (eval.feature_examples_tokens)")
     exports = cfg.checkpoint.export or cfg.checkpoint.export_circuit_tracer
     topk_conversion = (
@@ -86,7 +94,7 @@ def check_whole_copy_fits(cfg: JobConfig, model: Any, args: TranscoderArgs, worl
     host (its state dict and the model built from it, fp32), naming the passes that need it."""
     if world_size == 1 or not dist.is_initialized():
         return
-    readers = whole_copy_readers(cfg, model, args)
+    readers = whole_copy_readers(cfg, model, args, world_size)
     budget = host_budget_bytes()
     if not readers or budget is None:
         return
@@ -215,11 +223,57 @@ def write_run_report(run_folder: Path, result: dict | None) -> None:
     logger.info(f"Report written to {run_folder / 'report'}")
 
 
-def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any) -> dict:
+def features_from_shards(cfg: JobConfig, model: Any, args: TranscoderArgs, world_size: int) -> bool:
+    """Whether the feature pass runs over the ranks (``feature_pass(over_ranks=True)``): on a mesh
+    whose circuit-tracer export is streamed from the shards (a family with a per-layer fold, no
+    TopK conversion fitted on the whole model), with each layer's features split evenly."""
+    from torchtitan_clt.checkpoint.sharded_export import layer_plan
+
+    topk_conversion = args.activation == "topk" and cfg.checkpoint.export_calibration_tokens > 0
+    return (
+        world_size > 1
+        and cfg.eval.feature_examples_tokens > 0
+        and cfg.checkpoint.export_circuit_tracer
+        and layer_plan(model) is not None
+        and not topk_conversion
+        and args.features_per_layer % world_size == 0
+    )
+
+
+def feature_pass_over_ranks(
+    circuit_tracer_folder: str | Path,
+    llm: Any,
+    batches: Any,
+    tokens: int,
+    folder: str | Path,
+    n_examples: int = 8,
+    meta: dict[str, Any] | None = None,
+    skip_positions: int | None = None,
+    group: Any = None,
+) -> dict[str, Any]:
+    """``run_feature_pass`` of a circuit-tracer export over the ranks of ``group`` (every rank
+    calls it with the same batches): each reads only its share of every layer's features from the
+    export's files (``load_circuit_tracer(features=...)``: those features' encoder and decoder
+    rows, never a whole layer), runs the text through its LLM and writes those features' files;
+    rank 0 the index and the summary. Per rank: a ``world``-th of one process's example slots."""
+    from torchtitan_clt.checkpoint.circuit_tracer import export_features_per_layer, load_circuit_tracer
+    from torchtitan_clt.metrics.feature_examples import DEFAULT_SKIP_POSITIONS
+    from torchtitan_clt.metrics.feature_files import FeatureShare, run_feature_pass
+
+    share = FeatureShare.of(export_features_per_layer(circuit_tracer_folder), group)
+    transcoder = load_circuit_tracer(circuit_tracer_folder, features=(share.lo, share.hi))
+    skip = DEFAULT_SKIP_POSITIONS if skip_positions is None else skip_positions
+    return run_feature_pass(
+        transcoder, llm, batches, tokens, folder, n_examples, meta, skip_positions=skip, share=share
+    )
+
+
+def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any, over_ranks: bool = False) -> dict:
     """``eval.feature_examples_tokens`` of held-out text through the run's ``circuit_tracer/``
     export when it was just written (the features circuit-tracer traces with), else through the
     trained model folded; with the source's LLM when it has one (its lock held: the source's
-    prefetch thread may share it)."""
+    prefetch thread may share it). ``over_ranks`` (``features_from_shards``): every rank calls
+    it, each with its share of the export's features, and ``plain`` is None."""
     from torchtitan_clt.checkpoint.circuit_tracer import is_circuit_tracer_folder, load_circuit_tracer
     from torchtitan_clt.checkpoint.plain import folded_cpu_copy
     from torchtitan_clt.data.pipeline import load_llm_handle, token_loader
@@ -227,12 +281,27 @@ def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any) -> dict
 
     e = cfg.eval
     ct = run_folder / "circuit_tracer"
+    llm = llm or load_llm_handle(cfg, "cpu")
+    batches = token_loader(cfg, llm.tokenizer, e.batch_size, held_out=True)  # the same on every rank
+    out = run_folder / "features"
+    if over_ranks:
+        dist.barrier()  # rank 0 wrote the export
+        meta = {"name": cfg.job.name, "dictionary": str(ct), "ranks": dist.get_world_size()}
+        with llm.lock:
+            return feature_pass_over_ranks(
+                ct,
+                llm,
+                batches,
+                e.feature_examples_tokens,
+                out,
+                e.feature_examples,
+                meta,
+                e.feature_skip_positions,
+            )
     if is_circuit_tracer_folder(ct) and cfg.checkpoint.export_circuit_tracer:
         transcoder, origin = load_circuit_tracer(ct), str(ct)
     else:
         transcoder, origin = folded_cpu_copy(plain), "trained model"
-    llm = llm or load_llm_handle(cfg, "cpu")
-    batches = token_loader(cfg, llm.tokenizer, e.batch_size, held_out=True)
     meta = {"name": cfg.job.name, "dictionary": origin}
     with llm.lock:
         return run_feature_pass(
@@ -240,7 +309,7 @@ def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any) -> dict
             llm,
             batches,
             e.feature_examples_tokens,
-            run_folder / "features",
+            out,
             e.feature_examples,
             meta,
             skip_positions=e.feature_skip_positions,
