@@ -53,6 +53,24 @@ def test_an_entrys_transient_is_what_it_frees_before_it_ends():
     del kept
 
 
+def test_a_cpu_sum_of_a_mask_counts_its_int64_copy():
+    """A CPU ``sum`` of a bool mask copies it into int64 first (no output shows it): the tracer
+    counts that copy as a transient; a float sum copies nothing."""
+    from torchtitan_clt.tools.mem_trace import MemTracer
+
+    n = MiB
+    with MemTracer() as tr:
+        m = torch.zeros(n, dtype=torch.bool)  # 1 MiB
+        with tr.phase("count") as st:
+            m.sum()
+            m.sum(0, dtype=torch.int32)
+        with tr.phase("float") as fl:
+            torch.ones(n).sum()
+    assert st.peak["host"] == n + 8 * n  # the mask and its int64 copy (before the result exists)
+    assert fl.rise["host"] == 4 * n + 4  # the ones and the result, no copy
+    del m
+
+
 def test_what_holds_the_peak():
     from torchtitan_clt.tools.mem_trace import MemTracer
 

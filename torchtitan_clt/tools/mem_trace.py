@@ -147,6 +147,29 @@ _INDEX_OPS = {
     torch.ops.aten.index_put_.default,
 }
 _PIN_OPS = {torch.ops.aten._pin_memory.default}
+# CPU reductions that first copy a bool / integer input into their accumulation dtype (measured:
+# a sum of a [4096, 32768] bool mask rises the RSS by 1 GiB, int64, with no output to show for it);
+# CUDA casts on the fly. Counted as a transient of the copy's size.
+_PROMOTING_SUMS = {
+    torch.ops.aten.sum.default,
+    torch.ops.aten.sum.dim_IntList,
+    torch.ops.aten.count_nonzero.default,
+    torch.ops.aten.count_nonzero.dim_IntList,
+}
+
+
+def promotion_copy_bytes(func: Any, args: tuple, kwargs: dict) -> int:
+    """Bytes a CPU reduction copies its input into before reducing (``_PROMOTING_SUMS``), else 0."""
+    if func not in _PROMOTING_SUMS or not args or not isinstance(args[0], torch.Tensor):
+        return 0
+    t = args[0]
+    if t.device.type != "cpu" or t.dtype.is_floating_point or t.dtype.is_complex:
+        return 0
+    acc = kwargs.get("dtype") or torch.int64
+    itemsize = torch.empty((), dtype=acc).element_size() if acc != t.dtype else 0
+    return t.numel() * itemsize
+
+
 if hasattr(torch.ops.aten, "pin_memory"):
     _PIN_OPS.add(torch.ops.aten.pin_memory.default)
 
@@ -402,6 +425,11 @@ class MemTracer(TorchDispatchMode):
                     st.last_h2d_bytes += n
                 elif src.device.type != "cpu" and dst_dev.type == "cpu":
                     st.d2h_bytes += n
+        promo = promotion_copy_bytes(func, args, kwargs)
+        if promo:  # the kernel's own copy, freed before it returns
+            self.current["host"] += promo
+            self._note_peak()
+            self.current["host"] -= promo
         out = func(*args, **kwargs)
         if func.overloadpacket in (torch.ops.aten.any, torch.ops.aten.all) and isinstance(out, torch.Tensor):
             if out.numel() == 1 and _is_fake(out):
