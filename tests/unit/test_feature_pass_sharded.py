@@ -3,7 +3,8 @@ its half of every layer's features from a circuit-tracer export, write the files
 from the whole dictionary.
 
 A JumpReLU CLT with a skip path on the tiny Llama is exported for circuit-tracer; one process runs
-``run_feature_pass`` on the whole export, two ranks ``finish.feature_pass_over_ranks`` on the same text.
+``run_feature_pass`` on the whole export, two ranks ``run_feature_pass`` on their
+``finish.export_share`` of it, on the same text.
 Every feature file, browser page and index row must agree (activations within 1e-5: the ranks' encoder
 matmuls are narrower, which may reorder fp32 sums), the summary too; each rank must have loaded
 exactly its share of the features (no whole layer), and the random sample must be the same contexts
@@ -53,7 +54,8 @@ def _worker(rank: int, tmp: str) -> None:
     try:
         import torchtitan_clt.checkpoint.circuit_tracer as ct
         from torchtitan_clt.data.pipeline import load_llm_handle
-        from torchtitan_clt.trainer.finish import feature_pass_over_ranks
+        from torchtitan_clt.metrics.feature_files import run_feature_pass
+        from torchtitan_clt.trainer.finish import export_share
 
         loaded = []
         real = ct.load_circuit_tracer
@@ -66,8 +68,9 @@ def _worker(rank: int, tmp: str) -> None:
         ct.load_circuit_tracer = spy
         cfg = _cfg()
         llm = load_llm_handle(cfg, "cpu")
-        summary = feature_pass_over_ranks(
-            Path(tmp) / "ct", llm, _batches(cfg, llm), TOKENS, Path(tmp) / "sharded", 3, {"name": "t"}
+        share, tc = export_share(Path(tmp) / "ct")
+        summary = run_feature_pass(
+            tc, llm, _batches(cfg, llm), TOKENS, Path(tmp) / "sharded", 3, {"name": "t"}, share=share
         )
         Path(tmp, f"rank{rank}.json").write_text(json.dumps({"loaded": loaded, "summary": summary}))
     finally:

@@ -240,32 +240,16 @@ def features_from_shards(cfg: JobConfig, model: Any, args: TranscoderArgs, world
     )
 
 
-def feature_pass_over_ranks(
-    circuit_tracer_folder: str | Path,
-    llm: Any,
-    batches: Any,
-    tokens: int,
-    folder: str | Path,
-    n_examples: int = 8,
-    meta: dict[str, Any] | None = None,
-    skip_positions: int | None = None,
-    group: Any = None,
-) -> dict[str, Any]:
-    """``run_feature_pass`` of a circuit-tracer export over the ranks of ``group`` (every rank
-    calls it with the same batches): each reads only its share of every layer's features from the
-    export's files (``load_circuit_tracer(features=...)``: those features' encoder and decoder
-    rows, never a whole layer), runs the text through its LLM and writes those features' files;
-    rank 0 the index and the summary. Per rank: a ``world``-th of one process's example slots."""
+def export_share(circuit_tracer_folder: str | Path, group: Any = None) -> tuple[Any, Any]:
+    """``(FeatureShare, dictionary)`` of this rank in a feature pass over the ranks of ``group``:
+    its share of every layer's features, read from the circuit-tracer export's files as slices
+    (``load_circuit_tracer(features=...)``: those features' encoder and decoder rows, never a whole
+    layer). Every rank then runs ``run_feature_pass(..., share=share)`` on the same batches."""
     from torchtitan_clt.checkpoint.circuit_tracer import export_features_per_layer, load_circuit_tracer
-    from torchtitan_clt.metrics.feature_examples import DEFAULT_SKIP_POSITIONS
-    from torchtitan_clt.metrics.feature_files import FeatureShare, run_feature_pass
+    from torchtitan_clt.metrics.feature_files import FeatureShare
 
     share = FeatureShare.of(export_features_per_layer(circuit_tracer_folder), group)
-    transcoder = load_circuit_tracer(circuit_tracer_folder, features=(share.lo, share.hi))
-    skip = DEFAULT_SKIP_POSITIONS if skip_positions is None else skip_positions
-    return run_feature_pass(
-        transcoder, llm, batches, tokens, folder, n_examples, meta, skip_positions=skip, share=share
-    )
+    return share, load_circuit_tracer(circuit_tracer_folder, features=(share.lo, share.hi))
 
 
 def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any, over_ranks: bool = False) -> dict:
@@ -283,34 +267,24 @@ def feature_pass(cfg: JobConfig, plain: Any, run_folder: Path, llm: Any, over_ra
     ct = run_folder / "circuit_tracer"
     llm = llm or load_llm_handle(cfg, "cpu")
     batches = token_loader(cfg, llm.tokenizer, e.batch_size, held_out=True)  # the same on every rank
-    out = run_folder / "features"
+    share = None
     if over_ranks:
         dist.barrier()  # rank 0 wrote the export
+        share, transcoder = export_share(ct)
         meta = {"name": cfg.job.name, "dictionary": str(ct), "ranks": dist.get_world_size()}
-        with llm.lock:
-            return feature_pass_over_ranks(
-                ct,
-                llm,
-                batches,
-                e.feature_examples_tokens,
-                out,
-                e.feature_examples,
-                meta,
-                e.feature_skip_positions,
-            )
-    if is_circuit_tracer_folder(ct) and cfg.checkpoint.export_circuit_tracer:
-        transcoder, origin = load_circuit_tracer(ct), str(ct)
+    elif is_circuit_tracer_folder(ct) and cfg.checkpoint.export_circuit_tracer:
+        transcoder, meta = load_circuit_tracer(ct), {"name": cfg.job.name, "dictionary": str(ct)}
     else:
-        transcoder, origin = folded_cpu_copy(plain), "trained model"
-    meta = {"name": cfg.job.name, "dictionary": origin}
+        transcoder, meta = folded_cpu_copy(plain), {"name": cfg.job.name, "dictionary": "trained model"}
     with llm.lock:
         return run_feature_pass(
             transcoder,
             llm,
             batches,
             e.feature_examples_tokens,
-            out,
+            run_folder / "features",
             e.feature_examples,
             meta,
             skip_positions=e.feature_skip_positions,
+            share=share,
         )
