@@ -56,6 +56,20 @@ def tiny_model(*args: Any, seed: int = 0, **kw: Any):
     return m
 
 
+def load_reference_(model: Any, ref: Any) -> None:
+    """Copy a one-process ``ref``'s whole state into the (sharded) ``model``: each parameter's
+    shard of the full tensor, the buffers whole."""
+    from torchtitan_clt.models.common import copy_full_
+
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, p in ref.state_dict().items():
+            if name in params:
+                copy_full_(params[name], p)
+            else:
+                model.get_buffer(name).copy_(p)
+
+
 class CountingLoader:
     """Batches of consecutive row ids; stateful like a StatefulDataLoader (shuffle-buffer tests)."""
 

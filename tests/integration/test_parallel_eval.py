@@ -114,6 +114,7 @@ def _tol(key: str) -> float:
 
 def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
     import torch.distributed as dist
+    from helpers import load_reference_
     from torch.distributed.device_mesh import init_device_mesh
 
     from torchtitan_clt.config import JobConfig
@@ -122,7 +123,6 @@ def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
     from torchtitan_clt.distributed.tp_code import apply_tp_code
     from torchtitan_clt.metrics import sharded_eval
     from torchtitan_clt.metrics.evaluator import Evaluator
-    from torchtitan_clt.models.common import copy_full_
     from torchtitan_clt.protocols import model_registry
     from torchtitan_clt.protocols.transcoder import MeshGroups
     from torchtitan_clt.trainer import finish
@@ -172,13 +172,7 @@ def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
             if dp > 1:
                 apply_fsdp(model, mesh["dp"], None)
             model.to_empty(device="cpu")
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for name, p in ref.state_dict().items():
-                    if name in params:
-                        copy_full_(params[name], p)
-                    else:
-                        model.get_buffer(name).copy_(p)
+            load_reference_(model, ref)
             model.train()
             assert sharded_eval.supported(model) and finish.eval_from_shards(model, args)
             cfg.eval.enable = True  # the pre-training check no longer counts the evaluation

@@ -86,6 +86,7 @@ def _todays_native(plain, folder: Path, dtype: torch.dtype) -> None:
 
 def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
     import torch.distributed as dist
+    from helpers import load_reference_
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -94,7 +95,6 @@ def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
     from torchtitan_clt.checkpoint.export import export_native
     from torchtitan_clt.distributed.fsdp import apply_fsdp
     from torchtitan_clt.distributed.tensor_parallel import apply_tp
-    from torchtitan_clt.models.common import copy_full_
     from torchtitan_clt.protocols import model_registry
     from torchtitan_clt.trainer.finish import gather_plain_model
 
@@ -118,13 +118,7 @@ def _worker(rank: int, world: int, tmp: str, layout: str) -> None:
                 if layout != "tp4":
                     apply_fsdp(model, mesh["dp"], None)
                 model.to_empty(device="cpu")
-                with torch.no_grad():
-                    params = dict(model.named_parameters())
-                    for name, p in ref.state_dict().items():
-                        if name in params:
-                            copy_full_(params[name], p)
-                        else:
-                            model.get_buffer(name).copy_(p)
+                load_reference_(model, ref)
                 assert all(isinstance(p, DTensor) for p in model.parameters())
                 case = f"{family}_{'mean0' if in_mean_zero else 'mean'}"
                 out = tmp / str(rank) / case
