@@ -200,6 +200,12 @@ def test_trace_of_the_code_layout_runs_and_moves_y_by_columns():
     coll = t["per_step"]["collectives"]
     assert coll.get("all_reduce", 0) < (2 * 3 * (B * L * d * 4) // 4) // 10, coll  # no dense ŷ sum
     assert coll["all_gather"] > 0, coll  # the code and the selection
+    # The gathered code is sized by its expected entries (k per row over the ranks), not by the
+    # padded local layout: no read of its values is left to a neutral answer.
+    assert not any("tp_code" in site for site in t["value_reads_assumed"]), t["value_reads_assumed"]
+    # Its gradient's reduce-scatter: (tp-1)/tp of tp packs of B*L*k/tp fp32 entries (ring).
+    k, tp = 4, 4
+    assert coll["reduce_scatter"] == (tp - 1) * (B * L * k // tp) * 4, coll
     # The steady state is the last refill's: x broadcast whole, y scattered as 1/tp of its columns
     # (the refills before the switch broadcast y whole too). Small metadata broadcasts aside.
     x_bytes, y_bytes = coll["broadcast (data, refill)"], coll["scatter (data, refill)"]

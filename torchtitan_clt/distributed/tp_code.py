@@ -54,6 +54,30 @@ def _world_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+# The three reads of values that size the gathered code, named so that a traced dry run (whose
+# tensors have no values) answers each with its expected size (trainer/dry_run.Expectations).
+def _own_entries(flat_idx: torch.Tensor, rows: int, f_local: int, width: int) -> torch.Tensor:
+    """Positions of this rank's selected entries in its ``[rows * width]`` layout (``rows`` (token,
+    layer) rows over its ``f_local`` features)."""
+    return (flat_idx >= 0).nonzero().squeeze(1)
+
+
+def _pack_size(counts: list[torch.Tensor], own: int) -> int:
+    """Entries per rank on the wire: the largest rank's count. ``own`` included explicitly: the
+    same in a real run, and the one a traced dry run (whose gathered counts are stand-ins) knows."""
+    return max(int(torch.cat(counts).max()), own)
+
+
+def _entry_count(valid: torch.Tensor, rows: int, f_total: int) -> int:
+    """Entries selected over every rank (``rows`` rows of ``f_total`` features)."""
+    return int(valid.sum())
+
+
+def _widest_row(per_row: torch.Tensor, f_total: int) -> int:
+    """The widest union row of the gathered code."""
+    return int(per_row.max()) if per_row.numel() else 0
+
+
 class _GatherCode(torch.autograd.Function):
     """``vals, idx [N, L, K_r]`` (ids local to the rank's ``f_local`` features) -> the union over
     tp, ``(vals, idx) [N, L, K]`` with global ids ascending in a row (-1 padding last), K the
@@ -67,13 +91,11 @@ class _GatherCode(torch.autograd.Function):
         world, rank = _world_rank(group)
         n, n_layers, k_r = idx.shape
         flat_idx = idx.reshape(-1)
-        mine = (flat_idx >= 0).nonzero().squeeze(1)  # [nnz_r] positions in the [N*L*K_r] layout
+        mine = _own_entries(flat_idx, n * n_layers, f_local, k_r)  # [nnz_r] positions in [N*L*K_r]
         nnz = torch.tensor([mine.numel()], dtype=torch.int64, device=idx.device)
         counts = [torch.empty_like(nnz) for _ in range(world)]
         dist.all_gather(counts, nnz, group=group)
-        # Own count included explicitly: the same in a real run, and what a traced dry run (whose
-        # gathered values are stand-ins) needs to size this rank's pack.
-        m = max(int(torch.cat(counts).max()), mine.numel())
+        m = _pack_size(counts, mine.numel())
         packed = torch.zeros((3, m), dtype=torch.float32, device=idx.device)
         packed[1:].view(torch.int32).fill_(-1)
         packed[0, : mine.numel()] = vals.detach().reshape(-1)[mine].float()
@@ -90,10 +112,11 @@ class _GatherCode(torch.autograd.Function):
         f_total = f_local * world
         valid = all_feat >= 0
         key = torch.where(valid, all_row * f_total + all_feat, n * n_layers * f_total)
-        order = key.argsort()[: int(valid.sum())]  # entries by (row, feature)
+        f_rows = n * n_layers
+        order = key.argsort()[: _entry_count(valid, f_rows, f_total)]  # entries by (row, feature)
         rows, feats = all_row[order], all_feat[order]
-        per_row = torch.bincount(rows, minlength=n * n_layers)
-        width = int(per_row.max()) if per_row.numel() else 0
+        per_row = torch.bincount(rows, minlength=f_rows)
+        width = _widest_row(per_row, f_total)
         pos = torch.arange(rows.numel(), device=rows.device) - (per_row.cumsum(0) - per_row)[rows]
         out_idx = torch.full((n * n_layers, width), -1, dtype=torch.int64, device=idx.device)
         out_idx[rows, pos] = feats

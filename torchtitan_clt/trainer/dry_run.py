@@ -215,9 +215,30 @@ class Expectations:
         known = known_value(t)
         if known is not None:  # a small host tensor copied to the fake device: its own value
             return known
-        f = self._frame({"global_kth_largest", "_keep_at_least", "_build"})
+        names = {
+            "global_kth_largest",
+            "_keep_at_least",
+            "_build",
+            "_entry_count",
+            "_widest_row",
+            "_pack_size",
+            "_repack",
+        }
+        f = self._frame(names)
         if f is not None:
             loc, name = f.f_locals, f.f_code.co_name
+            if name == "_pack_size":  # every rank holds about its share: the own count
+                return int(loc["own"])
+            if name == "_repack":  # TopK's exact-k rows on this rank: its share of k, widest row
+                keep, rows = loc["keep"], loc["keep"][..., 0].numel()
+                return min(keep.shape[-1], poisson_max(self.kept_per_row(loc["f"], keep.shape[-1]), rows))
+            if name == "_entry_count":  # the code layout's gathered entries: k per (row, layer)
+                return round(loc["rows"] * self.kept_per_row(loc["f_total"], loc["f_total"]))
+            if name == "_widest_row":
+                rows = loc["per_row"].numel()
+                return min(
+                    loc["f_total"], poisson_max(self.kept_per_row(loc["f_total"], loc["f_total"]), rows)
+                )
             if name == "global_kth_largest":
                 return int(loc["m"])  # each rank's values above the bound: about its share
             if name == "_keep_at_least":
@@ -240,9 +261,11 @@ class Expectations:
 
     def count(self, t: torch.Tensor) -> int:
         """Rows of ``nonzero(t)``."""
-        f = self._frame({"_build"})
+        f = self._frame({"_build", "_own_entries"})
         if f is not None:
             loc = f.f_locals
+            if f.f_code.co_name == "_own_entries":  # a rank's share of the code layout's entries
+                return round(loc["rows"] * self.kept_per_row(loc["f_local"], loc["width"]))
             return round(loc["n"] * loc["n_layers"] * self.kept_per_row(loc["n_features"], loc["k"]))
         site = self._site()
         self.unknown[f"{site} nonzero"] = self.unknown.get(f"{site} nonzero", 0) + 1
