@@ -163,6 +163,10 @@ def promotion_copy_bytes(func: Any, args: tuple, kwargs: dict) -> int:
     if func not in _PROMOTING_SUMS or not args or not isinstance(args[0], torch.Tensor):
         return 0
     t = args[0]
+    if is_traceable_wrapper_subclass(t):  # a DTensor: its local shard is what the kernel copies
+        t = getattr(t, "_local_tensor", None)
+        if not isinstance(t, torch.Tensor):
+            return 0
     if t.device.type != "cpu" or t.dtype.is_floating_point or t.dtype.is_complex:
         return 0
     acc = kwargs.get("dtype") or torch.int64
