@@ -268,7 +268,14 @@ class MemTracer(TorchDispatchMode):
     # -- storages ------------------------------------------------------------------------------
     def _register(self, t: torch.Tensor) -> None:
         if is_traceable_wrapper_subclass(t):
-            return  # a DTensor: its local tensor is counted where it is made
+            # A DTensor: its local tensor, which ops run inside the subclass's dispatch (e.g. the
+            # optimizer's zeros_like for its state) make out of this mode's sight.
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                inner = getattr(t, name, None)
+                if isinstance(inner, torch.Tensor):
+                    self._register(inner)
+            return
         try:
             st = t.untyped_storage()
         except Exception:  # noqa: BLE001 - e.g. a sparse or nested tensor: not counted

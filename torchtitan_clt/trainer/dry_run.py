@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -186,7 +187,7 @@ class Expectations:
     def __init__(self, k: int, n_features: int, activation: str):
         self.k, self.n_features, self.activation = k, n_features, activation
         self.unknown: dict[str, int] = {}
-        self._elements: dict[int, int] = {}
+        self._elements: dict[int, tuple[Any, int]] = {}
 
     def _frame(self, names: set[str]) -> Any:
         f = sys._getframe(2)
@@ -248,8 +249,12 @@ class Expectations:
             if name == "_build":  # Layout: cumulative entries per layer, read element by element
                 n, k, nf = loc["n"], loc["k"], loc["n_features"]
                 per_layer = round(n * self.kept_per_row(nf, k))
-                i = self._elements.get(id(f), 0)
-                self._elements[id(f)] = i + 1
+                # Counted per tensor being read (an id alone can be a freed one's, reused).
+                ends = loc["layer_ends"]
+                ref, i = self._elements.get(id(ends), (None, 0))
+                if ref is None or ref() is not ends:
+                    ref, i = weakref.ref(ends), 0
+                self._elements[id(ends)] = (ref, i + 1)
                 return per_layer * (i + 1)
         site = self._site()
         self.unknown[site] = self.unknown.get(site, 0) + 1
