@@ -71,6 +71,37 @@ def test_a_cpu_sum_of_a_mask_counts_its_int64_copy():
     del m
 
 
+def _dtensor_worker(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from torchtitan_clt.tools.mem_trace import MemTracer
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rdv", rank=rank, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = DTensor.from_local(torch.zeros(MiB // 4), mesh, [Shard(0)])
+        with MemTracer() as tr:
+            state = torch.zeros_like(p)  # made inside DTensor's dispatch, as AdamW's state is
+            live = tr.current["host"]
+            del state
+            freed = tr.current["host"]
+        torch.save((live, freed), f"{folder}/out.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_dtensors_local_tensor_made_inside_its_dispatch_is_counted(tmp_path):
+    """The optimizer's state of tensor-parallel parameters is made by ``zeros_like`` on DTensors:
+    their local tensors come from inside the subclass's dispatch, which the mode does not see."""
+    from helpers import run_ranks
+
+    run_ranks(_dtensor_worker, (str(tmp_path),), 1)
+    live, freed = torch.load(tmp_path / "out.pt")
+    assert live == MiB and freed == 0
+
+
 def test_what_holds_the_peak():
     from torchtitan_clt.tools.mem_trace import MemTracer
 
