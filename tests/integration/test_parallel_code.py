@@ -41,6 +41,7 @@ CASES = {  # layout: [(family, activation, batchtopk scope, extra loss terms and
         ("clt", "topk", "all", ""),
         ("clt", "jumprelu", "all", "preact"),
         ("sae", "batchtopk", "layer", "sparse"),
+        ("plt", "topk", "all", "sparse"),
     ],
     "dp2xtp2": [
         ("clt", "batchtopk", "all", "auxk+sparse"),
