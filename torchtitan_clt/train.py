@@ -119,7 +119,7 @@ class Trainer:
             group = tp_group_of(self.model)
             how = (
                 "scattered by the data path"
-                if self.source.deliver_target_columns()
+                if self.source.deliver_target_columns(group)
                 else "sliced from whole rows"
             )
             logger.info(
