@@ -49,6 +49,16 @@ def eval_from_shards(model: Any, args: TranscoderArgs) -> bool:
     return args.activation != "batchtopk" or layer_plan(model) is not None
 
 
+def topk_conversion_wanted(cfg: JobConfig, args: TranscoderArgs) -> bool:
+    """Whether the circuit-tracer export converts a TopK model with a threshold fitted on the
+    whole model (calibration rows): the one export that reads a gathered copy."""
+    return (
+        args.activation == "topk"
+        and cfg.checkpoint.export_circuit_tracer
+        and cfg.checkpoint.export_calibration_tokens > 0
+    )
+
+
 def whole_copy_readers(
     cfg: JobConfig, model: Any, args: TranscoderArgs, world_size: int | None = None
 ) -> list[str]:
@@ -65,11 +75,7 @@ def whole_copy_readers(
     if cfg.eval.feature_examples_tokens > 0 and not features_from_shards(cfg, model, args, world_size):
         out.append("the feature pass (eval.feature_examples_tokens)")
     exports = cfg.checkpoint.export or cfg.checkpoint.export_circuit_tracer
-    topk_conversion = (
-        args.activation == "topk"
-        and cfg.checkpoint.export_circuit_tracer
-        and cfg.checkpoint.export_calibration_tokens > 0
-    )
+    topk_conversion = topk_conversion_wanted(cfg, args)
     if exports and (layer_plan(model) is None or topk_conversion):
         why = "a TopK model's circuit-tracer conversion" if topk_conversion else f"a {args.family} export"
         out.append(f"{why} (checkpoint.export / export_circuit_tracer)")
@@ -229,13 +235,12 @@ def features_from_shards(cfg: JobConfig, model: Any, args: TranscoderArgs, world
     TopK conversion fitted on the whole model), with each layer's features split evenly."""
     from torchtitan_clt.checkpoint.sharded_export import layer_plan
 
-    topk_conversion = args.activation == "topk" and cfg.checkpoint.export_calibration_tokens > 0
     return (
         world_size > 1
         and cfg.eval.feature_examples_tokens > 0
         and cfg.checkpoint.export_circuit_tracer
         and layer_plan(model) is not None
-        and not topk_conversion
+        and not topk_conversion_wanted(cfg, args)
         and args.features_per_layer % world_size == 0
     )
 
