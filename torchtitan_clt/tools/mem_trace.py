@@ -89,8 +89,10 @@ def _group_size(args: Iterable[Any]) -> int:
     return 1
 
 
-def _nbytes(ts: Iterable[Any]) -> int:
-    flat, _ = tree_flatten(list(ts))
+def _nbytes(ts: Iterable[Any] | torch.Tensor) -> int:
+    # A lone tensor is one argument: iterating it would make a fake tensor per row (hours for FSDP's
+    # flat all-gather buffers).
+    flat, _ = tree_flatten([ts] if isinstance(ts, torch.Tensor) else list(ts))
     return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
 
 
