@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from torchtitan_clt.data.buffer import REFILL_THREAD  # noqa: E402
+
 GiB = 2**30
 PHASES = ("build", "standardize", "refill", "step", "checkpoint", "export", "other")
 """``other``: what runs between the phases (the loop's logging, signal checks)."""
@@ -514,19 +516,24 @@ class RSSPhases:
 
 
 class CollectiveCounter:
-    """Bytes this rank sends through ``torch.distributed``'s Python calls, by phase (ring formulas
-    as in ``tools/mem_trace``), counted where the trainer calls them."""
+    """Bytes this rank sends through ``torch.distributed``'s Python calls and its functional
+    collectives (DTensor's), by phase (ring formulas as in ``tools/mem_trace``), counted where the
+    trainer calls them. A refill's collectives count for ``refill`` whichever thread runs them:
+    the trace runs a prefetched refill inline, a real run on its own thread beside a step."""
 
     def __init__(self, phases: RSSPhases):
         self.phases = phases
         self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def _add(self, op: str, n: int) -> None:
-        self.bytes[self.phases.stack[-1]][op] += n
+        refill_thread = threading.current_thread().name == REFILL_THREAD
+        self.bytes["refill" if refill_thread else self.phases.stack[-1]][op] += n
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+        import torch.distributed.distributed_c10d as c10d
 
         def size(t: Any) -> int:
             return t.numel() * t.element_size()
@@ -534,11 +541,18 @@ class CollectiveCounter:
         def w_of(group: Any) -> int:
             return dist.get_world_size(group)
 
+        def w_func(group: Any) -> int:  # a functional collective's group: ranks, mesh, (mesh, dim), name
+            return c10d._resolve_process_group(funcol._resolve_group_name(group)).size()
+
         counters = {
             "all_reduce": lambda t, *a, group=None, **k: ("all_reduce", 2 * (w_of(group) - 1) * size(t) // w_of(group)),
             "all_gather": lambda out, t, group=None, **k: ("all_gather", (w_of(group) - 1) * size(t)),
             "all_gather_into_tensor": lambda out, t, group=None, **k: ("all_gather", (w_of(group) - 1) * size(t)),
+            "all_gather_single": lambda out, t, group=None, **k: ("all_gather", (w_of(group) - 1) * size(t)),
             "reduce_scatter_tensor": lambda out, t, *a, group=None, **k: (
+                "reduce_scatter", (w_of(group) - 1) * size(t) // w_of(group)
+            ),
+            "reduce_scatter_single": lambda out, t, *a, group=None, **k: (
                 "reduce_scatter", (w_of(group) - 1) * size(t) // w_of(group)
             ),
             "broadcast": lambda t, *a, group=None, **k: ("broadcast", size(t) if w_of(group) > 1 else 0),
@@ -547,25 +561,43 @@ class CollectiveCounter:
             # per chunk it sends (W-1)/W parts on average, whoever this trace makes the root.
             "scatter": lambda t, *a, group=None, **k: ("scatter", (w_of(group) - 1) * size(t) // w_of(group)),
         }  # fmt: skip
+        functional = {
+            "all_reduce": lambda t, op, group, *a, **k: ("all_reduce", 2 * (w_func(group) - 1) * size(t) // w_func(group)),
+            "all_gather_tensor": lambda t, dim, group, *a, **k: ("all_gather", (w_func(group) - 1) * size(t)),
+            "reduce_scatter_tensor": lambda t, op, dim, group, *a, **k: (
+                "reduce_scatter", (w_func(group) - 1) * size(t) // w_func(group)
+            ),
+        }  # fmt: skip
         saved = {}
-        for name, count in counters.items():
-            orig = getattr(dist, name)
+        targets = [(dist, name, count) for name, count in counters.items()]
+        targets += [(funcol, name, count) for name, count in functional.items()]
+        inside = threading.local()  # torch 2.13's all_gather_into_tensor calls all_gather_single
+        for module, name, count in targets:
+            orig = getattr(module, name, None)
+            if orig is None:  # e.g. the *_single names before torch 2.13
+                continue
 
             def wrapped(*args: Any, _orig: Any = orig, _count: Any = count, **kwargs: Any) -> Any:
+                if getattr(inside, "on", False):
+                    return _orig(*args, **kwargs)
                 try:
                     op, n = _count(*args, **kwargs)
                     self._add(op, n)
                 except Exception:  # noqa: BLE001 - counting must never break the call
                     pass
-                return _orig(*args, **kwargs)
+                inside.on = True
+                try:
+                    return _orig(*args, **kwargs)
+                finally:
+                    inside.on = False
 
-            saved[name] = orig
-            setattr(dist, name, wrapped)
+            saved[(module, name)] = orig
+            setattr(module, name, wrapped)
         try:
             yield
         finally:
-            for name, orig in saved.items():
-                setattr(dist, name, orig)
+            for (module, name), orig in saved.items():
+                setattr(module, name, orig)
 
 
 def measure(cfg: Any) -> dict[str, Any]:

@@ -36,6 +36,9 @@ TWIN = [
     "--checkpoint.interval=4", "--checkpoint.async_mode=async",
     "--checkpoint.export=true", "--checkpoint.export_circuit_tracer=true",
     "--metrics.log_freq=2", "--metrics.enable_tensorboard=false",
+    # FSDP's own collectives, as on NCCL (the flagship's): the CPU-only shared-memory and ring
+    # substitutes move the same data outside the collectives the trace counts
+    "--parallelism.gloo_shared_memory=false", "--parallelism.gloo_ring_collectives=false",
 ]  # fmt: skip
 LAYOUTS = {
     "tp4": ["--parallelism.dp_shard=1", "--parallelism.tp=4"],
@@ -90,16 +93,44 @@ def compare(meas: list[dict[str, Any]], tr: dict[str, Any], rank: int) -> dict[s
             "traced_over_measured": round(t["host_peak_gib"] / m, 3) if m else None,
             "within_tolerance": bool(m) and abs(t["host_peak_gib"] / m - 1) <= TOLERANCE,
         }
-    bytes_ = {}
-    for name in ("refill", "step", "export"):
-        if name in mine and name in tr["phases"]:
-            bytes_[name] = {
-                "measured": mine[name]["collective_send_bytes"],
-                "measured_entries": mine[name]["entries"],
-                "traced": tr["phases"][name]["collective_send_bytes"],
-                "traced_entries": tr["phases"][name]["entries"],
+    return {"host_peak_per_phase": phases, "collective_send_bytes": compare_bytes(mine, tr["phases"])}
+
+
+def compare_bytes(mine: dict[str, Any], traced: dict[str, Any]) -> dict[str, Any]:
+    """Per phase and collective kind, the bytes this rank sent, measured and traced, and their
+    sum over the run (a phase's bytes can move to a neighbour where the two runs cut phases
+    differently)."""
+    from dry_run import PHASES
+
+    out: dict[str, Any] = {}
+    total: dict[str, dict[str, int]] = {}
+    for name in [p for p in PHASES if p in mine or p in traced]:
+        m = mine.get(name, {}).get("collective_send_bytes", {})
+        t = traced.get(name, {}).get("collective_send_bytes", {})
+        row = {}
+        for op in sorted(set(m) | set(t)):
+            a, b = int(m.get(op, 0)), int(t.get(op, 0))
+            row[op] = {"measured": a, "traced": b, "equal": a == b}
+            tot = total.setdefault(op, {"measured": 0, "traced": 0})
+            tot["measured"] += a
+            tot["traced"] += b
+        if row:
+            out[name] = {
+                "entries": {
+                    "measured": mine.get(name, {}).get("entries"),
+                    "traced": traced.get(name, {}).get("entries"),
+                },
+                "bytes": row,
             }
-    return {"host_peak_per_phase": phases, "collective_send_bytes": bytes_}
+    out["run"] = {
+        op: {
+            **v,
+            "equal": v["measured"] == v["traced"],
+            "traced_over_measured": round(v["traced"] / v["measured"], 4) if v["measured"] else None,
+        }
+        for op, v in total.items()
+    }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,11 +182,15 @@ class _Refill:
     y_columns: bool = False  # y holds only this rank's columns (``ChunkShare.columns``)
 
 
+REFILL_THREAD = "tclt-refill"
+"""The name of the thread a prefetched refill runs on."""
+
+
 class _Job(threading.Thread):
     """A daemon thread running one refill; ``result()`` joins it and re-raises its error."""
 
     def __init__(self, fn: Callable[[], None]):
-        super().__init__(name="tclt-refill", daemon=True)
+        super().__init__(name=REFILL_THREAD, daemon=True)
         self.fn, self.error = fn, None
 
     def run(self) -> None:

@@ -83,8 +83,7 @@ class _GatherCode(torch.autograd.Function):
     tp, ``(vals, idx) [N, L, K]`` with global ids ascending in a row (-1 padding last), K the
     widest union row. On the wire each rank's entries travel as a flat list (value, row, feature
     id; 12 bytes), padded only to the largest rank's count, never to a widest row. Backward: the
-    ranks' gradients at the entries summed, each rank keeping its own (reduce-scatter; all-reduce
-    on gloo, which has none)."""
+    ranks' gradients at the entries summed, each rank keeping its own (a reduce-scatter)."""
 
     @staticmethod
     def forward(ctx, vals, idx, f_local: int, group):
@@ -138,15 +137,19 @@ class _GatherCode(torch.autograd.Function):
         full = full.view(world, m)
         if m == 0:
             own = full[rank]
-        elif dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter
-            dist.all_reduce(full, group=group)
-            own = full[rank]
         else:
             own = torch.empty_like(full[0])
-            dist.reduce_scatter_tensor(own, full, group=group)
+            _reduce_scatter(own, full.view(-1), group=group)  # gloo wants dim 0 = W·m
         g = torch.zeros(n * n_layers * k_r, dtype=dtype, device=mine.device)
         g[mine] = own[: mine.numel()].to(dtype)
         return g.view(n, n_layers, k_r), None, None, None
+
+
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    # torch 2.13 renames reduce_scatter_tensor (and warns on the old name); torch 2.11 has only it.
+    # Looked up per call: the watchdog and the collective counters wrap these names.
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, inp, group=group)
 
 
 def gather_code(
@@ -364,16 +367,16 @@ def is_code_layout(model: nn.Module) -> bool:
 
 
 def step_bytes(
-    batch: int, n_layers: int, d_out: int, k_per_row: float, tp: int, gloo: bool = False, bytes_y: int = 4
+    batch: int, n_layers: int, d_out: int, k_per_row: float, tp: int, bytes_y: int = 4
 ) -> dict[str, float]:
     """Bytes each rank sends per step over tp for the decoder's exchange, ring algorithms:
     ``features``: the fp32 all-reduce of ŷ; ``code``: the all-gather of (value, row, id) entries
-    forward and the reduce-scatter (gloo: all-reduce) of their gradient backward, assuming the
+    forward and the reduce-scatter of their gradient backward, assuming the
     ranks hold equal shares of the entries. ``k_per_row``: mean selected entries per token and
     layer (k; BatchTopK over layers: k too, on average)."""
     f = (tp - 1) / tp
     entries = batch * n_layers * k_per_row
     return {
         "features": 2 * f * batch * n_layers * d_out * bytes_y,
-        "code": f * entries * 12 + (2 if gloo else 1) * f * entries * 4,
+        "code": f * entries * 12 + f * entries * 4,
     }

@@ -10,7 +10,9 @@ allocate them.
 Bytes on the wire are what one rank sends per collective, for the algorithms NCCL and gloo use at
 these sizes (ring): all-reduce of S bytes over W ranks 2(W-1)/W·S, all-gather (W-1)·s of an s-byte
 input, reduce-scatter (W-1)/W·S of an S-byte input, all-to-all (W-1)/W·S, broadcast S (a pipelined
-ring: every rank but the last forwards the whole message; the root sends it once).
+ring: every rank but the last forwards the whole message; the root sends it once), scatter
+(W-1)/W·s of s-byte parts (the root sends W-1 parts, and the data path deals the root's role
+evenly over the ranks).
 """
 
 from __future__ import annotations
@@ -110,12 +112,13 @@ def sent_bytes(func: Any, args: tuple, kwargs: dict) -> tuple[str, int] | None:
         s = _nbytes([inp])
         ints = [a for a in args[1:] if isinstance(a, int)]
         w = ints[0] if ints else 1
+        # named as the c10d ops below, so a phase sums one kind whichever API issued it
         if name.startswith("all_reduce"):
-            return name, 2 * (w - 1) * s // max(w, 1) if w > 1 else 0
+            return "all_reduce", 2 * (w - 1) * s // max(w, 1) if w > 1 else 0
         if name.startswith("all_gather"):
-            return name, (w - 1) * s
+            return "all_gather", (w - 1) * s
         if name.startswith("reduce_scatter"):
-            return name, (w - 1) * s // max(w, 1)
+            return "reduce_scatter", (w - 1) * s // max(w, 1)
         if name.startswith("all_to_all"):
             return name, s  # upper bound: the split sizes are not known here
         if name.startswith("broadcast"):
@@ -138,7 +141,9 @@ def sent_bytes(func: Any, args: tuple, kwargs: dict) -> tuple[str, int] | None:
         return "all_to_all", (w - 1) * s // w if w > 1 else 0
     if name in ("send",):
         return "send", _nbytes(args[0])
-    if name in ("scatter", "gather", "reduce", "recv", "recv_any_source"):
+    if name == "scatter":  # the root sends W-1 parts; each rank is the root of 1/W of them (the deal)
+        return name, (w - 1) * _nbytes(args[0]) // w if w > 1 else 0
+    if name in ("gather", "reduce", "recv", "recv_any_source"):
         return name, _nbytes(args[0]) if name != "recv" else 0
     return name, 0
 

@@ -50,8 +50,10 @@ COLLECTIVES = (
     "all_reduce",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",  # what FSDP2 calls from torch 2.13
     "all_gather_object",
     "reduce_scatter_tensor",
+    "reduce_scatter_single",
     "broadcast",
     "broadcast_object_list",
     "scatter",
