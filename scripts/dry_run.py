@@ -297,8 +297,10 @@ def trace(
                 from torchtitan_clt.data import buffer as data_buffer
                 from torchtitan_clt.data import cache as data_cache
                 from torchtitan_clt.data import source as data_source
+                from torchtitan_clt.trainer import nonfinite
 
-                for mod in (data_buffer, data_cache, data_source):  # pinned host buffer, side streams
+                # pinned host buffers, side streams, the deferred finiteness check
+                for mod in (data_buffer, data_cache, data_source, nonfinite):
                     if hasattr(mod, "on_gpu"):
                         gpu_like = lambda d: torch.device(d).type in ("cuda", "meta")  # noqa: E731
                         stack.enter_context(patched(mod, "on_gpu", gpu_like))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -159,3 +160,47 @@ def run_ranks(fn, args: tuple, nprocs: int, timeout_s: float = 300.0, start_meth
             pytest.fail(
                 f"{nprocs} ranks of {fn.__name__} still running after {timeout_s:.0f} s (a deadlock?)"
             )
+
+
+class HostSyncs:
+    """``calls``: host reads of tensor values by kind (``count_host_syncs``)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def add(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Every read of a tensor's values by the host inside the block (on CUDA each waits for the
+    device): ``item`` / ``bool`` / ``int`` / ``float`` (``aten._local_scalar_dense``),
+    ``nonzero``, ``tolist`` and ``torch.cuda.synchronize``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = HostSyncs()
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("_local_scalar_dense", "nonzero"):
+                seen.add(name)
+            return func(*args, **(kwargs or {}))
+
+    tolist, synchronize = torch.Tensor.tolist, torch.cuda.synchronize
+
+    def counted_tolist(t):
+        seen.add("tolist")
+        return tolist(t)
+
+    def counted_synchronize(*a, **k):
+        seen.add("cuda.synchronize")
+        return synchronize(*a, **k)
+
+    torch.Tensor.tolist, torch.cuda.synchronize = counted_tolist, counted_synchronize
+    try:
+        with Mode():
+            yield seen
+    finally:
+        torch.Tensor.tolist, torch.cuda.synchronize = tolist, synchronize

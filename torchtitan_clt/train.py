@@ -98,6 +98,7 @@ class Trainer:
             max_norm=cfg.training.max_norm,
             device=self.device,
             autocast_dtype=build.autocast_dtype(cfg, self.device),
+            guard=build.build_nonfinite_guard(cfg, self.device, self.optimizers, self.source),
         )
         self.checkpointer = build.build_checkpointer(
             self.run_folder,
@@ -113,6 +114,8 @@ class Trainer:
         )
         if self.checkpointer is not None and self.checkpointer.load() is not None:
             logger.info(f"Resumed from step {self.train_state.step} ({self.train_state.tokens} tokens)")
+            if self.step_fn.guard is not None:
+                self.step_fn.guard.last_checkpoint = self.train_state.step
         if self.train_state.step == 0:
             build.standardize(cfg, self.model, self.source, self.micro_batch, pd, self.dp_group)
         if is_code_layout(self.model):  # each rank reads, and the data path moves, its columns of y
@@ -181,15 +184,25 @@ class Trainer:
                 if cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < t.steps:
                     self._evaluate(step, None if self.eval_sharded else self._gather(), open_loop=False)
                 if self.checkpointer is not None:
-                    self.checkpointer.save(step, last_step=step == t.steps)
+                    if self.checkpointer.should_save(step, step == t.steps):
+                        self._check_finite(step)  # nothing non-finite is written
+                    if self.checkpointer.save(step, last_step=step == t.steps) and self.step_fn.guard:
+                        self.step_fn.guard.last_checkpoint = step
                 if profiler is not None:
                     profiler.step()
                 if mem_snapshot is not None:
                     mem_snapshot.step()
                 if (signum := stop.agreed()) and step < t.steps:  # SIGTERM / SIGUSR1 on any rank
+                    self._check_finite(step)
                     stop_and_save(self, step, stop, signum)
+        self._check_finite(ts.step)
         self._finish()
         return last
+
+    def _check_finite(self, step: int) -> None:
+        """Raise for any non-finite step still unread (``training.nonfinite_check = "deferred"``)."""
+        if self.step_fn.guard is not None:
+            self.step_fn.guard.check(step, flush=True)
 
     def _log(self, step: int, stats: StepStats, data_wait_frac: float) -> dict:
         scalars = {"loss": stats.loss, **stats.terms}

@@ -109,6 +109,18 @@ class NaNSource(ToySource):
         return x, y
 
 
+class NaNOnRank1Source(ToySource):
+    """NaN targets from the 4th batch on, on rank 1 only: the other ranks must skip with it."""
+
+    def next_batch(self, batch_size):
+        import torch.distributed as dist
+
+        x, y = super().next_batch(batch_size)
+        if self.calls >= 4 and dist.is_initialized() and dist.get_rank() == 1:
+            y = torch.full_like(y, float("nan"))
+        return x, y
+
+
 if "tied_sae" not in __import__("torchtitan_clt.protocols", fromlist=["model_registry"]).model_registry:
     register_model_spec(
         ModelSpec(
@@ -122,3 +134,4 @@ if "tied_sae" not in __import__("torchtitan_clt.protocols", fromlist=["model_reg
     activation_registry.register("squared_relu", SquaredReLU)
     data_source_registry.register("toy", ToySource)
     data_source_registry.register("toy_nan", NaNSource)
+    data_source_registry.register("toy_nan_rank1", NaNOnRank1Source)

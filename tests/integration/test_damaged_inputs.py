@@ -173,6 +173,65 @@ def test_nan_activations_stop_before_the_optimizer_step(tmp_path, caplog):
     trainer.metrics.close()
 
 
+def test_nan_found_without_a_host_sync_skips_the_update_and_stops_before_writing(tmp_path, caplog):
+    """``training.nonfinite_check = "deferred"``: step 4's NaN targets are read on the host two
+    steps later (at step 6), its update (and step 5's, NaN too) skipped by the fused optimizer on
+    the device; nothing from step 4 on is written."""
+    args = [
+        "--config", DEBUG, f"--job.dump_folder={tmp_path}", f"--job.custom_import={CUSTOM}", "--data.source=toy_nan",
+        "--standardize.inputs=none", "--standardize.targets=none", "--training.steps=10", "--checkpoint.interval=3",
+        "--checkpoint.export=false", "--eval.enable=false", "--metrics.log_freq=100", "--optimizer.fused=true",
+    ]  # fmt: skip
+    assert main([*args, "--training.nonfinite_check=deferred"]) == 3
+    assert (
+        "Non-finite activations at step 4: targets (mlp_out) at layers 0, 1. The optimizer skipped "
+        "step 4's update on the device; training stopped at step 6, before writing anything from it "
+        "(the last checkpoint is step 3)" in caplog.text
+    )
+    assert list_checkpoints(tmp_path / "debug_model" / "checkpoints")[0] == [3]
+    saved, _ = load_model_from_checkpoint(tmp_path / "debug_model")
+    # The same run checked every step: step 3's weights are the same (the modes differ only in NaN).
+    assert main([*args, "--job.name=every_step", "--training.nonfinite_check=every_step"]) == 3
+    every, _ = load_model_from_checkpoint(tmp_path / "every_step", 3)
+    for k, v in every.state_dict().items():
+        assert torch.equal(saved.state_dict()[k], v), k
+    # In process: steps 4 and 5 ran, but the weights and AdamW's state are those of step 3.
+    again = [*args, "--training.nonfinite_check=deferred", "--job.name=again", "--checkpoint.enable=false"]
+    trainer = Trainer(load_config(again))
+    with pytest.raises(TrainingError, match="at step 4"):
+        trainer.train()
+    assert trainer.train_state.step == 6
+    for k, v in saved.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[k], v), k
+    for opt in trainer.optimizers:
+        assert {float(st["step"]) for st in opt.state.values()} == {3.0}
+    trainer.metrics.close()
+
+
+def test_deferred_check_drops_the_steps_host_syncs(tmp_path):
+    """A non-logging step with ``deferred`` makes one host read fewer than with ``every_step``
+    (the loss check between forward and backward), and still trains the same step."""
+    from helpers import count_host_syncs
+
+    losses, syncs = {}, {}
+    for how in ("every_step", "deferred"):
+        cfg = load_config(
+            [
+                "--config", DEBUG, f"--job.dump_folder={tmp_path}", f"--job.name={how}", *SYNTH,
+                "--training.steps=4", "--metrics.log_freq=100", "--checkpoint.enable=false",
+                "--eval.enable=false", "--optimizer.fused=true", f"--training.nonfinite_check={how}",
+            ]
+        )  # fmt: skip
+        trainer = Trainer(cfg)
+        trainer.train_step(1, collect=True)
+        with count_host_syncs() as n:
+            stats = trainer.train_step(2)
+        syncs[how], losses[how] = n.calls, float(stats.loss)
+        trainer.metrics.close()
+    assert (trainer.step_fn.guard is not None) and losses["deferred"] == losses["every_step"]
+    assert sum(syncs["every_step"].values()) - sum(syncs["deferred"].values()) == 1, syncs
+
+
 def test_export_missing_a_tensor_or_with_wrong_shapes(tmp_path, reference):
     from safetensors.torch import load_file, save_file
 

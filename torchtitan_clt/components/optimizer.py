@@ -50,9 +50,22 @@ class OptimizersContainer(Stateful):
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for o in self.optimizers for g in o.param_groups]
 
-    def step(self) -> None:
+    def step(self, found_inf: torch.Tensor | None = None) -> None:
+        """``found_inf``: a device scalar, nonzero to skip the update on the device (fused
+        optimizers only: ``skips_on_device``)."""
         for o in self.optimizers:
-            o.step()
+            if found_inf is None:
+                o.step()
+                continue
+            o.found_inf, o.grad_scale = found_inf, None  # what torch's fused Adam(W) reads
+            try:
+                o.step()
+            finally:
+                del o.found_inf, o.grad_scale
+
+    def skips_on_device(self) -> bool:
+        """Every optimizer can skip a step from a device flag (torch's fused Adam and AdamW)."""
+        return all(o.defaults.get("fused") for o in self.optimizers)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:

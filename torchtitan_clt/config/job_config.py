@@ -275,6 +275,14 @@ class Training:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training device; ``auto`` picks CUDA when available."""
 
+    nonfinite_check: Literal["auto", "every_step", "deferred"] = "auto"
+    """How a NaN / inf in the activations, the loss or the gradients stops the run. ``every_step``:
+    checked between forward and backward (one host sync per micro-batch; the error counts the NaNs
+    per layer and names the loss terms). ``deferred``: the step's flags stay on the device, the
+    fused optimizer skips that step's update there, and the host reads them two steps later and
+    before every logged step, checkpoint and the end of training (no sync; the error names the
+    step and the layers). ``auto``: ``deferred`` on CUDA with a fused optimizer, else ``every_step``."""
+
     compile: bool = False
     """``torch.compile`` the dictionary's forward."""
 

@@ -34,6 +34,8 @@ from torchtitan_clt.protocols import (
 from torchtitan_clt.protocols.model_spec import family_options
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
 from torchtitan_clt.tools.logging import logger
+from torchtitan_clt.trainer import nonfinite
+from torchtitan_clt.trainer.nonfinite import NonFiniteGuard
 
 
 def check_names(cfg: JobConfig) -> tuple[ModelSpec, Callable[..., Any]]:
@@ -184,3 +186,22 @@ def autocast_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype | None:
     if mp == "auto":
         mp = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
+
+
+def build_nonfinite_guard(
+    cfg: JobConfig, device: torch.device, optimizers: Any, source: ActivationSource
+) -> NonFiniteGuard | None:
+    """The deferred finiteness check of ``training.nonfinite_check`` (None: every step's)."""
+    how = cfg.training.nonfinite_check
+    fused = optimizers.skips_on_device()
+    if how == "auto":
+        how = "deferred" if nonfinite.on_gpu(device) and fused else "every_step"
+    if how == "every_step":
+        return None
+    if not fused:
+        raise ConfigError(
+            'training.nonfinite_check = "deferred" skips a bad step inside the fused optimizer, and '
+            f"this optimizer is not fused (optimizer.fused = {cfg.optimizer.fused!r}): set "
+            "--optimizer.fused=auto (or true), or --training.nonfinite_check=every_step."
+        )
+    return NonFiniteGuard(source.n_layers, device, source.layers, source.hook_in, source.hook_out)

@@ -381,6 +381,7 @@ def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
     from torchtitan_clt.checkpoint.manager import CheckpointManager
     from torchtitan_clt.data import buffer, pipeline, source, tokenize
     from torchtitan_clt.kernels import select_torch
+    from torchtitan_clt.trainer import nonfinite
 
     staging, writes = Staging(pin), WriteCounter()
     real_new_group = dist.new_group
@@ -435,6 +436,8 @@ def substitutions(pin: bool, oracle: Expectations) -> Iterator[dict[str, Any]]:
         stack.enter_context(patched(select_torch, "compact", expected.compact))
         if hasattr(buffer, "ChunkShare"):
             stack.enter_context(patched(buffer.ChunkShare, "owner", lambda self, first, c: self.rank))
+        finite = lambda self, p: [1] * (p.flags.numel() - 1) + [0]  # noqa: E731 - a step's flags: all finite
+        stack.enter_context(patched(nonfinite.NonFiniteGuard, "_read", finite))
         stack.enter_context(patched(dist, "new_group", new_group))
         stack.enter_context(patched(dist, "all_gather_object", all_gather_object))
         stack.enter_context(patched(dist, "broadcast_object_list", broadcast_object_list))

@@ -32,6 +32,7 @@ from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, 
 from torchtitan_clt.models.common import selection_of
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderOutput
 from torchtitan_clt.tools.guards import all_finite, describe_nonfinite
+from torchtitan_clt.trainer.nonfinite import NonFiniteGuard
 
 
 @dataclass
@@ -71,6 +72,10 @@ class TrainStep:
     y_columns: Any = None
     """The tp group whose ranks each hold their own columns of ŷ and y (``parallelism.tp_layout =
     "code"``): the step reads, standardizes and measures only this rank's columns; None otherwise."""
+    guard: NonFiniteGuard | None = None
+    """``training.nonfinite_check = "deferred"``: the step's finiteness stays on the device (a
+    non-finite step's update is skipped there) and is read later (``trainer/nonfinite.py``); None:
+    checked between forward and backward, one host sync per micro-batch."""
 
     def __call__(self, step: int, collect: bool = False) -> StepStats:
         """Train one step; ``collect``: also gather the FVU sums and L0 (the logged steps)."""
@@ -81,6 +86,8 @@ class TrainStep:
             data_wait_s=0.0,
             fvu=FVUAccumulator() if collect else None,
         )
+        if self.guard is not None:
+            self.guard.check(step)  # a step LAG back: long finished on the device
         n = self.grad_accum_steps
         fired, rows = None, 0
         act = getattr(self.model, "activation", None)
@@ -103,11 +110,16 @@ class TrainStep:
         if self.decoder_constraint is not None:
             self.decoder_constraint.project_grads()
         stats.grad_norm = clip_grad_norm_(self.model.parameters(), self.max_norm)
-        self.optimizers.step()
+        found = self.guard.verdict(stats.grad_norm) if self.guard is not None else None
+        self.optimizers.step(found_inf=found)
         if self.decoder_constraint is not None:
             self.decoder_constraint.normalize()
         self.lr_schedulers.step()
         self.optimizers.zero_grad()
+        if self.guard is not None:
+            self.guard.queue(step, found)
+            if collect:  # a logged step reads the loss anyway: nothing non-finite gets logged
+                self.guard.check(step, flush=True)
         return stats
 
     def _columns(self):
@@ -145,14 +157,16 @@ class TrainStep:
     ) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns ``fired`` or-ed with its firing."""
         m = self.model
-        batch_ok = all_finite(x, y)  # read with the loss check: no extra device sync
+        batch_ok = all_finite(x, y) if self.guard is None else None  # read with the loss check
         xs = m.standardize_in(x)
         with self._columns():
             ys = m.standardize_out(y)
         with self._autocast():
             out = self.forward(xs)
             loss, terms = self.loss_fn(m, out, ys, step)
-        if not bool(torch.isfinite(loss) & batch_ok):
+        if self.guard is not None:
+            self.guard.observe(x, y, loss)
+        elif not bool(torch.isfinite(loss) & batch_ok):
             if not bool(batch_ok):
                 src = self.source
                 raise TrainingError(describe_nonfinite(step, x, y, src.layers, src.hook_in, src.hook_out))
