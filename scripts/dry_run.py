@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import sys
 import tempfile
@@ -546,38 +547,54 @@ class CollectiveCounter:
         def w_func(group: Any) -> int:  # a functional collective's group: ranks, mesh, (mesh, dim), name
             return c10d._resolve_process_group(funcol._resolve_group_name(group)).size()
 
+        # name -> (kind, the argument whose bytes it sends): called by position or keyword, as
+        # FSDP2 does (reduce_scatter_single(output=..., input=...))
         counters = {
-            "all_reduce": lambda t, *a, group=None, **k: ("all_reduce", 2 * (w_of(group) - 1) * size(t) // w_of(group)),
-            "all_gather": lambda out, t, group=None, **k: ("all_gather", (w_of(group) - 1) * size(t)),
-            "all_gather_into_tensor": lambda out, t, group=None, **k: ("all_gather", (w_of(group) - 1) * size(t)),
-            "all_gather_single": lambda out, t, group=None, **k: ("all_gather", (w_of(group) - 1) * size(t)),
-            "reduce_scatter_tensor": lambda out, t, *a, group=None, **k: (
-                "reduce_scatter", (w_of(group) - 1) * size(t) // w_of(group)
-            ),
-            "reduce_scatter_single": lambda out, t, *a, group=None, **k: (
-                "reduce_scatter", (w_of(group) - 1) * size(t) // w_of(group)
-            ),
-            "broadcast": lambda t, *a, group=None, **k: ("broadcast", size(t) if w_of(group) > 1 else 0),
+            "all_reduce": ("all_reduce", "tensor"),
+            "all_gather": ("all_gather", "tensor"),
+            "all_gather_into_tensor": ("all_gather", "input_tensor"),
+            "all_gather_single": ("all_gather", "input_tensor"),
+            "reduce_scatter_tensor": ("reduce_scatter", "input"),
+            "reduce_scatter_single": ("reduce_scatter", "input"),
+            "broadcast": ("broadcast", "tensor"),
             # The root sends every other rank its part (y's columns under the code layout): W-1
             # parts of size(t); a rank is the root of 1/W of the chunks (the refills' deal), so
             # per chunk it sends (W-1)/W parts on average, whoever this trace makes the root.
-            "scatter": lambda t, *a, group=None, **k: ("scatter", (w_of(group) - 1) * size(t) // w_of(group)),
-        }  # fmt: skip
+            "scatter": ("scatter", "tensor"),
+        }
         functional = {
-            "all_reduce": lambda t, op, group, *a, **k: ("all_reduce", 2 * (w_func(group) - 1) * size(t) // w_func(group)),
-            "all_gather_tensor": lambda t, dim, group, *a, **k: ("all_gather", (w_func(group) - 1) * size(t)),
-            "reduce_scatter_tensor": lambda t, op, dim, group, *a, **k: (
-                "reduce_scatter", (w_func(group) - 1) * size(t) // w_func(group)
-            ),
-        }  # fmt: skip
+            "all_reduce": ("all_reduce", "self"),
+            "all_gather_tensor": ("all_gather", "self"),
+            "reduce_scatter_tensor": ("reduce_scatter", "self"),
+        }
+        ring = {
+            "all_reduce": lambda w, n: 2 * (w - 1) * n // w,
+            "all_gather": lambda w, n: (w - 1) * n,
+            "reduce_scatter": lambda w, n: (w - 1) * n // w,
+            "broadcast": lambda w, n: n if w > 1 else 0,
+            "scatter": lambda w, n: (w - 1) * n // w,
+        }
+
+        def counter(
+            fn: Any, kind: str, arg: str, world: Callable[[Any], int]
+        ) -> Callable[..., tuple[str, int]]:
+            sig = inspect.signature(fn)
+
+            def count(*args: Any, **kwargs: Any) -> tuple[str, int]:
+                a = sig.bind(*args, **kwargs).arguments
+                return kind, ring[kind](world(a.get("group")), size(a[arg]))
+
+            return count
+
         saved = {}
-        targets = [(dist, name, count) for name, count in counters.items()]
-        targets += [(funcol, name, count) for name, count in functional.items()]
+        targets = [(dist, name, how, w_of) for name, how in counters.items()]
+        targets += [(funcol, name, how, w_func) for name, how in functional.items()]
         inside = threading.local()  # torch 2.13's all_gather_into_tensor calls all_gather_single
-        for module, name, count in targets:
+        for module, name, (kind, arg), world in targets:
             orig = getattr(module, name, None)
             if orig is None:  # e.g. the *_single names before torch 2.13
                 continue
+            count = counter(orig, kind, arg, world)
 
             def wrapped(*args: Any, _orig: Any = orig, _count: Any = count, **kwargs: Any) -> Any:
                 if getattr(inside, "on", False):
@@ -585,8 +602,8 @@ class CollectiveCounter:
                 try:
                     op, n = _count(*args, **kwargs)
                     self._add(op, n)
-                except Exception:  # noqa: BLE001 - counting must never break the call
-                    pass
+                except Exception:  # noqa: BLE001 - counting must never break the call; it shows
+                    self._add("uncounted calls", 1)
                 inside.on = True
                 try:
                     return _orig(*args, **kwargs)

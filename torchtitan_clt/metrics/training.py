@@ -82,7 +82,8 @@ def fvu_per_layer(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
 def l0_per_layer(acts: torch.Tensor) -> torch.Tensor:
     """[L] mean number of active (non-zero) features per token. acts: [..., L, F]."""
     acts = _as_tokens(acts, "acts")
-    return _full((acts != 0).sum(-1).float().mean(0))
+    # summed to [L] before the sum over feature shards: tp sends L numbers, not [N, L]
+    return _full((acts != 0).sum(dim=(0, 2))).float() / acts.shape[0]
 
 
 class FVUAccumulator:
