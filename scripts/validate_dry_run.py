@@ -71,6 +71,15 @@ def measured(layout: str, extra: list[str], folder: Path, mmap_threshold: int = 
 
 
 def traced(layout: str, extra: list[str], rank: int) -> dict[str, Any]:
+    """The trace, in a fresh process: its host baseline is that process's RSS, which an earlier
+    trace in the same process would have raised."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_trace, (layout, extra, rank))
+
+
+def _trace(layout: str, extra: list[str], rank: int) -> dict[str, Any]:
     from dry_run import trace
 
     from torchtitan_clt.config import load_config

@@ -182,6 +182,7 @@ class Trainer:
                     last = self._log(step, stats, data_wait_s / max(elapsed, 1e-9))
                     t_window, data_wait_s = time.perf_counter(), 0.0
                 if cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < t.steps:
+                    self._check_finite(step)
                     self._evaluate(step, None if self.eval_sharded else self._gather(), open_loop=False)
                 if self.checkpointer is not None:
                     if self.checkpointer.should_save(step, step == t.steps):
