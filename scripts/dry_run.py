@@ -319,6 +319,7 @@ def trace(
             subs = stack.enter_context(substitutions(card is not None, oracle))
             tracer.holders = holders(parts, subs["staging"])
             stack.enter_context(phase_hooks(tracer.phase, parts))
+            stack.enter_context(tracer.functional_collectives())
             stack.enter_context(inline_threads())
             stack.enter_context(watch_storage_resizes(tracer))
             stack.enter_context(patched(ParallelDims, "build_mesh", build_mesh))

@@ -98,6 +98,17 @@ def _nbytes(ts: Iterable[Any] | torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
 
 
+def ring_bytes(kind: str, w: int, s: int) -> int:
+    """What one rank sends for an ``s``-byte input over ``w`` ranks (the module's formulas)."""
+    if w <= 1:
+        return 0
+    if kind == "all_reduce":
+        return 2 * (w - 1) * s // w
+    if kind == "all_gather":
+        return (w - 1) * s
+    return (w - 1) * s // w  # reduce_scatter
+
+
 def sent_bytes(func: Any, args: tuple, kwargs: dict) -> tuple[str, int] | None:
     """``(name, bytes this rank sends)`` of a c10d / functional collective op, else None."""
     ns = getattr(func, "namespace", "")
@@ -240,9 +251,55 @@ class MemTracer(TorchDispatchMode):
         self._entry_rise: list[dict[str, int]] = [{"host": 0, "device": 0}]
         self._snap_at = {"host": 0, "device": 0}
         self._snap_phase: dict[str, str] = {}
+        self._in_functional = False  # inside a counted functional collective (``functional_collectives``)
         self.stats("other")
 
     # -- phases --------------------------------------------------------------------------------
+    def add_sent(self, kind: str, n: int) -> None:
+        st = self.stats(self.phase_name)
+        st.collectives[kind] += n
+        st.last_collectives[kind] += n
+        st.collective_calls[kind] += 1
+
+    @contextlib.contextmanager
+    def functional_collectives(self) -> Iterator[None]:
+        """Count DTensor's collectives at ``_functional_collectives``' Python calls: the ones a
+        redistribution issues inside DTensor's dispatch reach no dispatch mode (a mode is off
+        while its own ``__torch_dispatch__`` runs the op), so the dispatcher would miss them."""
+        import torch.distributed._functional_collectives as funcol
+        import torch.distributed.distributed_c10d as c10d
+
+        tracer = self
+        group_at = {"all_reduce": 2, "all_gather_tensor": 2, "reduce_scatter_tensor": 3}
+        saved = {}
+        for name, at in group_at.items():
+            orig = getattr(funcol, name)
+
+            def wrapped(
+                t: Any, *args: Any, _orig: Any = orig, _name: str = name, _at: int = at, **kw: Any
+            ) -> Any:
+                if tracer._in_functional:
+                    return _orig(t, *args, **kw)
+                group = args[_at - 1] if len(args) >= _at else kw.get("group")
+                w = c10d._resolve_process_group(funcol._resolve_group_name(group)).size()
+                kind = {"all_gather_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter"}.get(
+                    _name, _name
+                )
+                tracer.add_sent(kind, ring_bytes(kind, w, _nbytes(t)))
+                tracer._in_functional = True  # its op, if a mode sees it, is this call
+                try:
+                    return _orig(t, *args, **kw)
+                finally:
+                    tracer._in_functional = False
+
+            saved[name] = orig
+            setattr(funcol, name, wrapped)
+        try:
+            yield
+        finally:
+            for name, orig in saved.items():
+                setattr(funcol, name, orig)
+
     def stats(self, name: str) -> PhaseStats:
         if name not in self.phases:
             self.phases[name] = PhaseStats()
@@ -426,12 +483,10 @@ class MemTracer(TorchDispatchMode):
                 func, args, kwargs = torch.ops.aten.clone.default, (args[0],), {}
             elif kwargs.get("pin_memory"):
                 kwargs = {**kwargs, "pin_memory": False}
-        sent = sent_bytes(func, args, kwargs)
+        sent = None if self._in_functional else sent_bytes(func, args, kwargs)
         st = self.stats(self.phase_name)
         if sent is not None:
-            st.collectives[sent[0]] += sent[1]
-            st.last_collectives[sent[0]] += sent[1]
-            st.collective_calls[sent[0]] += 1
+            self.add_sent(*sent)
         if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
             src = args[1] if func is torch.ops.aten.copy_.default else args[0]
             dst_dev = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device")
