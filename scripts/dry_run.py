@@ -539,6 +539,8 @@ class CollectiveCounter:
         import torch.distributed._functional_collectives as funcol
         import torch.distributed.distributed_c10d as c10d
 
+        from torchtitan_clt.tools.mem_trace import ring_bytes
+
         def size(t: Any) -> int:
             return t.numel() * t.element_size()
 
@@ -568,14 +570,6 @@ class CollectiveCounter:
             "all_gather_tensor": ("all_gather", "self"),
             "reduce_scatter_tensor": ("reduce_scatter", "self"),
         }
-        ring = {
-            "all_reduce": lambda w, n: 2 * (w - 1) * n // w,
-            "all_gather": lambda w, n: (w - 1) * n,
-            "reduce_scatter": lambda w, n: (w - 1) * n // w,
-            "broadcast": lambda w, n: n if w > 1 else 0,
-            "scatter": lambda w, n: (w - 1) * n // w,
-        }
-
         def counter(
             fn: Any, kind: str, arg: str, world: Callable[[Any], int]
         ) -> Callable[..., tuple[str, int]]:
@@ -583,7 +577,7 @@ class CollectiveCounter:
 
             def count(*args: Any, **kwargs: Any) -> tuple[str, int]:
                 a = sig.bind(*args, **kwargs).arguments
-                return kind, ring[kind](world(a.get("group")), size(a[arg]))
+                return kind, ring_bytes(kind, world(a.get("group")), size(a[arg]))
 
             return count
 

@@ -106,7 +106,11 @@ def ring_bytes(kind: str, w: int, s: int) -> int:
         return 2 * (w - 1) * s // w
     if kind == "all_gather":
         return (w - 1) * s
-    return (w - 1) * s // w  # reduce_scatter
+    if kind == "broadcast":
+        return s
+    if kind in ("reduce_scatter", "scatter"):  # scatter: s-byte parts, the root's role dealt evenly
+        return (w - 1) * s // w
+    raise ValueError(f"no ring formula for {kind!r}")
 
 
 def sent_bytes(func: Any, args: tuple, kwargs: dict) -> tuple[str, int] | None:
