@@ -10,6 +10,12 @@ from collections.abc import Sequence
 
 import torch
 
+ACTIVATIONS_FIX = (
+    "Check the LLM's dtype (e.g. --data.model_dtype=float32: float16 overflows in some models), the data "
+    "(or the activation cache), and that data.layers are layers the model really has."
+)
+"""What to check when activations are non-finite (both finiteness checks say it)."""
+
 
 def all_finite(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """A 0-dim bool tensor: every value of ``x`` and ``y`` is finite (no device sync)."""
@@ -32,7 +38,6 @@ def describe_nonfinite(
             parts.append(f"{name} ({hook}) at {where}")
     return (
         f"Non-finite activations at step {step}: {'; '.join(parts)} in a batch of {x.shape[0]} rows. "
-        f"The optimizer did not take step {step} (the weights are those of step {step - 1}). Check "
-        "the LLM's dtype (e.g. --data.model_dtype=float32: float16 overflows in some models), the data "
-        "(or the activation cache), and that data.layers are layers the model really has."
+        f"The optimizer did not take step {step} (the weights are those of step {step - 1}). "
+        + ACTIVATIONS_FIX
     )

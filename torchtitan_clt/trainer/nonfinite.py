@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_clt.errors import TrainingError
+from torchtitan_clt.tools.guards import ACTIVATIONS_FIX
 
 LAG = 2
 """Steps between a step and the host's read of its flags (the CPU runs about one step ahead)."""
@@ -112,10 +113,7 @@ class NonFiniteGuard:
                 parts.append(f"{name} ({hook}) at layer{'s' if len(where) > 1 else ''} {', '.join(where)}")
         if parts:
             what = f"Non-finite activations at step {bad}: {'; '.join(parts)}"
-            fix = (
-                "Check the LLM's dtype (e.g. --data.model_dtype=float32: float16 overflows in some models), "
-                "the data (or the activation cache), and that data.layers are layers the model really has."
-            )
+            fix = ACTIVATIONS_FIX
         else:
             what = f"Non-finite {'loss' if not flags[2 * L] else 'gradients'} at step {bad}"
             if flags[2 * L]:
