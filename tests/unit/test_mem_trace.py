@@ -163,6 +163,30 @@ def test_host_to_device_and_collective_bytes_follow_the_ring_formulas():
     assert st.h2d_bytes == 10 * 2 and y.dtype == torch.float32  # the source's bytes cross
 
 
+def test_dtensors_own_collectives_are_counted_once():
+    """A redistribution all-reduces inside DTensor's dispatch, where the tracing mode is off: it is
+    counted at the functional collective's call. A direct functional call is counted once (its op
+    also reaches the mode)."""
+    import torch.distributed._functional_collectives as funcol
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    from torchtitan_clt.tools.fake_world import fake_process_group
+    from torchtitan_clt.tools.mem_trace import MemTracer
+
+    W, S = 4, 1000 * 4
+    with fake_process_group(W):
+        mesh = init_device_mesh("cpu", (W,))  # real tensors: it reads its ranks
+        with FakeTensorMode(), MemTracer() as tr, tr.functional_collectives(), tr.phase("redistribute") as st:
+            DTensor.from_local(torch.empty(1000), mesh, [Partial()], run_check=False).full_tensor()
+        with FakeTensorMode(), MemTracer() as tr, tr.functional_collectives(), tr.phase("direct") as direct:
+            funcol.wait_tensor(funcol.all_reduce(torch.empty(1000), "sum", mesh))
+    for phase in (st, direct):
+        assert phase.collectives["all_reduce"] == 2 * (W - 1) * S // W, dict(phase.collectives)
+        assert phase.collective_calls["all_reduce"] == 1, dict(phase.collective_calls)
+
+
 def _dry_run():
     sys.path.insert(0, str(ROOT / "scripts"))
     import dry_run
