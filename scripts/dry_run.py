@@ -570,6 +570,7 @@ class CollectiveCounter:
             "all_gather_tensor": ("all_gather", "self"),
             "reduce_scatter_tensor": ("reduce_scatter", "self"),
         }
+
         def counter(
             fn: Any, kind: str, arg: str, world: Callable[[Any], int]
         ) -> Callable[..., tuple[str, int]]:
