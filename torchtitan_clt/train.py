@@ -112,10 +112,10 @@ class Trainer:
                 "dead_features": self.dead,
             },
         )
+        if self.checkpointer is not None and self.step_fn.guard is not None:
+            self.step_fn.guard.checkpoints = self.checkpointer.folder
         if self.checkpointer is not None and self.checkpointer.load() is not None:
             logger.info(f"Resumed from step {self.train_state.step} ({self.train_state.tokens} tokens)")
-            if self.step_fn.guard is not None:
-                self.step_fn.guard.last_checkpoint = self.train_state.step
         if self.train_state.step == 0:
             build.standardize(cfg, self.model, self.source, self.micro_batch, pd, self.dp_group)
         if is_code_layout(self.model):  # each rank reads, and the data path moves, its columns of y
@@ -187,8 +187,7 @@ class Trainer:
                 if self.checkpointer is not None:
                     if self.checkpointer.should_save(step, step == t.steps):
                         self._check_finite(step)  # nothing non-finite is written
-                    if self.checkpointer.save(step, last_step=step == t.steps) and self.step_fn.guard:
-                        self.step_fn.guard.last_checkpoint = step
+                    self.checkpointer.save(step, last_step=step == t.steps)
                 if profiler is not None:
                     profiler.step()
                 if mem_snapshot is not None:

@@ -35,7 +35,6 @@ from torchtitan_clt.protocols.model_spec import family_options
 from torchtitan_clt.protocols.transcoder import TranscoderArgs
 from torchtitan_clt.tools.logging import logger
 from torchtitan_clt.trainer import nonfinite
-from torchtitan_clt.trainer.nonfinite import NonFiniteGuard
 
 
 def check_names(cfg: JobConfig) -> tuple[ModelSpec, Callable[..., Any]]:
@@ -190,7 +189,7 @@ def autocast_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype | None:
 
 def build_nonfinite_guard(
     cfg: JobConfig, device: torch.device, optimizers: Any, source: ActivationSource
-) -> NonFiniteGuard | None:
+) -> nonfinite.NonFiniteGuard | None:
     """The deferred finiteness check of ``training.nonfinite_check`` (None: every step's)."""
     how = cfg.training.nonfinite_check
     fused = optimizers.skips_on_device()
@@ -204,4 +203,4 @@ def build_nonfinite_guard(
             f"this optimizer is not fused (optimizer.fused = {cfg.optimizer.fused!r}): set "
             "--optimizer.fused=auto (or true), or --training.nonfinite_check=every_step."
         )
-    return NonFiniteGuard(source.n_layers, device, source.layers, source.hook_in, source.hook_out)
+    return nonfinite.NonFiniteGuard(source.n_layers, device, source.layers, source.hook_in, source.hook_out)

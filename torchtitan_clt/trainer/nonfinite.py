@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from torchtitan_clt.checkpoint.layout import list_checkpoints
 from torchtitan_clt.errors import TrainingError
 from torchtitan_clt.tools.guards import ACTIVATIONS_FIX
 
@@ -50,7 +52,8 @@ class NonFiniteGuard:
         self.n_layers, self.device = n_layers, device
         self.layers, self.hook_in, self.hook_out = list(layers), hook_in, hook_out
         self.pending: deque[_Pending] = deque()
-        self.last_checkpoint: int | None = None
+        self.checkpoints: Path | None = None
+        """The run's checkpoint folder (None: none written): the error names its newest one."""
         self._flags: torch.Tensor | None = None
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
@@ -122,11 +125,8 @@ class NonFiniteGuard:
                 "Lower optimizer.lr, raise training.max_norm clipping, or check the data for NaNs "
                 "(--training.nonfinite_check=every_step names the terms, at one host sync per step)."
             )
-        ckpt = (
-            f"the last checkpoint is step {self.last_checkpoint}"
-            if self.last_checkpoint is not None
-            else "no checkpoint was written in this run"
-        )
+        done = list_checkpoints(self.checkpoints)[0] if self.checkpoints is not None else []
+        ckpt = f"the last checkpoint is step {done[-1]}" if done else "no checkpoint was written"
         return (
             f"{what}. The optimizer skipped step {bad}'s update on the device; training stopped at "
             f"step {now}, before writing anything from it ({ckpt}). {fix}"
