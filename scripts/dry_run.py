@@ -536,19 +536,14 @@ class CollectiveCounter:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         import torch.distributed as dist
-        import torch.distributed._functional_collectives as funcol
-        import torch.distributed.distributed_c10d as c10d
 
-        from torchtitan_clt.tools.mem_trace import ring_bytes
+        from torchtitan_clt.tools.mem_trace import functional_collectives_counted, ring_bytes
 
         def size(t: Any) -> int:
             return t.numel() * t.element_size()
 
         def w_of(group: Any) -> int:
             return dist.get_world_size(group)
-
-        def w_func(group: Any) -> int:  # a functional collective's group: ranks, mesh, (mesh, dim), name
-            return c10d._resolve_process_group(funcol._resolve_group_name(group)).size()
 
         # name -> (kind, the argument whose bytes it sends): called by position or keyword, as
         # FSDP2 does (reduce_scatter_single(output=..., input=...))
@@ -565,32 +560,23 @@ class CollectiveCounter:
             # per chunk it sends (W-1)/W parts on average, whoever this trace makes the root.
             "scatter": ("scatter", "tensor"),
         }
-        functional = {
-            "all_reduce": ("all_reduce", "self"),
-            "all_gather_tensor": ("all_gather", "self"),
-            "reduce_scatter_tensor": ("reduce_scatter", "self"),
-        }
 
-        def counter(
-            fn: Any, kind: str, arg: str, world: Callable[[Any], int]
-        ) -> Callable[..., tuple[str, int]]:
+        def counter(fn: Any, kind: str, arg: str) -> Callable[..., tuple[str, int]]:
             sig = inspect.signature(fn)
 
             def count(*args: Any, **kwargs: Any) -> tuple[str, int]:
                 a = sig.bind(*args, **kwargs).arguments
-                return kind, ring_bytes(kind, world(a.get("group")), size(a[arg]))
+                return kind, ring_bytes(kind, w_of(a.get("group")), size(a[arg]))
 
             return count
 
         saved = {}
-        targets = [(dist, name, how, w_of) for name, how in counters.items()]
-        targets += [(funcol, name, how, w_func) for name, how in functional.items()]
         inside = threading.local()  # torch 2.13's all_gather_into_tensor calls all_gather_single
-        for module, name, (kind, arg), world in targets:
-            orig = getattr(module, name, None)
+        for name, (kind, arg) in counters.items():
+            orig = getattr(dist, name, None)
             if orig is None:  # e.g. the *_single names before torch 2.13
                 continue
-            count = counter(orig, kind, arg, world)
+            count = counter(orig, kind, arg)
 
             def wrapped(*args: Any, _orig: Any = orig, _count: Any = count, **kwargs: Any) -> Any:
                 if getattr(inside, "on", False):
@@ -606,13 +592,14 @@ class CollectiveCounter:
                 finally:
                     inside.on = False
 
-            saved[(module, name)] = orig
-            setattr(module, name, wrapped)
+            saved[name] = orig
+            setattr(dist, name, wrapped)
         try:
-            yield
+            with functional_collectives_counted(self._add):  # DTensor's, as the trace counts them
+                yield
         finally:
-            for (module, name), orig in saved.items():
-                setattr(module, name, orig)
+            for name, orig in saved.items():
+                setattr(dist, name, orig)
 
 
 def measure(cfg: Any) -> dict[str, Any]:

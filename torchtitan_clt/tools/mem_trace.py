@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sysconfig
+import threading
 import traceback
 import weakref
 from collections import defaultdict
@@ -128,12 +129,9 @@ def sent_bytes(func: Any, args: tuple, kwargs: dict) -> tuple[str, int] | None:
         ints = [a for a in args[1:] if isinstance(a, int)]
         w = ints[0] if ints else 1
         # named as the c10d ops below, so a phase sums one kind whichever API issued it
-        if name.startswith("all_reduce"):
-            return "all_reduce", 2 * (w - 1) * s // max(w, 1) if w > 1 else 0
-        if name.startswith("all_gather"):
-            return "all_gather", (w - 1) * s
-        if name.startswith("reduce_scatter"):
-            return "reduce_scatter", (w - 1) * s // max(w, 1)
+        for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+            if name.startswith(kind):
+                return kind, ring_bytes(kind, w, s)
         if name.startswith("all_to_all"):
             return name, s  # upper bound: the split sizes are not known here
         if name.startswith("broadcast"):
@@ -141,23 +139,20 @@ def sent_bytes(func: Any, args: tuple, kwargs: dict) -> tuple[str, int] | None:
         return name, s
     w = _group_size(args)
     if name.startswith("allreduce"):
-        s = _nbytes(args[0])
-        return "all_reduce", 2 * (w - 1) * s // w if w > 1 else 0
+        return "all_reduce", ring_bytes("all_reduce", w, _nbytes(args[0]))
     if name in ("allgather", "_allgather_base", "allgather_into_tensor_coalesced"):
-        s = _nbytes(args[1])  # the inputs
-        return "all_gather", (w - 1) * s
+        return "all_gather", ring_bytes("all_gather", w, _nbytes(args[1]))  # the inputs
     if name in ("reduce_scatter", "_reduce_scatter_base", "reduce_scatter_tensor_coalesced"):
-        s = _nbytes(args[1])
-        return "reduce_scatter", (w - 1) * s // w if w > 1 else 0
+        return "reduce_scatter", ring_bytes("reduce_scatter", w, _nbytes(args[1]))
     if name.startswith("broadcast"):
-        return "broadcast", _nbytes(args[0]) if w > 1 else 0
+        return "broadcast", ring_bytes("broadcast", w, _nbytes(args[0]))
     if name.startswith("alltoall"):
         s = _nbytes(args[1])
         return "all_to_all", (w - 1) * s // w if w > 1 else 0
     if name in ("send",):
         return "send", _nbytes(args[0])
-    if name == "scatter":  # the root sends W-1 parts; each rank is the root of 1/W of them (the deal)
-        return name, (w - 1) * _nbytes(args[0]) // w if w > 1 else 0
+    if name == "scatter":
+        return name, ring_bytes("scatter", w, _nbytes(args[0]))
     if name in ("gather", "reduce", "recv", "recv_any_source"):
         return name, _nbytes(args[0]) if name != "recv" else 0
     return name, 0
@@ -214,6 +209,51 @@ def _allocation_site() -> str:
 _LIBRARY_PATHS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
+@contextlib.contextmanager
+def functional_collectives_counted(add: Callable[[str, int], None]) -> Iterator[threading.local]:
+    """``add(kind, bytes this rank sends)`` for each call of ``_functional_collectives``'
+    all-reduce, all-gather and reduce-scatter (DTensor's path), by position or keyword, once per
+    outermost call; yields a thread-local whose ``on`` is set while a counted call runs."""
+    import inspect
+
+    import torch.distributed._functional_collectives as funcol
+    import torch.distributed.distributed_c10d as c10d
+
+    inside = threading.local()
+    kinds = {
+        "all_reduce": "all_reduce",
+        "all_gather_tensor": "all_gather",
+        "reduce_scatter_tensor": "reduce_scatter",
+    }
+    saved = {}
+    for name, kind in kinds.items():
+        orig = getattr(funcol, name)
+        sig = inspect.signature(orig)
+
+        def wrapped(*args: Any, _orig: Any = orig, _sig: Any = sig, _kind: str = kind, **kw: Any) -> Any:
+            if getattr(inside, "on", False):
+                return _orig(*args, **kw)
+            try:
+                a = _sig.bind(*args, **kw).arguments  # the group: ranks, mesh, (mesh, dim) or a name
+                w = c10d._resolve_process_group(funcol._resolve_group_name(a["group"])).size()
+                add(_kind, ring_bytes(_kind, w, _nbytes(a["self"])))
+            except Exception:  # noqa: BLE001 - counting must never break the call; it shows
+                add("uncounted calls", 1)
+            inside.on = True
+            try:
+                return _orig(*args, **kw)
+            finally:
+                inside.on = False
+
+        saved[name] = orig
+        setattr(funcol, name, wrapped)
+    try:
+        yield inside
+    finally:
+        for name, orig in saved.items():
+            setattr(funcol, name, orig)
+
+
 class MemTracer(TorchDispatchMode):
     """Live bytes per kind (``host`` / ``device``) from every op's outputs, peaks and traffic per phase.
 
@@ -255,7 +295,7 @@ class MemTracer(TorchDispatchMode):
         self._entry_rise: list[dict[str, int]] = [{"host": 0, "device": 0}]
         self._snap_at = {"host": 0, "device": 0}
         self._snap_phase: dict[str, str] = {}
-        self._in_functional = False  # inside a counted functional collective (``functional_collectives``)
+        self._functional: Any = None  # ``functional_collectives_counted``'s flag, while counting there
         self.stats("other")
 
     # -- phases --------------------------------------------------------------------------------
@@ -270,39 +310,12 @@ class MemTracer(TorchDispatchMode):
         """Count DTensor's collectives at ``_functional_collectives``' Python calls: the ones a
         redistribution issues inside DTensor's dispatch reach no dispatch mode (a mode is off
         while its own ``__torch_dispatch__`` runs the op), so the dispatcher would miss them."""
-        import torch.distributed._functional_collectives as funcol
-        import torch.distributed.distributed_c10d as c10d
-
-        tracer = self
-        group_at = {"all_reduce": 2, "all_gather_tensor": 2, "reduce_scatter_tensor": 3}
-        saved = {}
-        for name, at in group_at.items():
-            orig = getattr(funcol, name)
-
-            def wrapped(
-                t: Any, *args: Any, _orig: Any = orig, _name: str = name, _at: int = at, **kw: Any
-            ) -> Any:
-                if tracer._in_functional:
-                    return _orig(t, *args, **kw)
-                group = args[_at - 1] if len(args) >= _at else kw.get("group")
-                w = c10d._resolve_process_group(funcol._resolve_group_name(group)).size()
-                kind = {"all_gather_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter"}.get(
-                    _name, _name
-                )
-                tracer.add_sent(kind, ring_bytes(kind, w, _nbytes(t)))
-                tracer._in_functional = True  # its op, if a mode sees it, is this call
-                try:
-                    return _orig(t, *args, **kw)
-                finally:
-                    tracer._in_functional = False
-
-            saved[name] = orig
-            setattr(funcol, name, wrapped)
-        try:
-            yield
-        finally:
-            for name, orig in saved.items():
-                setattr(funcol, name, orig)
+        with functional_collectives_counted(self.add_sent) as inside:
+            self._functional = inside  # its op, if this mode sees it, is the counted call
+            try:
+                yield
+            finally:
+                self._functional = None
 
     def stats(self, name: str) -> PhaseStats:
         if name not in self.phases:
@@ -487,7 +500,8 @@ class MemTracer(TorchDispatchMode):
                 func, args, kwargs = torch.ops.aten.clone.default, (args[0],), {}
             elif kwargs.get("pin_memory"):
                 kwargs = {**kwargs, "pin_memory": False}
-        sent = None if self._in_functional else sent_bytes(func, args, kwargs)
+        counted = self._functional is not None and getattr(self._functional, "on", False)
+        sent = None if counted else sent_bytes(func, args, kwargs)
         st = self.stats(self.phase_name)
         if sent is not None:
             self.add_sent(*sent)
