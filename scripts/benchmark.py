@@ -5,6 +5,8 @@ Suites:
   mesh        the same trainer on gloo meshes (1 process, dp_shard=2, tp=2) launched by torchrun on
               this machine's cores, same global batch: tokens/s, time in collectives per step,
               peak memory per rank, and scripts/estimate_memory.py's figure beside it
+  step_memory peak RSS and time of one-process steps with the activations as (id, value) pairs
+              vs the same step with dense [N, L, F] activations, each in a fresh process
   extraction  activation extraction tokens/s vs a bare truncated forward of the same LLM
   kernels     the kernel suite (scripts/benchmark_kernels.py)
   quality     dictionary quality on a fixed SmolLM2 recipe (scripts/benchmark_quality.py): held-out
@@ -339,6 +341,100 @@ def _estimate_gib(overrides: list[str], batch: int) -> float:
     return estimate(cfg, p.dp_replicate * max(p.dp_shard, 1) * p.tp)["total"] / GiB
 
 
+STEP_MEMORY_CASES = {
+    # name: overrides (synthetic activations, one process): the issue's L12/d768/F8192/k32 B256
+    "clt_topk_L12_d768_F8192_k32": [
+        "--model.name=clt", "--model.activation=topk", "--model.k=32", "--model.features_per_layer=8192",
+        "--data.synthetic_n_layers=12", "--data.synthetic_d_model=768", "--loss.sparsity=none",
+    ],
+    "clt_batchtopk_tanh_L12_d768_F8192_k32": [
+        "--model.name=clt", "--model.activation=batchtopk", "--model.k=32", "--model.features_per_layer=8192",
+        "--data.synthetic_n_layers=12", "--data.synthetic_d_model=768", "--loss.sparsity=tanh",
+    ],
+}  # fmt: skip
+STEP_MEMORY_VARIANTS = ("code", "dense_acts")
+"""``code``: the sparse step as it runs (activations as (id, value) pairs end to end);
+``dense_acts``: the same step with the ``[N, L, F]`` activations built in forward and read by the
+loss and the metrics (how the step ran before the code reached them)."""
+
+
+def step_memory_worker(variant: str, steps: int, batch_size: int, overrides: list[str], out: Path) -> None:
+    """One variant in a fresh process: peak RSS above the RSS before the timed steps (``VmHWM``
+    reset after two warm-up steps), and the median step time."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from dry_run import _hwm, _reset_hwm, _rss_now
+
+    from torchtitan_clt.config import load_config
+    from torchtitan_clt.train import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(
+            [
+                "--data.source=synthetic", f"--job.dump_folder={tmp}", f"--training.steps={steps + 2}",
+                f"--training.batch_size={batch_size}", "--checkpoint.enable=false", "--checkpoint.export=false",
+                "--eval.enable=false", "--metrics.enable_tensorboard=false", f"--metrics.log_freq={10**6}",
+                *overrides,
+            ]
+        )  # fmt: skip
+        trainer = Trainer(cfg)
+        if variant == "dense_acts":
+            fwd = trainer.step_fn.forward
+
+            def dense(xs):
+                out = fwd(xs)
+                return out if out.code is None else out.replace(acts=out.code.to_dense(), code=None)
+
+            trainer.step_fn.forward = dense
+        trainer_steps(trainer, 2)
+        base, times = _rss_now(), []
+        _reset_hwm()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            trainer_steps(trainer, 1)
+            times.append(time.perf_counter() - t0)
+        peak = _hwm()
+        result = {
+            "variant": variant,
+            "peak_above_start_gib": (peak - base) / 2**30,
+            "s_per_step": statistics.median(times),
+            "decoder_path": trainer.model.decoder_path(),
+        }
+        trainer.metrics.close()
+    out.write_text(json.dumps(result))
+
+
+def bench_step_memory(case: str, steps: int, batch_size: int, rounds: int) -> dict:
+    """The ``STEP_MEMORY_VARIANTS`` of ``case``, each in its own process (fresh RSS), alternated
+    ``rounds`` times; glibc's mmap threshold fixed so freed tensors leave the RSS."""
+    import os
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONPATH=str(ROOT))
+    runs: dict[str, list[dict]] = {v: [] for v in STEP_MEMORY_VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for v in STEP_MEMORY_VARIANTS:
+                out = Path(tmp) / f"{v}{r}.json"
+                cmd = [
+                    sys.executable, str(Path(__file__).resolve()), "--step-memory-worker", v,
+                    f"--steps={steps}", f"--batch-size={batch_size}", f"--out={out}",
+                    *(f"--override={o}" for o in STEP_MEMORY_CASES[case]),
+                ]  # fmt: skip
+                subprocess.run(cmd, check=True, env=env)
+                runs[v].append(json.loads(out.read_text()))
+    args = dict(a.removeprefix("--").split("=", 1) for a in STEP_MEMORY_CASES[case])
+    n, f = int(args["data.synthetic_n_layers"]), int(args["model.features_per_layer"])
+    row = {"case": case, "batch_size": batch_size, "steps": steps, "rounds": rounds, "runs": runs}
+    for v in STEP_MEMORY_VARIANTS:
+        row[f"{v}_peak_gib"] = min(r["peak_above_start_gib"] for r in runs[v])
+        row[f"{v}_s_per_step"] = sorted(r["s_per_step"] for r in runs[v])[len(runs[v]) // 2]
+    row["dense_acts_tensor_gib"] = batch_size * n * f * 4 / 2**30  # fp32 [N, L, F]
+    row["peak_drop_gib"] = row["dense_acts_peak_gib"] - row["code_peak_gib"]
+    row["step_time_ratio_code_over_dense"] = row["code_s_per_step"] / row["dense_acts_s_per_step"]
+    return row
+
+
 def bench_extraction(model_path: str, layers: list[int], seq_len: int, batch: int, n_batches: int) -> dict:
     from torchtitan_clt.data.bench import bench_extraction as run
 
@@ -348,11 +444,15 @@ def bench_extraction(model_path: str, layers: list[int], seq_len: int, batch: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--suite", choices=["train", "mesh", "extraction", "kernels", "quality", "all"], default="train"
+        "--suite",
+        choices=["train", "mesh", "step_memory", "extraction", "kernels", "quality", "all"],
+        default="train",
     )
     ap.add_argument("--mesh-cases", nargs="*", default=list(MESH_CASES))
     ap.add_argument("--rounds", type=int, default=2, help="mesh: launches of each layout, alternated")
     ap.add_argument("--mesh-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--step-memory-worker", choices=STEP_MEMORY_VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--step-memory-cases", nargs="*", default=list(STEP_MEMORY_CASES))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--cases", nargs="*", default=list(TRAIN_CASES))
@@ -378,6 +478,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.mesh_worker:
         mesh_worker(args.steps, args.batch_size, args.override, Path(args.out))
+        return
+    if args.step_memory_worker:
+        step_memory_worker(
+            args.step_memory_worker, args.steps, args.batch_size, args.override, Path(args.out)
+        )
         return
 
     result: dict = {
@@ -413,6 +518,17 @@ def main() -> None:
                     f"ms/step, peak {row['peak_rss_gib_per_rank']:.2f} GiB/rank (estimate "
                     f"{row['estimate_gib_per_rank']:.2f})"
                 )
+    if args.suite in ("step_memory", "all"):
+        result["step_memory"] = [
+            bench_step_memory(c, args.steps, args.batch_size, args.rounds) for c in args.step_memory_cases
+        ]
+        for r in result["step_memory"]:
+            print(
+                f"step_memory {r['case']:40s} peak {r['code_peak_gib']:.3f} GiB (code) vs "
+                f"{r['dense_acts_peak_gib']:.3f} GiB (dense acts): -{r['peak_drop_gib']:.3f} GiB "
+                f"(the fp32 acts tensor: {r['dense_acts_tensor_gib']:.3f}); step time ratio "
+                f"{r['step_time_ratio_code_over_dense']:.2f}"
+            )
     if args.suite in ("extraction", "all"):
         layers = [int(v) for v in args.layers.split(",") if v]
         r = bench_extraction(args.model_path, layers, args.seq_len, args.llm_batch, args.n_batches)

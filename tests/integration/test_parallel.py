@@ -142,6 +142,7 @@ def assert_took_sparse_path(run: Path, ngpu: int, activation: str, fsdp: bool = 
             assert n >= STEPS if fsdp else n == 0, f"rank {rank} of {run.name}: {calls} ({op})"
         if activation != "jumprelu":
             assert calls["activation_forward"] == 0, f"rank {rank}: dense selection ran {calls}"
+            assert calls["dense_acts"] == 0, f"rank {rank}: the sparse step built dense acts {calls}"
 
 
 @pytest.mark.slow
@@ -224,19 +225,21 @@ SPY_ENV = "TCLT_TEST_SPY_DIR"
 
 
 def _install_spy() -> None:
-    """Count, in this worker, the sparse steps, the sparse JumpReLU decodes and the dense
-    TopK / BatchTopK activations; written to ``$TCLT_TEST_SPY_DIR/spy_rank{r}.json`` at exit."""
+    """Count, in this worker, the sparse steps, the sparse JumpReLU decodes, the dense
+    TopK / BatchTopK activations and dense tensors built from the sparse code; written to ``$TCLT_TEST_SPY_DIR/spy_rank{r}.json`` at exit."""
     import atexit
 
     from torchtitan_clt.distributed import ring_comm, shm_comm
     from torchtitan_clt.kernels import sparse_step
     from torchtitan_clt.models import activations
     from torchtitan_clt.models.clt import model as clt_model
+    from torchtitan_clt.protocols import transcoder
 
     counts = {
         "sparse_encode": 0,
         "sparse_decode": 0,
         "activation_forward": 0,
+        "dense_acts": 0,
         "ring_all_gather": 0,
         "ring_reduce_scatter": 0,
         "shm_all_gather": 0,
@@ -255,6 +258,7 @@ def _install_spy() -> None:
     )
     clt_model.decode_entries = counted(clt_model.decode_entries, "sparse_decode")
     activations._Selecting.forward = counted(activations._Selecting.forward, "activation_forward")
+    transcoder.SparseCode.to_dense = counted(transcoder.SparseCode.to_dense, "dense_acts")
     ring_comm.ring_all_gather = counted(ring_comm.ring_all_gather, "ring_all_gather")
     ring_comm.ring_reduce_scatter = counted(ring_comm.ring_reduce_scatter, "ring_reduce_scatter")
 

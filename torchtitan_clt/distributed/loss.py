@@ -47,9 +47,11 @@ def _to_local(t):
 
 
 def local_output(out):
-    """``out`` with its feature-sharded DTensors replaced by this rank's local tensors."""
-    changes = {f.name: _to_local(getattr(out, f.name)) for f in dataclasses.fields(out)}
-    return dataclasses.replace(out, **{k: v for k, v in changes.items() if not isinstance(v, list)})
+    """``out`` with its feature-sharded DTensors replaced by this rank's local tensors (an
+    unbuilt ``acts`` stays unbuilt: the code goes local instead)."""
+    changes = {f.name: _to_local(getattr(out, f.name)) for f in dataclasses.fields(out) if f.name != "code"}
+    changes = {k: v for k, v in changes.items() if not isinstance(v, list)}
+    return out.replace(**changes, code=None if out.code is None else out.code.local())
 
 
 def feature_slice(full: torch.Tensor, n_local: int, tp_group) -> torch.Tensor:

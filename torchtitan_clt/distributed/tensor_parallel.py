@@ -106,17 +106,25 @@ def _sharded(t, mesh: DeviceMesh, dim: int):
     return DTensor.from_local(t, mesh, [Shard(dim)], run_check=False)
 
 
+def sharded_output(out: TranscoderOutput, tp_mesh: DeviceMesh, **changes: Any) -> TranscoderOutput:
+    """``forward_std``'s local output with its feature axes as ``Shard`` DTensors (no
+    communication); the sparse code stays pairs, marked with the mesh."""
+    acts = out.dense_acts  # None on the sparse step: left unbuilt
+    return out.replace(
+        pre_acts=_sharded(out.pre_acts, tp_mesh, out.pre_acts.dim() - 1),
+        dense_acts=None if acts is None else _sharded(acts, tp_mesh, acts.dim() - 1),
+        code=None if out.code is None else dataclasses.replace(out.code, mesh=tp_mesh),
+        dec_norms=_sharded(out.dec_norms, tp_mesh, 1),
+        **changes,
+    )
+
+
 def _forward_std_sharded(model: nn.Module, fn, tp_mesh: DeviceMesh):
     @functools.wraps(fn)
     def run(xs: torch.Tensor) -> TranscoderOutput:
         with local_params(model):
             out = fn(xs)
-        return dataclasses.replace(
-            out,
-            pre_acts=_sharded(out.pre_acts, tp_mesh, out.pre_acts.dim() - 1),
-            acts=_sharded(out.acts, tp_mesh, out.acts.dim() - 1),
-            dec_norms=_sharded(out.dec_norms, tp_mesh, 1),
-        )
+        return sharded_output(out, tp_mesh)
 
     return run
 
@@ -352,9 +360,6 @@ def apply_tp(
         setattr(model, name, wrapped)
     model._tp_group = tp_group  # read by MeshLossFn
     # The activation reports per-feature thresholds (losses read them) for its local features.
-    act = getattr(model, "activation", None)
-    if act is not None and hasattr(act, "n_features"):
-        act.n_features //= tp_mesh.size()
     return model
 
 

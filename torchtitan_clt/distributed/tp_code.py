@@ -28,7 +28,6 @@ which metrics do on logged steps only). The public ``decode`` / ``forward`` retu
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Iterator
 
@@ -44,6 +43,7 @@ from torchtitan_clt.distributed.tensor_parallel import (
     _local_method,
     local_params,
     shard_parameters,
+    sharded_output,
 )
 from torchtitan_clt.protocols.transcoder import TranscoderOutput
 
@@ -314,13 +314,7 @@ def _code_forward_std(model: nn.Module, fn, tp_mesh: DeviceMesh):
     def run(xs: torch.Tensor) -> TranscoderOutput:
         with local_params(model):
             out = fn(xs)
-        return dataclasses.replace(
-            out,
-            pre_acts=_sharded(out.pre_acts, tp_mesh, out.pre_acts.dim() - 1),
-            acts=_sharded(out.acts, tp_mesh, out.acts.dim() - 1),
-            y_hat=_sharded(out.y_hat, tp_mesh, out.y_hat.dim() - 1),
-            dec_norms=_sharded(out.dec_norms, tp_mesh, 1),
-        )
+        return sharded_output(out, tp_mesh, y_hat=_sharded(out.y_hat, tp_mesh, out.y_hat.dim() - 1))
 
     return run
 
@@ -356,9 +350,6 @@ def apply_tp_code(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | N
     model.decode = _code_decode_public(model, model.decode, group)
     model._tp_group = group  # read by MeshLossFn
     model._tp_layout = CODE_LAYOUT
-    act = getattr(model, "activation", None)
-    if act is not None and hasattr(act, "n_features"):  # the encoder side stays feature-sharded
-        act.n_features //= tp_mesh.size()
     return model
 
 

@@ -86,6 +86,11 @@ def l0_per_layer(acts: torch.Tensor) -> torch.Tensor:
     return _full((acts != 0).sum(dim=(0, 2))).float() / acts.shape[0]
 
 
+def l0_of_code(code) -> torch.Tensor:
+    """``l0_per_layer`` of the activations behind a ``SparseCode`` (the sparse step's)."""
+    return _full(code.active_per_layer()).float() / max(code.idx.shape[0], 1)
+
+
 class FVUAccumulator:
     """Accumulates ``FVUSums`` over batches (e.g. a logging window); ``compute`` reduces them
     over a process group (all data-parallel ranks) and returns the exact FVU of the union."""

@@ -17,7 +17,13 @@ from torchtitan_clt.kernels.selection import Selection
 from torchtitan_clt.kernels.sparse_step import sparse_forward
 from torchtitan_clt.models.init import Constant, Drawn, Virtual, init_param_
 from torchtitan_clt.protocols.registry import activation_registry
-from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderArgs, TranscoderOutput, parse_dtype
+from torchtitan_clt.protocols.transcoder import (
+    SparseCode,
+    Transcoder,
+    TranscoderArgs,
+    TranscoderOutput,
+    parse_dtype,
+)
 
 try:  # public since torch 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -198,9 +204,10 @@ class LayerwiseTranscoder(Transcoder):
             act._observe(act.observed_min(out.pre_acts, out.idx))
         return TranscoderOutput(
             pre_acts=out.pre_acts,
-            acts=out.to_dense(self.local_features()),
+            acts=None,  # the code is the activations; a dense tensor only if something reads .acts
             y_hat=out.y_hat,
             dec_norms=dec_norms,
+            code=SparseCode(out.idx, out.vals, self.local_features()),
         )
 
     def skip_std(self, xs: torch.Tensor) -> torch.Tensor | None:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderOutput
+from torchtitan_clt.protocols.transcoder import SparseCode, Transcoder, TranscoderOutput
 
 
 def reconstruction_loss(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,16 @@ def tanh_sparsity(acts: torch.Tensor, dec_norms: torch.Tensor, c: float) -> torc
 def l1_sparsity(acts: torch.Tensor, dec_norms: torch.Tensor) -> torch.Tensor:
     """Σ_{l,i} a_{l,i} · ‖W_dec,l,i‖, averaged over tokens (activations are non-negative)."""
     return (acts.float() * dec_norms.float()).sum(dim=(-2, -1)).mean()
+
+
+def code_sparsity(code: SparseCode, dec_norms: torch.Tensor, c: float | None) -> torch.Tensor:
+    """``tanh_sparsity`` (``c``) or ``l1_sparsity`` (``c`` None) read from the sparse code: the
+    same sum over the active entries only (an inactive entry adds 0 to either)."""
+    n, n_layers, k = code.idx.shape
+    norms = dec_norms.float().gather(1, code.idx.clamp(min=0).transpose(0, 1).reshape(n_layers, n * k))
+    a = code.vals.float() * norms.view(n_layers, n, k).transpose(0, 1)  # [N, L, K]
+    a = torch.tanh(c * a) if c is not None else a
+    return (a * (code.idx >= 0)).sum() / max(n, 1)
 
 
 def matryoshka_reconstruction_loss(y_hats: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
@@ -131,6 +142,10 @@ def _thresholds(model: Transcoder, like: torch.Tensor) -> torch.Tensor:
     """θ [L, F] of the model's activation (0 for ReLU), detached, on ``like``'s device."""
     act = model.activation
     theta = act.feature_thresholds() if hasattr(act, "feature_thresholds") else torch.zeros(like.shape[-2:])
+    n = like.shape[-1]
+    if theta.shape[-1] != n:  # a replicated activation's whole [L, F] under tp: this rank's features
+        r = dist.get_rank(model.mesh_groups.features)
+        theta = theta[:, r * n : (r + 1) * n]
     return theta.detach().to(device=like.device, dtype=torch.float32)
 
 
@@ -171,6 +186,8 @@ def build_loss_fn(lc: Any, dead_features: Any = None) -> LossFn:
 
         def sparsity(model: Transcoder, out: TranscoderOutput, y: torch.Tensor, step: int) -> torch.Tensor:
             norms = decoder_norms_of(model, out, mode)
+            if out.code is not None:
+                return code_sparsity(out.code, norms, c if lc.sparsity == "tanh" else None)
             if lc.sparsity == "tanh":
                 return tanh_sparsity(out.acts, norms, c)
             return l1_sparsity(out.acts, norms)

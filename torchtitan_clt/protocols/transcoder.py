@@ -149,9 +149,66 @@ class TranscoderArgs:
 
 
 @dataclass
+class SparseCode:
+    """The activations of the sparse step as (feature id, value) pairs, the form they have there:
+    the metrics and the sparsity terms read them as they are, a dense ``[B, L, F]`` tensor is
+    built only for a reader that asks for ``TranscoderOutput.acts``."""
+
+    idx: torch.Tensor
+    """``[B, L, K]`` int64 ids among this rank's features, -1 = padding."""
+    vals: torch.Tensor
+    """``[B, L, K]`` the values (0 at padding), differentiable."""
+    n_features: int
+    """Features per layer on this rank."""
+    mesh: Any = None
+    """The tp mesh when the features are this rank's shard (``Shard(-1)`` of the whole code)."""
+
+    def to_dense(self) -> torch.Tensor:
+        """``[B, L, F]`` (a ``Shard(-1)`` DTensor under tp), differentiable through ``vals``."""
+        n, n_layers, _ = self.idx.shape
+        dense = torch.zeros((n, n_layers, self.n_features), dtype=self.vals.dtype, device=self.vals.device)
+        return self._placed(dense.scatter_add(2, self.idx.clamp(min=0), self.vals), "shard")
+
+    def active(self) -> torch.Tensor:
+        """``[B, L, K]`` bool: the entries whose value is non-zero (what ``acts != 0`` counts)."""
+        return (self.idx >= 0) & (self.vals.detach() != 0)
+
+    def fired(self) -> torch.Tensor:
+        """``[L, F]`` bool: the features active for some token (a ``Shard(-1)`` DTensor under tp)."""
+        n_layers, f = self.idx.shape[1], self.n_features
+        rows = torch.arange(n_layers, device=self.idx.device).view(1, n_layers, 1) * f
+        flat = (rows + self.idx.clamp(min=0)).reshape(-1)
+        hits = torch.zeros(n_layers * f, dtype=torch.int32, device=self.idx.device)
+        hits.scatter_add_(0, flat, self.active().reshape(-1).to(torch.int32))
+        return self._placed((hits > 0).view(n_layers, f), "shard")
+
+    def active_per_layer(self) -> torch.Tensor:
+        """``[L]`` active entries summed over tokens (a ``Partial`` DTensor under tp)."""
+        return self._placed(self.active().sum(dim=(0, 2)), "partial")
+
+    def local(self) -> SparseCode:
+        """This rank's code without its mesh (the losses' view of a sharded output)."""
+        return dataclasses.replace(self, mesh=None)
+
+    def _placed(self, t: torch.Tensor, how: str) -> torch.Tensor:
+        if self.mesh is None:
+            return t
+        from torch.distributed.tensor import DTensor, Partial, Shard
+
+        placement = Shard(t.dim() - 1) if how == "shard" else Partial()
+        return DTensor.from_local(t, self.mesh, [placement], run_check=False)
+
+
+@dataclass(init=False)
 class TranscoderOutput:
+    """What ``forward_std`` returns. Built as ``TranscoderOutput(pre_acts=h, acts=a, y_hat=y, ...)``
+    (a dense forward) or with ``code=`` instead of ``acts`` (the sparse step); ``acts`` then reads
+    as the dense tensor, built from the code on first read."""
+
     pre_acts: torch.Tensor  # [B, L, F] standardized units
-    acts: torch.Tensor  # [B, L, F]
+    dense_acts: torch.Tensor | None
+    """``[B, L, F]`` as given or as built; None while only ``code`` holds the activations (a
+    field, unlike ``acts``, so traversing the output (FSDP's hooks) never builds it)."""
     y_hat: torch.Tensor  # [B, L, d_out] standardized units
     dec_norms: torch.Tensor | None = None  # [L, F], mode args.decoder_norm, taken inside forward
     y_hat_prefixes: list[torch.Tensor] | None = None
@@ -160,6 +217,45 @@ class TranscoderOutput:
     xs: torch.Tensor | None = None
     """The standardized input [B, L, d_in], for families whose decoder reads it (MOLT): a loss
     term that decodes other activations (AuxK) passes it to ``decode_std``."""
+    code: SparseCode | None = None
+    """The sparse step's activations as (id, value) pairs; None on a dense forward."""
+
+    def __init__(
+        self,
+        pre_acts: torch.Tensor,
+        acts: torch.Tensor | None = None,
+        y_hat: torch.Tensor | None = None,
+        dec_norms: torch.Tensor | None = None,
+        y_hat_prefixes: list[torch.Tensor] | None = None,
+        xs: torch.Tensor | None = None,
+        code: SparseCode | None = None,
+        dense_acts: torch.Tensor | None = None,
+    ):
+        if y_hat is None:
+            raise TypeError("TranscoderOutput needs y_hat")
+        if acts is None and dense_acts is None and code is None:
+            raise TypeError("TranscoderOutput needs acts (dense) or code (the sparse step's pairs)")
+        self.pre_acts, self.y_hat, self.dec_norms = pre_acts, y_hat, dec_norms
+        self.dense_acts = acts if acts is not None else dense_acts
+        self.y_hat_prefixes, self.xs, self.code = y_hat_prefixes, xs, code
+
+    @property
+    def acts(self) -> torch.Tensor:
+        """``[B, L, F]``; on the sparse step built from ``code`` when first read (readers that
+        can read ``code``: the sparse step itself keeps no dense activation tensor)."""
+        if self.dense_acts is None and self.code is not None:
+            self.dense_acts = self.code.to_dense()
+        return self.dense_acts
+
+    @acts.setter
+    def acts(self, value: torch.Tensor | None) -> None:
+        self.dense_acts = value
+
+    def replace(self, **changes: Any) -> TranscoderOutput:
+        """``dataclasses.replace`` that takes ``acts=`` too."""
+        if "acts" in changes:
+            changes["dense_acts"] = changes.pop("acts")
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

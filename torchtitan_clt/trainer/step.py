@@ -28,7 +28,7 @@ from torchtitan_clt.data.source import ActivationSource
 from torchtitan_clt.distributed.tp_code import local_out_buffers, own_columns
 from torchtitan_clt.errors import TrainingError
 from torchtitan_clt.kernels.step_selection import StepSelection
-from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_per_layer
+from torchtitan_clt.metrics.training import DeadFeatureTracker, FVUAccumulator, l0_of_code, l0_per_layer
 from torchtitan_clt.models.common import selection_of
 from torchtitan_clt.protocols.transcoder import Transcoder, TranscoderOutput
 from torchtitan_clt.tools.guards import all_finite, describe_nonfinite
@@ -177,8 +177,9 @@ class TrainStep:
                 "training.max_norm clipping, or check the data for NaNs. Weights were not updated."
             )
         (loss / self.grad_accum_steps).backward()
-        acts = out.acts.detach()
-        now = (acts != 0).reshape(-1, *acts.shape[-2:]).any(0)  # [L, F]
+        code = out.code  # the sparse step: counted from the (id, value) pairs, no [N, L, F] tensor
+        acts = out.acts.detach() if code is None else None
+        now = code.fired() if code is not None else (acts != 0).reshape(-1, *acts.shape[-2:]).any(0)  # [L, F]
         if stats.fvu is not None:
             with torch.no_grad():
                 y_hat = out.y_hat.detach().float()
@@ -186,7 +187,7 @@ class TrainStep:
                     y_hat = y_hat.to_local() if isinstance(y_hat, DTensor) else y_hat
                 with self._columns():
                     stats.fvu.update(y, m.unstandardize_out(y_hat))
-                stats.l0.append(l0_per_layer(acts))
+                stats.l0.append(l0_per_layer(acts) if code is None else l0_of_code(code))
         for k, v in terms.items():
             stats.terms[k] = stats.terms.get(k, 0.0) + v.detach().float()
         stats.loss += loss.detach()
