@@ -119,3 +119,40 @@ def test_trainer_sparse_step_builds_no_dense_activations(tmp_path, monkeypatch, 
             torch.testing.assert_close(b.terms[name], a.terms[name], rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(torch.stack(s1.l0), torch.stack(d1.l0), rtol=0, atol=0)
     assert torch.equal(dead_s, dead_d) and (dead_d == 0).any() and (dead_d > 0).any()
+
+
+def test_every_slot_layout_matches_the_compacted_one():
+    """TopK's layout keeps every slot (padding as feature 0, weight 0) so that building it reads
+    nothing back: the CLT decode, its gradients and the sparse encoder's gradients equal the
+    compacted layout's (float64), with padding in the first, a middle and the last row."""
+    from torchtitan_clt.kernels.decode import CLTSparseDecodeTorch, encoder_grads_torch
+    from torchtitan_clt.kernels.layout_torch import Layout, mark_every_slot
+
+    g = torch.Generator().manual_seed(1)
+    n, n_layers, k, f, d = 7, 3, 4, 12, 5
+    idx = torch.stack([torch.randperm(f, generator=g)[:k].sort().values for _ in range(n * n_layers)])
+    idx = idx.view(n, n_layers, k)
+    idx[0, 0, 2:] = -1
+    idx[0, 0, 0] = 0  # feature 0 beside padding: the same (row, feature) twice in the kept layout
+    idx[3, 1, 1:] = -1
+    idx[6, 2, :] = -1
+    vals = torch.rand(n, n_layers, k, generator=g, dtype=torch.float64).masked_fill(idx < 0, 0)
+    b_dec = torch.randn(n_layers, d, generator=g, dtype=torch.float64)
+    w = [torch.randn(f, n_layers - s, d, generator=g, dtype=torch.float64) for s in range(n_layers)]
+    x = torch.randn(n, n_layers, d, generator=g, dtype=torch.float64)
+    g_out = torch.randn(n, n_layers, d, generator=g, dtype=torch.float64)
+    results = []
+    for every in (False, True):
+        i = idx.clone()
+        if every:
+            mark_every_slot(i)
+        v = vals.clone().requires_grad_()
+        ws = [t.clone().requires_grad_() for t in w]
+        y = CLTSparseDecodeTorch.apply(i, v, b_dec, *ws)
+        grads = torch.autograd.grad(y, (v, *ws), g_out)
+        enc = encoder_grads_torch(i, vals, x, f)
+        assert (Layout.of(i, f).padding is not None) == every
+        results.append((y, *grads, *enc))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert not results[1][1][idx < 0].any()  # padding gets no gradient

@@ -37,6 +37,13 @@ def one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def mark_every_slot(idx: torch.Tensor) -> torch.Tensor:
+    """Mark ``idx`` as nearly full (TopK: k slots a row, padding only where a pick is <= 0): its
+    torch layout keeps every slot (``Layout.build``), with no host read. Returns ``idx``."""
+    idx._every_slot = True
+    return idx
+
+
 @dataclass
 class Layout:
     n_tokens: int
@@ -60,24 +67,32 @@ class Layout:
         """From ``idx [N, L, K]`` (-1 padding). One ``nonzero`` over the layer-major ids gives every
         entry's flat position; token, layer and slot follow by arithmetic. (Boolean indexing,
         ``repeat_interleave``, ``searchsorted`` and ``masked_select`` over broadcast index grids
-        parallelize badly at these sizes on a busy CPU.)"""
+        parallelize badly at these sizes on a busy CPU.)
+
+        An ``idx`` marked by ``mark_every_slot`` (TopK: padding only where a pick is <= 0) keeps
+        every slot as an entry instead, padding as feature 0 with weight 0: the sizes are then
+        known on the host and building the layout reads nothing back from the device."""
         with one_thread(idx.device):
-            return cls._build(idx, n_features)
+            return cls._build(idx, n_features, getattr(idx, "_every_slot", False))
 
     @classmethod
-    def _build(cls, idx: torch.Tensor, n_features: int) -> Layout:
+    def _build(cls, idx: torch.Tensor, n_features: int, every_slot: bool = False) -> Layout:
         n, n_layers, k = idx.shape
         dev = idx.device
         flat_ids = idx.permute(1, 0, 2).reshape(-1)  # no copy when idx is stored layer-major
-        pos = (flat_ids >= 0).nonzero().squeeze(1)  # [E] ascending: (layer, token, slot) order
-        feats = flat_ids.index_select(0, pos)
+        if every_slot:
+            pos = torch.arange(flat_ids.numel(), device=dev)
+            feats = flat_ids.clamp(min=0)
+        else:
+            pos = (flat_ids >= 0).nonzero().squeeze(1)  # [E] ascending: (layer, token, slot) order
+            feats = flat_ids.index_select(0, pos)
         row = pos // max(k, 1)  # layer * N + token
         rows, layer_of = row % n, row // n
         counts = torch.bincount(row, minlength=n_layers * n).view(n_layers, n)
         row_offsets = torch.zeros((n_layers, n + 1), dtype=torch.long, device=dev)
         row_offsets[:, 1:] = counts.cumsum(1)
         layer_ends = row_offsets[:, -1].cumsum(0)
-        layer_start = [0, *layer_ends.tolist()]
+        layer_start = [j * n * k for j in range(n_layers + 1)] if every_slot else [0, *layer_ends.tolist()]
         key = layer_of * n_features + feats
         if n_layers * n_features < 2**31:  # int32 keys sort faster
             key = key.to(torch.int32)
@@ -89,7 +104,7 @@ class Layout:
             bag_offsets.view(n_layers, n_features) - (layer_ends - row_offsets[:, -1])[:, None]
         )
         feature_offsets[:, -1] = row_offsets[:, -1]
-        return cls(
+        lay = cls(
             n,
             n_features,
             pos,
@@ -106,6 +121,8 @@ class Layout:
             rows.index_select(0, by_feature),
             (rows * n_layers + layer_of).index_select(0, by_feature),
         )
+        lay.padding = (flat_ids < 0) if every_slot else None
+        return lay
 
     @classmethod
     def of(cls, idx: torch.Tensor, n_features: int) -> Layout:
@@ -117,14 +134,20 @@ class Layout:
             idx._sparse_layout = lay
         return lay
 
+    padding: torch.Tensor | None = None
+    """``[E]`` bool, the padding slots kept as entries (``mark_every_slot``); None: none kept."""
+
     def flat(self, t: torch.Tensor) -> torch.Tensor:
-        """``[N, L, K]`` -> ``[E]`` in entry order."""
+        """``[N, L, K]`` -> ``[E]`` in entry order (0 at kept padding)."""
         with one_thread(t.device):
-            return t.permute(1, 0, 2).reshape(-1).index_select(0, self.pos)
+            e = t.permute(1, 0, 2).reshape(-1).index_select(0, self.pos)
+            return e if self.padding is None else e.masked_fill(self.padding, 0)
 
     def unflat(self, e: torch.Tensor, n: int, k: int) -> torch.Tensor:
         """``[E]`` -> ``[N, L, K]`` with zeros at padding."""
         with one_thread(e.device):
+            if self.padding is not None:  # every slot is an entry, in slot order
+                return e.masked_fill(self.padding, 0).view(self.n_layers, n, k).permute(1, 0, 2)
             out = torch.zeros(self.n_layers * n * k, dtype=e.dtype, device=e.device)
             return out.index_copy_(0, self.pos, e).view(self.n_layers, n, k).permute(1, 0, 2)
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from torchtitan_clt.kernels import dispatch
 from torchtitan_clt.kernels.collectives import all_min, global_kth_largest, world_size
-from torchtitan_clt.kernels.layout_torch import one_thread
+from torchtitan_clt.kernels.layout_torch import mark_every_slot, one_thread
 
 KINDS = ("batchtopk", "topk")
 
@@ -76,8 +76,8 @@ def select(
     distributed = world_size(group) > 1
     if sel.kind == "topk":
         idx = _topk_ids(h, sel.k, sel.positive, backend)
-        if not distributed:
-            return idx, torch.full((n_layers,), float("nan"), device=h.device)
+        if not distributed:  # k slots a row, padding only at picks <= 0: a layout with no host read
+            return mark_every_slot(idx), torch.full((n_layers,), float("nan"), device=h.device)
         return _topk_exact(h, idx, sel.k, group), torch.full((n_layers,), float("nan"), device=h.device)
     k_total = sel.k * n * batch_scale * (n_layers if sel.scope == "all" else 1)
     idx, tau = dispatch.batchtopk_select_ids(h, k_total, sel.scope, sel.positive, backend)
