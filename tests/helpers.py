@@ -138,6 +138,29 @@ def tagged_extract(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x, -x
 
 
+def free_port() -> int:
+    """A free TCP port on this host, for a gloo group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """Set the environment torchrun gives rank ``rank`` of ``world`` (a ``run_ranks`` worker that
+    builds a Trainer, which initializes the process group from it)."""
+    import os
+
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+
+
 def run_ranks(fn, args: tuple, nprocs: int, timeout_s: float = 300.0, start_method: str = "spawn") -> None:
     """``fn(rank, *args)`` on ``nprocs`` processes (ranks of a gloo group the worker sets up).
 

@@ -4,7 +4,6 @@ in every rank), as ``tests/unit/test_host_syncs.py`` counts them in one process.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,13 @@ def _worker(rank: int, world: int, tmp: str, overrides: list[str], port: int) ->
     import sys
 
     sys.path.insert(0, TESTS)
-    from helpers import count_host_syncs
+    from helpers import as_torchrun_rank, count_host_syncs
 
     from torchtitan_clt.config import load_config
     from torchtitan_clt.distributed.utils import destroy
     from torchtitan_clt.train import Trainer
 
-    os.environ.update(
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    as_torchrun_rank(rank, world, port)
     args = [
         "--config", str(ROOT / "train_configs/debug_model.toml"), f"--job.dump_folder={tmp}",
         "--training.device=cpu", "--data.source=synthetic", "--data.synthetic_n_layers=3",
@@ -61,14 +54,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_host_reads_in_one_step_on_a_mesh(tmp_path, case):
-    import socket
-
-    from helpers import run_ranks
+    from helpers import free_port, run_ranks
 
     overrides, expected = CASES[case]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run_ranks(_worker, (2, str(tmp_path), overrides, port), 2, timeout_s=300)
     calls = [json.loads((tmp_path / f"syncs{r}.json").read_text()) for r in range(2)]
     assert calls[0] == calls[1], calls

@@ -5,7 +5,6 @@ rank stops at the same step with the same error."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,13 @@ CUSTOM = str(THIS.with_name("custom_family.py"))
 
 def _worker(rank: int, world: int, tmp: str, layout: list[str], port: int) -> None:
     import torch
+    from helpers import as_torchrun_rank
 
     from torchtitan_clt.config import load_config
     from torchtitan_clt.distributed.utils import destroy
     from torchtitan_clt.train import Trainer, TrainingError
 
-    os.environ.update(
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    as_torchrun_rank(rank, world, port)
     args = [
         "--config", str(ROOT / "train_configs/debug_model.toml"), f"--job.dump_folder={tmp}",
         f"--job.custom_import={CUSTOM}", "--data.source=toy_nan_rank1", "--training.device=cpu",
@@ -58,13 +52,9 @@ def _worker(rank: int, world: int, tmp: str, layout: list[str], port: int) -> No
     ids=["dp2", "tp2"],
 )
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, layout):
-    import socket
+    from helpers import free_port, run_ranks
 
-    from helpers import run_ranks
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run_ranks(_worker, (2, str(tmp_path), layout, port), 2, timeout_s=300)
     reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(2)]
     for r, rep in enumerate(reports):
