@@ -537,7 +537,7 @@ class CollectiveCounter:
     def installed(self) -> Iterator[None]:
         import torch.distributed as dist
 
-        from torchtitan_clt.tools.mem_trace import functional_collectives_counted, ring_bytes
+        from torchtitan_clt.tools.mem_trace import counted_once, functional_collectives_counted, ring_bytes
 
         def size(t: Any) -> int:
             return t.numel() * t.element_size()
@@ -576,24 +576,8 @@ class CollectiveCounter:
             orig = getattr(dist, name, None)
             if orig is None:  # e.g. the *_single names before torch 2.13
                 continue
-            count = counter(orig, kind, arg)
-
-            def wrapped(*args: Any, _orig: Any = orig, _count: Any = count, **kwargs: Any) -> Any:
-                if getattr(inside, "on", False):
-                    return _orig(*args, **kwargs)
-                try:
-                    op, n = _count(*args, **kwargs)
-                    self._add(op, n)
-                except Exception:  # noqa: BLE001 - counting must never break the call; it shows
-                    self._add("uncounted calls", 1)
-                inside.on = True
-                try:
-                    return _orig(*args, **kwargs)
-                finally:
-                    inside.on = False
-
             saved[name] = orig
-            setattr(dist, name, wrapped)
+            setattr(dist, name, counted_once(orig, counter(orig, kind, arg), self._add, inside))
         try:
             with functional_collectives_counted(self._add):  # DTensor's, as the trace counts them
                 yield

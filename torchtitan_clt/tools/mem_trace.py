@@ -209,6 +209,32 @@ def _allocation_site() -> str:
 _LIBRARY_PATHS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
+def counted_once(
+    orig: Callable[..., Any],
+    count: Callable[..., tuple[str, int]],
+    add: Callable[[str, int], None],
+    inside: threading.local,
+) -> Callable[..., Any]:
+    """``orig`` that first calls ``add(*count(*args, **kwargs))``, unless a counted call is already
+    running on this thread (``inside.on``: a collective implemented by another one counts once). A
+    call that cannot be counted is added as ``uncounted calls``; counting never breaks the call."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if getattr(inside, "on", False):
+            return orig(*args, **kwargs)
+        try:
+            add(*count(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - counting must never break the call; it shows
+            add("uncounted calls", 1)
+        inside.on = True
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            inside.on = False
+
+    return wrapped
+
+
 @contextlib.contextmanager
 def functional_collectives_counted(add: Callable[[str, int], None]) -> Iterator[threading.local]:
     """``add(kind, bytes this rank sends)`` for each call of ``_functional_collectives``'
@@ -230,23 +256,13 @@ def functional_collectives_counted(add: Callable[[str, int], None]) -> Iterator[
         orig = getattr(funcol, name)
         sig = inspect.signature(orig)
 
-        def wrapped(*args: Any, _orig: Any = orig, _sig: Any = sig, _kind: str = kind, **kw: Any) -> Any:
-            if getattr(inside, "on", False):
-                return _orig(*args, **kw)
-            try:
-                a = _sig.bind(*args, **kw).arguments  # the group: ranks, mesh, (mesh, dim) or a name
-                w = c10d._resolve_process_group(funcol._resolve_group_name(a["group"])).size()
-                add(_kind, ring_bytes(_kind, w, _nbytes(a["self"])))
-            except Exception:  # noqa: BLE001 - counting must never break the call; it shows
-                add("uncounted calls", 1)
-            inside.on = True
-            try:
-                return _orig(*args, **kw)
-            finally:
-                inside.on = False
+        def count(*args: Any, _sig: Any = sig, _kind: str = kind, **kw: Any) -> tuple[str, int]:
+            a = _sig.bind(*args, **kw).arguments  # the group: ranks, mesh, (mesh, dim) or a name
+            w = c10d._resolve_process_group(funcol._resolve_group_name(a["group"])).size()
+            return _kind, ring_bytes(_kind, w, _nbytes(a["self"]))
 
         saved[name] = orig
-        setattr(funcol, name, wrapped)
+        setattr(funcol, name, counted_once(orig, count, add, inside))
     try:
         yield inside
     finally:
