@@ -249,13 +249,24 @@ def decoder_row_norms(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1).float().norm(dim=1)
 
 
+def norm_weighted(idx: torch.Tensor, vals: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``a * ||W_dec,i||`` at every entry, at least fp32: ``idx/vals [N, L, K]``, ``norms [L, F]`` ->
+    ``[N, L, K]``, 0 at padding (the L1 sparsity term's summands; tanh of them, the tanh term's)."""
+    n_of = norms.gather(1, idx.clamp(min=0).permute(1, 0, 2).reshape(norms.shape[0], -1))
+    n_of = n_of.view(idx.shape[1], idx.shape[0], idx.shape[2]).permute(1, 0, 2)  # [N, L, K]
+    return vals.float() * n_of * (idx >= 0)
+
+
 def tanh_sparsity_sparse(
     idx: torch.Tensor, vals: torch.Tensor, norms: torch.Tensor, c: float = 1.0
 ) -> torch.Tensor:
     """``sum over active entries of tanh(c * a * ||W_dec,i||)`` per layer: ``idx/vals [N, L, K]``,
     ``norms [L, F]`` -> ``[L]`` (sum over tokens and features; divide by N for a mean)."""
-    valid = idx >= 0
-    n_of = norms.gather(1, idx.clamp(min=0).permute(1, 0, 2).reshape(norms.shape[0], -1))
-    n_of = n_of.view(idx.shape[1], idx.shape[0], idx.shape[2]).permute(1, 0, 2)  # [N, L, K]
-    terms = torch.tanh(c * vals.float() * n_of) * valid
-    return terms.sum(dim=(0, 2))
+    return torch.tanh(c * norm_weighted(idx, vals, norms)).sum(dim=(0, 2))
+
+
+def sparse_to_dense(idx: torch.Tensor, vals: torch.Tensor, n_features: int) -> torch.Tensor:
+    """``idx/vals [N, L, K]`` -> ``[N, L, F]`` (zeros elsewhere), differentiable through ``vals``."""
+    n, n_layers, _ = idx.shape
+    dense = torch.zeros((n, n_layers, n_features), dtype=vals.dtype, device=vals.device)
+    return dense.scatter_add(2, idx.clamp(min=0), vals)

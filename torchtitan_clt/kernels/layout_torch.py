@@ -61,6 +61,7 @@ class Layout:
     feature_offsets: torch.Tensor  # [L, F+1] the same, relative to the layer's first entry
     rows_by_feature: torch.Tensor  # [E] rows[by_feature]
     table_rows_by_feature: torch.Tensor  # [E] (token * L + layer)[by_feature]: rows of x [N*L, d]
+    padding: torch.Tensor | None = None  # [E] bool: padding slots kept as entries (mark_every_slot)
 
     @classmethod
     def build(cls, idx: torch.Tensor, n_features: int) -> Layout:
@@ -104,7 +105,7 @@ class Layout:
             bag_offsets.view(n_layers, n_features) - (layer_ends - row_offsets[:, -1])[:, None]
         )
         feature_offsets[:, -1] = row_offsets[:, -1]
-        lay = cls(
+        return cls(
             n,
             n_features,
             pos,
@@ -120,9 +121,8 @@ class Layout:
             feature_offsets,
             rows.index_select(0, by_feature),
             (rows * n_layers + layer_of).index_select(0, by_feature),
+            padding=(flat_ids < 0) if every_slot else None,
         )
-        lay.padding = (flat_ids < 0) if every_slot else None
-        return lay
 
     @classmethod
     def of(cls, idx: torch.Tensor, n_features: int) -> Layout:
@@ -133,9 +133,6 @@ class Layout:
             lay = cls.build(idx, n_features)
             idx._sparse_layout = lay
         return lay
-
-    padding: torch.Tensor | None = None
-    """``[E]`` bool, the padding slots kept as entries (``mark_every_slot``); None: none kept."""
 
     def flat(self, t: torch.Tensor) -> torch.Tensor:
         """``[N, L, K]`` -> ``[E]`` in entry order (0 at kept padding)."""

@@ -110,9 +110,7 @@ class SparseCLTOutput:
 
     def to_dense(self, n_features: int) -> torch.Tensor:
         """``[N, L, F]`` activations (differentiable through ``vals``)."""
-        n, n_layers, _ = self.idx.shape
-        dense = torch.zeros((n, n_layers, n_features), dtype=self.vals.dtype, device=self.vals.device)
-        return dense.scatter_add(2, self.idx.clamp(min=0), self.vals)
+        return dispatch.sparse_to_dense(self.idx, self.vals, n_features)
 
     def min_positive(self) -> torch.Tensor:
         """``[L]`` smallest kept positive value per layer (+inf if none): what a BatchTopK

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torchtitan_clt.kernels.dispatch import norm_weighted
 from torchtitan_clt.protocols.transcoder import SparseCode, Transcoder, TranscoderOutput
 
 
@@ -35,11 +36,8 @@ def l1_sparsity(acts: torch.Tensor, dec_norms: torch.Tensor) -> torch.Tensor:
 def code_sparsity(code: SparseCode, dec_norms: torch.Tensor, c: float | None) -> torch.Tensor:
     """``tanh_sparsity`` (``c``) or ``l1_sparsity`` (``c`` None) read from the sparse code: the
     same sum over the active entries only (an inactive entry adds 0 to either)."""
-    n, n_layers, k = code.idx.shape
-    norms = dec_norms.float().gather(1, code.idx.clamp(min=0).transpose(0, 1).reshape(n_layers, n * k))
-    a = code.vals.float() * norms.view(n_layers, n, k).transpose(0, 1)  # [N, L, K]
-    a = torch.tanh(c * a) if c is not None else a
-    return (a * (code.idx >= 0)).sum() / max(n, 1)
+    a = norm_weighted(code.idx, code.vals, dec_norms.float())  # [N, L, K], 0 at padding
+    return (torch.tanh(c * a) if c is not None else a).sum() / max(code.idx.shape[0], 1)
 
 
 def matryoshka_reconstruction_loss(y_hats: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:

@@ -165,9 +165,9 @@ class SparseCode:
 
     def to_dense(self) -> torch.Tensor:
         """``[B, L, F]`` (a ``Shard(-1)`` DTensor under tp), differentiable through ``vals``."""
-        n, n_layers, _ = self.idx.shape
-        dense = torch.zeros((n, n_layers, self.n_features), dtype=self.vals.dtype, device=self.vals.device)
-        return self._placed(dense.scatter_add(2, self.idx.clamp(min=0), self.vals), "shard")
+        from torchtitan_clt.kernels.dispatch import sparse_to_dense
+
+        return self._placed(sparse_to_dense(self.idx, self.vals, self.n_features), "shard")
 
     def active(self) -> torch.Tensor:
         """``[B, L, K]`` bool: the entries whose value is non-zero (what ``acts != 0`` counts)."""
