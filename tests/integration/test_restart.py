@@ -172,14 +172,27 @@ def test_kill_9_during_a_checkpoint_save_resumes_from_the_one_before(tmp_path, r
 
 
 @pytest.mark.slow
-def test_sigstop_names_the_rank_and_the_collective_then_restarts(tmp_path, reference):
+@pytest.mark.parametrize("moment", ["training", "saving"])
+def test_sigstop_names_the_rank_and_the_collective_then_restarts(tmp_path, reference, moment):
+    """A worker stopped mid-training, or inside a checkpoint save (step 10's commit waits 6 s on
+    rank 0 while the other rank waits for it in the save's last barrier: a long phase, where only
+    a rank that stopped answering ends the wait early)."""
     run = tmp_path / "stopped"
-    procs = _two_nodes(tmp_path, "stopped", "--parallelism.train_timeout_s=4", MAX_RESTARTS="2")
-    _wait_for(lambda: max(_losses(run), default=0) >= 7, procs)
-    ((rank, pid),) = _workers(procs[1:]).items()
+    extra = (SLOW_COMMIT,) if moment == "saving" else ()
+    env = {SLEEP_ENV: "6@10"} if moment == "saving" else {}
+    procs = _two_nodes(
+        tmp_path, "stopped", "--parallelism.train_timeout_s=4", *extra, MAX_RESTARTS="2", **env
+    )
+    if moment == "saving":
+        _wait_for(lambda: (run / "checkpoints/step-10.tmp/.metadata").exists(), procs)
+        pid = next(p for r, p in _workers(procs).items() if r != 0)  # not the rank that commits
+        rank = 1
+    else:
+        _wait_for(lambda: max(_losses(run), default=0) >= 7, procs)
+        ((rank, pid),) = _workers(procs[1:]).items()
     t0 = time.perf_counter()
     os.kill(pid, signal.SIGSTOP)
-    _wait_for(lambda: pid not in _workers(procs[1:]).values(), procs)  # the launcher killed it
+    _wait_for(lambda: pid not in _workers(procs).values(), procs)  # the launcher killed it
     took = time.perf_counter() - t0
     rcs, out = _finish(procs)
     assert rcs == [0, 0], out[-4000:]
@@ -189,6 +202,8 @@ def test_sigstop_names_the_rank_and_the_collective_then_restarts(tmp_path, refer
     assert "past parallelism.train_timeout_s = 4" in out and "called from " in out
     line = next(x for x in out.splitlines() if f"Hang: rank {other} waited" in x)
     event = _assert_restarted_and_exact(run, reference, out, f"rank {other} hung (exit 4)")
+    if moment == "saving":
+        assert "checkpoint" in line and event["step"] == 10, (line, event)  # step 10 was committed
     print(f"stopped rank {rank}; restarted {took:.1f} s later; {line.split('] ')[-1]}; {event['causes']}")
     assert took < 60  # timeout 4 s + a heartbeat window + the restart
 

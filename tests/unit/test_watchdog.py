@@ -1,7 +1,8 @@
 """The hang watchdog's decision on a store of heartbeats (``dist.HashStore``), without processes:
 a rank whose heartbeat stops is named with the collective; ranks that keep beating are waited
-for; a checkpoint save (long phase) or a collective within the timeout triggers nothing. And the
-wrapped collectives record what the main thread waits in (one gloo process)."""
+for (without a warning in a checkpoint save, a long phase, whose window is longer); a collective
+within the timeout triggers nothing. And the wrapped collectives record what the main thread waits
+in (one gloo process)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def test_ranks_that_answer_are_waited_for():
     store = dist.HashStore()
     dog, exits = _dog(store, world=2)
     stop = threading.Event()
-    threading.Thread(target=_beat_forever, args=(store, 1, stop), daemon=True).start()
+    beating = threading.Thread(target=_beat_forever, args=(store, 1, stop), daemon=True)
+    beating.start()
     op = InFlight("barrier", [0, 1], "train.py:9 in step", time.monotonic() - 5)
     dog.inflight = op
     dog._check(op, 5.0)  # returns: rank 1 is alive (in a collective of its own)
@@ -74,21 +76,57 @@ def test_only_an_overdue_collective_in_training_is_checked():
     store = dist.HashStore()
     dog, exits = _dog(store, world=2, timeout=0.2)
     dog.tick_s = 0.05
-    checked: list[str] = []
-    dog._check = lambda op, waited: checked.append(op.name)  # type: ignore[method-assign]
+    checked: list[tuple[str, bool]] = []
+    dog._check = lambda op, waited, long=False: checked.append((op.name, long))  # type: ignore[method-assign]
     dog.inflight = InFlight("all_reduce", [0, 1], "x", time.monotonic() - 10)
     dog._thread.start()
     time.sleep(0.3)
     assert checked == []  # not training: init phases keep the process group's long timeout
-    with dog.training():
-        with dog.long_phase():  # a checkpoint save
-            time.sleep(0.3)
-            assert checked == []
+
+    def wait_for_a_check():
         deadline = time.monotonic() + 10  # a loaded machine may schedule the thread late
         while not checked and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    with dog.training():
+        with dog.long_phase():  # a checkpoint save: checked too, with the long window
+            wait_for_a_check()
+            seen_long = set(checked)
+            checked.clear()
+        wait_for_a_check()
     dog.stop()
-    assert checked and set(checked) == {"all_reduce"}
+    assert seen_long == {("all_reduce", True)}
+    assert checked and set(checked) == {("all_reduce", False)}
+
+
+def test_a_save_waits_for_ranks_that_answer_but_not_for_a_stopped_one(caplog):
+    """In a long phase (a checkpoint save) the window is ``long_stale_s``: a rank that keeps
+    beating is waited for without the "still waiting" warning (it is writing files); a rank that
+    beat once and froze is named, after the long window, not the short one."""
+    store = dist.HashStore()
+    dog, exits = _dog(store, world=2, timeout=1.0)
+    dog.tick_s, dog.long_stale_s = 0.05, 1.0
+    stop = threading.Event()
+    beating = threading.Thread(target=_beat_forever, args=(store, 1, stop), daemon=True)
+    beating.start()
+    op = InFlight("barrier", [0, 1], "checkpoint/manager.py:9 in _barrier", time.monotonic() - 5)
+    dog.inflight = op
+    dog._check(op, 5.0, long=True)
+    stop.set()
+    beating.join()
+    assert exits == [] and "still waiting" not in caplog.text
+
+    Watchdog(1, 2, 1.0, store, prefix="t")._beat()  # rank 1 beats once more, then stops
+    t0 = time.monotonic()
+    try:
+        dog._check(op, 5.0, long=True)
+        raise AssertionError("no exit")
+    except Exited:
+        pass
+    assert time.monotonic() - t0 >= 1.0  # the long window, not stale_s = 0.6
+    assert exits == ["barrier rank 1 stopped answering (no heartbeat for 1 s: stopped, frozen or lost)"]
+    assert Watchdog(0, 2, 300.0, store, prefix="t").long_stale_s == 60.0  # the default's window
+    assert Watchdog(0, 2, 4.0, store, prefix="t").long_stale_s == 4.0
 
 
 def test_wrapped_collectives_record_the_call(tmp_path):

@@ -377,8 +377,9 @@ class Parallelism:
     """Collective timeout in seconds inside the training loop. On gloo the watchdog
     (``tools/watchdog.py``) names the rank that stopped answering and the collective, and exits
     with code 4 (the launcher restarts from the last checkpoint); on NCCL the group's timeout drops
-    to it once training starts (the flight recorder dumps on a timeout). Checkpoint saves keep
-    ``init_timeout_s``."""
+    to it once training starts (the flight recorder dumps on a timeout). A checkpoint save in the
+    loop waits past it for ranks that still answer (they are writing), not for one that stopped
+    answering (gloo: its heartbeat stood still for ``min(60, train_timeout_s)`` s)."""
 
     timeout_s: int = 0
     """Deprecated: use ``init_timeout_s`` and ``train_timeout_s``. When set (> 0) it is both, as

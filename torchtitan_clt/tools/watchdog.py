@@ -17,8 +17,10 @@ gloo's timeout error names neither. Here each rank runs a thread that
   answers, one of them is busy outside the collective (rank 0 evaluating, a long refill): that is
   reported once per timeout and the wait goes on (the process group's own timeout still bounds it).
 
-Checkpoint saves and loads (``long_phase``) wait on the file system, not on a rank: they keep the
-long timeout. Without torchrun's store (tests under ``mp.start_processes``) no watchdog runs. On
+Checkpoint saves during training (``long_phase``) wait on the file system as much as on a rank, so
+there a wait past the timeout alone ends nothing: only a rank whose heartbeat stood still for a
+longer window (``long_stale_s``, up to a minute: a save may hold the interpreter a while) does, as
+a rank stopped inside a save would otherwise hold every other one for ``init_timeout_s``. Without torchrun's store (tests under ``mp.start_processes``) no watchdog runs. On
 NCCL a collective returns before it completes, so the thread sees no wait; there the launcher turns
 on NCCL's flight recorder (``TORCH_NCCL_DUMP_ON_TIMEOUT``) and the group's timeout drops to the
 training timeout when training starts (``distributed/utils.py``).
@@ -89,13 +91,15 @@ def _caller() -> str:
 
 
 class Watchdog:
-    """One per rank (``start_watchdog``); ``training()`` arms it, ``long_phase()`` pauses it."""
+    """One per rank (``start_watchdog``); ``training()`` arms it, ``long_phase()`` widens its
+    heartbeat window and silences the "still waiting" warning."""
 
     def __init__(self, rank: int, world: int, train_timeout_s: float, store: Any, prefix: str):
         self.rank, self.world = rank, world
         self.train_timeout_s = float(train_timeout_s)
         self.tick_s = min(max(self.train_timeout_s / 10, 0.2), 5.0)
         self.stale_s = max(3.0, 3 * self.tick_s)
+        self.long_stale_s = max(self.stale_s, min(60.0, self.train_timeout_s))
         self.store, self.prefix = store, prefix
         self.inflight: InFlight | None = None
         self._main = threading.main_thread()
@@ -201,16 +205,16 @@ class Watchdog:
             try:
                 self._beat()
                 op = self.inflight
-                if op is None or not self._training or self._long:
+                if op is None or not self._training:
                     continue
                 waited = time.monotonic() - op.t0
                 if waited > self.train_timeout_s:
-                    self._check(op, waited)
+                    self._check(op, waited, long=self._long > 0)
             except Exception as e:  # noqa: BLE001 - the store is gone: the node hosting it is lost
                 op = self.inflight
-                if op is not None and self._training and not self._long:
+                if op is not None and self._training:
                     waited = time.monotonic() - op.t0
-                    if waited > self.train_timeout_s:
+                    if waited > self.train_timeout_s + (self.long_stale_s if self._long else 0.0):
                         self._exit(
                             op,
                             waited,
@@ -218,10 +222,13 @@ class Watchdog:
                             f"({type(e).__name__}: {str(e)[:200]}): it stopped, froze or was lost",
                         )
 
-    def _check(self, op: InFlight, waited: float) -> None:
+    def _check(self, op: InFlight, waited: float, long: bool = False) -> None:
+        """Read the other ranks' heartbeats twice, a window apart: exit naming the silent ones;
+        otherwise warn (once per timeout, not in a long phase) and go on waiting."""
+        stale_s = self.long_stale_s if long else self.stale_s
         others = [r for r in op.ranks if r != self.rank]
         before = self._read(others)
-        t_end = time.monotonic() + self.stale_s
+        t_end = time.monotonic() + stale_s
         while time.monotonic() < t_end:  # keep beating: the other ranks are checking us too
             if self._stop.wait(self.tick_s):
                 return
@@ -234,11 +241,11 @@ class Watchdog:
             what = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}"
             self._exit(
                 op,
-                waited + self.stale_s,
-                f"{what} stopped answering (no heartbeat for {self.stale_s:.0f} s: stopped, frozen or lost)",
+                waited + stale_s,
+                f"{what} stopped answering (no heartbeat for {stale_s:.0f} s: stopped, frozen or lost)",
             )
         busy = [r for r in others if not (after[r] or {}).get("doing")]
-        if busy and time.monotonic() - self._warned > self.train_timeout_s:
+        if busy and not long and time.monotonic() - self._warned > self.train_timeout_s:
             self._warned = time.monotonic()
             logger.warning(
                 "watchdog: rank %d has waited %.0f s in %s (%s) for rank(s) %s, which answer but are "
