@@ -33,7 +33,7 @@ def parallelize_model(model: nn.Module, spec, parallel_dims: ParallelDims, job_c
         )
     plan = spec.tp_code_plan if code else spec.tp_plan
     return parallelize_transcoder(
-        model, parallel_dims, job_config, plan, layout="code" if code else "features"
+        model, parallel_dims, job_config, plan, layout="code" if code else "features", methods=spec.tp_methods
     )
 
 
@@ -43,12 +43,13 @@ def parallelize_transcoder(
     job_config,
     tp_plan: dict[str, int | None] | None,
     layout: str = "features",
+    methods: dict | None = None,
 ) -> nn.Module:
     """Apply the mesh to a (meta-device) transcoder; a no-op in a single process.
 
     ``tp_plan`` ``None``: the family has no tensor-parallel layout (data parallelism only).
     ``layout``: ``features`` (``apply_tp``) or ``code`` (``apply_tp_code``; ``tp_plan`` is then
-    the family's ``tp_code_plan``).
+    the family's ``tp_code_plan``). ``methods``: the family's ``ModelSpec.tp_methods``.
     """
     if not parallel_dims.distributed:
         return model
@@ -60,9 +61,9 @@ def parallelize_transcoder(
                 "parallelism.tp = 1 and scale with parallelism.dp_shard / dp_replicate."
             )
         if layout == "code":
-            apply_tp_code(model, parallel_dims.get_mesh("tp"), tp_plan)
+            apply_tp_code(model, parallel_dims.get_mesh("tp"), tp_plan, methods=methods)
         else:
-            apply_tp(model, parallel_dims.get_mesh("tp"), tp_plan)
+            apply_tp(model, parallel_dims.get_mesh("tp"), tp_plan, methods=methods)
         tp_group = parallel_dims.get_group("tp")
     # BatchTopK selects over the global batch and all features: every rank holds a different part
     # of [B, L, F], so the whole world takes part. TopK and the decoder's partial sums need only tp.

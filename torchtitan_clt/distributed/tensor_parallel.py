@@ -6,12 +6,14 @@ bias, thresholds, decoder rows) becomes a ``DTensor`` sharded on that axis, the 
 the output bias ``b_dec`` is replicated. Parameters stay DTensors, so FSDP2 composes with them and the
 distributed checkpoint holds whole tensors whatever the mesh.
 
-The model code is written for one device and runs unchanged on each rank's *local* shards: the
-public methods are wrapped so that, for the duration of the call, each DTensor parameter is
-replaced by its local tensor (``to_local``, whose backward routes the gradient into the DTensor).
-A rank's decoder then yields a partial sum over its features; ``decode_std`` is wrapped to sum the
-partials over tp (identity backward: every rank then holds the same ŷ and computes the same loss)
-and to add the bias once, after the sum.
+The model code is written for one device and runs unchanged on each rank's *local* shards. The
+plan is declared in two tables: the family's parameter placements (``ModelSpec.tp_plan``: which
+axis of each parameter is sharded) and the layout's method styles (``FEATURES_METHODS``: for each
+method, where its output lies on the mesh, as TorchTitan's ``ParallelStyle`` does for a module;
+a family adds its own with ``ModelSpec.tp_methods``). Every style runs the method with each
+DTensor parameter replaced by its local tensor (``to_local``, whose backward routes the gradient
+into the DTensor); ``PartialSumOutput`` (``decode_std``) then sums the rank's partial ŷ over tp
+(identity backward: every rank holds the same ŷ and computes the same loss) and adds the bias once.
 
 What callers get back:
 - ``forward_std``: ``y_hat`` whole and identical on every tp rank (a plain tensor); ``pre_acts`` /
@@ -35,7 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -46,11 +48,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from torchtitan_clt.distributed.collectives import sum_partials
 from torchtitan_clt.protocols.transcoder import TranscoderOutput
-
-# Methods run on local shards. forward_std / encode / decode / forward are the entry points;
-# the inner ones are wrapped too so a direct call also works (the swap is re-entrant).
-LOCAL_METHODS = ("forward_std", "encode", "decode", "forward", "pre_acts", "decoder_norms", "decode_std")
-LOCAL_METHODS += ("skip_std",)  # with a skip path, apply_tp makes it the sum of skip_partial's shares
 
 
 def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
@@ -86,15 +83,6 @@ def local_params(model: nn.Module) -> Iterator[None]:
             mod._parameters[name] = p
 
 
-def _local_method(model: nn.Module, fn) -> Any:
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with local_params(model):
-            return fn(*args, **kwargs)
-
-    return run
-
-
 def _to_local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -119,67 +107,171 @@ def sharded_output(out: TranscoderOutput, tp_mesh: DeviceMesh, **changes: Any) -
     )
 
 
-def _forward_std_sharded(model: nn.Module, fn, tp_mesh: DeviceMesh):
-    @functools.wraps(fn)
-    def run(xs: torch.Tensor) -> TranscoderOutput:
-        with local_params(model):
-            out = fn(xs)
-        return sharded_output(out, tp_mesh)
+# ---- the plan of a model's methods -------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TPRank:
+    """What a method style needs to know about this rank's place in the tp mesh."""
 
-    return run
+    mesh: DeviceMesh
+    plan: dict[str, int | None]  # the family's parameter placements (``ModelSpec.tp_plan``)
+    bias_name: str = "b_dec"  # the output bias, added once after the ranks' partials are summed
+    segments: tuple[SegmentExchange, SegmentExchange] | None = None  # (block -> shares, back)
 
-
-def _encode_sharded(model: nn.Module, fn, tp_mesh: DeviceMesh):
-    @functools.wraps(fn)
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with local_params(model):
-            acts = fn(x)
-        return _sharded(acts, tp_mesh, acts.dim() - 1)
-
-    return run
+    @property
+    def group(self):
+        return self.mesh.get_group()
 
 
-def _decode_std_reduced(model: nn.Module, fn, tp_group, bias_name: str):
-    """decode_std on local features with a zero bias, partials summed over tp, then the bias."""
+class MethodStyle:
+    """How one method of a transcoder runs on a tp rank: where its inputs and outputs lie on the
+    mesh, as TorchTitan's ``ParallelStyle`` says it for a module. Every style runs the family's
+    single-device method on this rank's local shards (``local_params``); what differs is what
+    it does with the output (a ``Shard`` DTensor, a partial sum summed over tp, ...).
 
-    @functools.wraps(fn)
-    def run(acts: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        acts = _to_local(acts)
-        args = tuple(_to_local(a) for a in args)
-        kwargs = {k: _to_local(v) for k, v in kwargs.items()}
-        with local_params(model):
-            mod, name = _owner(model, bias_name)
-            bias = mod._parameters[name]
-            mod._parameters[name] = torch.zeros_like(bias).detach()
-            try:
-                y = fn(acts, *args, **kwargs)
-            finally:
-                mod._parameters[name] = bias
-            # Summed in fp32: tp partials in bf16 (FSDP mixed precision) would lose precision.
-            y = sum_partials(y.float() if y.dtype in (torch.bfloat16, torch.float16) else y, tp_group)
-            return y + bias.to(y.dtype)
+    A layout is a table ``method name -> style`` (``FEATURES_METHODS``, ``tp_code.CODE_METHODS``)
+    that ``apply_methods`` applies; a family adds or replaces entries for its own methods with
+    ``ModelSpec.tp_methods``."""
 
-    return run
+    def wrap(self, model: nn.Module, fn: Callable, tp: TPRank) -> Callable:
+        raise NotImplementedError
 
 
-def _skip_partial_sharded(model: nn.Module, fn, tp_mesh: DeviceMesh, dim: int | None, d_in: int):
-    """``skip_partial`` on a rank: with ``W_skip`` sharded on ``d_in`` (dim 1), the rank's slice of
-    the input times its rows; replicated (``dim`` None), all of it on tp rank 0 and zeros elsewhere.
-    Summed over tp either way, the ranks' shares give the skip path once."""
-    rank, world = tp_mesh.get_local_rank(), tp_mesh.size()
-    if dim not in (1, None):
-        raise ValueError(f"the tensor-parallel plan shards W_skip on dim {dim}; it takes 1 (d_in) or None")
+class LocalShards(MethodStyle):
+    """Inputs and output as they are: the method reads this rank's shards (an inner method
+    called directly, or one whose output is whole on every rank, as ``decode``'s is)."""
 
-    @functools.wraps(fn)
-    def run(xs: torch.Tensor) -> torch.Tensor | None:
-        with local_params(model):
-            if dim is None:
-                y = fn(xs)
-                return y if rank == 0 or y is None else torch.zeros_like(y)
-            n = d_in // world
-            return fn(xs[..., rank * n : (rank + 1) * n])
+    def wrap(self, model, fn, tp):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with local_params(model):
+                return fn(*args, **kwargs)
 
-    return run
+        return run
+
+
+class FeatureShardedOutput(MethodStyle):
+    """The output's feature axis (last) is this rank's shard: returned as a ``Shard`` DTensor
+    (``encode``); a ``TranscoderOutput`` gets every feature axis marked (``sharded_output``) and,
+    with ``y_hat_dim``, ``y_hat`` sharded on that axis too (the code layout's ``d_out`` slice)."""
+
+    def __init__(self, y_hat_dim: int | None = None):
+        self.y_hat_dim = y_hat_dim
+
+    def wrap(self, model, fn, tp):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with local_params(model):
+                out = fn(*args, **kwargs)
+            if not isinstance(out, TranscoderOutput):
+                return _sharded(out, tp.mesh, out.dim() - 1)
+            changes = {}
+            if self.y_hat_dim is not None:
+                changes["y_hat"] = _sharded(out.y_hat, tp.mesh, self.y_hat_dim % out.y_hat.dim())
+            return sharded_output(out, tp.mesh, **changes)
+
+        return run
+
+
+class PartialSumOutput(MethodStyle):
+    """The method decodes this rank's features: its output is a partial sum over tp. Run with a
+    zero output bias, summed over the group in fp32 (identity backward: every rank then holds the
+    same ŷ and computes the same loss), the bias added once. A family with feature segments gets
+    its features (and ``used`` / ``support`` masks) moved to its segment shares first."""
+
+    def wrap(self, model, fn, tp):
+        if tp.segments is not None:
+            fn = _to_segment_shares(fn, tp.segments[0])
+
+        @functools.wraps(fn)
+        def run(acts: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            acts = _to_local(acts)
+            args = tuple(_to_local(a) for a in args)
+            kwargs = {k: _to_local(v) for k, v in kwargs.items()}
+            with local_params(model):
+                mod, name = _owner(model, tp.bias_name)
+                bias = mod._parameters[name]
+                mod._parameters[name] = torch.zeros_like(bias).detach()
+                try:
+                    y = fn(acts, *args, **kwargs)
+                finally:
+                    mod._parameters[name] = bias
+                # Summed in fp32: tp partials in bf16 (FSDP mixed precision) would lose precision.
+                y = sum_partials(y.float() if y.dtype in (torch.bfloat16, torch.float16) else y, tp.group)
+                return y + bias.to(y.dtype)
+
+        return run
+
+
+class SkipShares(MethodStyle):
+    """The skip path as the sum over tp of each rank's share (``skip_partial``): with ``W_skip``
+    sharded on ``d_in`` (dim 1), the rank's slice of the input times its rows; replicated, all of
+    it on tp rank 0 and zeros elsewhere. A model without a skip path runs it locally."""
+
+    def wrap(self, model, fn, tp):
+        if getattr(model, "W_skip", None) is None or not hasattr(model, "skip_partial"):
+            return LocalShards().wrap(model, fn, tp)
+        dim, d_in = placement_for("W_skip", tp.plan), model.W_skip.shape[1]
+        rank, world = tp.mesh.get_local_rank(), tp.mesh.size()
+        if dim not in (1, None):
+            raise ValueError(
+                f"the tensor-parallel plan shards W_skip on dim {dim}; it takes 1 (d_in) or None"
+            )
+
+        @functools.wraps(fn)
+        def partial(xs: torch.Tensor) -> torch.Tensor | None:
+            with local_params(model):
+                if dim is None:
+                    y = fn(xs)
+                    return y if rank == 0 or y is None else torch.zeros_like(y)
+                n = d_in // world
+                return fn(xs[..., rank * n : (rank + 1) * n])
+
+        model.skip_partial = partial
+        return functools.wraps(fn)(lambda xs: sum_partials(partial(xs), tp.group))
+
+
+class FeatureBlockNorms(MethodStyle):
+    """``decoder_norms`` for this rank's features, in the encoder's block order: a family with
+    feature segments computes them on its segment shares, moved back to the block."""
+
+    def wrap(self, model, fn, tp):
+        if tp.segments is None:
+            return LocalShards().wrap(model, fn, tp)
+        back = tp.segments[1]
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs) -> torch.Tensor:
+            with local_params(model):
+                return back(fn(*args, **kwargs))
+
+        return run
+
+
+# The features layout. forward_std / encode / decode / forward are the entry points; the inner
+# methods are listed too so that a direct call also works (the swap is re-entrant).
+FEATURES_METHODS: dict[str, MethodStyle] = {
+    "forward_std": FeatureShardedOutput(),
+    "encode": FeatureShardedOutput(),
+    "decode": LocalShards(),
+    "forward": LocalShards(),
+    "pre_acts": LocalShards(),
+    "decoder_norms": FeatureBlockNorms(),
+    "decode_std": PartialSumOutput(),
+    "skip_std": SkipShares(),
+}
+
+
+def apply_methods(model: nn.Module, methods: dict[str, MethodStyle], tp: TPRank) -> None:
+    """Every method ``methods`` names, replaced on ``model`` by its style's wrapper of the
+    family's own (class) method."""
+    for name, style in methods.items():
+        fn = getattr(model, name, None)
+        if fn is None:
+            raise ValueError(
+                f"the tensor-parallel method plan names {name!r}, which {type(model).__name__} does not "
+                "have; remove it from ModelSpec.tp_methods (or define the method)."
+            )
+        setattr(model, name, style.wrap(model, fn, tp))
 
 
 def _all_to_all_last(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -281,7 +373,7 @@ def _segmented(model: nn.Module, tp_mesh: DeviceMesh) -> tuple[SegmentExchange, 
     return segment_exchanges(segments, tp_mesh.get_local_rank(), world, tp_mesh.get_group())
 
 
-def _decode_std_segmented(fn, there: SegmentExchange):
+def _to_segment_shares(fn, there: SegmentExchange):
     """The features of ``acts`` and of a ``used`` / ``support`` mask moved to the segment shares."""
 
     @functools.wraps(fn)
@@ -290,15 +382,6 @@ def _decode_std_segmented(fn, there: SegmentExchange):
             if kwargs.get(key) is not None:
                 kwargs[key] = there(_to_local(kwargs[key]))
         return fn(there(_to_local(acts)), *args, **kwargs)
-
-    return run
-
-
-def _norms_to_block(model: nn.Module, fn, back: SegmentExchange):
-    @functools.wraps(fn)
-    def run(*args, **kwargs) -> torch.Tensor:
-        with local_params(model):
-            return back(fn(*args, **kwargs))
 
     return run
 
@@ -323,43 +406,20 @@ def shard_parameters(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int 
 
 
 def apply_tp(
-    model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | None], bias_name: str = "b_dec"
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    plan: dict[str, int | None],
+    bias_name: str = "b_dec",
+    methods: dict[str, MethodStyle] | None = None,
 ) -> nn.Module:
-    """Shard ``model``'s parameters over ``tp_mesh`` per ``plan`` and wrap its methods (see module doc).
-
-    Works on a meta-device model (before ``to_empty`` / ``init_weights``).
-    """
+    """Shard ``model``'s parameters over ``tp_mesh`` per ``plan`` and its methods per
+    ``FEATURES_METHODS`` updated with ``methods`` (the family's ``ModelSpec.tp_methods``); see
+    the module doc. Works on a meta-device model (before ``to_empty`` / ``init_weights``)."""
     # Checked first: a segment that does not split is the setting to name (not its tensors' rows).
     segmented = _segmented(model, tp_mesh) if hasattr(model, "feature_segments") else None
     shard_parameters(model, tp_mesh, plan)
-    tp_group = tp_mesh.get_group()
-    split_skip = getattr(model, "W_skip", None) is not None and hasattr(model, "skip_partial")
-    if split_skip:
-        skip_dim = placement_for("W_skip", plan)
-        model.skip_partial = _skip_partial_sharded(
-            model, model.skip_std, tp_mesh, skip_dim, model.W_skip.shape[1]
-        )
-    for name in LOCAL_METHODS:
-        fn = getattr(model, name)
-        if name == "skip_std" and split_skip:  # the whole skip path: the ranks' shares summed
-            wrapped = functools.wraps(fn)(
-                lambda xs, part=model.skip_partial: sum_partials(part(xs), tp_group)
-            )
-        elif name == "decode_std":
-            if segmented is not None:
-                fn = _decode_std_segmented(fn, segmented[0])
-            wrapped = _decode_std_reduced(model, fn, tp_group, bias_name)
-        elif name == "decoder_norms" and segmented is not None:
-            wrapped = _norms_to_block(model, fn, segmented[1])
-        elif name == "forward_std":
-            wrapped = _forward_std_sharded(model, fn, tp_mesh)
-        elif name == "encode":
-            wrapped = _encode_sharded(model, fn, tp_mesh)
-        else:  # decode / forward give whole outputs; inner methods called directly stay local
-            wrapped = _local_method(model, fn)
-        setattr(model, name, wrapped)
-    model._tp_group = tp_group  # read by MeshLossFn
-    # The activation reports per-feature thresholds (losses read them) for its local features.
+    apply_methods(model, {**FEATURES_METHODS, **(methods or {})}, TPRank(tp_mesh, plan, bias_name, segmented))
+    model._tp_group = tp_mesh.get_group()  # read by MeshLossFn
     return model
 
 

@@ -35,17 +35,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from torchtitan_clt import kernels
 from torchtitan_clt.distributed.tensor_parallel import (
-    _encode_sharded,
-    _local_method,
+    FeatureShardedOutput,
+    LocalShards,
+    MethodStyle,
+    TPRank,
+    apply_methods,
     local_params,
     shard_parameters,
-    sharded_output,
 )
-from torchtitan_clt.protocols.transcoder import TranscoderOutput
 
 CODE_LAYOUT = "code"
 
@@ -216,68 +217,76 @@ def whole_columns(y: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def _code_decode_selected(model: nn.Module, fn, group):
-    """``decode_selected(idx, vals, bias)`` on this rank's features -> its ``d_out`` slice of ŷ
-    from every rank's features."""
+class GatheredCode(MethodStyle):
+    """``decode_selected(idx, vals, bias)`` with this rank's selected features in: the code
+    gathered over tp (``gather_code``), then every rank's features decoded into this rank's
+    ``d_out`` slice of ŷ. ``calls`` on the wrapper counts the gathers (the path taken, for tests)."""
 
-    @functools.wraps(fn)
-    def run(idx: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        run.calls += 1  # the path taken, read by tests
-        vals_g, idx_g = gather_code(vals, idx, model.local_features(), group)
-        with local_params(model):
-            return fn(idx_g, vals_g, _local(bias))
+    def wrap(self, model, fn, tp):
+        @functools.wraps(fn)
+        def run(idx: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            run.calls += 1
+            vals_g, idx_g = gather_code(vals, idx, model.local_features(), tp.group)
+            with local_params(model):
+                return fn(idx_g, vals_g, _local(bias))
 
-    run.calls = 0
-    return run
+        run.calls = 0
+        return run
 
 
-def _code_decode_std(model: nn.Module, group):
+class CodeDecode(MethodStyle):
     """``decode_std(acts [B, L, F/tp], support=None)`` -> ``[B, L, d_out/tp]``: the active (and
-    support) entries compacted, then ``decode_selected`` (which gathers them over tp)."""
+    support) entries compacted, then ``decode_selected`` (which gathers them over tp). Replaces
+    the family's dense decoder: on this layout every decode goes through the code."""
 
-    def run(acts: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
-        acts = _local(acts)
-        used = acts != 0 if support is None else (acts != 0) | _local(support)
-        idx, _ = kernels.compact(used.to(acts.dtype), torch.zeros(acts.shape[1]), "nonzero")
-        vals = kernels.dispatch.gather_selected(acts, idx)
-        with local_params(model):
-            return model.decode_selected(idx, vals, model.b_dec)
+    def wrap(self, model, fn, tp):
+        @functools.wraps(fn)
+        def run(acts: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
+            acts = _local(acts)
+            used = acts != 0 if support is None else (acts != 0) | _local(support)
+            idx, _ = kernels.compact(used.to(acts.dtype), torch.zeros(acts.shape[1]), "nonzero")
+            vals = kernels.dispatch.gather_selected(acts, idx)
+            with local_params(model):
+                return model.decode_selected(idx, vals, model.b_dec)
 
-    return run
+        return run
 
 
-def _code_decoder_norms(model: nn.Module, fn, group):
+class WholeRowNorms(MethodStyle):
     """The family's ``decoder_norms`` over the whole ``d_out``, for this rank's features: each
     decoder row's squared norm over its local columns (per target for ``sum``, over the whole row
     for ``concat``) all-reduced, then handed to the family's own function as a width-1 row."""
 
-    @functools.wraps(fn)
-    def run(mode: str = "concat") -> torch.Tensor:
-        with local_params(model):
-            rows = model.decoder_rows()
-            keep = {id(W): dims for W, dims in rows}
-            swaps, sq = [], []
-            for mod in model.modules():
-                for name, p in mod._parameters.items():
-                    if p is not None and id(p) in keep:
-                        dims = keep[id(p)] if mode == "concat" else (p.dim() - 1,)
-                        swaps.append((mod, name, p))
-                        sq.append(p.float().pow(2).sum(dims, keepdim=True))
-            flat = _SumOverGroup.apply(torch.cat([s.reshape(-1) for s in sq]), group)
-            off = 0
-            try:
-                for (mod, name, _p), s in zip(swaps, sq):
-                    full = flat[off : off + s.numel()].view(s.shape)
-                    off += s.numel()
-                    pos = full > 0  # a zero row has norm 0 and gradient 0 (as vector_norm's)
-                    mod._parameters[name] = torch.where(pos, full, 1.0).sqrt() * pos
-                norms = fn(mode)  # [L, F]
-            finally:
-                for mod, name, p in swaps:
-                    mod._parameters[name] = p
-        return _feature_slice(norms, model.local_features(), group)
+    def wrap(self, model, fn, tp):
+        group = tp.group
 
-    return run
+        @functools.wraps(fn)
+        def run(mode: str = "concat") -> torch.Tensor:
+            with local_params(model):
+                rows = model.decoder_rows()
+                keep = {id(W): dims for W, dims in rows}
+                swaps, sq = [], []
+                for mod in model.modules():
+                    for name, p in mod._parameters.items():
+                        if p is not None and id(p) in keep:
+                            dims = keep[id(p)] if mode == "concat" else (p.dim() - 1,)
+                            swaps.append((mod, name, p))
+                            sq.append(p.float().pow(2).sum(dims, keepdim=True))
+                flat = _SumOverGroup.apply(torch.cat([s.reshape(-1) for s in sq]), group)
+                off = 0
+                try:
+                    for (mod, name, _p), s in zip(swaps, sq):
+                        full = flat[off : off + s.numel()].view(s.shape)
+                        off += s.numel()
+                        pos = full > 0  # a zero row has norm 0 and gradient 0 (as vector_norm's)
+                        mod._parameters[name] = torch.where(pos, full, 1.0).sqrt() * pos
+                    norms = fn(mode)  # [L, F]
+                finally:
+                    for mod, name, p in swaps:
+                        mod._parameters[name] = p
+            return _feature_slice(norms, model.local_features(), group)
+
+        return run
 
 
 def _feature_slice(t: torch.Tensor, f_local: int, group) -> torch.Tensor:
@@ -287,12 +296,6 @@ def _feature_slice(t: torch.Tensor, f_local: int, group) -> torch.Tensor:
 
 def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _sharded(t, mesh: DeviceMesh, dim: int):
-    if t is None or isinstance(t, DTensor):
-        return t
-    return DTensor.from_local(t, mesh, [Shard(dim)], run_check=False)
 
 
 @contextlib.contextmanager
@@ -309,30 +312,40 @@ def local_out_buffers(model: nn.Module, group) -> Iterator[None]:
         model._buffers.update(saved)
 
 
-def _code_forward_std(model: nn.Module, fn, tp_mesh: DeviceMesh):
-    @functools.wraps(fn)
-    def run(xs: torch.Tensor) -> TranscoderOutput:
-        with local_params(model):
-            out = fn(xs)
-        return sharded_output(out, tp_mesh, y_hat=_sharded(out.y_hat, tp_mesh, out.y_hat.dim() - 1))
+class GatheredColumns(MethodStyle):
+    """The public ``decode``: this rank's slice of the raw ŷ (its columns of the output
+    standardization too), then the slices gathered: the whole ŷ on every rank."""
 
-    return run
+    def wrap(self, model, fn, tp):
+        @functools.wraps(fn)
+        def run(acts: torch.Tensor, x: torch.Tensor | None = None, *, features_only: bool = False):
+            with local_params(model), local_out_buffers(model, tp.group):
+                y = fn(_local(acts), x, features_only=features_only)
+            return _GatherLastDim.apply(y, tp.group)
 
-
-def _code_decode_public(model: nn.Module, fn, group):
-    """The public ``decode``: this rank's slice of the raw ŷ, then the slices gathered."""
-
-    @functools.wraps(fn)
-    def run(acts: torch.Tensor, x: torch.Tensor | None = None, *, features_only: bool = False):
-        with local_params(model), local_out_buffers(model, group):
-            y = fn(_local(acts), x, features_only=features_only)
-        return _GatherLastDim.apply(y, group)
-
-    return run
+        return run
 
 
-def apply_tp_code(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | None]) -> nn.Module:
-    """Shard ``model`` per the family's ``tp_code_plan`` and route its decoder through the code
+# The code layout: the encoder side as in the features layout, the decoder through the code.
+CODE_METHODS: dict[str, MethodStyle] = {
+    "forward_std": FeatureShardedOutput(y_hat_dim=-1),  # y_hat: this rank's d_out columns
+    "encode": FeatureShardedOutput(),
+    "pre_acts": LocalShards(),
+    "decode_selected": GatheredCode(),
+    "decode_std": CodeDecode(),
+    "decoder_norms": WholeRowNorms(),
+    "decode": GatheredColumns(),
+}
+
+
+def apply_tp_code(
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    plan: dict[str, int | None],
+    methods: dict[str, MethodStyle] | None = None,
+) -> nn.Module:
+    """Shard ``model`` per the family's ``tp_code_plan`` and its methods per ``CODE_METHODS``
+    updated with ``methods`` (``ModelSpec.tp_methods``): the decoder routed through the code
     (module docstring). Works on a meta-device model (before ``to_empty`` / ``init_weights``)."""
     if not hasattr(model, "decode_selected"):
         raise ValueError(
@@ -340,15 +353,8 @@ def apply_tp_code(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, int | N
             '"code" needs one; use parallelism.tp_layout = "features".'
         )
     shard_parameters(model, tp_mesh, plan)
-    group = tp_mesh.get_group()
-    model.forward_std = _code_forward_std(model, model.forward_std, tp_mesh)
-    model.encode = _encode_sharded(model, model.encode, tp_mesh)
-    model.pre_acts = _local_method(model, model.pre_acts)
-    model.decode_selected = _code_decode_selected(model, model.decode_selected, group)
-    model.decode_std = _code_decode_std(model, group)
-    model.decoder_norms = _code_decoder_norms(model, model.decoder_norms, group)
-    model.decode = _code_decode_public(model, model.decode, group)
-    model._tp_group = group  # read by MeshLossFn
+    apply_methods(model, {**CODE_METHODS, **(methods or {})}, TPRank(tp_mesh, plan))
+    model._tp_group = tp_mesh.get_group()  # read by MeshLossFn
     model._tp_layout = CODE_LAYOUT
     return model
 

@@ -62,6 +62,13 @@ class ModelSpec:
     axis, the decoder's, the skip path's and ``b_dec`` on their ``d_out`` axis. ``None``: the
     family trains on tp only with the ``features`` layout."""
 
+    tp_methods: dict[str, Any] | None = None
+    """How the family's own methods run on a tp rank, beside the layout's table
+    (``distributed.tensor_parallel.FEATURES_METHODS``, ``distributed.tp_code.CODE_METHODS``):
+    method name -> a ``MethodStyle`` (e.g. ``LocalShards()`` for an extra method that reads the
+    parameters, ``FeatureShardedOutput()`` for one returning per-feature values). Entries replace
+    the layout's. ``None``: the table as it is."""
+
     parallelize_fn: Callable[..., Any] | None = None
     """``fn(model, parallel_dims, job_config) -> model``, for a family that needs more than
     ``tp_plan`` + FSDP2; ``None``: ``distributed.parallelize.parallelize_transcoder``."""
