@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,22 +25,17 @@ LAYOUTS = {  # name: (nproc, dp_replicate, dp_shard, tp)
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(
     script: Path, tmp_path: Path, layout: str, cases: list[tuple[str, ...]], timeout: int = 400
 ) -> list[dict]:
-    """One torchrun launch of ``script`` per layout; its workers train every case in turn."""
+    """One torchrun launch of ``script`` per layout; its workers train every case in turn.
+    ``--standalone``: torchrun binds its own free port (no port picked here and freed before it
+    is bound, which another process may take meanwhile)."""
     nproc, *_ = LAYOUTS[layout]
     out = tmp_path / f"{layout}.json"
     spec = ",".join(":".join(c) for c in cases)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
         str(script), layout, spec, str(out),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG = "train_configs/debug_model.toml"
@@ -18,12 +18,6 @@ DEBUG = "train_configs/debug_model.toml"
 
 def _env(**extra) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, **extra)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(tmp_path, *args, **env):
@@ -62,7 +56,7 @@ def test_worker_side_error_on_two_processes_is_one_line(tmp_path):
 
 
 def test_two_nodes_both_exit_2_without_traceback(tmp_path):
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         _launch(tmp_path, "--data.dataset=/no/such/file.txt", NGPU="1", NNODES="2", NODE_RANK=str(r),
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_ID=f"t{port}")

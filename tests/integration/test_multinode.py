@@ -11,21 +11,15 @@ that ``clt_8b.toml`` uses), on both tensor-parallel layouts (``parallelism.tp_la
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import free_port
 from test_parallel import ACTIVATIONS, BASE, ROOT, SPARSE, assert_same_training, reference_run
 
 MESH = ["--parallelism.dp_shard=1", "--parallelism.tp=2"]
 ACT = ACTIVATIONS["batchtopk_all"] + SPARSE
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -56,7 +50,7 @@ def reference(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("tp_layout", ["features", "code"])
 def test_two_launchers_on_localhost_match_one_process(tmp_path, reference, tp_layout):
-    port = str(_free_port())
+    port = str(free_port())
     args = [*BASE, *ACT, *MESH, f"--parallelism.tp_layout={tp_layout}"]
     args += [f"--job.dump_folder={tmp_path}", "--job.name=two_nodes"]
     procs = [
@@ -93,7 +87,7 @@ def test_slurm_launcher_with_local_stand_ins(tmp_path, reference):
         f.chmod(0o755)
     env = _env(
         PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2",
-        SLURM_JOB_NODELIST="fake[1-2]", SLURM_SUBMIT_DIR=str(ROOT), MASTER_PORT=str(_free_port()),
+        SLURM_JOB_NODELIST="fake[1-2]", SLURM_SUBMIT_DIR=str(ROOT), MASTER_PORT=str(free_port()),
     )  # fmt: skip
     args = [*BASE, *ACT, *MESH, f"--job.dump_folder={tmp_path}", "--job.name=slurm"]
     p = subprocess.Popen(

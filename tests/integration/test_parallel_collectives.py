@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from mesh_cases import free_port
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
@@ -23,8 +22,8 @@ ROOT = HERE.parents[2]
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("collectives") / "out.json"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(HERE), str(out),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+        str(HERE), str(out),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)

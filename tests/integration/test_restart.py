@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from slow_commit import ARG as SLOW_COMMIT
 from slow_commit import SLEEP_ENV
 
@@ -34,12 +34,6 @@ ARGS = [
 ]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != SLEEP_ENV}
     return dict(env, OMP_NUM_THREADS="1", PYTHON=sys.executable, NGPU="1", **extra)
@@ -48,7 +42,7 @@ def _env(**extra) -> dict:
 def _two_nodes(tmp_path: Path, name: str, *extra: str, node1: tuple = (), **env) -> list[subprocess.Popen]:
     """Two launchers (``run_train.sh``) of one worker each, as two nodes of one job; ``node1``:
     arguments for the second node only."""
-    port, rdzv = str(_free_port()), f"{name}{os.getpid()}"
+    port, rdzv = str(free_port()), f"{name}{os.getpid()}"
     args = [*ARGS, f"--job.dump_folder={tmp_path}", f"--job.name={name}", *extra]
     return [
         subprocess.Popen(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import sys
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("circuit_tracer")
+from helpers import free_port
+
 from torchtitan_clt.train import main as train_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,12 +40,6 @@ def run(tmp_path_factory):
     )  # fmt: skip
     assert rc == 0
     return out / "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str):
@@ -120,7 +115,7 @@ def test_trace_prints_scores_and_the_ui_serves_the_graph(run, traced):
     GraphModel(**doc)  # circuit-tracer's schema for the graph JSON
     assert doc["metadata"]["scan"] == trace_script.SCAN
 
-    port = _free_port()
+    port = free_port()
     server = serve_local(out, port)  # circuit-tracer's handler, on 127.0.0.1 only
     try:
         assert server.httpd.server_address[0] == "127.0.0.1"

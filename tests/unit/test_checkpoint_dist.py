@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -14,17 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch import nn
 
 from torchtitan_clt.checkpoint.manager import CheckpointManager, ModelWrapper, OptimizerWrapper, RNGState
 from torchtitan_clt.config.job_config import JobConfig
 from torchtitan_clt.config.manager import ConfigError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 class Global:
@@ -110,7 +104,7 @@ def worker(rank: int, world: int, port: int, run: str, mode: str, out: str):
 
 
 def spawn(world: int, run: Path, mode: str, out: Path):
-    mp.start_processes(worker, args=(world, _free_port(), str(run), mode, str(out)), nprocs=world,
+    mp.start_processes(worker, args=(world, free_port(), str(run), mode, str(out)), nprocs=world,
                        start_method="spawn")  # fmt: skip
 
 

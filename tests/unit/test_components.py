@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import free_port
 
 from torchtitan_clt.components import (
     build_lr_scheduler,
@@ -163,12 +163,6 @@ def test_clip_grad_norm_plain():
     assert clip_grad_norm_([a, b], 0.0, norm_type=float("inf")).item() == pytest.approx(0.8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dtensor_params_clip_and_fused_step():
     """One-process gloo mesh: DTensor params (Shard) next to a plain one; the clip norm is the
     full norm and fused AdamW steps like on plain tensors."""
@@ -179,7 +173,7 @@ def test_dtensor_params_clip_and_fused_step():
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))

@@ -11,11 +11,10 @@ old rule (keep every tie at the threshold) kept up to F/tp ties per rank and fai
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-from helpers import run_ranks
+from helpers import free_port, run_ranks
 
 N, L, F, K = 12, 3, 16, 5
 
@@ -80,14 +79,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_takes_exactly_the_one_process_picks(tmp_path, world):
-    run_ranks(_worker, (world, _free_port(), str(tmp_path)), world, timeout_s=120)
+    run_ranks(_worker, (world, free_port(), str(tmp_path)), world, timeout_s=120)
     assert sorted(os.listdir(tmp_path)) == [f"ok{r}" for r in range(world)]

@@ -5,20 +5,14 @@ TopK / BatchTopK selection, and the sparse step's loss and gradients (torch and 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from torchtitan_clt.kernels.backend import has_triton
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weights(n_layers, f, d):
@@ -113,4 +107,4 @@ def _worker(rank: int, world: int, port: int, backend: str, scope: str) -> None:
 )
 @pytest.mark.parametrize("scope", ["layer", "all"])
 def test_feature_sharded_step_matches_single_process(backend, scope):
-    mp.spawn(_worker, args=(2, _free_port(), backend, scope), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), backend, scope), nprocs=2, join=True)

@@ -7,18 +7,10 @@ The end-to-end training equality lives in tests/integration/test_parallel_code.p
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import run_ranks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, run_ranks
 
 
 def _check_gather(rank: int) -> None:
@@ -130,7 +122,7 @@ def _worker(rank: int, world: int, port: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_code_layout_pieces_match_one_process(world):
-    run_ranks(_worker, (world, _free_port()), world)
+    run_ranks(_worker, (world, free_port()), world)
 
 
 def test_step_bytes_formula():
