@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan_clt.distributed.collectives import all_reduce_detached, global_kth_largest
 from torchtitan_clt.distributed.tensor_parallel import local_params, tp_group_of
 from torchtitan_clt.distributed.tp_code import is_code_layout, own_columns
+from torchtitan_clt.protocols.transcoder import feature_shard
 
 FEATURE_PARTIAL_TERMS = ("sparsity", "preact")
 # Also partial under the code layout, where each rank holds its columns of ŷ and y.
@@ -54,12 +55,6 @@ def local_output(out):
     return out.replace(**changes, code=None if out.code is None else out.code.local())
 
 
-def feature_slice(full: torch.Tensor, n_local: int, tp_group) -> torch.Tensor:
-    """This rank's columns of a whole ``[..., F]`` tensor (features split evenly over tp)."""
-    r = dist.get_rank(tp_group)
-    return full[..., r * n_local : (r + 1) * n_local]
-
-
 def auxk_loss_mesh(
     model, out, y: torch.Tensor, dead: torch.Tensor, k_aux: int, tp_group=None, dp_group=None, d_group=None
 ) -> torch.Tensor:
@@ -73,7 +68,7 @@ def auxk_loss_mesh(
     n_dead = int(dead.sum(-1).max()) if dead.numel() else 0  # same on every rank: dead is whole
     if n_dead == 0 or k_aux <= 0:
         return h.float().sum() * 0.0
-    dead_loc = feature_slice(dead, F_loc, tp_group) if tp_group is not None else dead  # [L, F/tp]
+    dead_loc = feature_shard(dead, F_loc, tp_group)  # [L, F/tp]
     e = (y.float() - out.y_hat.detach().float()).detach()  # [B, L, d]
     masked = h.detach().float().masked_fill(~dead_loc, float("-inf"))
     thr = global_kth_largest(masked.reshape(B * L, F_loc), min(k_aux, n_dead), tp_group).view(B, L, 1)

@@ -47,6 +47,7 @@ from torchtitan_clt.distributed.tensor_parallel import (
     local_params,
     shard_parameters,
 )
+from torchtitan_clt.protocols.transcoder import feature_shard
 
 CODE_LAYOUT = "code"
 
@@ -284,14 +285,9 @@ class WholeRowNorms(MethodStyle):
                 finally:
                     for mod, name, p in swaps:
                         mod._parameters[name] = p
-            return _feature_slice(norms, model.local_features(), group)
+            return feature_shard(norms, model.local_features(), group)
 
         return run
-
-
-def _feature_slice(t: torch.Tensor, f_local: int, group) -> torch.Tensor:
-    _, rank = _world_rank(group)
-    return t[..., rank * f_local : (rank + 1) * f_local]
 
 
 def _local(t):

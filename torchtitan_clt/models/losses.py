@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from torchtitan_clt.kernels.dispatch import norm_weighted
-from torchtitan_clt.protocols.transcoder import SparseCode, Transcoder, TranscoderOutput
+from torchtitan_clt.protocols.transcoder import SparseCode, Transcoder, TranscoderOutput, feature_shard
 
 
 def reconstruction_loss(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -142,8 +141,7 @@ def _thresholds(model: Transcoder, like: torch.Tensor) -> torch.Tensor:
     theta = act.feature_thresholds() if hasattr(act, "feature_thresholds") else torch.zeros(like.shape[-2:])
     n = like.shape[-1]
     if theta.shape[-1] != n:  # a replicated activation's whole [L, F] under tp: this rank's features
-        r = dist.get_rank(model.mesh_groups.features)
-        theta = theta[:, r * n : (r + 1) * n]
+        theta = feature_shard(theta, n, model.mesh_groups.features)
     return theta.detach().to(device=like.device, dtype=torch.float32)
 
 

@@ -277,6 +277,17 @@ class MeshGroups:
     ``parallelism.tp_layout = "code"``, where each rank writes its own slice of ``d_out``."""
 
 
+def feature_shard(full: torch.Tensor, n_local: int, group: Any) -> torch.Tensor:
+    """This rank's columns of a whole ``[..., F]`` tensor, the features split evenly over
+    ``group`` (``MeshGroups.features``) in rank order; ``full`` itself without a group."""
+    if group is None:
+        return full
+    import torch.distributed as dist
+
+    r = dist.get_rank(group)
+    return full[..., r * n_local : (r + 1) * n_local]
+
+
 class Transcoder(nn.Module):
     """Base class: standardization buffers, the raw-unit public API, and the training path.
 
