@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
 from torchtitan_clt import kernels
 from torchtitan_clt.distributed.tensor_parallel import (
@@ -43,6 +42,7 @@ from torchtitan_clt.distributed.tensor_parallel import (
     LocalShards,
     MethodStyle,
     TPRank,
+    _to_local,
     apply_methods,
     local_params,
     shard_parameters,
@@ -229,7 +229,7 @@ class GatheredCode(MethodStyle):
             run.calls += 1
             vals_g, idx_g = gather_code(vals, idx, model.local_features(), tp.group)
             with local_params(model):
-                return fn(idx_g, vals_g, _local(bias))
+                return fn(idx_g, vals_g, _to_local(bias))
 
         run.calls = 0
         return run
@@ -243,8 +243,8 @@ class CodeDecode(MethodStyle):
     def wrap(self, model, fn, tp):
         @functools.wraps(fn)
         def run(acts: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
-            acts = _local(acts)
-            used = acts != 0 if support is None else (acts != 0) | _local(support)
+            acts = _to_local(acts)
+            used = acts != 0 if support is None else (acts != 0) | _to_local(support)
             idx, _ = kernels.compact(used.to(acts.dtype), torch.zeros(acts.shape[1]), "nonzero")
             vals = kernels.dispatch.gather_selected(acts, idx)
             with local_params(model):
@@ -290,10 +290,6 @@ class WholeRowNorms(MethodStyle):
         return run
 
 
-def _local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 @contextlib.contextmanager
 def local_out_buffers(model: nn.Module, group) -> Iterator[None]:
     """Within the block ``out_mean`` / ``out_scale`` read as this rank's ``d_out`` columns, so the
@@ -316,7 +312,7 @@ class GatheredColumns(MethodStyle):
         @functools.wraps(fn)
         def run(acts: torch.Tensor, x: torch.Tensor | None = None, *, features_only: bool = False):
             with local_params(model), local_out_buffers(model, tp.group):
-                y = fn(_local(acts), x, features_only=features_only)
+                y = fn(_to_local(acts), x, features_only=features_only)
             return _GatherLastDim.apply(y, tp.group)
 
         return run

@@ -20,9 +20,11 @@ gloo's timeout error names neither. Here each rank runs a thread that
 Checkpoint saves during training (``long_phase``) wait on the file system as much as on a rank, so
 there a wait past the timeout alone ends nothing: only a rank whose heartbeat stood still for a
 longer window (``long_stale_s``, up to a minute: a save may hold the interpreter a while) does, as
-a rank stopped inside a save would otherwise hold every other one for ``init_timeout_s``. Without torchrun's store (tests under ``mp.start_processes``) no watchdog runs. On
-NCCL a collective returns before it completes, so the thread sees no wait; there the launcher turns
-on NCCL's flight recorder (``TORCH_NCCL_DUMP_ON_TIMEOUT``) and the group's timeout drops to the
+a rank stopped inside a save would otherwise hold every other one for ``init_timeout_s``.
+
+Without torchrun's store (tests under ``mp.start_processes``) no watchdog runs. On NCCL a
+collective returns before it completes, so the thread sees no wait; there the launcher turns on
+NCCL's flight recorder (``TORCH_NCCL_DUMP_ON_TIMEOUT``) and the group's timeout drops to the
 training timeout when training starts (``distributed/utils.py``).
 """
 
