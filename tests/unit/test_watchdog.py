@@ -168,3 +168,49 @@ def test_timeouts_and_the_deprecated_one(caplog):
     p.timeout_s = 1200  # the old meaning: one timeout for everything
     assert timeouts(p) == (1200, 1200)
     assert "parallelism.timeout_s is deprecated" in caplog.text
+
+
+class _FrozenStore:
+    """A store whose host stopped: every call blocks (as TCPStore's client does on a SIGSTOPped
+    host) until the test ends."""
+
+    def __init__(self, store, release: threading.Event):
+        self.store, self.release, self.frozen = store, release, False
+
+    def __getattr__(self, name):
+        fn = getattr(self.store, name)
+
+        def call(*args):
+            if self.frozen:
+                self.release.wait()
+            return fn(*args)
+
+        return call
+
+
+def test_a_stopped_store_host_is_named_rank_0():
+    """Rank 0 hosts the store: stopped, it answers no call. The watchdog of rank 1, in an overdue
+    collective, must still exit naming rank 0 (before, its first read blocked for good)."""
+    release = threading.Event()
+    store = _FrozenStore(dist.HashStore(), release)
+    dog = Watchdog(1, 2, 0.2, store, prefix="t")
+    dog.tick_s, dog.store.timeout_s = 0.05, 0.3
+    exits: list[str] = []
+
+    def fake_exit(op, waited, why):
+        exits.append(why)
+        dog._stop.set()
+
+    dog._exit = fake_exit  # type: ignore[method-assign]
+    dog._beat()
+    store.frozen = True
+    dog.inflight = InFlight("all_reduce", [0, 1], "x.py:1 in f", time.monotonic() - 10)
+    dog._training = True
+    t0 = time.monotonic()
+    dog._thread.start()
+    dog._thread.join(timeout=30)
+    release.set()
+    assert exits and exits[0].startswith("rank 0 stopped answering: it hosts the job's key-value store"), (
+        exits
+    )
+    assert "TimeoutError" in exits[0] and time.monotonic() - t0 < 10

@@ -80,6 +80,48 @@ class InFlight:
     t0: float
 
 
+class BoundedStore:
+    """The store's ``set`` / ``get`` / ``check``, each given up after ``timeout_s`` (``TimeoutError``).
+    TCPStore's client waits without end on a host that is stopped (SIGSTOP) rather than gone, and
+    rank 0's process hosts the store: unbounded, the watchdog of every other rank would block in
+    its first read and never name rank 0. Each call runs on a daemon thread; while one has not
+    answered, the next fails at once (no thread piles up behind a silent host)."""
+
+    def __init__(self, store: Any, timeout_s: float):
+        self.store, self.timeout_s = store, timeout_s
+        self._last: threading.Event | None = None
+
+    def _call(self, name: str, *args: Any) -> Any:
+        if self._last is not None and not self._last.is_set():
+            raise TimeoutError(f"the key-value store has not answered a call for over {self.timeout_s:.0f} s")
+        done, box = threading.Event(), {}
+
+        def run() -> None:
+            try:
+                box["value"] = getattr(self.store, name)(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box["error"] = e
+            finally:
+                done.set()
+
+        self._last = done
+        threading.Thread(target=run, name="torchtitan_clt-watchdog-store", daemon=True).start()
+        if not done.wait(self.timeout_s):
+            raise TimeoutError(f"the key-value store did not answer {name} in {self.timeout_s:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def set(self, key: str, value: str) -> None:
+        self._call("set", key, value)
+
+    def get(self, key: str) -> bytes:
+        return self._call("get", key)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._call("check", keys)
+
+
 def _caller() -> str:
     """``file:line in function`` of the first frame outside torch and this module."""
     f = sys._getframe(2)
@@ -102,7 +144,8 @@ class Watchdog:
         self.tick_s = min(max(self.train_timeout_s / 10, 0.2), 5.0)
         self.stale_s = max(3.0, 3 * self.tick_s)
         self.long_stale_s = max(self.stale_s, min(60.0, self.train_timeout_s))
-        self.store, self.prefix = store, prefix
+        self.store = BoundedStore(store, store_timeout_s(self.train_timeout_s))
+        self.prefix = prefix
         self.inflight: InFlight | None = None
         self._main = threading.main_thread()
         self._depth = 0  # collectives nest (all_gather_object calls all_gather): the outer one counts
@@ -192,12 +235,16 @@ class Watchdog:
         self.store.set(self._key(self.rank), json.dumps({"n": self._beats, "doing": doing}))
 
     def _read(self, ranks: list[int]) -> dict[int, dict | None]:
+        """Every rank's last beat (None: unreadable, a silent rank). A store that does not answer
+        raises (``TimeoutError``): its host, rank 0, is what stopped."""
         out: dict[int, dict | None] = {}
         for r in ranks:
             try:
                 out[r] = (
                     json.loads(self.store.get(self._key(r))) if self.store.check([self._key(r)]) else None
                 )
+            except TimeoutError:
+                raise
             except Exception:  # noqa: BLE001 - an unreadable beat is a silent rank
                 out[r] = None
         return out
@@ -220,8 +267,8 @@ class Watchdog:
                         self._exit(
                             op,
                             waited,
-                            f"rank 0, which hosts the job's key-value store, does not answer "
-                            f"({type(e).__name__}: {str(e)[:200]}): it stopped, froze or was lost",
+                            f"rank 0 stopped answering: it hosts the job's key-value store, which does "
+                            f"not answer ({type(e).__name__}: {str(e)[:200]}); stopped, frozen or lost",
                         )
 
     def _check(self, op: InFlight, waited: float, long: bool = False) -> None:
@@ -289,6 +336,11 @@ def _span(ranks: list[int]) -> str:
 _CURRENT: Watchdog | None = None
 
 
+def store_timeout_s(train_timeout_s: float) -> float:
+    """How long the watchdog waits for one store call."""
+    return max(5.0, min(30.0, train_timeout_s / 2))
+
+
 def start_watchdog(rank: int, world: int, train_timeout_s: float, prefix: str) -> Watchdog | None:
     """Start this rank's watchdog on torchrun's store (``MASTER_ADDR``/``MASTER_PORT``); None
     without one. Every rank calls it with the same ``prefix`` (fresh per launch)."""
@@ -297,8 +349,8 @@ def start_watchdog(rank: int, world: int, train_timeout_s: float, prefix: str) -
     if world <= 1 or not host or not port or "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     # A short timeout: the store lives in rank 0's process (tools/launch.py), which may be the
-    # one that stopped.
-    wait = timedelta(seconds=max(5.0, min(30.0, train_timeout_s / 2)))
+    # one that stopped (and a stopped host is waited for without end: BoundedStore).
+    wait = timedelta(seconds=store_timeout_s(train_timeout_s))
     store = dist.TCPStore(host, int(port), is_master=False, timeout=wait, wait_for_workers=False)
     _CURRENT = Watchdog(rank, world, train_timeout_s, store, prefix)
     _CURRENT.start()
